@@ -1,0 +1,53 @@
+"""pluggy hook specifications of the ``worq`` plugin system.
+
+A plugin is a module (or object) with functions marked ``@hookimpl``, advertised through an entry
+point in the ``worq`` group::
+
+    [project.entry-points.worq]
+    myplugin = "my_package.plugin"
+
+Registration hooks return an iterable of classes and must do no I/O: they run whenever a
+registry is built, including in ``worq plugins``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pluggy
+
+from worq_core.broker import Broker
+from worq_core.serializer import Serializer
+from worq_core.storage import Storage
+
+PROJECT_NAME = "worq"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def worq_register_brokers() -> Iterable[type[Broker]]:  # type: ignore[empty-body]
+    """Return the :class:`~worq_core.Broker` subclasses this plugin provides.
+
+    Called once per registry; every implementation's classes are collected. Each class must set
+    a unique ``name`` and the URL ``schemes`` it serves.
+    """
+
+
+@hookspec
+def worq_register_serializers() -> Iterable[type[Serializer]]:  # type: ignore[empty-body]
+    """Return the :class:`~worq_core.Serializer` subclasses this plugin provides.
+
+    Called once per registry; every implementation's classes are collected. Each class must set
+    a unique ``name``.
+    """
+
+
+@hookspec
+def worq_register_storages() -> Iterable[type[Storage]]:  # type: ignore[empty-body]
+    """Return the :class:`~worq_core.Storage` subclasses this plugin provides.
+
+    Called once per registry; every implementation's classes are collected. Each class must set
+    a unique ``name`` and the URL ``schemes`` it serves.
+    """

@@ -1,0 +1,236 @@
+"""The plugin registry: which brokers, serializers and storages are installed.
+
+Nothing is loaded at import time. :func:`default_registry` builds a registry from the ``worq``
+entry-point group on first use and caches it; tests build a fresh :class:`Registry` and
+:meth:`Registry.register` plugins by hand, without entry points.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import inspect
+import re
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import pluggy
+
+from worq_core import hookspecs
+from worq_core.broker import Broker
+from worq_core.errors import DuplicatePluginError, PluginError, UnknownPluginError
+from worq_core.serializer import Serializer
+from worq_core.storage import Storage
+
+Kind = Literal["broker", "serializer", "storage"]
+_BASES: dict[Kind, type] = {"broker": Broker, "serializer": Serializer, "storage": Storage}
+_HOOKS: dict[Kind, str] = {
+    "broker": "worq_register_brokers",
+    "serializer": "worq_register_serializers",
+    "storage": "worq_register_storages",
+}
+_NAME = re.compile(r"^[a-z][a-z0-9_.+-]*$")
+
+#: Distributions that serve well-known URL schemes, for "pip install ..." hints.
+KNOWN_SCHEMES = {
+    "memory": "worq-memory",
+    "redis": "worq-redis",
+    "rediss": "worq-redis",
+    "unix": "worq-redis",
+}
+
+T = TypeVar("T")
+
+
+class PluginLoadWarning(UserWarning):
+    """An installed plugin failed to load; the others were loaded regardless."""
+
+
+@dataclass(frozen=True, slots=True)
+class Component:
+    """One class a plugin registered."""
+
+    kind: Kind
+    name: str
+    cls: type
+    distribution: str
+    schemes: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class PluginRecord:
+    """One loaded plugin (an entry point, or an object registered by hand)."""
+
+    name: str
+    distribution: str
+    version: str
+    components: list[Component] = field(default_factory=list)
+    error: str | None = None
+
+
+class Registry:
+    """Brokers, serializers and storages by name and URL scheme.
+
+    Thread-safe for lookups once built; registering is meant for start-up and tests.
+    """
+
+    def __init__(self, *, strict: bool = False) -> None:
+        self.strict = strict
+        self.plugins: list[PluginRecord] = []
+        self._manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self._manager.add_hookspecs(hookspecs)
+        self._by_name: dict[Kind, dict[str, Component]] = {kind: {} for kind in _BASES}
+        self._by_scheme: dict[Kind, dict[str, Component]] = {"broker": {}, "storage": {}}
+
+    @classmethod
+    def from_entry_points(cls, *, strict: bool = False) -> Registry:
+        """Build a registry from every installed ``worq`` entry point.
+
+        A plugin that fails to import or register gives a :class:`PluginLoadWarning` naming its
+        distribution and the error, and the others still load; with ``strict=True`` it raises
+        :class:`~worq_core.errors.PluginError` instead.
+        """
+        registry = cls(strict=strict)
+        seen: set[tuple[str, str]] = set()
+        for entry_point in importlib.metadata.entry_points(group=hookspecs.PROJECT_NAME):
+            dist = entry_point.dist
+            dist_name = dist.name if dist is not None else "<unknown distribution>"
+            version = dist.version if dist is not None else ""
+            if (dist_name, entry_point.name) in seen:  # the same dist found twice on sys.path
+                continue
+            seen.add((dist_name, entry_point.name))
+            try:
+                plugin = entry_point.load()
+                registry.register(
+                    plugin, name=entry_point.name, distribution=dist_name, version=version
+                )
+            except DuplicatePluginError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any plugin bug must not stop the others
+                registry._plugin_failed(entry_point.name, dist_name, version, exc)
+        return registry
+
+    def register(
+        self,
+        plugin: object,
+        *,
+        name: str | None = None,
+        distribution: str = "<registered by hand>",
+        version: str = "",
+    ) -> PluginRecord:
+        """Register a plugin object (usually a module) with ``@hookimpl`` functions.
+
+        Raises :class:`~worq_core.errors.DuplicatePluginError` when a name or scheme is taken,
+        and :class:`~worq_core.errors.PluginError` when a registered class is invalid.
+        """
+        plugin_name = name or getattr(plugin, "__name__", None) or repr(plugin)
+        self._manager.register(plugin, name=f"{distribution}:{plugin_name}")
+        record = PluginRecord(plugin_name, distribution, version)
+        try:
+            self._manager.check_pending()
+            components = [
+                self._check(kind, cls, distribution)
+                for kind, hook in _HOOKS.items()
+                for impl in getattr(self._manager.hook, hook).get_hookimpls()
+                if impl.plugin is plugin
+                for cls in _as_list(impl.function(), distribution, hook)
+            ]
+            for component in components:
+                self._add(component)
+        except Exception:
+            self._manager.unregister(plugin)
+            raise
+        record.components = components
+        self.plugins.append(record)
+        return record
+
+    def _plugin_failed(self, name: str, distribution: str, version: str, exc: Exception) -> None:
+        message = f"worq plugin {name!r} from {distribution} {version} failed to load: {exc!r}"
+        if self.strict:
+            raise PluginError(message) from exc
+        warnings.warn(message, PluginLoadWarning, stacklevel=3)
+        self.plugins.append(PluginRecord(name, distribution, version, error=repr(exc)))
+
+    def _check(self, kind: Kind, cls: object, distribution: str) -> Component:
+        base = _BASES[kind]
+        where = f"{distribution} registered {cls!r} as a {kind}"
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise PluginError(f"{where}, but it is not a subclass of worq_core.{base.__name__}")
+        if inspect.isabstract(cls):
+            missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+            raise PluginError(f"{where}, but it does not implement: {missing}")
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise PluginError(f"{where}, but its name {name!r} is not a lowercase identifier")
+        schemes: tuple[str, ...] = tuple(getattr(cls, "schemes", ()))
+        if kind != "serializer" and not schemes:
+            raise PluginError(f"{where}, but it serves no URL schemes")
+        return Component(kind, name, cls, distribution, schemes)
+
+    def _add(self, component: Component) -> None:
+        kind = component.kind
+        taken = self._by_name[kind].get(component.name)
+        if taken is not None:
+            raise DuplicatePluginError(
+                kind, component.name, taken.distribution, component.distribution
+            )
+        for scheme in component.schemes:
+            owner = self._by_scheme[kind].get(scheme)
+            if owner is not None:
+                raise DuplicatePluginError(
+                    f"{kind} scheme", f"{scheme}://", owner.distribution, component.distribution
+                )
+        self._by_name[kind][component.name] = component
+        for scheme in component.schemes:
+            self._by_scheme[kind][scheme] = component
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def components(self, kind: Kind) -> list[Component]:
+        """Every registered component of ``kind``, sorted by name."""
+        return sorted(self._by_name[kind].values(), key=lambda c: c.name)
+
+    def broker_class(self, url: str) -> type[Broker]:
+        """The broker class serving ``url``'s scheme."""
+        return self._for_url("broker", url)
+
+    def storage_class(self, url: str) -> type[Storage]:
+        """The storage class serving ``url``'s scheme."""
+        return self._for_url("storage", url)
+
+    def serializer_class(self, name: str) -> type[Serializer]:
+        """The serializer class registered as ``name``."""
+        component = self._by_name["serializer"].get(name)
+        if component is None:
+            raise UnknownPluginError("serializer", name, self._by_name["serializer"])
+        return component.cls
+
+    def _for_url(self, kind: Kind, url: str) -> type:
+        scheme, sep, _ = url.partition("://")
+        if not sep:
+            raise UnknownPluginError(f"{kind} URL", url, (f"{s}://" for s in self._by_scheme[kind]))
+        component = self._by_scheme[kind].get(scheme)
+        if component is None:
+            raise UnknownPluginError(
+                f"{kind} scheme",
+                f"{scheme}://",
+                (f"{s}://" for s in self._by_scheme[kind]),
+                install_hint=KNOWN_SCHEMES.get(scheme),
+            )
+        return component.cls
+
+
+def _as_list(returned: Any, distribution: str, hook: str) -> list[object]:
+    if returned is None:
+        return []
+    if isinstance(returned, type) or not isinstance(returned, Iterable):
+        raise PluginError(f"{distribution}'s {hook} must return an iterable of classes")
+    return list(returned)
+
+
+@functools.cache
+def default_registry() -> Registry:
+    """The registry of installed plugins, built from entry points on first use and cached."""
+    return Registry.from_entry_points()
