@@ -15,6 +15,7 @@ from worq_core.models import (
     QueueStats,
     Settlement,
 )
+from worq_core.storage import Storage
 
 
 class Broker(ABC):
@@ -128,6 +129,15 @@ class Broker(ABC):
     @abstractmethod
     def purge_dead(self, queue: str) -> int:
         """Delete every dead job of ``queue``; returns how many were deleted."""
+
+    def stores_results_in(self, storage: Storage) -> bool:
+        """Whether :meth:`settle` itself writes ``Settlement.record`` into ``storage``.
+
+        A backend that holds both the queue and the results (say one Redis) returns ``True`` for
+        its own storage so the record is written atomically with the ack, in one round trip.
+        The default, ``False``, makes the worker save records to the storage before settling.
+        """
+        return False
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections and threads. The broker is unusable afterwards."""

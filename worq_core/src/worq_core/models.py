@@ -83,12 +83,19 @@ class Outcome(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Settlement:
-    """A worker's verdict on one delivery, applied by :meth:`Broker.settle`."""
+    """A worker's verdict on one delivery, applied by :meth:`Broker.settle`.
+
+    ``record`` is the job's storage record (result or final error) and ``ttl`` its lifetime. The
+    worker has already saved it unless the broker said, through
+    :meth:`Broker.stores_results_in`, that it writes it itself atomically with the settlement.
+    """
 
     delivery: Delivery
     outcome: Outcome
     delay: float = 0.0
     reason: str = ""
+    record: bytes | None = None
+    ttl: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

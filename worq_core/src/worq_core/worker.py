@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import signal
@@ -156,6 +157,7 @@ class Worker:
         self._done = threading.Event()
         self._slots: _SlotThreads | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._broker_stores_results = app.broker.stores_results_in(app.storage)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -457,6 +459,8 @@ class Worker:
         """
         job_id = settlement.delivery.id
         if record is not None:
+            settlement = dataclasses.replace(settlement, record=record, ttl=self.app.result_ttl)
+        if record is not None and not self._broker_stores_results:
             try:
                 self.app.storage.save({job_id: record}, self.app.result_ttl)
             except WorqError as exc:
