@@ -533,15 +533,17 @@ class Worker:
         while True:
             with self._lock:
                 settlements, self._settle_queue = self._settle_queue, []
-                busy = self._busy
+                # A job already decided (say, failed at its timeout) needs no waiting for, even
+                # if its thread is still busy.
+                undecided = sum(1 for r in self._held.values() if not r.decided)
             if settlements:
                 try:
                     self._settled(settlements, broker.settle(settlements))
                 except WorqError as exc:
                     log.error("settling %d jobs at shutdown failed: %s", len(settlements), exc)
-            if busy == 0 or self._abort.is_set() or time.monotonic() >= deadline:
+            if undecided == 0 or self._abort.is_set() or time.monotonic() >= deadline:
                 break
-            log.info("waiting for %d running jobs to finish", busy)
+            log.info("waiting for %d running jobs to finish", undecided)
             with self._lock:
                 if not self._settle_queue and not self._abort.is_set():
                     self._lock.wait(min(1.0, max(0.0, deadline - time.monotonic())))

@@ -1,0 +1,48 @@
+"""worq's conformance suite: the delivery contract, written once, run against every backend.
+
+Install with ``pip install worq-core[testing]`` and subclass the contracts in your own tests::
+
+    import pytest
+    from worq_core.testing import BrokerContract
+
+    class TestMyBroker(BrokerContract):
+        @pytest.fixture
+        def broker(self):
+            broker = MyBroker("my://localhost")  # fresh and empty for every test
+            yield broker
+            broker.close()
+
+:class:`BrokerContract` needs a ``broker`` fixture, :class:`StorageContract` a ``storage``
+fixture, :class:`SerializerContract` a ``serializer`` fixture, and :class:`WorkerContract` (whole
+jobs through a real worker) both ``broker`` and ``storage``. Cases that need a
+:class:`~worq_core.Capability` your broker does not declare are skipped.
+
+The contract modules are imported lazily so that worq-core's pytest plugin can register them
+for assertion rewriting before they load.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from worq_core.testing.broker_contract import BrokerContract
+    from worq_core.testing.serializer_contract import SerializerContract
+    from worq_core.testing.storage_contract import StorageContract
+    from worq_core.testing.worker_contract import WorkerContract
+
+_WHERE = {
+    "BrokerContract": "worq_core.testing.broker_contract",
+    "SerializerContract": "worq_core.testing.serializer_contract",
+    "StorageContract": "worq_core.testing.storage_contract",
+    "WorkerContract": "worq_core.testing.worker_contract",
+}
+
+__all__ = ["BrokerContract", "SerializerContract", "StorageContract", "WorkerContract"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

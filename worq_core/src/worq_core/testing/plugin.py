@@ -1,0 +1,25 @@
+"""worq-core's pytest plugin (entry point ``pytest11: worq``).
+
+It only registers the conformance suite for assertion rewriting and declares its marker, so it
+costs nothing in projects that do not use the suite.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.register_assert_rewrite(
+    "worq_core.testing.broker_contract",
+    "worq_core.testing.serializer_contract",
+    "worq_core.testing.storage_contract",
+    "worq_core.testing.worker_contract",
+    "worq_core.testing.support",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Declare the ``worq_requires`` marker."""
+    config.addinivalue_line(
+        "markers",
+        "worq_requires(*capabilities): skip unless the broker under test declares them",
+    )

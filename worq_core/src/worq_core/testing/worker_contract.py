@@ -1,0 +1,426 @@
+"""End-to-end contract: whole jobs through a real worker on the backend under test."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from worq_core.app import Worq
+from worq_core.broker import Broker
+from worq_core.errors import JobFailed, SerializationError
+from worq_core.models import Capability, JobStatus, Message
+from worq_core.registry import Registry
+from worq_core.retry import RetryPolicy
+from worq_core.serializers import MsgpackSerializer
+from worq_core.storage import Storage
+from worq_core.task import TaskArgumentsError
+from worq_core.testing.support import (
+    CLOCK_SLACK,
+    requires,
+    running,
+    skip_without_capabilities,
+    unique,
+)
+from worq_core.worker import Worker, WorkerSettings
+
+FAST_RETRY = RetryPolicy(base=0.01, factor=1.0, max_delay=0.01, jitter=False)
+RESULT_WAIT = 10.0
+
+
+class WorkerContract:
+    """Subclass and provide ``broker`` and ``storage`` fixtures (fresh, or shared)."""
+
+    @pytest.fixture(autouse=True)
+    def _capabilities(self, request: pytest.FixtureRequest, broker: Broker) -> None:
+        skip_without_capabilities(request, broker)
+
+    @pytest.fixture
+    def queue(self) -> str:
+        """A queue name no other case uses."""
+        return unique("contract")
+
+    @pytest.fixture
+    def app(self, broker: Broker, storage: Storage) -> Worq:
+        """An app on the backend under test, with no plugin lookups."""
+        return Worq(broker, storage=storage, serializer=MsgpackSerializer(), registry=Registry())
+
+    @staticmethod
+    def worker(app: Worq, queue: str, **options: Any) -> Worker:
+        """A worker on ``queue`` that reacts quickly to stop requests."""
+        defaults: dict[str, Any] = {
+            "queues": (queue,),
+            "concurrency": 4,
+            "idle_wait": 0.05,
+            "grace": 10.0,
+            "handle_signals": False,
+        }
+        return Worker(app, WorkerSettings(**(defaults | options)))
+
+    # -- results -----------------------------------------------------------------------------
+
+    def test_a_job_runs_and_its_result_comes_back(self, app: Worq, queue: str) -> None:
+        @app.task(queue=queue)
+        def add(x: int, y: int) -> int:
+            return x + y
+
+        job = add.enqueue(2, 3)
+        assert job.status() is JobStatus.QUEUED
+        self.worker(app, queue).run(burst=True)
+        assert job.result(timeout=RESULT_WAIT) == 5
+        assert job.status() is JobStatus.SUCCEEDED
+
+    def test_async_and_sync_tasks_run_in_the_same_worker(self, app: Worq, queue: str) -> None:
+        @app.task(queue=queue)
+        async def double(x: int) -> int:
+            await asyncio.sleep(0)
+            return 2 * x
+
+        @app.task(queue=queue)
+        def square(x: int) -> int:
+            return x * x
+
+        jobs = double.enqueue_many([(i,) for i in range(10)]) + square.enqueue_many(
+            [{"x": i} for i in range(10)]
+        )
+        self.worker(app, queue).run(burst=True)
+        results = [job.result(timeout=RESULT_WAIT) for job in jobs]
+        assert results == [2 * i for i in range(10)] + [i * i for i in range(10)]
+
+    def test_results_keep_plain_data_types(self, app: Worq, queue: str) -> None:
+        value = {"bytes": b"\x00\x01", "list": [1, 2.5, None, True], "text": "żółw"}
+
+        @app.task(queue=queue)
+        def echo(payload: dict[str, Any]) -> dict[str, Any]:
+            return payload
+
+        job = echo.enqueue(value)
+        self.worker(app, queue).run(burst=True)
+        assert job.result(timeout=RESULT_WAIT) == value
+
+    def test_slots_run_jobs_at_the_same_time(self, app: Worq, queue: str) -> None:
+        together = threading.Barrier(4, timeout=10)
+
+        @app.task(queue=queue)
+        def meet() -> int:
+            return together.wait()
+
+        jobs = meet.enqueue_many([() for _ in range(4)])
+        self.worker(app, queue, concurrency=4).run(burst=True)
+        assert sorted(job.result(timeout=RESULT_WAIT) for job in jobs) == [0, 1, 2, 3]
+
+    # -- failures and retries ----------------------------------------------------------------
+
+    def test_a_failing_job_is_retried_until_it_succeeds(self, app: Worq, queue: str) -> None:
+        attempts: list[int] = []
+
+        @app.task(queue=queue, max_retries=3, retry=FAST_RETRY)
+        def flaky() -> str:
+            attempts.append(1)
+            if len(attempts) < 3:
+                raise ConnectionError("try again")
+            return "ok"
+
+        job = flaky.enqueue()
+        worker = self.worker(app, queue)
+        worker.run(burst=True)
+        assert job.result(timeout=RESULT_WAIT) == "ok"
+        assert len(attempts) == 3
+        assert (worker.counters.retried, worker.counters.succeeded) == (2, 1)
+
+    @requires(Capability.DEAD_LETTER)
+    def test_a_job_out_of_retries_is_dead_lettered_with_its_error(
+        self, app: Worq, queue: str
+    ) -> None:
+        attempts: list[int] = []
+
+        @app.task(queue=queue, max_retries=2, retry=FAST_RETRY)
+        def broken(key: str) -> None:
+            attempts.append(1)
+            raise KeyError(key)
+
+        job = broken.enqueue("missing")
+        self.worker(app, queue).run(burst=True)
+        assert len(attempts) == 3, "max_retries=2 means three attempts in all"
+        with pytest.raises(JobFailed) as failed:
+            job.result(timeout=RESULT_WAIT)
+        assert failed.value.error_type == "KeyError"
+        assert "missing" in failed.value.message
+        assert failed.value.traceback is not None
+        assert "in broken" in failed.value.traceback
+        assert job.status() is JobStatus.DEAD
+        [dead] = app.broker.dead_jobs(queue)
+        assert dead.id == job.id
+        assert "KeyError" in dead.reason
+
+    @requires(Capability.DELAYED)
+    def test_retry_backoff_is_honoured(self, app: Worq, queue: str) -> None:
+        runs: list[float] = []
+        policy = RetryPolicy(base=0.3, factor=1.0, jitter=False)
+
+        @app.task(queue=queue, max_retries=1, retry=policy)
+        def fail_once() -> None:
+            runs.append(time.time())
+            if len(runs) == 1:
+                raise RuntimeError("first run fails")
+
+        job = fail_once.enqueue()
+        self.worker(app, queue).run(burst=True)
+        job.result(timeout=RESULT_WAIT)
+        assert len(runs) == 2
+        assert runs[1] - runs[0] >= 0.3 - CLOCK_SLACK
+
+    @requires(Capability.DEAD_LETTER)
+    def test_an_unknown_task_is_dead_lettered_and_the_worker_goes_on(
+        self, app: Worq, queue: str
+    ) -> None:
+        @app.task(queue=queue, name="known")
+        def known() -> str:
+            return "still working"
+
+        stranger = Worq(
+            app.broker, storage=app.storage, serializer=MsgpackSerializer(), registry=Registry()
+        )
+
+        @stranger.task(queue=queue, name="unknown.task")
+        def unknown() -> None: ...
+
+        lost = unknown.enqueue()
+        fine = known.enqueue()
+        self.worker(app, queue).run(burst=True)
+        assert fine.result(timeout=RESULT_WAIT) == "still working"
+        with pytest.raises(JobFailed) as failed:
+            lost.result(timeout=RESULT_WAIT)
+        assert failed.value.error_type == "worq_core.errors.UnknownTaskError"
+        assert "unknown.task" in app.broker.dead_jobs(queue)[0].reason
+
+    @requires(Capability.DEAD_LETTER)
+    def test_an_undecodable_payload_is_dead_lettered_and_the_worker_goes_on(
+        self, app: Worq, queue: str
+    ) -> None:
+        @app.task(queue=queue)
+        def ping() -> str:
+            return "pong"
+
+        app.broker.enqueue([Message("garbage-1", queue, b"\xc1\xff not a job")])
+        app.broker.enqueue([Message("garbage-2", queue, app.serializer.dumps({"v": 99}))])
+        job = ping.enqueue()
+        self.worker(app, queue).run(burst=True)
+        assert job.result(timeout=RESULT_WAIT) == "pong"
+        dead = {d.id: d.reason for d in app.broker.dead_jobs(queue)}
+        assert set(dead) == {"garbage-1", "garbage-2"}
+        assert all("DeserializationError" in reason for reason in dead.values())
+
+    @requires(Capability.DEAD_LETTER)
+    def test_a_result_the_serializer_refuses_dead_letters_the_job(
+        self, app: Worq, queue: str
+    ) -> None:
+        @app.task(queue=queue)
+        def unserializable() -> object:
+            return object()
+
+        job = unserializable.enqueue()
+        self.worker(app, queue).run(burst=True)
+        with pytest.raises(JobFailed) as failed:
+            job.result(timeout=RESULT_WAIT)
+        assert failed.value.error_type == "worq_core.errors.SerializationError"
+
+    @requires(Capability.DEAD_LETTER)
+    def test_a_job_that_keeps_killing_its_worker_ends_dead(self, app: Worq, queue: str) -> None:
+        @app.task(queue=queue, max_retries=1)
+        def deadly() -> None: ...
+
+        job = deadly.enqueue()
+        for attempt in (1, 2):  # two workers "die": they fetch and never settle
+            [delivery] = app.broker.fetch([queue], 1, lease=0.2, wait=5 if attempt > 1 else 0)
+            assert delivery.attempts == attempt
+        self.worker(app, queue).run(burst=True)
+        with pytest.raises(JobFailed) as failed:
+            job.result(timeout=RESULT_WAIT)
+        assert failed.value.error_type == "worq.AttemptsExhausted"
+
+    # -- enqueue errors ------------------------------------------------------------------------
+
+    def test_arguments_the_serializer_refuses_raise_and_enqueue_nothing(
+        self, app: Worq, queue: str
+    ) -> None:
+        @app.task(queue=queue)
+        def take(value: Any) -> None: ...
+
+        with pytest.raises(SerializationError):
+            take.enqueue({1, 2, 3})
+        with pytest.raises(SerializationError):
+            take.enqueue_many([("fine",), (object(),), ("also fine",)])
+        [stats] = app.broker.stats([queue])
+        assert (stats.ready, stats.delayed) == (0, 0)
+
+    def test_arguments_that_do_not_fit_the_signature_raise_and_enqueue_nothing(
+        self, app: Worq, queue: str
+    ) -> None:
+        @app.task(queue=queue)
+        def add(x: int, y: int) -> int:
+            return x + y
+
+        with pytest.raises(TaskArgumentsError):
+            add.enqueue(1)  # type: ignore[call-arg]
+        with pytest.raises(TaskArgumentsError):
+            add.enqueue_many([(1, 2), (1, 2, 3)])
+        [stats] = app.broker.stats([queue])
+        assert stats.ready == 0
+
+    def test_a_job_id_makes_enqueue_idempotent(self, app: Worq, queue: str) -> None:
+        runs: list[int] = []
+
+        @app.task(queue=queue)
+        def once(x: int) -> int:
+            runs.append(x)
+            return x
+
+        first = once.options(job_id="order-42").enqueue(1)
+        second = once.options(job_id="order-42").enqueue(2)
+        assert first.id == second.id == "order-42"
+        self.worker(app, queue).run(burst=True)
+        assert runs == [1]
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    @requires(Capability.DELAYED)
+    def test_a_delayed_job_does_not_run_before_its_time(self, app: Worq, queue: str) -> None:
+        ran_at: list[float] = []
+
+        @app.task(queue=queue)
+        def stamp() -> None:
+            ran_at.append(time.time())
+
+        enqueued = time.time()
+        job = stamp.options(delay=0.4).enqueue()
+        assert job.status() is JobStatus.SCHEDULED
+        self.worker(app, queue).run(burst=True)
+        job.result(timeout=RESULT_WAIT)
+        assert ran_at[0] >= enqueued + 0.4 - CLOCK_SLACK
+
+    @requires(Capability.PRIORITIES)
+    def test_one_slot_runs_higher_priorities_first(self, app: Worq, queue: str) -> None:
+        order: list[str] = []
+
+        @app.task(queue=queue)
+        def record(name: str) -> None:
+            order.append(name)
+
+        record.options(priority=0).enqueue("low")
+        record.options(priority=5).enqueue("high")
+        record.options(priority=1).enqueue("mid")
+        record.options(priority=5).enqueue("high-later")
+        self.worker(app, queue, concurrency=1).run(burst=True)
+        assert order == ["high", "high-later", "mid", "low"]
+
+    def test_a_worker_only_takes_jobs_from_its_own_queues(self, app: Worq, queue: str) -> None:
+        other = unique("other")
+
+        @app.task(queue=queue)
+        def mine() -> str:
+            return "mine"
+
+        theirs = mine.options(queue=other).enqueue()
+        job = mine.enqueue()
+        self.worker(app, queue).run(burst=True)
+        assert job.result(timeout=RESULT_WAIT) == "mine"
+        assert theirs.status() is JobStatus.QUEUED
+
+    # -- leases, timeouts, shutdown ------------------------------------------------------------
+
+    def test_the_heartbeat_keeps_a_long_job_leased(self, app: Worq, queue: str) -> None:
+        runs: list[int] = []
+
+        @app.task(queue=queue)
+        def long_job() -> str:
+            runs.append(1)
+            time.sleep(1.2)  # the job's own work: four leases long
+            return "done"
+
+        job = long_job.enqueue()
+        worker = self.worker(app, queue, lease=0.3)
+        worker.run(burst=True)
+        assert job.result(timeout=RESULT_WAIT) == "done"
+        assert runs == [1]
+        assert worker.counters.refused == 0
+
+    @requires(Capability.DEAD_LETTER)
+    def test_an_async_task_past_its_timeout_is_cancelled_and_failed(
+        self, app: Worq, queue: str
+    ) -> None:
+        cancelled = threading.Event()
+
+        @app.task(queue=queue, timeout=0.2, max_retries=0)
+        async def slow() -> None:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        job = slow.enqueue()
+        self.worker(app, queue).run(burst=True)
+        with pytest.raises(JobFailed) as failed:
+            job.result(timeout=RESULT_WAIT)
+        assert failed.value.error_type == "worq_core.errors.TaskTimeoutError"
+        assert cancelled.is_set()
+
+    @requires(Capability.DEAD_LETTER)
+    def test_a_sync_task_past_its_timeout_is_failed_at_its_deadline(
+        self, app: Worq, queue: str
+    ) -> None:
+        release = threading.Event()
+
+        @app.task(queue=queue, timeout=0.2, max_retries=0)
+        def stuck() -> None:
+            release.wait(30)
+
+        job = stuck.enqueue()
+        worker = self.worker(app, queue, lease=0.6)
+        try:
+            with running(worker):
+                with pytest.raises(JobFailed) as failed:
+                    job.result(timeout=RESULT_WAIT)
+                assert failed.value.error_type == "worq_core.errors.TaskTimeoutError"
+        finally:
+            release.set()
+
+    def test_a_graceful_stop_lets_the_running_job_finish(self, app: Worq, queue: str) -> None:
+        started, proceed = threading.Event(), threading.Event()
+
+        @app.task(queue=queue)
+        def long_job() -> str:
+            started.set()
+            proceed.wait(10)
+            return "finished"
+
+        job = long_job.enqueue()
+        worker = self.worker(app, queue)
+        with running(worker):
+            assert started.wait(10)
+            worker.stop()
+            proceed.set()
+        assert job.result(timeout=RESULT_WAIT) == "finished"
+
+    def test_a_second_stop_hands_the_unfinished_job_back(self, app: Worq, queue: str) -> None:
+        started, proceed = threading.Event(), threading.Event()
+
+        @app.task(queue=queue)
+        def stuck() -> None:
+            started.set()
+            proceed.wait(30)
+
+        job = stuck.enqueue()
+        worker = self.worker(app, queue)
+        try:
+            with running(worker):
+                assert started.wait(10)
+                worker.stop()
+                worker.stop()
+            assert job.status() is JobStatus.QUEUED
+        finally:
+            proceed.set()
