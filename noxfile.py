@@ -1,0 +1,61 @@
+"""Developer tasks. `nox` runs tests, lint, types and docs; `nox -s demo` runs the demo."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "types", "docs"]
+nox.options.reuse_venv = "yes"
+nox.options.error_on_missing_interpreters = True
+
+PACKAGES = ["./worq_core[testing]", "./worq_memory", "./worq_redis"]
+TEST_DEPS = ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "fakeredis[lua]>=2.20"]
+
+
+def install_worq(session: nox.Session, *extra: str) -> None:
+    # Regular (not editable) installs, so the tests see what a wheel would ship.
+    session.install("--force-reinstall", "--no-deps", *PACKAGES)
+    session.install(*PACKAGES, *extra)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole pytest suite; Redis tests need a Redis (and fail without one under CI=1)."""
+    install_worq(session, *TEST_DEPS)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def types(session: nox.Session) -> None:
+    """mypy --strict over the three distributions (settings in pyproject.toml)."""
+    install_worq(session, "mypy>=1.10", *TEST_DEPS)
+    session.run("mypy", "--strict")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation; any warning is an error."""
+    session.install("mkdocs>=1.6")
+    session.run("mkdocs", "build", "--strict", "--site-dir", f"{session.create_tmp()}/site")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Enqueue and process thousands of jobs on the in-memory broker, with progress."""
+    session.install("./worq_core", "./worq_memory")
+    session.run("worq", "demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against the local Redis; figures are ratios to a raw redis-py floor."""
+    install_worq(session)
+    session.run("python", "bench/redis_bench.py", *session.posargs)
