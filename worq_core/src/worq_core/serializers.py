@@ -15,6 +15,18 @@ from worq_core.hookspecs import hookimpl
 from worq_core.serializer import Serializer
 
 
+def _check_keys(value: Any) -> None:
+    kind = type(value)
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise TypeError(f"dict keys must be str, not {type(key).__name__}")
+            _check_keys(item)
+    elif kind is list or kind is tuple:
+        for item in value:
+            _check_keys(item)
+
+
 class MsgpackSerializer(Serializer):
     """Compact binary encoding; the default. ``bytes`` stay ``bytes``, tuples become lists."""
 
@@ -23,6 +35,7 @@ class MsgpackSerializer(Serializer):
     @override
     def dumps(self, value: Any) -> bytes:
         try:
+            _check_keys(value)  # msgpack would pack {(1, 2): x} and then refuse to unpack it
             data: bytes = msgpack.packb(value, use_bin_type=True, datetime=False)
         except (TypeError, ValueError, OverflowError) as exc:
             raise SerializationError(self.name, str(exc)) from exc

@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from plugin_fixtures import ROT13_PLUGIN, write_distribution
+
+from worq_core import (
+    DuplicatePluginError,
+    PluginError,
+    Registry,
+    Serializer,
+    UnknownPluginError,
+    Worq,
+    hookimpl,
+)
+from worq_core.registry import PluginLoadWarning
+from worq_core.serializers import JsonSerializer, MsgpackSerializer
+from worq_memory import MemoryBroker, MemoryStorage
+
+
+def plugin(**hooks: Any) -> types.SimpleNamespace:
+    """A plugin object whose hooks return the given classes."""
+    namespace = types.SimpleNamespace()
+    for hook, classes in hooks.items():
+        setattr(namespace, hook, hookimpl(lambda classes=classes: classes))
+    return namespace
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for name in [m for m in sys.modules if m.startswith("throwaway_")]:
+        del sys.modules[name]
+
+
+def test_the_installed_distributions_register_memory_msgpack_and_json() -> None:
+    registry = Registry.from_entry_points(strict=True)
+    by_dist = {p.distribution: {c.name for c in p.components} for p in registry.plugins}
+    assert by_dist["worq-core"] >= {"msgpack", "json"}
+    assert by_dist["worq-memory"] == {"memory"}
+    assert registry.broker_class("memory://") is MemoryBroker
+    assert registry.storage_class("memory://") is MemoryStorage
+
+
+def test_a_third_party_distribution_is_found_through_its_entry_point_and_used_by_name(
+    site: Path,
+) -> None:
+    write_distribution(
+        site,
+        "throwaway-rot13",
+        "1.0",
+        {"throwaway_rot13": ROT13_PLUGIN},
+        {"rot13": "throwaway_rot13"},
+    )
+    registry = Registry.from_entry_points(strict=True)
+    [record] = [p for p in registry.plugins if p.distribution == "throwaway-rot13"]
+    assert (record.version, [c.name for c in record.components]) == ("1.0", ["rot13-json"])
+
+    app = Worq("memory://", serializer="rot13-json", registry=registry)
+
+    @app.task
+    def shout(text: str) -> str:
+        return text.upper()
+
+    job = shout.enqueue("hello")
+    app.worker(concurrency=1).run(burst=True)
+    assert job.result(timeout=5) == "HELLO"
+    assert type(app.serializer).__name__ == "Rot13Serializer"
+
+
+def test_a_plugin_that_fails_to_import_warns_with_its_distribution_and_the_rest_load(
+    site: Path,
+) -> None:
+    write_distribution(
+        site,
+        "throwaway-broken",
+        "0.3",
+        {"throwaway_broken": "raise ImportError('no libfoo')"},
+        {"broken": "throwaway_broken"},
+    )
+    with pytest.warns(PluginLoadWarning, match=r"throwaway-broken 0\.3.*no libfoo"):
+        registry = Registry.from_entry_points()
+    assert registry.serializer_class("msgpack") is MsgpackSerializer
+    assert [p.error for p in registry.plugins if p.distribution == "throwaway-broken"] != [None]
+
+
+def test_strict_mode_turns_a_broken_plugin_into_an_error(site: Path) -> None:
+    write_distribution(
+        site,
+        "throwaway-broken",
+        "0.3",
+        {"throwaway_broken": "1 / 0"},
+        {"broken": "throwaway_broken"},
+    )
+    with pytest.raises(PluginError, match="throwaway-broken"):
+        Registry.from_entry_points(strict=True)
+
+
+def test_two_plugins_registering_one_name_is_an_error_naming_both() -> None:
+    class Other(JsonSerializer):
+        name: ClassVar[str] = "json"
+
+    registry = Registry()
+    registry.register(plugin(worq_register_serializers=[JsonSerializer]), distribution="dist-a")
+    with pytest.raises(DuplicatePluginError) as error:
+        registry.register(plugin(worq_register_serializers=[Other]), distribution="dist-b")
+    assert (error.value.first, error.value.second) == ("dist-a", "dist-b")
+    assert "dist-a" in str(error.value)
+    assert "dist-b" in str(error.value)
+
+
+def test_two_brokers_claiming_one_scheme_is_an_error() -> None:
+    class Clash(MemoryBroker):
+        name: ClassVar[str] = "clash"
+
+    registry = Registry()
+    registry.register(plugin(worq_register_brokers=[MemoryBroker]), distribution="dist-a")
+    with pytest.raises(DuplicatePluginError, match="memory://"):
+        registry.register(plugin(worq_register_brokers=[Clash]), distribution="dist-b")
+
+
+@pytest.mark.parametrize(
+    ("hook", "cls", "complaint"),
+    [
+        ("worq_register_serializers", MemoryBroker, "not a subclass of worq_core.Serializer"),
+        ("worq_register_serializers", Serializer, "does not implement: dumps, loads"),
+        ("worq_register_brokers", type("NoSchemes", (MemoryBroker,), {"schemes": ()}), "no URL"),
+        ("worq_register_serializers", type("Bad", (JsonSerializer,), {"name": "Bad Name"}), "name"),
+    ],
+    ids=["wrong-base", "abstract", "no-schemes", "bad-name"],
+)
+def test_invalid_plugin_classes_are_rejected_with_the_reason(
+    hook: str, cls: type, complaint: str
+) -> None:
+    registry = Registry()
+    with pytest.raises(PluginError, match=complaint):
+        registry.register(plugin(**{hook: [cls]}), distribution="dist-x")
+    assert registry.components("serializer") == []
+
+
+def test_a_hook_returning_a_class_instead_of_a_list_is_rejected() -> None:
+    with pytest.raises(PluginError, match="iterable of classes"):
+        Registry().register(plugin(worq_register_serializers=JsonSerializer))
+
+
+def test_an_unknown_scheme_names_the_distribution_to_install() -> None:
+    registry = Registry()
+    registry.register(plugin(worq_register_brokers=[MemoryBroker]))
+    with pytest.raises(UnknownPluginError) as error:
+        registry.broker_class("redis://localhost:6379/0")
+    assert str(error.value).startswith("redis:// needs worq-redis: pip install worq-redis")
+    assert error.value.available == ["memory://"]
+
+
+def test_an_unknown_serializer_lists_the_available_ones() -> None:
+    registry = Registry()
+    registry.register(plugin(worq_register_serializers=[MsgpackSerializer, JsonSerializer]))
+    with pytest.raises(UnknownPluginError, match="available: json, msgpack"):
+        _ = Worq(serializer="pickle", registry=registry).serializer
+
+
+def test_a_url_without_a_scheme_is_refused() -> None:
+    with pytest.raises(UnknownPluginError, match="localhost:6379"):
+        Registry().broker_class("localhost:6379")
