@@ -1,1 +1,7 @@
 """worq-redis: the Redis broker and result storage behind ``redis://``, ``rediss://`` and ``unix://``."""
+
+from worq_redis.broker import RedisBroker
+from worq_redis.connection import RedisSettings
+from worq_redis.storage import RedisStorage
+
+__all__ = ["RedisBroker", "RedisSettings", "RedisStorage"]

@@ -1,0 +1,273 @@
+"""Connections, settings, key names and script calls shared by the Redis broker and storage."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from worq_core import WorqError
+from worq_redis import lua
+
+DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
+
+Clock = Callable[[], float]
+KeyArg = str | bytes
+Arg = str | bytes | int | float
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """How worq-redis talks to Redis. Shared by :class:`RedisBroker` and :class:`RedisStorage`.
+
+    The ``prefix`` can also be given in the URL's query string (``redis://host/0?prefix=myapp``);
+    an explicit ``prefix=`` argument wins over both.
+    """
+
+    prefix: str = "worq"
+    """First part of every key; two apps (or test runs) with different prefixes never meet."""
+    socket_timeout: float = 5.0
+    """Seconds to wait for a reply before a command fails; bounds every call but blocking ones."""
+    connect_timeout: float = 2.0
+    """Seconds to wait for a TCP (or TLS) connection."""
+    retries: int = 1
+    """Times a command is retried on a fresh connection after a connection error."""
+    block_max: float = 2.0
+    """Longest single blocking wait (``BZPOPMIN``/``BLMOVE``); kept below ``socket_timeout``."""
+    dead_max_count: int = 10_000
+    """Dead-letter queue length kept per queue; the oldest are dropped beyond it."""
+    dead_max_age: float = 7 * 24 * 3600.0
+    """Seconds a dead-lettered job is kept."""
+    reap_batch: int = 100
+    """Expired leases returned to their queue per fetch (a bounded step, no global lock)."""
+    promote_batch: int = 1000
+    """Due delayed jobs moved to ready per fetch."""
+    enqueue_chunk: int = 1000
+    """Jobs per enqueue script call; a larger batch is several calls in one transaction."""
+
+    def __post_init__(self) -> None:
+        if not self.prefix or "{" in self.prefix or "}" in self.prefix:
+            raise ValueError("the key prefix must be non-empty and must not contain braces")
+        if self.socket_timeout <= 0 or self.connect_timeout <= 0 or self.block_max <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.retries < 0 or self.reap_batch < 1 or self.promote_batch < 1:
+            raise ValueError("retries must be >= 0, batches >= 1")
+        if self.enqueue_chunk < 1 or self.dead_max_count < 0 or self.dead_max_age < 0:
+            raise ValueError("enqueue_chunk must be >= 1, dead limits >= 0")
+
+    @property
+    def blocking_timeout(self) -> float:
+        """Longest blocking call, safely below the socket timeout."""
+        return max(0.01, min(self.block_max, self.socket_timeout / 2))
+
+
+def connect(
+    target: str | redis.Redis, settings: RedisSettings | None, prefix: str | None
+) -> tuple[redis.Redis, str, RedisSettings, bool]:
+    """Build (or adopt) a client. Returns ``(client, url, settings, owned)``. Does no I/O.
+
+    ``owned`` says whether we created the client (and so close it).
+    """
+    settings = settings or RedisSettings()
+    if isinstance(target, redis.Redis):
+        kwargs = target.get_connection_kwargs()
+        if kwargs.get("decode_responses"):
+            raise ValueError("worq-redis needs a client with decode_responses=False")
+        if prefix is not None:
+            settings = _replace_prefix(settings, prefix)
+        return target, _describe(kwargs), settings, False
+    parts = urllib.parse.urlsplit(target)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    url_prefix = [v for k, v in query if k == "prefix"]
+    rest = [(k, v) for k, v in query if k != "prefix"]
+    clean = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest)))
+    if prefix is not None:
+        settings = _replace_prefix(settings, prefix)
+    elif url_prefix:
+        settings = _replace_prefix(settings, url_prefix[-1])
+    client = redis.Redis.from_url(
+        clean,
+        socket_timeout=settings.socket_timeout,
+        socket_connect_timeout=settings.connect_timeout,
+        socket_keepalive=True,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), settings.retries),
+        decode_responses=False,
+    )
+    return client, target, settings, True
+
+
+def _replace_prefix(settings: RedisSettings, prefix: str) -> RedisSettings:
+    from dataclasses import replace
+
+    return replace(settings, prefix=prefix)
+
+
+def _describe(kwargs: dict[str, Any]) -> str:
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+    host, port = kwargs.get("host", "localhost"), kwargs.get("port", 6379)
+    return f"redis://{host}:{port}/{kwargs.get('db', 0)}"
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for error messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def server_identity(client: redis.Redis) -> tuple[Any, ...]:
+    """What identifies the server and database a client talks to."""
+    kw = client.get_connection_kwargs()
+    return (
+        kw.get("host"),
+        kw.get("port"),
+        kw.get("path"),
+        kw.get("db", 0),
+        kw.get("username"),
+        client.connection_pool.connection_class,
+    )
+
+
+@contextlib.contextmanager
+def translate_errors(
+    url: str, connection_error: Callable[[str, str], WorqError], error: Callable[[str], WorqError]
+) -> Iterator[None]:
+    """Turn redis-py exceptions into worq's error tree, chaining the original."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise connection_error(redact(url), f"{type(exc).__name__}: {exc}") from exc
+    except RedisError as exc:
+        raise error(f"redis error at {redact(url)}: {type(exc).__name__}: {exc}") from exc
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+def queue_keys(prefix: str, queue: str) -> tuple[str, ...]:
+    """The nine keys of ``queue``, all under the hash tag ``{queue}`` (one Cluster slot)."""
+    if not queue or queue.startswith("}"):
+        raise ValueError(f"invalid queue name {queue!r}: empty, or starts with '}}'")
+    base = f"{prefix}:{{{queue}}}:"
+    return tuple(base + suffix for suffix in lua.QUEUE_KEY_SUFFIXES)
+
+
+def result_keys(prefix: str, job_id: str) -> tuple[str, str, str]:
+    """A job's result, waiting marker and wake-up list, under the hash tag ``{job_id}``."""
+    base = f"{prefix}:res:{{{job_id}}}"
+    return base, base + ":waiting", base + ":done"
+
+
+def registry_key(prefix: str) -> str:
+    """The set of queue names the brokers under ``prefix`` have seen."""
+    return f"{prefix}:queues"
+
+
+# -- scripts -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """A Lua script known by its SHA1, loaded into Redis on first NOSCRIPT."""
+
+    name: str
+    source: str
+    sha: str
+
+    @classmethod
+    def named(cls, name: str) -> Script:
+        """The script ``name`` from :mod:`worq_redis.lua`."""
+        text = lua.source(name)
+        return cls(name, text, hashlib.sha1(text.encode()).hexdigest())
+
+
+SCRIPTS: Final = {name: Script.named(name) for name in [*lua.QUEUE_SCRIPTS, *lua.RESULT_SCRIPTS]}
+
+Call = tuple[Script, Sequence[KeyArg], Sequence[Arg]]
+
+
+def command(target: Any, *args: Arg) -> Any:
+    """``target.execute_command(*args)`` for a client or a pipeline (untyped in redis-py)."""
+    return target.execute_command(*args)
+
+
+def run_script(
+    client: redis.Redis, script: Script, keys: Sequence[KeyArg], args: Sequence[Arg]
+) -> Any:
+    """One ``EVALSHA``; loads the script and retries once if Redis lost it (NOSCRIPT)."""
+    try:
+        return command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        command(client, "SCRIPT", "LOAD", script.source)
+        return command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+def run_scripts(
+    client: redis.Redis, calls: Sequence[Call], *, extra: Sequence[Sequence[Arg]] = ()
+) -> list[Any]:
+    """Several script calls (after the plain commands ``extra``) in one pipelined round trip.
+
+    Not a transaction: each call is atomic on its own. Calls that failed with NOSCRIPT are
+    loaded and run again (the others already ran). Returns the scripts' results in order; the
+    first other error is raised.
+    """
+    if len(calls) == 1 and not extra:
+        return [run_script(client, *calls[0])]
+    pipe = client.pipeline(transaction=False)
+    for plain in extra:
+        command(pipe, *plain)
+    for script, keys, args in calls:
+        command(pipe, "EVALSHA", script.sha, len(keys), *keys, *args)
+    results = pipe.execute(raise_on_error=False)[len(extra) :]
+    missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+    if missing:
+        pipe = client.pipeline(transaction=False)
+        for script in {calls[i][0] for i in missing}:
+            command(pipe, "SCRIPT", "LOAD", script.source)
+        for i in missing:
+            script, keys, args = calls[i]
+            command(pipe, "EVALSHA", script.sha, len(keys), *keys, *args)
+        again = pipe.execute(raise_on_error=False)[-len(missing) :]
+        for i, result in zip(missing, again, strict=True):
+            results[i] = result
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results
+
+
+def run_transaction(
+    client: redis.Redis, calls: Sequence[Call], *, extra: Sequence[Sequence[Arg]] = ()
+) -> list[Any]:
+    """Script calls in one ``MULTI``/``EXEC``: all run, back to back, or none does.
+
+    Uses ``EVAL`` with the source, since a NOSCRIPT inside a transaction would not stop the
+    others. Returns the scripts' results in order.
+    """
+    pipe = client.pipeline(transaction=True)
+    for plain in extra:
+        command(pipe, *plain)
+    for script, keys, args in calls:
+        command(pipe, "EVAL", script.source, len(keys), *keys, *args)
+    results = pipe.execute(raise_on_error=True)
+    return list(results[len(extra) :])
+
+
+def clock_arg(clock: Clock | None) -> str:
+    """``ARGV[1]`` of every script: empty for Redis ``TIME``, or the test clock's reading."""
+    return "" if clock is None else repr(float(clock()))

@@ -1,0 +1,516 @@
+"""The Lua scripts behind every state change of a worq-redis queue.
+
+Every script is atomic, takes all the keys it touches in ``KEYS`` (the nine keys of one queue, in
+the order of :data:`QUEUE_KEY_SUFFIXES`, then per-job result keys where it writes results), and
+validates its arguments before its first write, so a script that fails changes nothing.
+
+``ARGV[1]`` of every script is the clock: empty for Redis ``TIME`` (the normal case), or a Unix
+time in seconds that tests pass to drive time by hand.
+
+A job's small state lives in the queue's ``meta`` hash as ``state|attempts|seq|score|extra``:
+
+* ``state``: ``q`` queued, ``s`` scheduled, ``r`` retrying, ``l`` leased (running), ``d`` dead;
+* ``attempts``: fetches so far (a release takes its fetch back);
+* ``seq``: a 16-digit sequence number from enqueue (or requeue), so FIFO holds within a priority;
+* ``score``: the job's ``ready`` score, minus its priority;
+* ``extra``: the lease token when leased, the time it died when dead, else empty.
+
+A queued job's member in ``ready`` is ``seq .. id``: equal scores sort by member, so the
+sequence number keeps FIFO order within a priority level without limiting the priority range.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+QUEUE_KEY_SUFFIXES: Final = (
+    "ready",
+    "delayed",
+    "leased",
+    "jobs",
+    "meta",
+    "dead",
+    "signal",
+    "seq",
+    "reason",
+)
+"""The keys of one queue, as they are passed to every queue script (``KEYS[1]`` .. ``KEYS[9]``)."""
+
+NOTIFY_TTL_MS: Final = 10_000
+"""How long a result's wake-up list lives; waiters blocked at that moment are served at once."""
+
+_PRELUDE = r"""
+local K_READY, K_DELAYED, K_LEASED, K_JOBS, K_META = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_DEAD, K_SIGNAL, K_SEQ, K_REASON = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+
+local function f6(x)
+  return string.format("%.6f", x)
+end
+
+local function clock(arg)
+  if arg ~= nil and arg ~= "" then
+    return tonumber(f6(tonumber(arg)))
+  end
+  local t = redis.call("TIME")
+  return tonumber(f6(tonumber(t[1]) + tonumber(t[2]) / 1000000))
+end
+
+local function number_arg(value, what)
+  local n = tonumber(value)
+  if n == nil then
+    error("worq: bad " .. what .. ": " .. tostring(value))
+  end
+  return n
+end
+
+local function parse(m)
+  local st, at, sq, sc, ex = string.match(m, "^(%a)|(%d+)|(%d+)|([^|]*)|(.*)$")
+  return {st = st, at = tonumber(at), sq = sq, sc = sc, ex = ex}
+end
+
+local function pack(j)
+  return j.st .. "|" .. string.format("%d", j.at) .. "|" .. j.sq .. "|" .. j.sc .. "|" .. j.ex
+end
+
+local function next_seq()
+  return string.format("%016d", redis.call("INCR", K_SEQ))
+end
+
+-- Put a job (with its meta already parsed) back in ready under its own sequence number.
+local function to_ready(id, j)
+  j.st = "q"
+  j.ex = ""
+  redis.call("HSET", K_META, id, pack(j))
+  redis.call("ZADD", K_READY, j.sc, j.sq .. id)
+end
+
+local function forget(id)
+  redis.call("HDEL", K_JOBS, id)
+  redis.call("HDEL", K_META, id)
+  redis.call("HDEL", K_REASON, id)
+end
+
+-- The job if `token` holds an unexpired lease on it, else nil.
+local function held(id, token, now)
+  local m = redis.call("HGET", K_META, id)
+  if not m then
+    return nil
+  end
+  local j = parse(m)
+  if j.st ~= "l" or j.ex ~= token then
+    return nil
+  end
+  local deadline = redis.call("ZSCORE", K_LEASED, id)
+  if not deadline or tonumber(deadline) <= now then
+    return nil
+  end
+  return j
+end
+
+-- Return up to `limit` expired leases to ready; their attempt stays counted.
+local function reap(now, limit)
+  local ids = redis.call("ZRANGEBYSCORE", K_LEASED, "-inf", f6(now), "LIMIT", 0, limit)
+  for _, id in ipairs(ids) do
+    redis.call("ZREM", K_LEASED, id)
+    local m = redis.call("HGET", K_META, id)
+    if m then
+      to_ready(id, parse(m))
+    end
+  end
+  return #ids
+end
+
+-- Move up to `limit` delayed jobs that are due to ready.
+local function promote(now, limit)
+  local ids = redis.call("ZRANGEBYSCORE", K_DELAYED, "-inf", f6(now), "LIMIT", 0, limit)
+  for _, id in ipairs(ids) do
+    redis.call("ZREM", K_DELAYED, id)
+    local m = redis.call("HGET", K_META, id)
+    if m then
+      to_ready(id, parse(m))
+    end
+  end
+  return #ids
+end
+
+-- Drop the oldest dead jobs while there are too many or the oldest is too old.
+local function trim_dead(now, max_count, max_age)
+  while true do
+    local oldest = redis.call("ZRANGE", K_DEAD, 0, 0)
+    if #oldest == 0 then
+      return
+    end
+    local id = oldest[1]
+    local m = redis.call("HGET", K_META, id)
+    local died = m and tonumber(parse(m).ex) or 0
+    if redis.call("ZCARD", K_DEAD) <= max_count and now - died <= max_age then
+      return
+    end
+    redis.call("ZREM", K_DEAD, id)
+    forget(id)
+  end
+end
+
+-- Store a job's record (result or final error) and wake whoever waits for it.
+local function put_result(k, ttl_ms, record)
+  if ttl_ms <= 0 then
+    redis.call("DEL", KEYS[k])
+    return
+  end
+  redis.call("SET", KEYS[k], record, "PX", ttl_ms)
+  if redis.call("EXISTS", KEYS[k + 1]) == 1 then
+    redis.call("DEL", KEYS[k + 1], KEYS[k + 2])
+    redis.call("RPUSH", KEYS[k + 2], "1")
+    redis.call("PEXPIRE", KEYS[k + 2], __NOTIFY_TTL_MS__)
+  end
+end
+""".replace("__NOTIFY_TTL_MS__", str(NOTIFY_TTL_MS))
+
+ENQUEUE = r"""
+-- ARGV: clock, n, then n x (id, body, ready score, eta or "")
+local now = clock(ARGV[1])
+local n = number_arg(ARGV[2], "count")
+for i = 0, n - 1 do
+  local b = 3 + i * 4
+  number_arg(ARGV[b + 2], "priority score")
+  if ARGV[b + 3] ~= "" then
+    number_arg(ARGV[b + 3], "eta")
+  end
+end
+local out = {}
+local ready, due = false, false
+for i = 0, n - 1 do
+  local b = 3 + i * 4
+  local id = ARGV[b]
+  if redis.call("HEXISTS", K_META, id) == 1 then
+    out[i + 1] = 0
+  else
+    local sq = next_seq()
+    local eta = ARGV[b + 3]
+    redis.call("HSET", K_JOBS, id, ARGV[b + 1])
+    if eta ~= "" and tonumber(eta) > now then
+      redis.call("HSET", K_META, id, "s|0|" .. sq .. "|" .. ARGV[b + 2] .. "|")
+      redis.call("ZADD", K_DELAYED, f6(tonumber(eta)), id)
+      due = true
+    else
+      redis.call("HSET", K_META, id, "q|0|" .. sq .. "|" .. ARGV[b + 2] .. "|")
+      redis.call("ZADD", K_READY, ARGV[b + 2], sq .. id)
+      ready = true
+    end
+    out[i + 1] = 1
+  end
+end
+if ready then
+  redis.call("ZADD", K_SIGNAL, 0, "ready")
+end
+if due then
+  redis.call("ZADD", K_SIGNAL, 0, "due")
+end
+return out
+"""
+
+FETCH = r"""
+-- ARGV: clock, limit, lease seconds, reap limit, promote limit
+-- Returns {now, next due time or "", then per job: id, body, token, attempts}.
+local now = clock(ARGV[1])
+local limit = number_arg(ARGV[2], "limit")
+local lease = number_arg(ARGV[3], "lease")
+local reap_limit = number_arg(ARGV[4], "reap limit")
+local promote_limit = number_arg(ARGV[5], "promote limit")
+reap(now, reap_limit)
+promote(now, promote_limit)
+local out = {f6(now), ""}
+local got = 0
+if limit > 0 then
+  local popped = redis.call("ZPOPMIN", K_READY, limit)
+  local until_ = f6(now + lease)
+  for i = 1, #popped, 2 do
+    local id = string.sub(popped[i], 17)
+    local m = redis.call("HGET", K_META, id)
+    if m then
+      local j = parse(m)
+      j.at = j.at + 1
+      j.st = "l"
+      j.ex = string.format("%d", redis.call("INCR", K_SEQ))
+      redis.call("HSET", K_META, id, pack(j))
+      redis.call("ZADD", K_LEASED, until_, id)
+      out[#out + 1] = id
+      out[#out + 1] = redis.call("HGET", K_JOBS, id)
+      out[#out + 1] = j.ex
+      out[#out + 1] = j.at
+      got = got + 1
+    end
+  end
+end
+if redis.call("ZCARD", K_READY) > 0 then
+  redis.call("ZADD", K_SIGNAL, 0, "ready")
+else
+  redis.call("ZREM", K_SIGNAL, "ready")
+end
+if got == 0 then
+  -- This caller is about to block with a timeout computed from the next due time below.
+  redis.call("ZREM", K_SIGNAL, "due")
+end
+local next_due = nil
+local d = redis.call("ZRANGE", K_DELAYED, 0, 0, "WITHSCORES")
+if #d > 0 then
+  next_due = tonumber(d[2])
+end
+local l = redis.call("ZRANGE", K_LEASED, 0, 0, "WITHSCORES")
+if #l > 0 and (next_due == nil or tonumber(l[2]) < next_due) then
+  next_due = tonumber(l[2])
+end
+if next_due ~= nil then
+  out[2] = f6(next_due)
+end
+return out
+"""
+
+EXTEND = r"""
+-- ARGV: clock, lease seconds, then pairs (id, token). Returns 1/0 per pair.
+local now = clock(ARGV[1])
+local lease = number_arg(ARGV[2], "lease")
+local until_ = f6(now + lease)
+local out = {}
+for i = 3, #ARGV, 2 do
+  if held(ARGV[i], ARGV[i + 1], now) then
+    redis.call("ZADD", K_LEASED, until_, ARGV[i])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
+SETTLE = r"""
+-- ARGV: clock, dead max count, dead max age, then per settlement 8 values:
+--   id, token, outcome (a|r|d), delay, reason, result key index (0: none), ttl ms, record
+-- KEYS[k], KEYS[k+1], KEYS[k+2]: a job's result, waiting marker and wake-up list.
+local now = clock(ARGV[1])
+local max_count = number_arg(ARGV[2], "dead max count")
+local max_age = number_arg(ARGV[3], "dead max age")
+for i = 4, #ARGV, 8 do
+  local outcome = ARGV[i + 2]
+  if outcome ~= "a" and outcome ~= "r" and outcome ~= "d" then
+    error("worq: bad outcome " .. outcome)
+  end
+  number_arg(ARGV[i + 3], "delay")
+  local k = number_arg(ARGV[i + 5], "key index")
+  if k ~= 0 and KEYS[k + 2] == nil then
+    error("worq: missing result keys")
+  end
+  number_arg(ARGV[i + 6], "ttl")
+end
+local out = {}
+local died = false
+for i = 4, #ARGV, 8 do
+  local id, outcome = ARGV[i], ARGV[i + 2]
+  local j = held(id, ARGV[i + 1], now)
+  if j == nil then
+    out[#out + 1] = 0
+  else
+    out[#out + 1] = 1
+    redis.call("ZREM", K_LEASED, id)
+    local k = tonumber(ARGV[i + 5])
+    if outcome == "a" then
+      forget(id)
+      if k ~= 0 then
+        put_result(k, tonumber(ARGV[i + 6]), ARGV[i + 7])
+      end
+    elseif outcome == "r" then
+      j.st = "r"
+      j.ex = ""
+      redis.call("HSET", K_META, id, pack(j))
+      redis.call("HSET", K_REASON, id, ARGV[i + 4])
+      redis.call("ZADD", K_DELAYED, f6(now + tonumber(ARGV[i + 3])), id)
+      redis.call("ZADD", K_SIGNAL, 0, "due")
+    else
+      j.st = "d"
+      j.ex = f6(now)
+      redis.call("HSET", K_META, id, pack(j))
+      redis.call("HSET", K_REASON, id, ARGV[i + 4])
+      redis.call("ZADD", K_DEAD, redis.call("INCR", K_SEQ), id)
+      died = true
+      if k ~= 0 then
+        put_result(k, tonumber(ARGV[i + 6]), ARGV[i + 7])
+      end
+    end
+  end
+end
+if died then
+  trim_dead(now, max_count, max_age)
+end
+return out
+"""
+
+RELEASE = r"""
+-- ARGV: clock, then pairs (id, token). Unstarted jobs go back to ready, their fetch not counted.
+local now = clock(ARGV[1])
+local any = false
+for i = 2, #ARGV, 2 do
+  local id = ARGV[i]
+  local j = held(id, ARGV[i + 1], now)
+  if j then
+    redis.call("ZREM", K_LEASED, id)
+    j.at = j.at - 1
+    to_ready(id, j)
+    any = true
+  end
+end
+if any then
+  redis.call("ZADD", K_SIGNAL, 0, "ready")
+end
+return any and 1 or 0
+"""
+
+REAP = r"""
+-- ARGV: clock, limit. Returns how many expired leases went back to ready.
+local now = clock(ARGV[1])
+local n = reap(now, number_arg(ARGV[2], "limit"))
+if n > 0 then
+  redis.call("ZADD", K_SIGNAL, 0, "ready")
+end
+return n
+"""
+
+JOB_STATE = r"""
+-- ARGV: clock, id. Read-only: the state as if due jobs and expired leases were already moved.
+local now = clock(ARGV[1])
+local id = ARGV[2]
+local m = redis.call("HGET", K_META, id)
+if not m then
+  return ""
+end
+local st = parse(m).st
+if st == "l" then
+  local deadline = redis.call("ZSCORE", K_LEASED, id)
+  if not deadline or tonumber(deadline) <= now then
+    return "q"
+  end
+elseif st == "s" or st == "r" then
+  local due = redis.call("ZSCORE", K_DELAYED, id)
+  if not due or tonumber(due) <= now then
+    return "q"
+  end
+end
+return st
+"""
+
+STATS = r"""
+-- ARGV: clock, dead max count, dead max age. Returns {ready, delayed, running, dead}.
+local now = clock(ARGV[1])
+trim_dead(now, number_arg(ARGV[2], "dead max count"), number_arg(ARGV[3], "dead max age"))
+local due = redis.call("ZCOUNT", K_DELAYED, "-inf", f6(now))
+local expired = redis.call("ZCOUNT", K_LEASED, "-inf", f6(now))
+return {
+  redis.call("ZCARD", K_READY) + due + expired,
+  redis.call("ZCARD", K_DELAYED) - due,
+  redis.call("ZCARD", K_LEASED) - expired,
+  redis.call("ZCARD", K_DEAD),
+}
+"""
+
+DEAD_JOBS = r"""
+-- ARGV: clock, dead max count, dead max age, limit. Newest first: id, body, reason, attempts, died.
+local now = clock(ARGV[1])
+trim_dead(now, number_arg(ARGV[2], "dead max count"), number_arg(ARGV[3], "dead max age"))
+local limit = number_arg(ARGV[4], "limit")
+local out = {}
+if limit <= 0 then
+  return out
+end
+for _, id in ipairs(redis.call("ZREVRANGE", K_DEAD, 0, limit - 1)) do
+  local j = parse(redis.call("HGET", K_META, id))
+  out[#out + 1] = id
+  out[#out + 1] = redis.call("HGET", K_JOBS, id)
+  out[#out + 1] = redis.call("HGET", K_REASON, id) or ""
+  out[#out + 1] = j.at
+  out[#out + 1] = j.ex
+end
+return out
+"""
+
+REQUEUE_DEAD = r"""
+-- ARGV: clock, "all" or "ids", then ids. Dead jobs go to the back of ready, attempts reset.
+local now = clock(ARGV[1])
+local ids
+if ARGV[2] == "all" then
+  ids = redis.call("ZRANGE", K_DEAD, 0, -1)
+else
+  ids = {}
+  for i = 3, #ARGV do
+    ids[#ids + 1] = ARGV[i]
+  end
+end
+local n = 0
+for _, id in ipairs(ids) do
+  if redis.call("ZREM", K_DEAD, id) == 1 then
+    local j = parse(redis.call("HGET", K_META, id))
+    j.at = 0
+    j.sq = next_seq()
+    redis.call("HDEL", K_REASON, id)
+    to_ready(id, j)
+    n = n + 1
+  end
+end
+if n > 0 then
+  redis.call("ZADD", K_SIGNAL, 0, "ready")
+end
+return n
+"""
+
+PURGE_DEAD = r"""
+-- ARGV: clock. Deletes every dead job; returns how many.
+local ids = redis.call("ZRANGE", K_DEAD, 0, -1)
+for _, id in ipairs(ids) do
+  forget(id)
+end
+redis.call("DEL", K_DEAD)
+return #ids
+"""
+
+SAVE_RESULT = r"""
+-- KEYS: result, waiting marker, wake-up list. ARGV: clock, ttl ms, record.
+local ttl = number_arg(ARGV[2], "ttl")
+put_result(1, ttl, ARGV[3])
+return 1
+"""
+
+ARM_WAIT = r"""
+-- KEYS: result, waiting marker, wake-up list. ARGV: clock, marker ttl ms.
+-- The record if there is one; else marks the job as waited on (so its writer pushes a wake-up)
+-- and drops a stale wake-up left by a record that has expired since.
+local ttl = number_arg(ARGV[2], "ttl")
+local record = redis.call("GET", KEYS[1])
+if record then
+  return record
+end
+redis.call("DEL", KEYS[3])
+redis.call("SET", KEYS[2], "1", "PX", ttl)
+return false
+"""
+
+QUEUE_SCRIPTS: Final = {
+    "enqueue": ENQUEUE,
+    "fetch": FETCH,
+    "extend": EXTEND,
+    "settle": SETTLE,
+    "release": RELEASE,
+    "reap": REAP,
+    "job_state": JOB_STATE,
+    "stats": STATS,
+    "dead_jobs": DEAD_JOBS,
+    "requeue_dead": REQUEUE_DEAD,
+    "purge_dead": PURGE_DEAD,
+}
+"""Scripts that take the nine keys of one queue (``settle`` may add result keys after them)."""
+
+RESULT_SCRIPTS: Final = {"save_result": SAVE_RESULT, "arm_wait": ARM_WAIT}
+"""Scripts that take the three keys of one job's result."""
+
+
+def source(name: str) -> str:
+    """The full source of script ``name``: the shared prelude, then its body."""
+    body = QUEUE_SCRIPTS.get(name) or RESULT_SCRIPTS[name]
+    return _PRELUDE + body
