@@ -1,0 +1,528 @@
+"""The `worq` command line, on the in-memory broker.
+
+The memory broker lives in the process that created it, so in-process tests load the test app
+module once per test (a fresh import) and every `worq` invocation of that test reuses the same
+module object, hence the same broker. The `worker` command is also run as a real subprocess on
+apps that enqueue their jobs at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from worq_core import JobStatus, Registry, WorkerSettings, Worq
+from worq_core.cli import load_app, main
+from worq_core.demo import DemoError, run_demo
+from worq_core.models import Message
+
+HERE = Path(__file__).resolve().parent
+APP = "cli_app:app"
+
+
+@pytest.fixture
+def app_module(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """A fresh import of cli_app (a fresh app and memory broker) for this test."""
+    monkeypatch.syspath_prepend(str(HERE))
+    sys.modules.pop("cli_app", None)
+    module = importlib.import_module("cli_app")
+    yield module
+    module.app.close()
+    sys.modules.pop("cli_app", None)
+
+
+@pytest.fixture
+def app(app_module: ModuleType) -> Worq:
+    result: Worq = app_module.app
+    return result
+
+
+def run(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), input=input, env=env)
+
+
+def ok(*args: str, input: str | None = None) -> Result:
+    result = run(*args, input=input)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def assert_one_line_error(result: Result, *fragments: str) -> None:
+    """A user mistake: non-zero exit, a single `Error: ...` line on stderr, no traceback."""
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def drain(app: Worq, *queues: str) -> None:
+    """Run a worker in this thread until its queues are empty."""
+    settings = WorkerSettings(
+        queues=queues or tuple(app.default_queues()), idle_wait=0.05, handle_signals=False
+    )
+    app.worker(settings=settings).run(burst=True)
+
+
+def row(output: str, first_cell: str) -> list[str]:
+    """The cells of the rich table row that starts with ``first_cell``."""
+    for line in output.splitlines():
+        cells = [cell.strip() for cell in line.replace("|", "│").split("│")[1:-1]]
+        if cells and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in:\n{output}")
+
+
+# -- worker ------------------------------------------------------------------------------------
+
+
+def test_worker_burst_runs_every_job_then_exits_zero(app_module: ModuleType) -> None:
+    added = app_module.add.enqueue(1, 2)
+    failed = app_module.boom.enqueue()
+
+    result = ok("worker", APP, "--burst", "--concurrency", "2", "--lease", "5", "--grace", "1")
+
+    assert added.result(timeout=0) == 3
+    assert failed.status() is JobStatus.DEAD
+    assert "worker stopped: succeeded=1 retried=0 dead=1" in result.stderr
+
+
+def test_worker_json_logs_are_one_object_per_line(app_module: ModuleType) -> None:
+    app_module.add.enqueue(1, 2)
+
+    result = ok("worker", APP, "--burst", "--log-format", "json", "--log-level", "debug")
+
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert entries
+    assert all(set(entry) >= {"time", "level", "logger", "message"} for entry in entries)
+    assert any(entry["message"].startswith("worker stopped") for entry in entries)
+
+
+def test_worker_fetches_only_the_queues_given(app_module: ModuleType) -> None:
+    pinged = app_module.ping.enqueue()
+    added = app_module.add.enqueue(1, 1)
+
+    ok("worker", APP, "--burst", "--queues", "other")
+
+    assert pinged.result(timeout=0) == "pong"
+    assert added.status() is JobStatus.QUEUED
+
+
+def test_worker_rejects_a_bad_concurrency_in_one_line(app: Worq) -> None:
+    assert_one_line_error(run("worker", APP, "--concurrency", "0"), "--concurrency")
+
+
+# -- enqueue -----------------------------------------------------------------------------------
+
+
+def test_enqueue_prints_the_job_id_and_the_job_runs_with_json_args(app: Worq) -> None:
+    result = ok("enqueue", APP, "add", "2", "40")
+
+    job_id = result.stdout.strip()
+    drain(app)
+    assert app.job(job_id).result(timeout=0) == 42
+
+
+def test_enqueue_passes_kwargs_and_honours_job_id(app: Worq) -> None:
+    result = ok(
+        "enqueue", APP, "greet", '"ada"', "--kwargs", '{"punctuation": "?"}', "--job-id", "k-1"
+    )
+
+    assert result.stdout.strip() == "k-1"
+    drain(app)
+    assert app.job("k-1").result(timeout=0) == "hello ada?"
+
+
+def test_enqueue_with_delay_schedules_the_job(app: Worq) -> None:
+    job_id = ok("enqueue", APP, "add", "1", "2", "--delay", "3600").stdout.strip()
+
+    assert app.job(job_id).status() is JobStatus.SCHEDULED
+
+
+def test_enqueue_to_another_queue_with_a_priority(app: Worq) -> None:
+    job_id = ok("enqueue", APP, "add", "1", "2", "--queue", "q2", "--priority", "5").stdout.strip()
+
+    assert app.job(job_id, "q2").status() is JobStatus.QUEUED
+    assert app.job(job_id).status() is JobStatus.UNKNOWN
+
+
+def test_enqueue_of_an_unknown_task_names_the_registered_ones(app: Worq) -> None:
+    assert_one_line_error(run("enqueue", APP, "nosuch", "1"), "'nosuch'", "add", "greet")
+
+
+def test_enqueue_with_bad_json_enqueues_nothing(app: Worq) -> None:
+    assert_one_line_error(run("enqueue", APP, "add", "1", "x"), "argument 2", "not valid JSON")
+    assert app.broker.stats(["default"])[0].ready == 0
+
+
+def test_enqueue_kwargs_must_be_a_json_object(app: Worq) -> None:
+    assert_one_line_error(run("enqueue", APP, "greet", "--kwargs", "[1]"), "JSON object")
+
+
+def test_enqueue_with_arguments_that_do_not_fit_the_task(app: Worq) -> None:
+    assert_one_line_error(run("enqueue", APP, "add", "1"), "bad arguments for task 'add'")
+
+
+# -- stats -------------------------------------------------------------------------------------
+
+
+def test_stats_counts_jobs_per_queue(app_module: ModuleType, app: Worq) -> None:
+    app_module.add.enqueue_many([(1, 2), (3, 4)])
+    app_module.add.options(delay=3600).enqueue(5, 6)
+    app_module.ping.enqueue()
+    app_module.boom.enqueue()
+
+    output = ok("stats", APP).stdout
+
+    assert row(output, "default") == ["default", "3", "1", "0", "0"]
+    assert row(output, "other") == ["other", "1", "0", "0", "0"]
+
+
+def test_stats_shows_dead_jobs_and_can_be_restricted_to_queues(
+    app_module: ModuleType, app: Worq
+) -> None:
+    app_module.boom.enqueue()
+    drain(app, "default")
+
+    output = ok("stats", APP, "--queues", "default").stdout
+
+    assert row(output, "default") == ["default", "0", "0", "0", "1"]
+    assert "other" not in output
+
+
+def test_stats_lists_the_apps_queues_even_before_any_job(app: Worq) -> None:
+    output = ok("stats", APP).stdout
+
+    assert row(output, "default")[1:] == ["0", "0", "0", "0"]
+    assert row(output, "other")[1:] == ["0", "0", "0", "0"]
+
+
+# -- job ---------------------------------------------------------------------------------------
+
+
+def test_job_shows_status_and_result(app_module: ModuleType, app: Worq) -> None:
+    job = app_module.add.enqueue(1, 2)
+    assert "status: queued" in ok("job", APP, job.id).stdout
+
+    drain(app)
+
+    output = ok("job", APP, job.id).stdout
+    assert "status: succeeded" in output
+    assert "result: 3" in output
+
+
+def test_job_shows_the_error_of_a_dead_job(app_module: ModuleType, app: Worq) -> None:
+    job = app_module.boom.enqueue()
+    drain(app)
+
+    output = ok("job", APP, job.id).stdout
+
+    assert "status: dead" in output
+    assert "error:  RuntimeError: kaboom" in output
+    assert "Traceback" in output  # the remote traceback, as stored
+
+
+def test_job_on_another_queue(app_module: ModuleType) -> None:
+    job = app_module.ping.enqueue()
+
+    assert "status: queued" in ok("job", APP, job.id, "--queue", "other").stdout
+
+
+def test_an_unknown_job_is_an_error(app: Worq) -> None:
+    assert_one_line_error(run("job", APP, "no-such-id"), "no-such-id", "unknown")
+
+
+# -- dlq ---------------------------------------------------------------------------------------
+
+
+def dead_letter(app_module: ModuleType, count: int = 1) -> list[str]:
+    jobs = [app_module.boom.enqueue() for _ in range(count)]
+    drain(app_module.app)
+    return [job.id for job in jobs]
+
+
+def test_dlq_list_shows_task_attempts_and_reason(app_module: ModuleType) -> None:
+    (job_id,) = dead_letter(app_module)
+
+    cells = row(ok("dlq", "list", APP).stdout, job_id)
+
+    assert cells[1] == "boom"
+    assert cells[2] == "1"
+    assert "RuntimeError: kaboom" in cells[4]
+
+
+def test_dlq_list_on_a_narrow_terminal_keeps_ids_whole(app_module: ModuleType) -> None:
+    (job_id,) = dead_letter(app_module)
+
+    result = run("dlq", "list", APP, env={"TTY_COMPATIBLE": "1", "COLUMNS": "60"})
+
+    assert result.exit_code == 0, result.output
+    lines = click.unstyle(result.stdout).splitlines()
+    assert lines[0].startswith(f"{job_id}  boom  attempts 1  died ")
+    assert "RuntimeError: kaboom" in lines[1]
+
+
+def test_dlq_list_marks_an_undecodable_body(app: Worq) -> None:
+    app.broker.enqueue([Message("garbage-1", "default", b"\xc1 not msgpack")])
+    drain(app)
+
+    cells = row(ok("dlq", "list", APP).stdout, "garbage-1")
+
+    assert cells[1] == "<undecodable>"
+
+
+def test_dlq_list_of_an_empty_queue(app: Worq) -> None:
+    assert "no dead jobs in queue 'default'" in ok("dlq", "list", APP).stdout
+
+
+def test_dlq_requeue_all(app_module: ModuleType, app: Worq) -> None:
+    dead_letter(app_module, 2)
+
+    assert "requeued 2 jobs" in ok("dlq", "requeue", APP).stdout
+
+    (stats,) = app.broker.stats(["default"])
+    assert (stats.ready, stats.dead) == (2, 0)
+
+
+def test_dlq_requeue_given_ids(app_module: ModuleType, app: Worq) -> None:
+    first, second = dead_letter(app_module, 2)
+
+    assert "requeued 1 job " in ok("dlq", "requeue", APP, first, "--queue", "default").stdout
+
+    assert app.broker.job_state("default", first) is JobStatus.QUEUED
+    assert app.broker.job_state("default", second) is JobStatus.DEAD
+    # The storage still holds the first run's failure; `worq job` shows the live state anyway.
+    assert "status: queued" in ok("job", APP, first).stdout
+
+
+def test_dlq_requeue_of_an_id_that_is_not_dead_is_an_error(app_module: ModuleType) -> None:
+    (job_id,) = dead_letter(app_module)
+
+    result = run("dlq", "requeue", APP, job_id, "not-dead")
+
+    assert_one_line_error(result, "1 of the 2 ids")
+    assert "requeued 1 job" in result.stdout
+
+
+def test_dlq_purge_asks_first_and_keeps_jobs_when_declined(
+    app_module: ModuleType, app: Worq
+) -> None:
+    dead_letter(app_module)
+
+    result = run("dlq", "purge", APP, input="n\n")
+
+    assert result.exit_code != 0
+    assert app.broker.stats(["default"])[0].dead == 1
+
+
+def test_dlq_purge_deletes_after_confirmation(app_module: ModuleType, app: Worq) -> None:
+    dead_letter(app_module, 2)
+
+    assert "purged 2 dead jobs" in ok("dlq", "purge", APP, input="y\n").stdout
+    assert app.broker.stats(["default"])[0].dead == 0
+
+
+def test_dlq_purge_with_yes_does_not_ask(app_module: ModuleType, app: Worq) -> None:
+    dead_letter(app_module)
+
+    result = ok("dlq", "purge", APP, "--yes")
+
+    assert "purged 1 dead job " in result.stdout
+    assert "[y/N]" not in result.output
+    assert app.broker.stats(["default"])[0].dead == 0
+
+
+# -- plugins -----------------------------------------------------------------------------------
+
+
+def test_plugins_lists_memory_msgpack_and_json() -> None:
+    output = ok("plugins").stdout
+
+    assert "worq-core" in output
+    assert "worq-memory" in output
+    assert "broker memory (memory://)" in output
+    assert "storage memory (memory://)" in output
+    assert "serializer msgpack" in output
+    assert "serializer json" in output
+
+
+# -- loading the app and --broker --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("cli_app", "expected MODULE:ATTR"),
+        ("cli_app:", "expected MODULE:ATTR"),
+        ("cli_app:nope", "has no attribute 'nope'"),
+        ("cli_app:not_an_app", "not a worq_core.Worq app"),
+        ("no_such_module_for_worq_tests:app", "no such module"),
+        ("cli_broken_app:app", "broken on purpose"),
+    ],
+)
+def test_a_bad_app_spec_is_one_line(app: Worq, spec: str, fragment: str) -> None:
+    assert_one_line_error(run("stats", spec), fragment)
+
+
+def test_an_import_error_names_the_file_and_line(app: Worq) -> None:
+    assert_one_line_error(run("stats", "cli_broken_app:app"), "cli_broken_app.py:5")
+
+
+def test_an_unknown_broker_scheme_is_one_line(app: Worq) -> None:
+    assert_one_line_error(run("--broker", "nosuch://x", "stats", APP), "nosuch://", "memory://")
+
+
+def test_the_broker_can_come_from_the_environment(app: Worq) -> None:
+    result = run("stats", APP, env={"WORQ_BROKER": "nosuch://"})
+
+    assert_one_line_error(result, "nosuch://")
+
+
+def test_broker_override_points_the_app_at_a_fresh_broker(app_module: ModuleType) -> None:
+    output = ok("--broker", "memory://other", "stats", APP).stdout
+
+    assert "memory://other" in output
+    assert app_module.app.broker.url == "memory://other"
+
+
+def test_broker_override_after_the_app_used_its_broker_is_explained(
+    app_module: ModuleType,
+) -> None:
+    app_module.add.enqueue(1, 2)
+
+    assert_one_line_error(run("--broker", "memory://", "stats", APP), "cannot apply --broker")
+
+
+def test_a_usage_error_is_one_line(app: Worq) -> None:
+    result = run("worker")
+
+    assert_one_line_error(result, "Missing argument", "worq worker --help")
+    assert result.exit_code == 2
+
+
+def test_load_app_returns_the_app_and_applies_the_broker(app_module: ModuleType) -> None:
+    assert load_app(APP) is app_module.app
+    assert load_app(APP, "memory://x").broker.url == "memory://x"
+
+
+# -- demo --------------------------------------------------------------------------------------
+
+
+def test_demo_runs_and_reports_one_dead_job() -> None:
+    result = ok("demo", "--jobs", "300", "--concurrency", "4", "--seed", "7")
+
+    assert row(result.stdout, "dead")[1] == "1"
+    assert row(result.stdout, "done")[1] == "299"
+    assert "all right" in result.stdout
+
+
+def test_run_demo_retries_the_flaky_jobs_and_verifies_results() -> None:
+    summary = run_demo(400, 4, seed=1)
+
+    assert summary.succeeded == 399
+    assert summary.dead == 1
+    assert summary.retried > 2  # the doomed job's two retries, and some flaky first attempts
+    assert summary.mismatches == 0
+    assert summary.verified > 0
+    assert summary.jobs_per_second > 0
+
+
+def test_demo_without_worq_memory_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    def bare_app(broker: str) -> Worq:
+        return Worq(broker, registry=Registry())  # no plugins at all
+
+    monkeypatch.setattr("worq_core.demo.Worq", bare_app)
+
+    with pytest.raises(DemoError, match="pip install worq-memory"):
+        run_demo(10)
+    assert_one_line_error(run("demo", "--jobs", "10"), "pip install worq-memory")
+
+
+# -- worker subprocesses -----------------------------------------------------------------------
+
+
+def worq_process(*args: str, merge_output: bool = False) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("WORQ_BROKER", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "worq_core.cli", *args],
+        cwd=HERE,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
+        text=True,
+    )
+
+
+def lines_of(stream: Any) -> queue.Queue[str | None]:
+    """A queue fed with the stream's lines by a thread; ``None`` marks the end."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def read_until(lines: queue.Queue[str | None], text: str | None, timeout: float) -> str:
+    """The lines up to one containing ``text`` (``None``: up to the end), within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while True:
+        line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        if line is None:
+            if text is None:
+                return "".join(seen)
+            raise AssertionError(f"output ended before {text!r}:\n{''.join(seen)}")
+        seen.append(line)
+        if text is not None and text in line:
+            return "".join(seen)
+
+
+def test_worker_subprocess_burst_exits_zero() -> None:
+    process = worq_process("worker", "cli_burst_app:app", "--burst", "--concurrency", "4")
+    _, stderr = process.communicate(timeout=30)
+
+    assert process.returncode == 0, stderr
+    assert "worker stopped: succeeded=25 retried=0 dead=1" in stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_worker_subprocess_finishes_its_job_on_sigterm_and_exits_zero() -> None:
+    process = worq_process("worker", "cli_signal_app:app", "--grace", "10", merge_output=True)
+    try:
+        output = lines_of(process.stdout)
+        seen = read_until(output, "job started", timeout=20)
+        process.send_signal(signal.SIGTERM)
+        seen += read_until(output, None, timeout=20)
+        process.wait(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == 0, seen
+    assert "received SIGTERM" in seen
+    assert "job finished" in seen
+    assert "worker stopped: succeeded=1 retried=0 dead=0" in seen

@@ -1,0 +1,732 @@
+"""The ``worq`` command line: run workers, enqueue jobs, inspect queues and the dead-letter queue.
+
+Every command that needs an app takes it as ``MODULE:ATTR`` (``myapp:app``), imported with the
+current directory on ``sys.path``. The global ``--broker URL`` option (or ``WORQ_BROKER``) points
+that app at another broker before it is used.
+
+User mistakes (a bad ``MODULE:ATTR``, an unknown plugin or task, an unreachable broker, bad JSON,
+a bad option) print one ``Error: ...`` line to stderr and exit with a non-zero code; only bugs
+show a traceback. See ``docs/cli.md`` for the reference.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import json
+import logging
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from worq_core import __version__
+from worq_core.app import Worq
+from worq_core.errors import (
+    DeserializationError,
+    JobFailed,
+    ResultTimeout,
+    TaskError,
+    WorqError,
+)
+from worq_core.job import Envelope
+from worq_core.models import Capability, JobStatus
+from worq_core.registry import PluginLoadWarning, default_registry
+from worq_core.worker import WorkerSettings
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class CliError(click.ClickException):
+    """A user mistake: shown as one ``Error: ...`` line on stderr, exit code 1."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_one_line(message))
+
+
+def _one_line(message: str) -> str:
+    return "; ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class CliState:
+    """Global options, handed to every command through the click context."""
+
+    broker: str | None = None
+
+
+class WorqGroup(click.Group):
+    """The top-level group: turns worq errors and usage errors into one line and an exit code.
+
+    A :class:`~worq_core.errors.WorqError` raised by a command becomes a :class:`CliError`.
+    Usage errors (a missing argument, a bad option value) print one line with a pointer to
+    ``--help`` instead of click's multi-line usage block.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command, translating worq errors into :class:`CliError`."""
+        with _plugin_warnings_as_lines():
+            try:
+                return super().invoke(ctx)
+            except WorqError as exc:
+                raise CliError(str(exc)) from exc
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Run the command line; with ``standalone_mode`` exit with the command's exit code."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"Error: {_one_line(exc.format_message())}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@contextmanager
+def _plugin_warnings_as_lines() -> Iterator[None]:
+    """Print plugin load warnings as one ``warning: ...`` line each, not Python's two lines."""
+    original = warnings.showwarning
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
+        if issubclass(category, PluginLoadWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
+# -- loading the app ---------------------------------------------------------------------------
+
+
+def load_app(spec: str, broker: str | None = None) -> Worq:
+    """Import ``MODULE:ATTR`` and return the :class:`Worq` app it names.
+
+    The current directory goes first on ``sys.path`` (as ``python -m`` does), so ``myapp:app``
+    finds ``./myapp.py``. ``ATTR`` may be dotted (``pkg.mod:holder.app``). With ``broker``, the
+    app is pointed at that URL through :meth:`Worq.configure` before anything uses it.
+
+    Raises :class:`CliError` for anything the user can fix: a malformed spec, a module that is
+    not found or fails to import (named with the file and line), a missing attribute, or an
+    attribute that is not a :class:`Worq`.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CliError(f"expected MODULE:ATTR (for example myapp:app), got {spec!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (
+            module_name == exc.name or module_name.startswith(f"{exc.name}.")
+        ):
+            raise CliError(
+                f"cannot import {module_name!r}: no such module in {cwd} or on PYTHONPATH"
+            ) from exc
+        raise CliError(f"importing {module_name!r} failed{_where(exc)}: {_describe(exc)}") from exc
+    except Exception as exc:  # any failure of the user's module is reported
+        raise CliError(f"importing {module_name!r} failed{_where(exc)}: {_describe(exc)}") from exc
+    target: object = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise CliError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(target, Worq):
+        raise CliError(
+            f"{spec} is not a worq_core.Worq app but a {type(target).__qualname__} "
+            f"(point at the object created with Worq(...))"
+        )
+    if broker is not None:
+        try:
+            target.configure(broker=broker)
+        except TaskError as exc:
+            raise CliError(
+                f"cannot apply --broker {broker}: {spec} already used its broker while "
+                f"{module_name!r} was imported ({exc})"
+            ) from exc
+    return target
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _where(exc: BaseException) -> str:
+    """`` (file.py:12)`` for the innermost frame of an exception, or nothing."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" ({exc.filename}:{exc.lineno})"
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
+def _app(state: CliState, spec: str) -> Worq:
+    return load_app(spec, state.broker)
+
+
+def _console(*, markup: bool = False) -> Console:
+    # Built per call so that it writes to whatever sys.stdout is now (click's test runner swaps it).
+    # No markup by default: queue names, reasons and errors are user data, not rich markup.
+    console = Console(highlight=False, markup=markup)
+    if not console.is_terminal:
+        # Piped output has no width to fit; do not truncate ids to rich's default 80 columns.
+        console.width = max(console.width, 200)
+    return console
+
+
+def _split_queues(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    queues = [q.strip() for q in value.split(",") if q.strip()]
+    if not queues:
+        raise click.BadParameter("give at least one queue name", param_hint="--queues")
+    return queues
+
+
+# -- the group ---------------------------------------------------------------------------------
+
+
+@click.group("worq", cls=WorqGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--broker",
+    envvar="WORQ_BROKER",
+    metavar="URL",
+    help="Use this broker instead of the app's own (env: WORQ_BROKER).",
+)
+@click.version_option(__version__, prog_name="worq")
+@click.pass_context
+def main(ctx: click.Context, broker: str | None) -> None:
+    """worq: background jobs for Python.
+
+    APP arguments are MODULE:ATTR, e.g. myapp:app for `app = Worq(...)` in ./myapp.py.
+    """
+    ctx.obj = CliState(broker=broker or None)
+
+
+app_argument = click.argument("app_spec", metavar="MODULE:ATTR")
+
+
+# -- worker ------------------------------------------------------------------------------------
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message``.
+
+    An exception, if any, is added as ``exc_info`` (its formatted traceback).
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON."""
+        entry: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+@contextmanager
+def worker_logging(level: str, fmt: str) -> Iterator[None]:
+    """Log to stderr, one line per event, for the duration of the block.
+
+    The handler goes on the root logger so that tasks' own log lines show too; it is removed
+    (and the root level restored) afterwards.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    previous_level = root.level
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+
+
+@main.command()
+@app_argument
+@click.option(
+    "--queues",
+    "-Q",
+    metavar="A,B",
+    help="Comma-separated queues, highest priority first [default: every queue the app's "
+    "tasks declare].",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Jobs run at once.",
+)
+@click.option("--burst", is_flag=True, help="Exit once no job is ready, delayed or running.")
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Time in-flight jobs get to finish after SIGTERM/SIGINT.",
+)
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Lease (visibility timeout) of a fetched job; the heartbeat renews it.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="info",
+    show_default=True,
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(("text", "json")),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per line (time, level, logger, message).",
+)
+@click.pass_obj
+def worker(
+    state: CliState,
+    app_spec: str,
+    queues: str | None,
+    concurrency: int,
+    burst: bool,
+    grace: float,
+    lease: float,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Run a worker until SIGTERM/SIGINT, or until idle with --burst.
+
+    The first signal stops fetching and lets running jobs finish within --grace seconds; a
+    second one hands unfinished jobs back at once. Exits 0 after a graceful shutdown.
+    """
+    queue_list = _split_queues(queues)
+    app = _app(state, app_spec)
+    settings = WorkerSettings(
+        queues=tuple(queue_list or app.default_queues()),
+        concurrency=concurrency,
+        lease=lease,
+        grace=grace,
+    )
+    # The app belongs to the user's module, which may still use it: the CLI does not close it.
+    with worker_logging(log_level, log_format):
+        app.worker(settings=settings).run(burst=burst)
+
+
+# -- enqueue -----------------------------------------------------------------------------------
+
+
+def _parse_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(
+            f"{what} is not valid JSON ({exc.msg}): {text!r}; quote strings, e.g. '\"hello\"'"
+        ) from exc
+
+
+@main.command(context_settings={"show_default": True})
+@app_argument
+@click.argument("task_name")
+@click.argument("args_json", nargs=-1, metavar="[ARGS_JSON]...")
+@click.option("--kwargs", "kwargs_json", metavar="JSON", help="Keyword arguments as a JSON object.")
+@click.option("--queue", help="Queue to send to [default: the task's own].")
+@click.option(
+    "--delay",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Run no earlier than this many seconds from now.",
+)
+@click.option("--priority", type=int, help="Larger runs first [default: the task's own].")
+@click.option("--job-id", help="Job id; enqueueing an id that is still queued adds nothing.")
+@click.pass_obj
+def enqueue(
+    state: CliState,
+    app_spec: str,
+    task_name: str,
+    args_json: tuple[str, ...],
+    kwargs_json: str | None,
+    queue: str | None,
+    delay: float | None,
+    priority: int | None,
+    job_id: str | None,
+) -> None:
+    """Enqueue one job of TASK_NAME and print its id.
+
+    Each ARGS_JSON is one positional argument written as JSON (numbers, "strings", [lists],
+    {objects}, true, null). Put `--` before arguments that start with a dash.
+    """
+    args = [_parse_json(text, f"argument {i}") for i, text in enumerate(args_json, 1)]
+    kwargs: dict[str, Any] = {}
+    if kwargs_json is not None:
+        parsed = _parse_json(kwargs_json, "--kwargs")
+        if not isinstance(parsed, dict):
+            raise CliError(f"--kwargs must be a JSON object, got {kwargs_json!r}")
+        kwargs = parsed
+    app = _app(state, app_spec)
+    if task_name not in app.tasks:
+        known = ", ".join(sorted(app.tasks)) or "none"
+        raise CliError(f"{app_spec} registers no task named {task_name!r}; registered: {known}")
+    options = {"queue": queue, "delay": delay, "priority": priority, "job_id": job_id}
+    job = app.enqueue(
+        task_name,
+        args,
+        kwargs,
+        **{key: value for key, value in options.items() if value is not None},
+    )
+    click.echo(job.id)
+    if Capability.SHARED not in app.broker.capabilities:
+        click.echo(
+            f"note: the {app.broker.name} broker lives in this process only; "
+            "the job is gone when worq exits",
+            err=True,
+        )
+
+
+# -- stats -------------------------------------------------------------------------------------
+
+
+@main.command()
+@app_argument
+@click.option("--queues", "-Q", metavar="A,B", help="Only these queues [default: every queue].")
+@click.pass_obj
+def stats(state: CliState, app_spec: str, queues: str | None) -> None:
+    """Show job counts per queue.
+
+    Ready, delayed (scheduled or waiting for a retry), running (leased) and dead jobs.
+
+    Without --queues: every queue the broker knows of, plus those the app's tasks declare.
+    """
+    queue_list = _split_queues(queues)
+    app = _app(state, app_spec)
+    broker = app.broker
+    if queue_list is not None:
+        rows = broker.stats(queue_list)
+    else:
+        rows = broker.stats()
+        known = {row.queue for row in rows}
+        missing = [q for q in app.default_queues() if q not in known]
+        if missing:
+            rows += broker.stats(missing)
+        rows.sort(key=lambda row: (row.queue != "default", row.queue))
+    table = Table(title=f"{broker.name} broker {broker.url}", title_justify="left")
+    table.add_column("queue", no_wrap=True)
+    for column in ("ready", "delayed", "running", "dead"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        dead = Text(str(row.dead), style="red" if row.dead else "")
+        table.add_row(row.queue, str(row.ready), str(row.delayed), str(row.running), dead)
+    _console().print(table)
+
+
+# -- job ---------------------------------------------------------------------------------------
+
+
+def _show(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+_LIVE = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.RETRYING, JobStatus.RUNNING})
+
+
+@main.command()
+@app_argument
+@click.argument("job_id")
+@click.option("--queue", default="default", show_default=True, help="The job's queue.")
+@click.pass_obj
+def job(state: CliState, app_spec: str, job_id: str, queue: str) -> None:
+    """Show a job's status, and its result or error.
+
+    Exits 1 if the job is unknown (never enqueued on that queue, or its result expired).
+    """
+    app = _app(state, app_spec)
+    handle = app.job(job_id, queue)
+    # A job the broker holds in a live state is not finished, whatever the storage says: a job
+    # requeued from the DLQ (or re-enqueued under its id) still has its old record there.
+    status = app.broker.job_state(queue, job_id)
+    if status not in _LIVE:
+        status = handle.status()
+    if status is JobStatus.UNKNOWN:
+        raise CliError(
+            f"job {job_id} is unknown on queue {queue!r}: never enqueued there, "
+            "or finished so long ago that its result expired"
+        )
+    click.echo(f"job:    {job_id}")
+    click.echo(f"queue:  {queue}")
+    click.echo(f"status: {status.value}")
+    if status is JobStatus.SUCCEEDED:
+        click.echo(f"result: {_show(handle.result(timeout=0))}")
+    elif status is JobStatus.DEAD:
+        try:
+            handle.result(timeout=0)
+        except JobFailed as failed:
+            click.echo(f"error:  {failed.error_type}: {failed.message}")
+            if failed.traceback:
+                click.echo(failed.traceback.rstrip())
+        except ResultTimeout:
+            # Dead-lettered, but the result storage holds no record: show the broker's reason.
+            reason = next(
+                (d.reason for d in app.broker.dead_jobs(queue, 10_000) if d.id == job_id), ""
+            )
+            click.echo(f"error:  {reason or 'unknown'}")
+
+
+# -- dlq ---------------------------------------------------------------------------------------
+
+
+@main.group()
+def dlq() -> None:
+    """Inspect and manage a queue's dead-letter queue."""
+
+
+def _dead_letter_app(state: CliState, app_spec: str) -> Worq:
+    app = _app(state, app_spec)
+    if Capability.DEAD_LETTER not in app.broker.capabilities:
+        raise CliError(f"the {app.broker.name} broker keeps no dead-letter queue")
+    return app
+
+
+def _task_of(body: bytes, app: Worq) -> str:
+    try:
+        return Envelope.decode(body, app.serializer).task
+    except DeserializationError:
+        return "<undecodable>"
+
+
+def _when(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+queue_option = click.option(
+    "--queue", "-q", default="default", show_default=True, help="The queue whose DLQ to use."
+)
+
+
+@dlq.command("list")
+@app_argument
+@queue_option
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=100, show_default=True, help="At most this many."
+)
+@click.pass_obj
+def dlq_list(state: CliState, app_spec: str, queue: str, limit: int) -> None:
+    """List dead jobs, newest first.
+
+    Shows each job's id, task, attempts, when it died and why.
+    """
+    app = _dead_letter_app(state, app_spec)
+    dead = app.broker.dead_jobs(queue, limit)
+    console = _console()
+    if not dead:
+        console.print(f"no dead jobs in queue {queue!r}")
+        return
+    rows = [
+        (item.id, _task_of(item.body, app), str(item.attempts), _when(item.died_at), item.reason)
+        for item in dead
+    ]
+    id_width = max(len(item.id) for item in dead)
+    if console.width < id_width + 70:
+        # Too narrow for a table that keeps ids whole: one header line per job, reason below.
+        for job_id, task, attempts, died_at, reason in rows:
+            console.print(
+                Text.assemble((job_id, "bold"), f"  {task}  attempts {attempts}  died {died_at}"),
+                no_wrap=True,
+                overflow="ignore",
+            )
+            console.print(Text(f"    {reason}", style="red"))
+        return
+    table = Table(title=f"dead jobs in {queue!r}", title_justify="left")
+    # Ids stay whole so they can be copied into `worq dlq requeue`; the reason wraps instead.
+    table.add_column("id", no_wrap=True, min_width=id_width)
+    table.add_column("task", overflow="fold")
+    table.add_column("attempts", justify="right", no_wrap=True)
+    table.add_column("died at", no_wrap=True)
+    table.add_column("reason", overflow="fold", ratio=1)
+    for cells in rows:
+        table.add_row(*cells)
+    console.print(table)
+
+
+@dlq.command("requeue")
+@app_argument
+@click.argument("job_ids", nargs=-1, metavar="[JOB_ID]...")
+@queue_option
+@click.pass_obj
+def dlq_requeue(state: CliState, app_spec: str, job_ids: tuple[str, ...], queue: str) -> None:
+    """Move dead jobs back to their queue.
+
+    All of them, or only the JOB_IDs given; their attempts start again from zero. Exits 1 if
+    some of the ids given were not dead.
+    """
+    app = _dead_letter_app(state, app_spec)
+    moved = app.broker.requeue_dead(queue, list(job_ids) if job_ids else None)
+    click.echo(f"requeued {moved} job{'s' if moved != 1 else ''} in queue {queue!r}")
+    if job_ids and moved < len(job_ids):
+        raise CliError(
+            f"{len(job_ids) - moved} of the {len(job_ids)} ids given were not in the "
+            f"dead-letter queue of {queue!r}"
+        )
+
+
+@dlq.command("purge")
+@app_argument
+@queue_option
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def dlq_purge(state: CliState, app_spec: str, queue: str, yes: bool) -> None:
+    """Delete every dead job of a queue.
+
+    Asks for confirmation unless --yes is given.
+    """
+    app = _dead_letter_app(state, app_spec)
+    count = app.broker.stats([queue])[0].dead
+    if count == 0:
+        click.echo(f"no dead jobs in queue {queue!r}")
+        return
+    if not yes:
+        click.confirm(f"Delete {count} dead jobs of queue {queue!r} for good?", abort=True)
+    purged = app.broker.purge_dead(queue)
+    click.echo(f"purged {purged} dead job{'s' if purged != 1 else ''} from queue {queue!r}")
+
+
+# -- plugins -----------------------------------------------------------------------------------
+
+
+@main.command()
+def plugins() -> None:
+    """List installed plugins and what they register.
+
+    Shows every plugin found through the `worq` entry points: its distribution, version, the
+    brokers, storages and serializers it registers (with URL schemes), and load errors.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginLoadWarning)  # shown in the table instead
+        registry = default_registry()
+    table = Table(title="worq plugins", title_justify="left")
+    table.add_column("distribution", no_wrap=True)
+    table.add_column("version", no_wrap=True)
+    table.add_column("plugin", no_wrap=True)
+    table.add_column("registers")
+    failed = 0
+    for record in sorted(registry.plugins, key=lambda r: (r.distribution, r.name)):
+        if record.error is not None:
+            failed += 1
+            provides = Text(f"failed to load: {record.error}", style="red")
+        else:
+            provides = Text(
+                "\n".join(
+                    f"{c.kind} {c.name}"
+                    + (f" ({', '.join(f'{s}://' for s in c.schemes)})" if c.schemes else "")
+                    for c in record.components
+                )
+                or "nothing"
+            )
+        table.add_row(record.distribution, record.version, record.name, provides)
+    console = _console()
+    console.print(table)
+    if not registry.plugins:
+        console.print("no worq plugins installed: pip install worq-core worq-memory")
+    if failed:
+        console.print(Text(f"{failed} plugin(s) failed to load", style="red"))
+
+
+# -- demo --------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--jobs",
+    "-n",
+    type=click.IntRange(min=1),
+    default=5000,
+    show_default=True,
+    help="How many jobs to enqueue.",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Worker concurrency.",
+)
+@click.option("--seed", type=int, help="Seed the flaky task's failures, for a repeatable run.")
+def demo(jobs: int, concurrency: int, seed: int | None) -> None:
+    """Run thousands of jobs in memory, with a progress bar.
+
+    Real jobs through a real worker on memory://; needs worq-memory. Some jobs fail and are
+    retried, one is dead-lettered on purpose; ends with a summary table. Ignores --broker:
+    everything stays in this process.
+    """
+    from worq_core.demo import DemoError, run_demo
+
+    console = _console(markup=True)
+    try:
+        summary = run_demo(jobs, concurrency, console, seed=seed)
+    except DemoError as exc:
+        raise CliError(str(exc)) from exc
+    if summary.mismatches:
+        raise CliError(f"{summary.mismatches} sampled results were wrong")
+
+
+__all__ = ["CliError", "JsonLogFormatter", "WorqGroup", "load_app", "main", "worker_logging"]
+
+if __name__ == "__main__":
+    main()
