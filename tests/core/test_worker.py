@@ -11,8 +11,8 @@ from worq_core import (
     Delivery,
     Settlement,
     StorageConnectionError,
-    Worq,
     WorkerSettings,
+    Worq,
 )
 from worq_core.testing.support import eventually, running
 from worq_memory import MemoryBroker, MemoryStorage
