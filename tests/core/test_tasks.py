@@ -29,10 +29,8 @@ def test_tasks_are_named_after_their_module_and_qualname_unless_named(app: Worq)
     @app.task(name="billing.charge", queue="billing", priority=3, max_retries=7, timeout=9)
     def charge() -> None: ...
 
-    assert (
-        plain.name
-        == f"{__name__}.test_tasks_are_named_after_their_module_and_qualname_unless_named.<locals>.plain"
-    )
+    assert plain.name.startswith(f"{__name__}.test_tasks_are_named_after_their_module")
+    assert plain.name.endswith(".<locals>.plain")
     assert charge.name == "billing.charge"
     config = charge.config
     assert (config.queue, config.priority, config.max_retries, config.timeout) == (
