@@ -403,6 +403,15 @@ def test_broker_override_points_the_app_at_a_fresh_broker(app_module: ModuleType
     assert app_module.app.broker.url == "memory://other"
 
 
+def test_broker_option_after_the_command_wins_over_the_global_one(
+    app_module: ModuleType,
+) -> None:
+    result = run("--broker", "nosuch://", "stats", APP, "--broker", "memory://cmd")
+
+    assert result.exit_code == 0, result.output
+    assert app_module.app.broker.url == "memory://cmd"
+
+
 def test_broker_override_after_the_app_used_its_broker_is_explained(
     app_module: ModuleType,
 ) -> None:

@@ -19,7 +19,7 @@ import os
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -198,7 +198,9 @@ def _where(exc: BaseException) -> str:
 
 
 def _app(state: CliState, spec: str) -> Worq:
-    return load_app(spec, state.broker)
+    # A command's own --broker wins over the global one (and WORQ_BROKER).
+    broker = click.get_current_context().meta.get(_BROKER_KEY) or state.broker
+    return load_app(spec, broker)
 
 
 def _console(*, markup: bool = False) -> Console:
@@ -240,7 +242,24 @@ def main(ctx: click.Context, broker: str | None) -> None:
     ctx.obj = CliState(broker=broker or None)
 
 
-app_argument = click.argument("app_spec", metavar="MODULE:ATTR")
+_BROKER_KEY = "worq.broker"
+
+
+def _remember_broker(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.meta[_BROKER_KEY] = value
+
+
+def app_argument(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``MODULE:ATTR`` argument, and ``--broker`` also accepted after the command name."""
+    command = click.option(
+        "--broker",
+        metavar="URL",
+        expose_value=False,
+        callback=_remember_broker,
+        help="Use this broker instead of the app's own (same as worq --broker).",
+    )(command)
+    return click.argument("app_spec", metavar="MODULE:ATTR")(command)
 
 
 # -- worker ------------------------------------------------------------------------------------
