@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
 import redis
 
@@ -42,3 +49,143 @@ class Backend:
 
     def keys(self) -> list[str]:
         return sorted(k.decode() for k in self.client.scan_iter(match=f"{self.prefix}:*"))
+
+
+# -- counting round trips ------------------------------------------------------------------------
+
+
+class CountingConnection(redis.Connection):
+    """A connection that counts writes to the socket (round trips) and records every command."""
+
+    round_trips = 0
+    commands: ClassVar[list[tuple[bytes, ...]]] = []
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.round_trips = 0
+        cls.commands.clear()
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).round_trips += 1
+        super().send_packed_command(command, check_health)
+
+    def send_command(self, *args: Any, **kwargs: Any) -> None:
+        type(self).commands.append(tuple(_b(a) for a in args))
+        super().send_command(*args, **kwargs)
+
+    def pack_commands(self, commands: Any) -> Any:
+        for args in commands:
+            type(self).commands.append(tuple(_b(a) for a in args))
+        return super().pack_commands(commands)
+
+
+def _b(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode()
+
+
+def counting_client(url: str) -> tuple[redis.Redis, type[CountingConnection]]:
+    """A client whose connections count into a class of their own (so tests never share counts)."""
+    counter = type("Counter", (CountingConnection,), {"round_trips": 0, "commands": []})
+    pool = redis.ConnectionPool.from_url(url, connection_class=counter)
+    return redis.Redis(connection_pool=pool), counter
+
+
+# -- Redis Cluster slots ---------------------------------------------------------------------------
+
+
+def _crc16(data: bytes) -> int:
+    """CRC16/XMODEM, as Redis Cluster uses for key slots."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def keyslot(key: bytes) -> int:
+    """The Cluster slot of ``key``: CRC16 of its hash tag (first non-empty ``{...}``) mod 16384."""
+    start = key.find(b"{")
+    if start != -1:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    return _crc16(key) % 16384
+
+
+# -- a private redis-server ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server of the test's own on a loopback port, with AOF in a temporary directory.
+
+    Stopped only through its own process id, never by name.
+    """
+
+    def __init__(self, directory: Path, *, appendonly: bool = True) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.process: subprocess.Popen[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.appendonly else "no",
+                "--dir",
+                str(self.directory),
+                "--logfile",
+                "",
+                "--daemonize",
+                "no",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        ready = threading.Event()
+        lines: list[str] = []
+        stdout = self.process.stdout
+        assert stdout is not None
+
+        def read() -> None:
+            for line in stdout:
+                lines.append(line)
+                if "Ready to accept connections" in line:
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(timeout):
+            self.kill()
+            raise RuntimeError("redis-server did not start:\n" + "".join(lines))
+
+    def kill(self) -> None:
+        """SIGKILL this server (by its pid) and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        self.process = None

@@ -86,11 +86,11 @@ def connect(
         if prefix is not None:
             settings = _replace_prefix(settings, prefix)
         return target, _describe(kwargs), settings, False
-    parts = urllib.parse.urlsplit(target)
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    base, _, query_text = target.partition("?")
+    query = urllib.parse.parse_qsl(query_text, keep_blank_values=True)
     url_prefix = [v for k, v in query if k == "prefix"]
-    rest = [(k, v) for k, v in query if k != "prefix"]
-    clean = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest)))
+    rest = urllib.parse.urlencode([(k, v) for k, v in query if k != "prefix"])
+    clean = f"{base}?{rest}" if rest else base
     if prefix is not None:
         settings = _replace_prefix(settings, prefix)
     elif url_prefix:

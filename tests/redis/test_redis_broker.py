@@ -1,0 +1,409 @@
+"""worq-redis beyond the conformance suite: URLs, errors, retention, slots, round trips."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from redis_support import Backend, counting_client, delete_prefix, keyslot, new_prefix
+
+from worq_core import (
+    BrokerConnectionError,
+    BrokerError,
+    JobStatus,
+    StorageConnectionError,
+    Worker,
+    WorkerSettings,
+    Worq,
+)
+from worq_core.models import Message, Outcome, Settlement
+from worq_core.registry import Registry
+from worq_core.serializers import MsgpackSerializer
+from worq_redis import RedisBroker, RedisSettings, RedisStorage, lua
+from worq_redis.connection import redact
+
+
+class Clock:
+    """A hand-driven clock for the scripts' time override."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def msg(queue: str, job_id: str | None = None, **kwargs: object) -> Message:
+    return Message(job_id or uuid.uuid4().hex, queue, b"body", **kwargs)  # type: ignore[arg-type]
+
+
+# -- construction, URLs and errors -----------------------------------------------------------------
+
+
+def test_building_from_any_supported_url_does_no_io() -> None:
+    for url in (
+        "redis://user:secret@127.0.0.1:1/3?prefix=app",
+        "rediss://127.0.0.1:1/0",
+        "unix:///tmp/no-such.sock?db=2",
+    ):
+        broker = RedisBroker.from_url(url)
+        storage = RedisStorage.from_url(url)
+        assert broker.url == url
+        broker.close()
+        storage.close()
+    assert RedisBroker.from_url("redis://h/0?prefix=app").prefix == "app"
+    assert RedisBroker("redis://h/0?prefix=app", prefix="mine").prefix == "mine"
+
+
+def test_the_password_never_appears_in_error_messages() -> None:
+    assert redact("redis://user:secret@host:6380/0") == "redis://user:***@host:6380/0"
+    assert redact("redis://host/0") == "redis://host/0"
+
+
+def test_a_client_that_decodes_responses_is_refused() -> None:
+    with pytest.raises(ValueError, match="decode_responses"):
+        RedisBroker(redis.Redis(decode_responses=True))
+
+
+def test_prefixes_with_braces_and_empty_queue_names_are_refused() -> None:
+    with pytest.raises(ValueError, match="braces"):
+        RedisSettings(prefix="a{b}")
+    broker = RedisBroker("redis://127.0.0.1:1/0")
+    with pytest.raises(ValueError, match="queue name"):
+        broker.enqueue([msg("")])
+
+
+def test_enqueue_to_a_closed_port_raises_a_connection_error_at_once() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    broker = RedisBroker(f"redis://user:pw@127.0.0.1:{port}/0")
+    begin = time.monotonic()
+    with pytest.raises(BrokerConnectionError) as info:
+        broker.enqueue([msg("q")])
+    assert time.monotonic() - begin < 3.0
+    assert "pw" not in str(info.value)
+    assert isinstance(info.value.__cause__, redis.ConnectionError)
+    storage = RedisStorage(f"redis://127.0.0.1:{port}/0")
+    with pytest.raises(StorageConnectionError):
+        storage.load("x")
+
+
+def test_enqueue_to_a_server_that_never_answers_fails_within_the_socket_timeout() -> None:
+    with socket.socket() as listener:  # accepts TCP connections (backlog) but never replies
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        settings = RedisSettings(socket_timeout=0.3, connect_timeout=0.3, retries=1)
+        broker = RedisBroker(f"redis://127.0.0.1:{port}/0", settings)
+        begin = time.monotonic()
+        with pytest.raises(BrokerConnectionError):
+            broker.enqueue([msg("q")])
+        assert time.monotonic() - begin < 3.0
+        broker.close()
+
+
+def test_a_script_error_becomes_a_broker_error(backend: Backend) -> None:
+    broker = backend.broker()
+    backend.client.set(f"{backend.prefix}:{{q}}:ready", "not a zset")
+    with pytest.raises(BrokerError) as info:
+        broker.enqueue([msg("q")])
+    assert not isinstance(info.value, BrokerConnectionError)
+
+
+# -- scripts survive SCRIPT FLUSH ------------------------------------------------------------------
+
+
+def test_scripts_are_reloaded_after_script_flush(request: pytest.FixtureRequest) -> None:
+    fakeredis = pytest.importorskip("fakeredis")
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())  # SCRIPT FLUSH is server-wide
+    broker = RedisBroker(client, prefix=new_prefix())
+    broker.enqueue([msg("q"), msg("q")])
+    client.script_flush()
+    [first] = broker.fetch(["q"], 1, lease=30, wait=0)
+    client.script_flush()
+    applied, [second] = broker.settle_and_fetch(
+        [Settlement(first, Outcome.ACK)], ["q"], 5, lease=30, wait=0
+    )
+    assert applied == [True]
+    client.script_flush()
+    broker.enqueue([msg("q", job_id=f"j{i}") for i in range(5)] + [msg("other")])
+    assert broker.stats(["q"])[0].ready == 5
+    assert second.id != first.id
+
+
+# -- retention and bookkeeping ---------------------------------------------------------------------
+
+
+def test_the_dead_letter_queue_is_trimmed_by_count_then_by_age(backend: Backend) -> None:
+    clock = Clock()
+    settings = RedisSettings(prefix=backend.prefix, dead_max_count=3, dead_max_age=60.0)
+    broker = RedisBroker(backend.client, settings, clock=clock)
+    broker.enqueue([msg("q", job_id=f"j{i}") for i in range(5)])
+    for delivery in broker.fetch(["q"], 5, lease=30, wait=0):
+        clock.now += 1
+        broker.settle([Settlement(delivery, Outcome.DEAD, reason=f"r{delivery.id}")])
+    dead = broker.dead_jobs("q")
+    assert [d.id for d in dead] == ["j4", "j3", "j2"]
+    assert [d.died_at for d in dead] == [clock.now, clock.now - 1, clock.now - 2]
+    assert broker.enqueue([msg("q", job_id="j0")]) == [True], "trimmed ids are free again"
+    clock.now += 58.5  # j2 is 60.5 s dead, j3 59.5 s
+    assert [d.id for d in broker.dead_jobs("q")] == ["j4", "j3"]
+    clock.now += 1
+    assert [d.id for d in broker.dead_jobs("q")] == ["j4"]
+    clock.now += 1
+    assert broker.dead_jobs("q") == []
+    assert broker.stats(["q"])[0].dead == 0
+
+
+def test_job_state_sees_due_jobs_and_expired_leases_as_queued(backend: Backend) -> None:
+    clock = Clock()
+    broker = backend.broker(clock=clock)
+    broker.enqueue([msg("q", job_id="late", eta=clock.now + 10), msg("q", job_id="now")])
+    [delivery] = broker.fetch(["q"], 1, lease=5, wait=0)
+    assert broker.job_state("q", "now") is JobStatus.RUNNING
+    assert broker.job_state("q", "late") is JobStatus.SCHEDULED
+    clock.now += 5
+    assert broker.job_state("q", "now") is JobStatus.QUEUED
+    clock.now += 5
+    assert broker.job_state("q", "late") is JobStatus.QUEUED
+    assert broker.stats(["q"])[0].ready == 2
+    assert broker.reap("q") == 1
+    assert broker.extend([delivery], 30) == [False]
+
+
+def test_a_large_batch_is_all_or_nothing_across_chunks_and_queues(backend: Backend) -> None:
+    settings = RedisSettings(prefix=backend.prefix, enqueue_chunk=10)
+    broker = RedisBroker(backend.client, settings)
+    sent = [msg("a") for _ in range(35)] + [msg("b") for _ in range(7)]
+    assert broker.enqueue([*sent, sent[0]]) == [True] * 42 + [False]
+    assert [(s.queue, s.ready) for s in broker.stats(["a", "b"])] == [("a", 35), ("b", 7)]
+    got = broker.fetch(["a"], 100, lease=30, wait=0)
+    assert [d.id for d in got] == [m.id for m in sent[:35]]
+
+
+def test_extend_and_release_span_several_queues(backend: Backend) -> None:
+    broker = backend.broker()
+    broker.enqueue([msg("a"), msg("b")])
+    got = broker.fetch(["a", "b"], 5, lease=30, wait=0)
+    assert [d.queue for d in got] == ["a", "b"]
+    assert broker.extend(got, 60) == [True, True]
+    broker.release(got)
+    assert [(s.ready, s.running) for s in broker.stats(["a", "b"])] == [(1, 0), (1, 0)]
+
+
+def test_stores_results_only_in_a_storage_on_the_same_server_and_prefix(backend: Backend) -> None:
+    broker = backend.broker()
+    assert broker.stores_results_in(backend.storage())
+    assert not broker.stores_results_in(backend.storage(prefix=new_prefix()))
+    assert not broker.stores_results_in(RedisStorage("redis://127.0.0.1:1/0"))
+
+
+def test_a_stale_ack_writes_no_result(backend: Backend) -> None:
+    clock = Clock()
+    broker, storage = backend.broker(clock=clock), backend.storage()
+    assert broker.stores_results_in(storage)
+    broker.enqueue([msg("q", job_id="j")])
+    [stale] = broker.fetch(["q"], 1, lease=1, wait=0)
+    clock.now += 2
+    [current] = broker.fetch(["q"], 1, lease=30, wait=0)
+    late = Settlement(stale, Outcome.ACK, record=b"stale", ttl=60)
+    assert broker.settle([late]) == [False]
+    assert storage.load("j") is None
+    assert broker.settle([Settlement(current, Outcome.ACK, record=b"fresh", ttl=60)]) == [True]
+    assert storage.load("j") == b"fresh"
+
+
+def test_a_waiter_in_another_client_wakes_on_the_ack(backend: Backend) -> None:
+    broker, storage = backend.broker(), backend.storage()
+    assert broker.stores_results_in(storage)
+    broker.enqueue([msg("q", job_id="j")])
+    [delivery] = broker.fetch(["q"], 1, lease=30, wait=0)
+    got: list[bytes | None] = []
+    armed = threading.Event()
+
+    def wait() -> None:
+        armed.set()
+        got.append(storage.wait("j", timeout=10))
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    armed.wait(5)
+    broker.settle([Settlement(delivery, Outcome.ACK, record=b"value", ttl=60)])
+    thread.join(10)
+    assert got == [b"value"]
+
+
+# -- Redis Cluster readiness -----------------------------------------------------------------------
+
+
+def test_every_script_call_keeps_its_queue_keys_in_one_cluster_slot(
+    real_backend: Backend,
+) -> None:
+    url = real_backend.client.get_connection_kwargs()
+    client, counter = counting_client(f"redis://{url['host']}:{url['port']}/{url.get('db', 0)}")
+    prefix = real_backend.prefix
+    try:
+        app = Worq(
+            RedisBroker(client, prefix=prefix),
+            storage=RedisStorage(client, prefix=prefix),
+            serializer=MsgpackSerializer(),
+            registry=Registry(),
+        )
+
+        @app.task(queue="slots", max_retries=1)
+        def work(n: int) -> int:
+            if n % 3 == 0:
+                raise ValueError(n)
+            return n
+
+        jobs = work.enqueue_many([(n,) for n in range(30)])
+        work.options(delay=0.05).enqueue(1)
+        worker = Worker(
+            app,
+            WorkerSettings(queues=("slots",), concurrency=4, idle_wait=0.05, handle_signals=False),
+        )
+        worker.run(burst=True)
+        assert jobs[1].result(timeout=5) == 1
+        broker = app.broker
+        broker.stats()
+        broker.dead_jobs("slots")
+        broker.requeue_dead("slots")
+        broker.purge_dead("slots")
+        broker.reap("slots")
+        broker.job_state("slots", jobs[0].id)
+        scripts = [c for c in counter.commands if c[0] in (b"EVALSHA", b"EVAL")]
+        names = set()
+        for command in scripts:
+            count = int(command[2])
+            keys = command[3 : 3 + count]
+            queue_keys, result_keys = keys[:9], keys[9:]
+            if count == 3:  # a result script: the job's result, marker and wake-up list
+                assert len({keyslot(k) for k in keys}) == 1, keys
+                continue
+            names.add(next(k for k in keys).rsplit(b":", 1)[-1])
+            assert len({keyslot(k) for k in queue_keys}) == 1, queue_keys
+            # settle may add a finished job's result keys: one slot per job (see docs/redis.md)
+            for i in range(0, len(result_keys), 3):
+                assert len({keyslot(k) for k in result_keys[i : i + 3]}) == 1
+        assert len(scripts) > 30
+        assert names == {b"ready"}
+    finally:
+        client.close()
+
+
+def test_the_keyslot_helper_follows_the_cluster_specification() -> None:
+    assert keyslot(b"123456789") == 0x31C3  # the CRC16/XMODEM check value
+    assert keyslot(b"foo") == 12182
+    assert keyslot(b"{user1000}.following") == keyslot(b"{user1000}.followers")
+    assert keyslot(b"a{}b") == keyslot(b"a{}b") != keyslot(b"b")  # empty tag: whole key
+    assert keyslot(b"worq:{default}:ready") == keyslot(b"default")
+
+
+# -- round trips -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def counted(real_backend: Backend) -> Iterator[tuple[redis.Redis, type, str]]:
+    kw = real_backend.client.get_connection_kwargs()
+    client, counter = counting_client(f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}")
+    client.ping()
+    yield client, counter, real_backend.prefix
+    client.close()
+
+
+def test_enqueue_costs_one_round_trip_per_call(counted: tuple[redis.Redis, type, str]) -> None:
+    client, counter, prefix = counted
+    broker = RedisBroker(client, prefix=prefix)
+    counter.reset()
+    for _ in range(50):
+        broker.enqueue([msg("rt")])
+    assert counter.round_trips == 50
+    counter.reset()
+    broker.enqueue([msg("rt") for _ in range(1000)])
+    assert counter.round_trips == 1
+
+
+def test_draining_costs_about_one_round_trip_per_job(
+    counted: tuple[redis.Redis, type, str],
+) -> None:
+    client, counter, prefix = counted
+    app = Worq(
+        RedisBroker(client, prefix=prefix),
+        storage=RedisStorage(client, prefix=prefix),
+        serializer=MsgpackSerializer(),
+        registry=Registry(),
+    )
+
+    @app.task(queue="rt")
+    def noop() -> None:
+        return None
+
+    total = 500
+    for concurrency in (1, 8):
+        noop.enqueue_many([() for _ in range(total)])
+        counter.reset()
+        Worker(
+            app,
+            WorkerSettings(
+                queues=("rt",), concurrency=concurrency, idle_wait=0.05, handle_signals=False
+            ),
+        ).run(burst=True)
+        per_job = counter.round_trips / total
+        # one settle+fetch pipeline per job, plus a few for the burst check at the end
+        assert per_job <= 1.1, (concurrency, counter.round_trips)
+
+
+# -- nothing grows without bound -------------------------------------------------------------------
+
+
+def test_after_thousands_of_jobs_only_live_queues_and_results_remain(backend: Backend) -> None:
+    app = Worq(
+        backend.broker(),
+        storage=backend.storage(),
+        serializer=MsgpackSerializer(),
+        registry=Registry(),
+        result_ttl=600,
+    )
+
+    @app.task(queue="keys", max_retries=0)
+    def work(n: int) -> int:
+        if n % 100 == 0:
+            raise ValueError("dead on purpose")
+        return n
+
+    total = 3000 if backend.kind == "redis" else 600
+    jobs = work.enqueue_many([(n,) for n in range(total)])
+    Worker(
+        app,
+        WorkerSettings(queues=("keys",), concurrency=8, idle_wait=0.05, handle_signals=False),
+    ).run(burst=True)
+    app.broker.purge_dead("keys")
+    assert jobs[1].result(timeout=5) == 1
+    keys = set(backend.keys())
+    results = {k for k in keys if ":res:" in k}
+    assert len(results) == total  # successes and dead jobs' errors, each with a TTL
+    assert all(0 < backend.client.pttl(k) <= 600_000 for k in list(results)[:200])
+    p = backend.prefix
+    assert keys - results == {f"{p}:queues", f"{p}:{{keys}}:seq"}
+
+
+def test_test_prefixes_never_touch_other_keys(real_backend: Backend) -> None:
+    other = new_prefix()
+    real_backend.client.set(f"{other}:mine", "1")
+    try:
+        broker = real_backend.broker()
+        broker.enqueue([msg("q")])
+        delete_prefix(real_backend.client, real_backend.prefix)
+        assert real_backend.client.get(f"{other}:mine") == b"1"
+    finally:
+        real_backend.client.delete(f"{other}:mine")
+
+
+def test_every_script_is_registered_with_the_lua_module() -> None:
+    assert set(lua.QUEUE_SCRIPTS) >= {"enqueue", "fetch", "extend", "settle", "release", "reap"}
