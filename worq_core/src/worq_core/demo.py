@@ -199,6 +199,7 @@ def _run_worker(worker: Worker, total: int, console: Console | None) -> None:
                     thread.join(0.05)  # the refresh period of the bar, not a synchronisation
                     counters = worker.counters
                     progress.update(bar, completed=counters.succeeded + counters.dead)
+                progress.update(bar, completed=total - _left(worker.app))
     except KeyboardInterrupt:
         worker.stop()
         worker.stop()  # the second stop hands unfinished jobs back at once
@@ -206,6 +207,12 @@ def _run_worker(worker: Worker, total: int, console: Console | None) -> None:
         raise
     if errors:
         raise errors[0]
+
+
+def _left(app: Worq) -> int:
+    """Jobs not finished yet: ready, delayed or running in the demo's queue."""
+    (stats,) = app.broker.stats(["default"])
+    return stats.ready + stats.delayed + stats.running
 
 
 def _verify(checks: Sequence[_Check]) -> tuple[int, int]:
@@ -261,17 +268,17 @@ def run_demo(
         with _quiet_worker_logs():
             _run_worker(worker, jobs, console)
         finished = time.perf_counter()
-        counters = worker.counters
-        if counters.succeeded + counters.dead < jobs:
-            raise DemoError(
-                f"the worker stopped after {counters.succeeded + counters.dead} of {jobs} jobs"
-            )
+        # Completion comes from the broker, not the worker's counters: they are progress only.
+        left = _left(app)
+        if left:
+            raise DemoError(f"the worker stopped with {left} of {jobs} jobs unfinished")
+        dead = app.broker.stats(["default"])[0].dead
         verified, mismatches = _verify(checks)
         summary = DemoSummary(
             jobs=jobs,
-            succeeded=counters.succeeded,
-            retried=counters.retried,
-            dead=counters.dead,
+            succeeded=jobs - dead,
+            retried=worker.counters.retried,
+            dead=dead,
             enqueue_seconds=enqueued - started,
             elapsed=finished - enqueued,
             verified=verified,
