@@ -102,7 +102,7 @@ def test_worker_burst_runs_every_job_then_exits_zero(app_module: ModuleType) -> 
 
     assert added.result(timeout=0) == 3
     assert failed.status() is JobStatus.DEAD
-    assert "worker stopped: succeeded=1 retried=0 dead=1" in result.stderr
+    assert "stopped (drained): succeeded=1 retried=0 dead=1" in result.stderr
 
 
 def test_worker_json_logs_are_one_object_per_line(app_module: ModuleType) -> None:
@@ -113,7 +113,7 @@ def test_worker_json_logs_are_one_object_per_line(app_module: ModuleType) -> Non
     entries = [json.loads(line) for line in result.stderr.splitlines()]
     assert entries
     assert all(set(entry) >= {"time", "level", "logger", "message"} for entry in entries)
-    assert any(entry["message"].startswith("worker stopped") for entry in entries)
+    assert any("stopped (drained)" in entry["message"] for entry in entries)
 
 
 def test_worker_fetches_only_the_queues_given(app_module: ModuleType) -> None:
@@ -514,7 +514,7 @@ def test_worker_subprocess_burst_exits_zero() -> None:
     _, stderr = process.communicate(timeout=30)
 
     assert process.returncode == 0, stderr
-    assert "worker stopped: succeeded=25 retried=0 dead=1" in stderr
+    assert "stopped (drained): succeeded=25 retried=0 dead=1" in stderr
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -534,4 +534,4 @@ def test_worker_subprocess_finishes_its_job_on_sigterm_and_exits_zero() -> None:
     assert process.returncode == 0, seen
     assert "received SIGTERM" in seen
     assert "job finished" in seen
-    assert "worker stopped: succeeded=1 retried=0 dead=0" in seen
+    assert "stopped (stopped): succeeded=1 retried=0 dead=0" in seen

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -9,12 +10,14 @@ import pytest
 from worq_core import (
     BrokerConnectionError,
     Delivery,
+    ExitReason,
     Settlement,
     StorageConnectionError,
     WorkerSettings,
     Worq,
 )
 from worq_core.testing.support import eventually, running
+from worq_core.worker import resident_memory
 from worq_memory import MemoryBroker, MemoryStorage
 
 
@@ -114,3 +117,47 @@ def test_worker_settings_refuse_nonsense() -> None:
         WorkerSettings(queues=())
     with pytest.raises(ValueError, match="lease"):
         WorkerSettings(lease=0)
+
+
+def test_weights_order_queues_in_proportion() -> None:
+    weighted = WorkerSettings(queues=("high", "low"), weights=(3, 1))
+    rng = random.Random(1)
+    firsts = [weighted.fetch_order(rng)[0] for _ in range(4000)]
+    assert 0.7 < firsts.count("high") / len(firsts) < 0.8
+    assert sorted(weighted.fetch_order(rng)) == ["high", "low"]
+    assert WorkerSettings(queues=("a", "b")).fetch_order(rng) == ("a", "b")
+    with pytest.raises(ValueError, match="weight"):
+        WorkerSettings(queues=("a", "b"), weights=(1,))
+
+
+def test_a_worker_over_its_memory_limit_retires() -> None:
+    app = Worq("memory://")
+    worker = app.worker(settings=settings(max_memory=1, heartbeat=0.05))
+    assert worker.run() is ExitReason.MAX_MEMORY
+    assert resident_memory() > 1
+
+
+def test_an_unexpected_broker_bug_does_not_kill_the_heartbeat() -> None:
+    class BuggyExtend(MemoryBroker):
+        calls = 0
+
+        def extend(self, deliveries: Sequence[Delivery], lease: float) -> list[bool]:
+            BuggyExtend.calls += 1
+            if BuggyExtend.calls == 1:
+                raise OSError("plugin bug")
+            return super().extend(deliveries, lease)
+
+    app = Worq(BuggyExtend())
+    runs: list[int] = []
+
+    @app.task
+    def slow() -> str:
+        runs.append(1)
+        threading.Event().wait(0.6)  # the job's own work: several leases long
+        return "ok"
+
+    job = slow.enqueue()
+    app.worker(settings=settings(lease=0.25, heartbeat=0.05)).run(burst=True)
+    assert job.result(timeout=5) == "ok"
+    assert runs == [1]
+    assert BuggyExtend.calls > 2

@@ -17,6 +17,7 @@ Quick start::
 
 from worq_core.app import Worq
 from worq_core.broker import Broker
+from worq_core.context import JobContext, current_job
 from worq_core.errors import (
     BrokerConnectionError,
     BrokerError,
@@ -45,13 +46,14 @@ from worq_core.models import (
     Outcome,
     QueueStats,
     Settlement,
+    WorkerInfo,
 )
-from worq_core.registry import Registry, default_registry
+from worq_core.registry import PluginLoadWarning, Registry, default_registry
 from worq_core.retry import RetryPolicy
 from worq_core.serializer import Serializer
 from worq_core.storage import Storage
 from worq_core.task import BoundTask, Task, TaskArgumentsError
-from worq_core.worker import Worker, WorkerSettings
+from worq_core.worker import ExitReason, Worker, WorkerSettings
 
 __version__ = "0.1.0"
 
@@ -65,12 +67,15 @@ __all__ = [
     "Delivery",
     "DeserializationError",
     "DuplicatePluginError",
+    "ExitReason",
     "Job",
+    "JobContext",
     "JobFailed",
     "JobStatus",
     "Message",
     "Outcome",
     "PluginError",
+    "PluginLoadWarning",
     "QueueStats",
     "Registry",
     "ResultTimeout",
@@ -88,10 +93,12 @@ __all__ = [
     "UnknownPluginError",
     "UnknownTaskError",
     "Worker",
+    "WorkerInfo",
     "WorkerSettings",
     "Worq",
     "WorqError",
     "__version__",
+    "current_job",
     "default_registry",
     "hookimpl",
 ]

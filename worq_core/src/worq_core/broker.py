@@ -14,6 +14,7 @@ from worq_core.models import (
     Message,
     QueueStats,
     Settlement,
+    WorkerInfo,
 )
 from worq_core.storage import Storage
 
@@ -129,6 +130,20 @@ class Broker(ABC):
     @abstractmethod
     def purge_dead(self, queue: str) -> int:
         """Delete every dead job of ``queue``; returns how many were deleted."""
+
+    def register_worker(self, info: WorkerInfo, ttl: float) -> None:  # noqa: B027 - optional
+        """Record a live worker; it is forgotten ``ttl`` seconds after its last registration.
+
+        Called by every worker at each heartbeat. Brokers that declare
+        :attr:`Capability.WORKER_REGISTRY` keep it for :meth:`workers`; by default it is ignored.
+        """
+
+    def unregister_worker(self, worker_id: str) -> None:  # noqa: B027 - optional
+        """Forget a worker that stopped cleanly."""
+
+    def workers(self) -> list[WorkerInfo]:
+        """Every registered worker whose registration has not expired."""
+        return []
 
     def stores_results_in(self, storage: Storage) -> bool:
         """Whether :meth:`settle` itself writes ``Settlement.record`` into ``storage``.

@@ -40,6 +40,8 @@ class Capability(enum.StrEnum):
     """Keeps dead-lettered jobs, and can list, requeue and purge them."""
     SHARED = "shared"
     """Visible to other processes and machines (not just the one that created the broker)."""
+    WORKER_REGISTRY = "worker_registry"
+    """Keeps the heartbeats of live workers (:meth:`Broker.register_worker`) for ``worq stats``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,3 +121,20 @@ class DeadJob:
     reason: str
     attempts: int
     died_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A live worker as it registers itself with every heartbeat."""
+
+    id: str
+    host: str
+    pid: int
+    started: float
+    queues: tuple[str, ...]
+    concurrency: int
+    done: int
+    """Jobs finished (succeeded, retried or dead) since it started."""
+    running: int
+    seen: float
+    """Unix time of its latest heartbeat."""

@@ -137,8 +137,7 @@ class Registry:
                 if impl.plugin is plugin
                 for cls in _as_list(impl.function(), distribution, hook)
             ]
-            for component in components:
-                self._add(component)
+            self._add_all(components)
         except Exception:
             self._manager.unregister(plugin)
             raise
@@ -169,21 +168,28 @@ class Registry:
             raise PluginError(f"{where}, but it serves no URL schemes")
         return Component(kind, name, cls, distribution, schemes)
 
-    def _add(self, component: Component) -> None:
-        kind = component.kind
-        taken = self._by_name[kind].get(component.name)
-        if taken is not None:
-            raise DuplicatePluginError(
-                kind, component.name, taken.distribution, component.distribution
-            )
-        for scheme in component.schemes:
-            owner = self._by_scheme[kind].get(scheme)
-            if owner is not None:
+    def _add_all(self, components: list[Component]) -> None:
+        """Add a plugin's components, all or none: every clash is checked before the first add."""
+        names: dict[tuple[Kind, str], Component] = {}
+        schemes: dict[tuple[Kind, str], Component] = {}
+        for component in components:
+            kind = component.kind
+            taken = self._by_name[kind].get(component.name) or names.get((kind, component.name))
+            if taken is not None:
                 raise DuplicatePluginError(
-                    f"{kind} scheme", f"{scheme}://", owner.distribution, component.distribution
+                    kind, component.name, taken.distribution, component.distribution
                 )
-        self._by_name[kind][component.name] = component
-        for scheme in component.schemes:
+            names[kind, component.name] = component
+            for scheme in component.schemes:
+                owner = self._by_scheme[kind].get(scheme) or schemes.get((kind, scheme))
+                if owner is not None:
+                    raise DuplicatePluginError(
+                        f"{kind} scheme", f"{scheme}://", owner.distribution, component.distribution
+                    )
+                schemes[kind, scheme] = component
+        for (kind, name), component in names.items():
+            self._by_name[kind][name] = component
+        for (kind, scheme), component in schemes.items():
             self._by_scheme[kind][scheme] = component
 
     # -- lookups -------------------------------------------------------------------------------

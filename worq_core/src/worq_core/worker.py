@@ -18,17 +18,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import logging
+import os
 import queue
+import random
+import resource
 import signal
+import socket
+import sys
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from worq_core.context import JobContext
+from worq_core.context import _current as _current_job
 from worq_core.errors import (
     DeserializationError,
     SerializationError,
@@ -37,7 +46,7 @@ from worq_core.errors import (
     WorqError,
 )
 from worq_core.job import Envelope, ErrorInfo, encode_failure, encode_success
-from worq_core.models import Delivery, Outcome, Settlement
+from worq_core.models import Delivery, Outcome, Settlement, WorkerInfo
 
 if TYPE_CHECKING:
     from worq_core.app import Worq
@@ -64,6 +73,18 @@ class WorkerSettings:
     """Seconds between lease renewals; ``None`` means a third of ``lease``."""
     handle_signals: bool = True
     """Install SIGTERM/SIGINT handlers when run on the main thread."""
+    weights: tuple[int, ...] | None = None
+    """Relative weights of ``queues``: each fetch orders the queues by a weighted draw, so a
+    queue of weight 3 is asked first three times as often as one of weight 1. ``None`` keeps
+    the strict order of ``queues``."""
+    max_jobs: int | None = None
+    """Stop gracefully after this many jobs (``exit_reason`` "max_jobs"), so a supervisor can
+    replace the process before leaks in task code grow without bound."""
+    max_memory: int | None = None
+    """Stop gracefully once the process's resident memory exceeds this many bytes."""
+    recycle_when_stuck: bool = False
+    """Stop gracefully (``exit_reason`` "stuck") when a sync task overruns its timeout, since
+    its thread cannot be stopped; ``worq worker`` sets it and replaces the process."""
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -72,6 +93,25 @@ class WorkerSettings:
             raise ValueError("lease and idle_wait must be positive, grace not negative")
         if not self.queues:
             raise ValueError("a worker needs at least one queue")
+        if self.weights is not None and (
+            len(self.weights) != len(self.queues) or min(self.weights) < 1
+        ):
+            raise ValueError("weights must give each queue a weight of at least 1")
+        if (self.max_jobs is not None and self.max_jobs < 1) or (
+            self.max_memory is not None and self.max_memory < 1
+        ):
+            raise ValueError("max_jobs and max_memory must be positive")
+
+    def fetch_order(self, rng: random.Random) -> tuple[str, ...]:
+        """The queues in the order to ask them for jobs this time."""
+        if self.weights is None:
+            return self.queues
+        pool = list(zip(self.queues, self.weights, strict=True))
+        order = []
+        while pool:
+            pick = rng.choices(range(len(pool)), weights=[w for _, w in pool])[0]
+            order.append(pool.pop(pick)[0])
+        return tuple(order)
 
     @property
     def heartbeat_interval(self) -> float:
@@ -79,9 +119,31 @@ class WorkerSettings:
         return self.heartbeat if self.heartbeat is not None else self.lease / 3
 
 
+class ExitReason(enum.StrEnum):
+    """Why :meth:`Worker.run` returned."""
+
+    STOPPED = "stopped"
+    """A stop request (or signal); in-flight jobs finished within the grace period."""
+    ABORTED = "aborted"
+    """A second stop request, or the grace period ran out: unfinished jobs were handed back."""
+    DRAINED = "drained"
+    """Burst mode: the queues held no more jobs."""
+    MAX_JOBS = "max_jobs"
+    """``max_jobs`` jobs were done; the process should be replaced."""
+    MAX_MEMORY = "max_memory"
+    """Resident memory passed ``max_memory``; the process should be replaced."""
+    STUCK = "stuck"
+    """A sync task overran its timeout and its thread is still busy; replace the process."""
+
+    @property
+    def wants_replacement(self) -> bool:
+        """Whether a supervisor should start a fresh process in this one's place."""
+        return self in (ExitReason.MAX_JOBS, ExitReason.MAX_MEMORY, ExitReason.STUCK)
+
+
 @dataclass(slots=True)
 class WorkerCounters:
-    """What a worker has done since it started; read it from any thread."""
+    """What a worker has done since it started; updated under the worker's lock."""
 
     fetched: int = 0
     succeeded: int = 0
@@ -89,6 +151,11 @@ class WorkerCounters:
     dead: int = 0
     refused: int = 0
     """Settlements the broker refused because the lease had expired."""
+
+    @property
+    def done(self) -> int:
+        """Jobs finished one way or another."""
+        return self.succeeded + self.retried + self.dead
 
 
 @dataclass(slots=True, eq=False)
@@ -101,36 +168,71 @@ class _Running:
     deadline: float | None = None
     decided: bool = False
     """Set once an outcome was chosen (by the job's thread or by the timeout watchdog)."""
+    holds_slot: bool = False
     future: Any = None
-    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def task_name(self) -> str:
+        return self.task.name if self.task else (self.envelope.task if self.envelope else "?")
+
+    def context(self) -> JobContext:
+        assert self.task is not None
+        d = self.delivery
+        return JobContext(d.id, self.task.name, d.queue, d.attempts, self.task.config.max_retries)
 
 
 class _SlotThreads:
-    """A fixed set of daemon threads for sync tasks.
+    """A set of daemon threads for sync tasks.
 
     Daemon threads (unlike ``ThreadPoolExecutor``'s) let the process exit when the grace period
-    runs out while a task is stuck; its job is handed back to the broker first.
+    runs out while a task is stuck. A stuck thread is replaced with :meth:`grow`; the next thread
+    to finish its work retires, so the number serving stays the same.
     """
 
     def __init__(self, size: int, name: str) -> None:
+        self._name = name
         self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True)
-            for i in range(size)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._surplus = 0
+        self._lock = threading.Lock()
+        self._count = 0
+        for _ in range(size):
+            self._start()
+
+    def _start(self) -> None:
+        self._count += 1
+        name = f"{self._name}-{self._count}"
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
 
     def _serve(self) -> None:
         while (work := self._inbox.get()) is not None:
             work()
+            with self._lock:
+                if self._surplus:
+                    self._surplus -= 1
+                    return
 
     def submit(self, work: Callable[[], None]) -> None:
         self._inbox.put(work)
 
+    def grow(self) -> None:
+        """Add a thread in place of one that is stuck in a task."""
+        with self._lock:
+            self._surplus += 1
+            self._start()
+
     def stop(self) -> None:
-        for _ in self._threads:
+        for _ in range(self._count):
             self._inbox.put(None)
+
+
+def resident_memory() -> int:
+    """This process's resident set size in bytes (peak size where the current one is unknown)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 class Worker:
@@ -138,37 +240,41 @@ class Worker:
 
     :meth:`stop` may be called from any thread (or a signal handler): the first call stops
     fetching and lets in-flight jobs finish within ``grace``; a second one hands back what is
-    unfinished and returns at once.
+    unfinished and returns at once. :attr:`exit_reason` tells why :meth:`run` returned.
     """
 
     def __init__(self, app: Worq, settings: WorkerSettings) -> None:
         self.app = app
         self.settings = settings
         self.counters = WorkerCounters()
+        self.exit_reason: ExitReason | None = None
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.started = time.time()
         self._lock = threading.Condition()
         self._held: dict[str, _Running] = {}  # every unsettled lease, by job id
-        self._busy = (
-            0  # slots in use (a timed-out sync job keeps its slot until its thread returns)
-        )
+        self._busy = 0  # slots in use
         self._settle_queue: list[Settlement] = []
         self._fetch_blocked = False
         self._stopping = threading.Event()
         self._abort = threading.Event()
         self._done = threading.Event()
+        self._wake_heartbeat = threading.Event()
         self._slots: _SlotThreads | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._rng = random.Random()
         self._broker_stores_results = app.broker.stores_results_in(app.storage)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def run(self, burst: bool = False) -> None:
-        """Process jobs until stopped, then shut down gracefully and return.
+    def run(self, burst: bool = False) -> ExitReason:
+        """Process jobs until stopped, then shut down gracefully; returns why it stopped.
 
         With ``burst``, return once the queues hold no job at all: none ready, delayed or running.
         """
         settings = self.settings
         log.info(
-            "worker starting: queues=%s concurrency=%d lease=%gs broker=%s",
+            "worker %s starting: queues=%s concurrency=%d lease=%gs broker=%s",
+            self.id,
             ",".join(settings.queues),
             settings.concurrency,
             settings.lease,
@@ -189,29 +295,47 @@ class Worker:
             finally:
                 self._shutdown()
                 self._done.set()
+                self._wake_heartbeat.set()
                 heartbeat.join()
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 loop_thread.join()
                 self._loop.close()
                 self._slots.stop()
+                with contextlib.suppress(WorqError):
+                    self.app.broker.unregister_worker(self.id)
+        if self.exit_reason is None:
+            self.exit_reason = ExitReason.ABORTED if self._abort.is_set() else ExitReason.STOPPED
         log.info(
-            "worker stopped: succeeded=%d retried=%d dead=%d",
+            "worker %s stopped (%s): succeeded=%d retried=%d dead=%d",
+            self.id,
+            self.exit_reason.value,
             self.counters.succeeded,
             self.counters.retried,
             self.counters.dead,
         )
+        return self.exit_reason
 
     def stop(self) -> None:
         """Ask the worker to stop: gracefully the first time, at once the second time."""
         if self._stopping.is_set():
             if not self._abort.is_set():
                 log.info("second stop request: handing back unfinished jobs now")
+                self.exit_reason = ExitReason.ABORTED
             self._abort.set()
         else:
             log.info("stop requested: no more fetching, finishing in-flight jobs")
             self._stopping.set()
         with self._lock:
             self._lock.notify_all()
+
+    def _retire(self, reason: ExitReason) -> None:
+        """Stop gracefully so that a fresh process can take over."""
+        if self.exit_reason is None and not self._stopping.is_set():
+            self.exit_reason = reason
+            log.info("worker %s retiring (%s): finishing in-flight jobs", self.id, reason.value)
+            self._stopping.set()
+            with self._lock:
+                self._lock.notify_all()
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
@@ -242,6 +366,8 @@ class Worker:
 
     def _fetch_loop(self, burst: bool) -> None:
         settings, broker = self.settings, self.app.broker
+        # In burst mode an idle fetch is kept short so the end of the work is noticed promptly.
+        idle_wait = min(settings.idle_wait, 0.1) if burst else settings.idle_wait
         backoff = 0.0
         while not self._stopping.is_set():
             with self._lock:
@@ -251,22 +377,38 @@ class Worker:
                     self._lock.wait(settings.idle_wait)
                 settlements, self._settle_queue = self._settle_queue, []
                 free = settings.concurrency - self._busy
+                if settings.max_jobs is not None:
+                    free = min(free, settings.max_jobs - self.counters.fetched)
                 block = not settlements
+                idle = not self._held
+            if free <= 0 and not settlements and idle:
+                self._retire(ExitReason.MAX_JOBS)
+                return
+            if burst and block and idle and self._drained():
+                log.info("burst: no jobs left in %s", ",".join(settings.queues))
+                self.exit_reason = ExitReason.DRAINED
+                return
+            with self._lock:
                 self._fetch_blocked = block
             try:
                 applied, deliveries = broker.settle_and_fetch(
                     settlements,
-                    settings.queues,
-                    free,
+                    settings.fetch_order(self._rng),
+                    max(free, 0),
                     lease=settings.lease,
-                    wait=settings.idle_wait if block else 0.0,
+                    wait=idle_wait if block else 0.0,
                 )
-            except WorqError as exc:
+            except Exception as exc:  # a broker bug must not end the worker either
                 with self._lock:
                     self._fetch_blocked = False
                     self._settle_queue[:0] = settlements  # settling twice is refused, not doubled
                 backoff = min(max(backoff * 2, 0.1), 5.0)
-                log.warning("broker error, retrying in %.1fs: %s", backoff, exc)
+                log.warning(
+                    "broker error, retrying in %.1fs: %s",
+                    backoff,
+                    exc,
+                    exc_info=not isinstance(exc, WorqError),
+                )
                 self._stopping.wait(backoff)
                 continue
             with self._lock:
@@ -277,29 +419,25 @@ class Worker:
             self._settled(settlements, applied)
             for delivery in deliveries:
                 self._dispatch(delivery)
-            if burst and not deliveries and self._drained():
-                log.info("burst: no jobs left in %s", ",".join(settings.queues))
-                return
 
     def _drained(self) -> bool:
-        with self._lock:
-            if self._held or self._settle_queue:
-                return False
         stats = self.app.broker.stats(self.settings.queues)
         return all(s.ready == 0 and s.delayed == 0 and s.running == 0 for s in stats)
 
     def _settled(self, settlements: Sequence[Settlement], applied: Sequence[bool]) -> None:
         with self._lock:
             for settlement, ok in zip(settlements, applied, strict=True):
-                held = self._held.get(settlement.delivery.id)
-                if held is not None and held.delivery.token == settlement.delivery.token:
-                    del self._held[settlement.delivery.id]
+                delivery = settlement.delivery
+                held = self._held.get(delivery.id)
+                if held is not None and held.delivery.token == delivery.token:
+                    del self._held[delivery.id]
                 if not ok:
                     self.counters.refused += 1
-                    log.warning(
-                        "job %s: the broker refused its %s: its lease had expired and it may "
-                        "run again elsewhere",
-                        settlement.delivery.id,
+                    _job_log(
+                        logging.WARNING,
+                        delivery,
+                        held.task_name if held else "?",
+                        "the broker refused its %s: its lease had expired and it may run again",
                         settlement.outcome.value,
                     )
 
@@ -307,21 +445,21 @@ class Worker:
 
     def _dispatch(self, delivery: Delivery) -> None:
         """Decide what to do with a fresh delivery and start it; runs on the fetch loop."""
-        self.counters.fetched += 1
         running = _Running(delivery)
         with self._lock:
+            self.counters.fetched += 1
             self._held[delivery.id] = running
         try:
             envelope = Envelope.decode(delivery.body, self.app.serializer)
         except DeserializationError as exc:
-            log.error("job %s: undecodable payload, dead-lettered: %s", delivery.id, exc)
+            _job_log(logging.ERROR, delivery, "?", "undecodable payload, dead-lettered: %s", exc)
             self._decide(running, dead=ErrorInfo.from_exception(exc))
             return
         running.envelope = envelope
         task = self.app.tasks.get(envelope.task)
         if task is None:
             unknown = UnknownTaskError(envelope.task)
-            log.error("job %s: %s; dead-lettered", delivery.id, unknown)
+            _job_log(logging.ERROR, delivery, envelope.task, "%s; dead-lettered", unknown)
             self._decide(running, dead=ErrorInfo.from_exception(unknown))
             return
         running.task = task
@@ -333,15 +471,17 @@ class Worker:
                 f"delivered {delivery.attempts} times, more than the {attempts_allowed} attempts "
                 f"allowed; earlier runs never finished (worker died or lease expired)"
             )
-            log.error("job %s %s: %s; dead-lettered", delivery.id, task.name, reason)
+            _job_log(logging.ERROR, delivery, task.name, "%s; dead-lettered", reason)
             self._decide(running, dead=ErrorInfo("worq.AttemptsExhausted", reason))
             return
         timeout = task.config.timeout
         with self._lock:
             self._busy += 1
+            running.holds_slot = True
             if timeout is not None and not task.is_async:
                 running.deadline = time.monotonic() + timeout
-        log.debug("job %s %s: attempt %d started", delivery.id, task.name, delivery.attempts)
+                self._wake_heartbeat.set()  # it may need to wake earlier than it planned
+        _job_log(logging.DEBUG, delivery, task.name, "attempt %d started", delivery.attempts)
         if task.is_async:
             assert self._loop is not None
             future = asyncio.run_coroutine_threadsafe(self._run_async(running), self._loop)
@@ -353,17 +493,21 @@ class Worker:
     def _run_sync(self, running: _Running) -> None:
         assert running.task is not None
         assert running.envelope is not None
+        token = _current_job.set(running.context())
         try:
             value = running.task.fn(*running.envelope.args, **running.envelope.kwargs)
         except BaseException as exc:  # noqa: BLE001 - a job must never kill its slot thread
             self._finished(running, error=exc, tb=traceback.format_exc())
         else:
             self._finished(running, value=value)
+        finally:
+            _current_job.reset(token)
 
     async def _run_async(self, running: _Running) -> None:
         assert running.task is not None
         assert running.envelope is not None
         task, envelope = running.task, running.envelope
+        _current_job.set(running.context())  # this coroutine runs in an asyncio task of its own
         try:
             coro = task.fn(*envelope.args, **envelope.kwargs)
             if task.config.timeout is None:
@@ -394,7 +538,12 @@ class Worker:
             else:
                 self._decide(running, failure=ErrorInfo.from_exception(error, tb))
         finally:
-            with self._lock:
+            self._free_slot(running)
+
+    def _free_slot(self, running: _Running) -> None:
+        with self._lock:
+            if running.holds_slot:
+                running.holds_slot = False
                 self._busy -= 1
                 self._lock.notify_all()
 
@@ -409,7 +558,7 @@ class Worker:
         """Choose the outcome, store the record, and settle (at most once per delivery)."""
         with self._lock:
             if running.decided:
-                return  # the timeout watchdog already settled this run
+                return  # the timeout watchdog or a forced shutdown got here first
             running.decided = True
         delivery, task = running.delivery, running.task
         serializer = self.app.serializer
@@ -422,35 +571,40 @@ class Worker:
         if failure is not None:
             if task is not None and delivery.attempts <= task.config.max_retries:
                 delay = task.config.retry.delay(delivery.attempts)
-                log.warning(
-                    "job %s %s: attempt %d failed (%s); retrying in %.2fs",
-                    delivery.id,
+                _job_log(
+                    logging.WARNING,
+                    delivery,
                     task.name,
+                    "attempt %d failed (%s); retrying in %.2fs",
                     delivery.attempts,
                     failure.summary(),
                     delay,
                 )
                 self._settle(Settlement(delivery, Outcome.RETRY, delay, failure.summary()), None)
-                self.counters.retried += 1
+                self._count("retried")
                 return
             dead = failure
+            _job_log(
+                logging.ERROR,
+                delivery,
+                running.task_name,
+                "attempt %d failed (%s); no retries left, dead-lettered",
+                delivery.attempts,
+                failure.summary(),
+            )
         if dead is not None:
-            if failure is not None:
-                log.error(
-                    "job %s %s: attempt %d failed (%s); no retries left, dead-lettered",
-                    delivery.id,
-                    task.name if task else "?",
-                    delivery.attempts,
-                    failure.summary(),
-                )
             self._settle(
                 Settlement(delivery, Outcome.DEAD, 0.0, dead.summary()),
                 encode_failure(serializer, dead),
             )
-            self.counters.dead += 1
+            self._count("dead")
             return
         self._settle(Settlement(delivery, Outcome.ACK), record)
-        self.counters.succeeded += 1
+        self._count("succeeded")
+
+    def _count(self, outcome: str) -> None:
+        with self._lock:
+            setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
 
     def _settle(self, settlement: Settlement, record: bytes | None) -> None:
         """Store the record, then settle with the fetch loop's next fetch.
@@ -481,30 +635,95 @@ class Worker:
                 log.warning("job %s: settling failed, the fetch loop will retry: %s", job_id, exc)
                 with self._lock:
                     self._settle_queue.append(settlement)
+                    self._lock.notify_all()
                 return
             self._settled([settlement], applied)
 
     # -- heartbeat and shutdown ----------------------------------------------------------------
 
     def _heartbeat(self) -> None:
+        """Enforce timeouts as they fall due; every interval, renew leases and register.
+
+        Also checks the memory limit. Never dies: an unexpected error is logged.
+        """
         interval = self.settings.heartbeat_interval
-        while not self._done.wait(interval):
-            self._expire_timeouts()
-            with self._lock:
-                held = [r.delivery for r in self._held.values()]
-            if not held:
-                continue
+        next_beat = time.monotonic() + interval
+        renewed_at = time.monotonic()
+        while not self._done.is_set():
+            wake_at = min(next_beat, self._next_deadline())
+            self._wake_heartbeat.wait(max(0.0, wake_at - time.monotonic()))
+            self._wake_heartbeat.clear()
             try:
-                alive = self.app.broker.extend(held, self.settings.lease)
-            except WorqError as exc:
-                log.warning("heartbeat failed, leases of %d jobs not renewed: %s", len(held), exc)
-                continue
-            for delivery, ok in zip(held, alive, strict=True):
-                if not ok:
-                    log.warning(
-                        "job %s: lease lost (expired before its heartbeat); it may run twice",
-                        delivery.id,
-                    )
+                self._expire_timeouts()
+                if time.monotonic() < next_beat or self._done.is_set():
+                    continue
+                next_beat = time.monotonic() + interval
+                self._check_memory()
+                self._register()
+                renewed_at = self._renew_leases(renewed_at)
+            except Exception:
+                log.exception("heartbeat error (leases may not have been renewed)")
+
+    def _next_deadline(self) -> float:
+        with self._lock:
+            deadlines = [r.deadline for r in self._held.values() if r.deadline and not r.decided]
+        return min(deadlines, default=float("inf"))
+
+    def _renew_leases(self, renewed_at: float) -> float:
+        """Extend every held lease; returns when leases were last known to be renewed."""
+        with self._lock:
+            held = [r.delivery for r in self._held.values()]
+        if not held:
+            return time.monotonic()
+        try:
+            alive = self.app.broker.extend(held, self.settings.lease)
+        except WorqError as exc:
+            silent = time.monotonic() - renewed_at
+            if silent > self.settings.lease:
+                log.error(
+                    "heartbeats have failed for %.0fs, longer than the %gs lease: the %d jobs "
+                    "held are presumed lost and may run again elsewhere: %s",
+                    silent,
+                    self.settings.lease,
+                    len(held),
+                    exc,
+                )
+            else:
+                log.warning("heartbeat failed, %d leases not renewed: %s", len(held), exc)
+            return renewed_at
+        for delivery, ok in zip(held, alive, strict=True):
+            if not ok:
+                _job_log(
+                    logging.WARNING,
+                    delivery,
+                    "?",
+                    "lease lost (expired before its heartbeat); it may run twice",
+                )
+        return time.monotonic()
+
+    def _register(self) -> None:
+        with self._lock:
+            info = WorkerInfo(
+                id=self.id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                started=self.started,
+                queues=self.settings.queues,
+                concurrency=self.settings.concurrency,
+                done=self.counters.done,
+                running=self._busy,
+                seen=time.time(),
+            )
+        try:
+            self.app.broker.register_worker(info, ttl=3 * self.settings.heartbeat_interval + 5)
+        except WorqError as exc:
+            log.debug("registering the worker failed: %s", exc)
+
+    def _check_memory(self) -> None:
+        limit = self.settings.max_memory
+        if limit is not None and (used := resident_memory()) > limit:
+            log.info("resident memory %d MiB passed the limit of %d MiB", used >> 20, limit >> 20)
+            self._retire(ExitReason.MAX_MEMORY)
 
     def _expire_timeouts(self) -> None:
         now = time.monotonic()
@@ -517,14 +736,21 @@ class Worker:
         for running in overdue:
             assert running.task is not None
             assert running.task.config.timeout is not None
-            log.error(
-                "job %s %s: timed out after %gs; its thread keeps its slot until it returns",
-                running.delivery.id,
+            _job_log(
+                logging.ERROR,
+                running.delivery,
                 running.task.name,
+                "timed out after %gs; its thread cannot be stopped and is left behind",
                 running.task.config.timeout,
             )
             exc = TaskTimeoutError(running.task.name, running.task.config.timeout)
             self._decide(running, failure=ErrorInfo.from_exception(exc))
+            # The slot goes to a fresh thread; the stuck one retires whenever it returns.
+            self._free_slot(running)
+            assert self._slots is not None
+            self._slots.grow()
+            if self.settings.recycle_when_stuck:
+                self._retire(ExitReason.STUCK)
 
     def _shutdown(self) -> None:
         """Wait for in-flight jobs within the grace period, settle them, hand back the rest."""
@@ -553,6 +779,8 @@ class Worker:
             for running in unfinished:
                 running.decided = True  # late finishers must not settle a handed-back job
         if unfinished:
+            if self.exit_reason is None or self.exit_reason is ExitReason.STOPPED:
+                self.exit_reason = ExitReason.ABORTED
             log.info("handing back %d unfinished jobs", len(unfinished))
             for running in unfinished:
                 if running.future is not None:
@@ -561,3 +789,16 @@ class Worker:
                 broker.release([r.delivery for r in unfinished])
             except WorqError as exc:
                 log.error("handing back jobs failed; their leases will expire: %s", exc)
+
+
+def _job_log(level: int, delivery: Delivery, task: str, message: str, *args: Any) -> None:
+    """Log one line about a job, with its id and task name in the text and as ``extra`` fields."""
+    if log.isEnabledFor(level):
+        log.log(
+            level,
+            "job %s %s: " + message,
+            delivery.id,
+            task,
+            *args,
+            extra={"job_id": delivery.id, "task": task, "queue": delivery.queue},
+        )

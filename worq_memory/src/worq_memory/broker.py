@@ -14,7 +14,15 @@ from typing import ClassVar, Self
 from typing_extensions import override
 
 from worq_core import Broker, Capability, JobStatus
-from worq_core.models import DeadJob, Delivery, Message, Outcome, QueueStats, Settlement
+from worq_core.models import (
+    DeadJob,
+    Delivery,
+    Message,
+    Outcome,
+    QueueStats,
+    Settlement,
+    WorkerInfo,
+)
 
 Clock = Callable[[], float]
 _WAITING = (JobStatus.SCHEDULED, JobStatus.RETRYING)
@@ -52,7 +60,12 @@ class MemoryBroker(Broker):
     name: ClassVar[str] = "memory"
     schemes: ClassVar[tuple[str, ...]] = ("memory",)
     capabilities: ClassVar[frozenset[Capability]] = frozenset(
-        {Capability.DELAYED, Capability.PRIORITIES, Capability.DEAD_LETTER}
+        {
+            Capability.DELAYED,
+            Capability.PRIORITIES,
+            Capability.DEAD_LETTER,
+            Capability.WORKER_REGISTRY,
+        }
     )
 
     def __init__(
@@ -72,6 +85,7 @@ class MemoryBroker(Broker):
         self._seq = itertools.count()
         self._tokens = itertools.count(1)
         self._changed = threading.Condition()
+        self._workers: dict[str, tuple[float, WorkerInfo]] = {}  # id -> (expires, info)
 
     @override
     @classmethod
@@ -247,6 +261,24 @@ class MemoryBroker(Broker):
                 del self._jobs[job_id]
             q.dead.clear()
             return count
+
+    @override
+    def register_worker(self, info: WorkerInfo, ttl: float) -> None:
+        with self._changed:
+            self._workers[info.id] = (self.clock() + ttl, info)
+
+    @override
+    def unregister_worker(self, worker_id: str) -> None:
+        with self._changed:
+            self._workers.pop(worker_id, None)
+
+    @override
+    def workers(self) -> list[WorkerInfo]:
+        with self._changed:
+            now = self.clock()
+            for worker_id in [w for w, (expires, _) in self._workers.items() if expires <= now]:
+                del self._workers[worker_id]
+            return sorted((info for _, info in self._workers.values()), key=lambda i: i.started)
 
     # -- internals (called with the lock held) -------------------------------------------------
 

@@ -10,7 +10,15 @@ from collections.abc import Sequence
 import pytest
 
 from worq_core.broker import Broker
-from worq_core.models import Capability, Delivery, JobStatus, Message, Outcome, Settlement
+from worq_core.models import (
+    Capability,
+    Delivery,
+    JobStatus,
+    Message,
+    Outcome,
+    Settlement,
+    WorkerInfo,
+)
 from worq_core.testing.support import CLOCK_SLACK, requires, skip_without_capabilities, unique
 
 LEASE = 30.0
@@ -343,3 +351,32 @@ class BrokerContract:
             thread.join(30)
         assert len(seen) == total
         assert len(set(seen)) == total
+
+    # -- worker registry -----------------------------------------------------------------------
+
+    @requires(Capability.WORKER_REGISTRY)
+    def test_registered_workers_are_listed_until_they_leave_or_expire(self, broker: Broker) -> None:
+        def info(worker_id: str, done: int) -> WorkerInfo:
+            now = time.time()
+            return WorkerInfo(worker_id, "host-a", 4242, now, ("q1", "q2"), 8, done, 1, now)
+
+        staying, leaving, expiring = unique("w"), unique("w"), unique("w")
+        broker.register_worker(info(staying, 1), ttl=60)
+        broker.register_worker(info(staying, 5), ttl=60)
+        broker.register_worker(info(leaving, 0), ttl=60)
+        broker.register_worker(info(expiring, 0), ttl=0.2)
+        listed = {w.id: w for w in broker.workers()}
+        assert {staying, leaving, expiring} <= set(listed)
+        latest = listed[staying]
+        assert (latest.done, latest.host, latest.pid, latest.queues) == (
+            5,
+            "host-a",
+            4242,
+            ("q1", "q2"),
+        ), "the latest registration wins"
+        broker.unregister_worker(leaving)
+        time.sleep(0.2 + 2 * CLOCK_SLACK)  # nothing to wait on: the registration must lapse
+        remaining = {w.id for w in broker.workers()}
+        assert staying in remaining
+        assert leaving not in remaining
+        assert expiring not in remaining

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from worq_core.app import Worq
 from worq_core.broker import Broker
+from worq_core.context import JobContext, current_job
 from worq_core.errors import JobFailed, SerializationError
 from worq_core.models import Capability, JobStatus, Message
 from worq_core.registry import Registry
@@ -20,12 +22,13 @@ from worq_core.storage import Storage
 from worq_core.task import TaskArgumentsError
 from worq_core.testing.support import (
     CLOCK_SLACK,
+    eventually,
     requires,
     running,
     skip_without_capabilities,
     unique,
 )
-from worq_core.worker import Worker, WorkerSettings
+from worq_core.worker import ExitReason, Worker, WorkerSettings
 
 FAST_RETRY = RetryPolicy(base=0.01, factor=1.0, max_delay=0.01, jitter=False)
 RESULT_WAIT = 10.0
@@ -424,3 +427,88 @@ class WorkerContract:
             assert job.status() is JobStatus.QUEUED
         finally:
             proceed.set()
+
+    def test_a_sync_timeout_fires_at_its_deadline_not_at_the_next_heartbeat(
+        self, app: Worq, queue: str
+    ) -> None:
+        release = threading.Event()
+
+        @app.task(queue=queue, timeout=0.2, max_retries=0)
+        def stuck() -> None:
+            release.wait(30)
+
+        job = stuck.enqueue()
+        worker = self.worker(app, queue, lease=60.0)  # heartbeats every 20 s
+        try:
+            with running(worker), pytest.raises(JobFailed):
+                job.result(timeout=5)
+        finally:
+            release.set()
+
+    def test_a_stuck_sync_task_retires_a_worker_that_asks_for_replacement(
+        self, app: Worq, queue: str
+    ) -> None:
+        release = threading.Event()
+
+        @app.task(queue=queue, timeout=0.1, max_retries=0)
+        def stuck() -> None:
+            release.wait(30)
+
+        stuck.enqueue()
+        worker = self.worker(app, queue, recycle_when_stuck=True)
+        try:
+            assert worker.run() is ExitReason.STUCK
+            assert ExitReason.STUCK.wants_replacement
+        finally:
+            release.set()
+
+    def test_a_worker_with_max_jobs_does_that_many_then_retires(
+        self, app: Worq, queue: str
+    ) -> None:
+        @app.task(queue=queue)
+        def noop() -> None: ...
+
+        noop.enqueue_many([() for _ in range(10)])
+        worker = self.worker(app, queue, max_jobs=4, concurrency=3)
+        assert worker.run() is ExitReason.MAX_JOBS
+        assert worker.counters.succeeded == 4
+        [stats] = app.broker.stats([queue])
+        assert (stats.ready, stats.running) == (6, 0)
+
+    def test_a_task_can_see_its_job_id_and_attempt(self, app: Worq, queue: str) -> None:
+        seen: list[JobContext] = []
+
+        @app.task(queue=queue, max_retries=1, retry=FAST_RETRY)
+        def introspect() -> str:
+            seen.append(current_job())
+            if len(seen) == 1:
+                raise RuntimeError("again")
+            return current_job().id
+
+        @app.task(queue=queue)
+        async def introspect_async() -> int:
+            return current_job().attempt
+
+        job = introspect.enqueue()
+        other = introspect_async.enqueue()
+        self.worker(app, queue).run(burst=True)
+        assert job.result(timeout=RESULT_WAIT) == job.id
+        assert [(c.id, c.attempt, c.queue, c.task) for c in seen] == [
+            (job.id, 1, queue, introspect.name),
+            (job.id, 2, queue, introspect.name),
+        ]
+        assert other.result(timeout=RESULT_WAIT) == 1
+
+    @requires(Capability.WORKER_REGISTRY)
+    def test_a_running_worker_registers_itself_and_leaves_when_it_stops(
+        self, app: Worq, queue: str
+    ) -> None:
+        worker = self.worker(app, queue, heartbeat=0.05)
+        with running(worker):
+            eventually(
+                lambda: worker.id in {w.id for w in app.broker.workers()},
+                what="the worker to register",
+            )
+            [info] = [w for w in app.broker.workers() if w.id == worker.id]
+            assert (info.pid, info.queues, info.concurrency) == (os.getpid(), (queue,), 4)
+        assert worker.id not in {w.id for w in app.broker.workers()}
