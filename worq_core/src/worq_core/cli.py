@@ -41,6 +41,7 @@ from worq_core.errors import (
 from worq_core.job import Envelope
 from worq_core.models import Capability, JobStatus
 from worq_core.registry import PluginLoadWarning, default_registry
+from worq_core.supervisor import REPLACE_ME, Supervisor
 from worq_core.worker import WorkerSettings
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -315,8 +316,9 @@ def worker_logging(level: str, fmt: str) -> Iterator[None]:
     "--queues",
     "-Q",
     metavar="A,B",
-    help="Comma-separated queues, highest priority first [default: every queue the app's "
-    "tasks declare].",
+    help="Comma-separated queues, highest priority first, or with weights (high:3,default:1: "
+    "each fetch draws the order, high first three times as often) [default: every queue the "
+    "app's tasks declare].",
 )
 @click.option(
     "--concurrency",
@@ -324,7 +326,15 @@ def worker_logging(level: str, fmt: str) -> Iterator[None]:
     type=click.IntRange(min=1),
     default=8,
     show_default=True,
-    help="Jobs run at once.",
+    help="Jobs run at once in each process.",
+)
+@click.option(
+    "--processes",
+    "-p",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes; more than one starts a supervisor that restarts any that die.",
 )
 @click.option("--burst", is_flag=True, help="Exit once no job is ready, delayed or running.")
 @click.option(
@@ -344,6 +354,18 @@ def worker_logging(level: str, fmt: str) -> Iterator[None]:
     help="Lease (visibility timeout) of a fetched job; the heartbeat renews it.",
 )
 @click.option(
+    "--max-jobs-per-process",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Replace a worker process (gracefully) after it has run N jobs.",
+)
+@click.option(
+    "--max-memory-per-process",
+    type=click.IntRange(min=1),
+    metavar="MB",
+    help="Replace a worker process (gracefully) once its resident memory passes MB megabytes.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
     default="info",
@@ -354,36 +376,138 @@ def worker_logging(level: str, fmt: str) -> Iterator[None]:
     type=click.Choice(("text", "json")),
     default="text",
     show_default=True,
-    help="json: one JSON object per line (time, level, logger, message).",
+    help="json: one JSON object per line (time, level, logger, message, job_id, task).",
 )
+@click.option("--supervised", is_flag=True, hidden=True)
 @click.pass_obj
 def worker(
     state: CliState,
     app_spec: str,
     queues: str | None,
     concurrency: int,
+    processes: int,
     burst: bool,
     grace: float,
     lease: float,
+    max_jobs_per_process: int | None,
+    max_memory_per_process: int | None,
     log_level: str,
     log_format: str,
+    supervised: bool,
 ) -> None:
     """Run a worker until SIGTERM/SIGINT, or until idle with --burst.
 
     The first signal stops fetching and lets running jobs finish within --grace seconds; a
-    second one hands unfinished jobs back at once. Exits 0 after a graceful shutdown.
+    second one hands unfinished jobs back at once. Exits 0 after a shutdown; with --processes,
+    non-zero only if worker processes keep dying.
     """
-    queue_list = _split_queues(queues)
-    app = _app(state, app_spec)
+    weighted = _split_weighted_queues(queues)
+    broker = click.get_current_context().meta.get(_BROKER_KEY) or state.broker
+    app = load_app(app_spec, broker)
+    child = _child_command(
+        app_spec,
+        broker,
+        queues,
+        concurrency,
+        burst,
+        grace,
+        lease,
+        max_jobs_per_process,
+        max_memory_per_process,
+        log_level,
+        log_format,
+    )
+    shared = Capability.SHARED in app.broker.capabilities
+    for option, given in (
+        (f"--processes {processes}", processes > 1),
+        ("--max-jobs-per-process", max_jobs_per_process is not None),
+        ("--max-memory-per-process", max_memory_per_process is not None),
+    ):
+        if given and not shared:
+            # A fresh process would start with an empty broker: every queued job would be lost.
+            raise CliError(
+                f"{option} needs a broker that processes can share; "
+                f"{app.broker.name}:// lives inside one process"
+            )
+    if processes > 1:
+        with worker_logging(log_level, log_format):
+            sys.exit(Supervisor([*child, "--supervised"], processes, grace=grace).run())
+    weighted = weighted or [(name, 1) for name in app.default_queues()]
+    weights = tuple(w for _, w in weighted)
     settings = WorkerSettings(
-        queues=tuple(queue_list or app.default_queues()),
+        queues=tuple(name for name, _ in weighted),
+        weights=weights if any(w != 1 for w in weights) else None,
         concurrency=concurrency,
         lease=lease,
         grace=grace,
+        max_jobs=max_jobs_per_process,
+        max_memory=None if max_memory_per_process is None else max_memory_per_process << 20,
+        isolated_heartbeat=True,
+        recycle_when_stuck=shared,
     )
     # The app belongs to the user's module, which may still use it: the CLI does not close it.
     with worker_logging(log_level, log_format):
-        app.worker(settings=settings).run(burst=burst)
+        reason = app.worker(settings=settings).run(burst=burst)
+    if reason.wants_replacement:
+        if supervised:
+            sys.exit(REPLACE_ME)
+        # No supervisor: this process replaces itself, with the same command line.
+        logging.getLogger("worq.worker").info("replacing this process (%s)", reason.value)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(child[0], child)
+
+
+def _split_weighted_queues(value: str | None) -> list[tuple[str, int]] | None:
+    names = _split_queues(value)
+    if names is None:
+        return None
+    weighted = []
+    for entry in names:
+        name, sep, weight = entry.partition(":")
+        if not sep:
+            weighted.append((name, 1))
+            continue
+        if not weight.isdigit() or int(weight) < 1 or not name:
+            raise click.BadParameter(
+                f"{entry!r}: a weight is a whole number of at least 1, as in high:3",
+                param_hint="--queues",
+            )
+        weighted.append((name, int(weight)))
+    return weighted
+
+
+def _child_command(
+    app_spec: str,
+    broker: str | None,
+    queues: str | None,
+    concurrency: int,
+    burst: bool,
+    grace: float,
+    lease: float,
+    max_jobs: int | None,
+    max_memory: int | None,
+    log_level: str,
+    log_format: str,
+) -> list[str]:
+    """The command line of one worker process with these options.
+
+    The supervisor starts its children with it, and a lone worker replaces itself with it.
+    """
+    command = [sys.executable, "-m", "worq_core", "worker", app_spec]
+    command += ["--concurrency", str(concurrency), "--grace", str(grace), "--lease", str(lease)]
+    command += ["--log-level", log_level, "--log-format", log_format]
+    if broker:
+        command += ["--broker", broker]
+    if queues:
+        command += ["--queues", queues]
+    if burst:
+        command.append("--burst")
+    if max_jobs is not None:
+        command += ["--max-jobs-per-process", str(max_jobs)]
+    if max_memory is not None:
+        command += ["--max-memory-per-process", str(max_memory)]
+    return command
 
 
 # -- enqueue -----------------------------------------------------------------------------------

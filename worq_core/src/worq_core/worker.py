@@ -46,7 +46,8 @@ from worq_core.errors import (
     WorqError,
 )
 from worq_core.job import Envelope, ErrorInfo, encode_failure, encode_success
-from worq_core.models import Delivery, Outcome, Settlement, WorkerInfo
+from worq_core.lease_keeper import LeaseKeeper
+from worq_core.models import Capability, Delivery, Outcome, Settlement, WorkerInfo
 
 if TYPE_CHECKING:
     from worq_core.app import Worq
@@ -82,6 +83,10 @@ class WorkerSettings:
     replace the process before leaks in task code grow without bound."""
     max_memory: int | None = None
     """Stop gracefully once the process's resident memory exceeds this many bytes."""
+    isolated_heartbeat: bool = False
+    """Renew leases from a separate process (:mod:`worq_core.lease_keeper`) that a task holding
+    the GIL cannot starve. Needs a shared broker that can be rebuilt from its URL; otherwise
+    the heartbeat thread renews them. ``worq worker`` turns it on."""
     recycle_when_stuck: bool = False
     """Stop gracefully (``exit_reason`` "stuck") when a sync task overruns its timeout, since
     its thread cannot be stopped; ``worq worker`` sets it and replaces the process."""
@@ -262,6 +267,7 @@ class Worker:
         self._slots: _SlotThreads | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rng = random.Random()
+        self._keeper: LeaseKeeper | None = None
         self._broker_stores_results = app.broker.stores_results_in(app.storage)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -287,6 +293,7 @@ class Worker:
         self._loop.call_soon(loop_ready.set)
         loop_thread.start()
         loop_ready.wait()
+        self._keeper = self._start_lease_keeper()
         heartbeat = threading.Thread(target=self._heartbeat, name="worq-heartbeat", daemon=True)
         heartbeat.start()
         with self._signals():
@@ -301,6 +308,8 @@ class Worker:
                 loop_thread.join()
                 self._loop.close()
                 self._slots.stop()
+                if self._keeper is not None:
+                    self._keeper.close()
                 with contextlib.suppress(WorqError):
                     self.app.broker.unregister_worker(self.id)
         if self.exit_reason is None:
@@ -356,6 +365,16 @@ class Worker:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _start_lease_keeper(self) -> LeaseKeeper | None:
+        if not self.settings.isolated_heartbeat:
+            return None
+        broker = self.app.broker
+        if Capability.SHARED not in broker.capabilities or not broker.url:
+            log.info("leases renewed by a thread: %s cannot be shared with a process", broker.name)
+            return None
+        log.info("leases renewed by a separate process")
+        return LeaseKeeper(broker.url, self.settings.lease, self.settings.heartbeat_interval)
 
     def _run_loop(self) -> None:
         assert self._loop is not None
@@ -673,6 +692,9 @@ class Worker:
         """Extend every held lease; returns when leases were last known to be renewed."""
         with self._lock:
             held = [r.delivery for r in self._held.values()]
+        if self._keeper is not None:
+            self._keeper.hold(held)  # it renews them on its own schedule
+            return time.monotonic()
         if not held:
             return time.monotonic()
         try:
