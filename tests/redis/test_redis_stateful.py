@@ -100,7 +100,11 @@ class Machine(RuleBasedStateMachine):
             self.queue_of.setdefault(job_id, target)
             eta = None if delay is None else self.clock.now + delay
             messages.append(Message(job_id, target, job_id.encode(), priority, eta))
-        assert self.redis.enqueue(messages) == self.memory.enqueue(messages)
+        added = self.redis.enqueue(messages)
+        assert added == self.memory.enqueue(messages)
+        for message, new in zip(messages, added, strict=True):
+            if new:  # an id that comes back after an ack starts its attempts again
+                self.delivered[message.id] = 0
 
     @rule(
         queues=st.permutations(QUEUES),
