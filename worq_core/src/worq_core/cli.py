@@ -269,7 +269,8 @@ def app_argument(command: Callable[..., Any]) -> Callable[..., Any]:
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message``.
 
-    An exception, if any, is added as ``exc_info`` (its formatted traceback).
+    Job lines add ``job_id``, ``task`` and ``queue``; an exception, if any, is added as
+    ``exc_info`` (its formatted traceback).
     """
 
     def format(self, record: logging.LogRecord) -> str:
@@ -282,6 +283,9 @@ class JsonLogFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for extra in ("job_id", "task", "queue"):  # set on every job line by the worker
+            if extra in record.__dict__:
+                entry[extra] = record.__dict__[extra]
         if record.exc_info:
             entry["exc_info"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -357,13 +361,13 @@ def worker_logging(level: str, fmt: str) -> Iterator[None]:
     "--max-jobs-per-process",
     type=click.IntRange(min=1),
     metavar="N",
-    help="Replace a worker process (gracefully) after it has run N jobs.",
+    help="Replace a worker process (gracefully) after it has handled N jobs.",
 )
 @click.option(
     "--max-memory-per-process",
     type=click.IntRange(min=1),
     metavar="MB",
-    help="Replace a worker process (gracefully) once its resident memory passes MB megabytes.",
+    help="Replace a worker process (gracefully) once its resident memory passes MB MiB.",
 )
 @click.option(
     "--log-level",
@@ -432,11 +436,12 @@ def worker(
     if processes > 1:
         with worker_logging(log_level, log_format):
             sys.exit(Supervisor([*child, "--supervised"], processes, grace=grace).run())
+    # Any "queue:weight" entry asks for weighted fetching (a:1,b:1 means an equal share).
+    use_weights = bool(queues) and ":" in (queues or "")
     weighted = weighted or [(name, 1) for name in app.default_queues()]
-    weights = tuple(w for _, w in weighted)
     settings = WorkerSettings(
         queues=tuple(name for name, _ in weighted),
-        weights=weights if any(w != 1 for w in weights) else None,
+        weights=tuple(w for _, w in weighted) if use_weights else None,
         concurrency=concurrency,
         lease=lease,
         grace=grace,
@@ -448,11 +453,12 @@ def worker(
     # The app belongs to the user's module, which may still use it: the CLI does not close it.
     with worker_logging(log_level, log_format):
         reason = app.worker(settings=settings).run(burst=burst)
+        if reason.wants_replacement and not supervised:
+            logging.getLogger("worq.worker").info("replacing this process (%s)", reason.value)
     if reason.wants_replacement:
         if supervised:
             sys.exit(REPLACE_ME)
         # No supervisor: this process replaces itself, with the same command line.
-        logging.getLogger("worq.worker").info("replacing this process (%s)", reason.value)
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(child[0], child)

@@ -46,10 +46,17 @@ class LeaseKeeper:
         self._process.start()
         child_end.close()
 
-    def hold(self, deliveries: Sequence[Delivery]) -> None:
-        """Replace the set of leases to renew (bodies are not sent)."""
+    def hold(self, deliveries: Sequence[Delivery]) -> bool:
+        """Replace the set of leases to renew (bodies are not sent).
+
+        Returns ``False`` if the keeper is gone, so the caller renews the leases itself.
+        """
         held: _Held = [(d.id, d.queue, d.token, d.attempts) for d in deliveries]
-        self._conn.send(held)
+        try:
+            self._conn.send(held)
+        except OSError:
+            return False
+        return self._process.is_alive()
 
     def is_alive(self) -> bool:
         """Whether the keeper process still runs."""
@@ -74,7 +81,10 @@ def _serve(
     log_level: int,
 ) -> None:
     """The keeper's main loop; runs in the child process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when the keeper stops
+    # The worker decides when the keeper stops (it closes the pipe, or dies): a SIGTERM sent to
+    # the whole process group must not take the keeper down while the worker finishes its jobs.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     from worq_core.registry import default_registry
 

@@ -30,6 +30,7 @@ class _Slot:
     index: int
     process: subprocess.Popen[bytes] | None = None
     started: float = 0.0
+    restart_at: float = 0.0
     finished: bool = False
     crashes: deque[float] = field(default_factory=deque)
 
@@ -124,12 +125,29 @@ class Supervisor:
         log.info("supervisor: worker %d started, pid %d", slot.index, slot.process.pid)
 
     def _watch(self) -> int:
+        stop_deadline: float | None = None
         while True:
+            now = time.monotonic()
+            if self._signals and stop_deadline is None:
+                stop_deadline = now + self.grace + 5
             for slot in self.slots:
-                if slot.finished or slot.process is None:
+                if slot.finished:
+                    continue
+                if slot.process is None:  # waiting out a crash backoff
+                    if self._signals:
+                        slot.finished = True
+                    elif now >= slot.restart_at:
+                        self.restarts += 1
+                        self._start(slot)
                     continue
                 code = slot.process.poll()
                 if code is None:
+                    if stop_deadline is not None and now > stop_deadline:
+                        log.warning(
+                            "supervisor: worker pid %d outlived the grace period; killing it",
+                            slot.process.pid,
+                        )
+                        slot.process.kill()
                     continue
                 if self._signals or code == 0:
                     slot.finished = True
@@ -147,18 +165,17 @@ class Supervisor:
                     )
                     self.restarts += 1
                     self._start(slot)
-                elif not self._crashed(slot, code):
+                elif not self._crashed(slot, code, now):
                     return 1
             if all(slot.finished for slot in self.slots):
                 return 0
             self._wake.wait(0.1)
             self._wake.clear()
 
-    def _crashed(self, slot: _Slot, code: int) -> bool:
-        """Handle a crash; returns False when the slot crashes too often to keep alive."""
+    def _crashed(self, slot: _Slot, code: int, now: float) -> bool:
+        """Schedule a restart; returns False when the slot crashes too often to keep alive."""
         assert slot.process is not None
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        now = time.monotonic()
         slot.crashes.append(now)
         while slot.crashes and slot.crashes[0] < now - self.crash_window:
             slot.crashes.popleft()
@@ -179,13 +196,8 @@ class Supervisor:
             how,
             backoff,
         )
-        if self._wake.wait(backoff):
-            self._wake.clear()
-        if not self._signals:
-            self.restarts += 1
-            self._start(slot)
-        else:
-            slot.finished = True
+        slot.process = None
+        slot.restart_at = now + backoff
         return True
 
     def _stop_all(self) -> None:

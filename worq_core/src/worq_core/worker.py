@@ -55,6 +55,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("worq.worker")
 
+#: A second SIGTERM/SIGINT this soon after the first is taken as the same request delivered
+#: twice, not as "stop at once".
+DUPLICATE_SIGNAL_WINDOW = 0.5
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
@@ -210,7 +214,10 @@ class _SlotThreads:
 
     def _serve(self) -> None:
         while (work := self._inbox.get()) is not None:
-            work()
+            try:
+                work()
+            except Exception:  # a bug in worq or a plugin; the thread must keep serving
+                log.exception("unexpected error on a slot thread")
             with self._lock:
                 if self._surplus:
                     self._surplus -= 1
@@ -267,6 +274,7 @@ class Worker:
         self._slots: _SlotThreads | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rng = random.Random()
+        self._stop_requested_at = -float("inf")
         self._keeper: LeaseKeeper | None = None
         self._broker_stores_results = app.broker.stores_results_in(app.storage)
 
@@ -294,6 +302,7 @@ class Worker:
         loop_thread.start()
         loop_ready.wait()
         self._keeper = self._start_lease_keeper()
+        self._register()
         heartbeat = threading.Thread(target=self._heartbeat, name="worq-heartbeat", daemon=True)
         heartbeat.start()
         with self._signals():
@@ -326,6 +335,7 @@ class Worker:
 
     def stop(self) -> None:
         """Ask the worker to stop: gracefully the first time, at once the second time."""
+        self._stop_requested_at = time.monotonic()
         if self._stopping.is_set():
             if not self._abort.is_set():
                 log.info("second stop request: handing back unfinished jobs now")
@@ -357,6 +367,10 @@ class Worker:
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             log.info("received %s", signal.Signals(signum).name)
+            if time.monotonic() - self._stop_requested_at < DUPLICATE_SIGNAL_WINDOW:
+                # The same stop delivered twice (to the process group and by a supervisor),
+                # not an impatient second request.
+                return
             self.stop()
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -636,9 +650,14 @@ class Worker:
         if record is not None and not self._broker_stores_results:
             try:
                 self.app.storage.save({job_id: record}, self.app.result_ttl)
-            except WorqError as exc:
+            except Exception as exc:  # a plugin's own exception type too: the job must not hang
                 # Not settling lets the lease run out, so the job runs again: at-least-once.
-                log.error("job %s: storing its result failed, it will run again: %s", job_id, exc)
+                log.error(
+                    "job %s: storing its result failed, it will run again: %s",
+                    job_id,
+                    exc,
+                    exc_info=not isinstance(exc, WorqError),
+                )
                 with self._lock:
                     self._held.pop(job_id, None)
                 return
@@ -650,8 +669,13 @@ class Worker:
         if direct:
             try:
                 applied = self.app.broker.settle([settlement])
-            except WorqError as exc:
-                log.warning("job %s: settling failed, the fetch loop will retry: %s", job_id, exc)
+            except Exception as exc:  # a plugin's own exception type too
+                log.warning(
+                    "job %s: settling failed, the fetch loop will retry: %s",
+                    job_id,
+                    exc,
+                    exc_info=not isinstance(exc, WorqError),
+                )
                 with self._lock:
                     self._settle_queue.append(settlement)
                     self._lock.notify_all()
@@ -693,8 +717,10 @@ class Worker:
         with self._lock:
             held = [r.delivery for r in self._held.values()]
         if self._keeper is not None:
-            self._keeper.hold(held)  # it renews them on its own schedule
-            return time.monotonic()
+            if self._keeper.hold(held):
+                return time.monotonic()  # it renews them on its own schedule
+            log.error("the lease keeper process is gone; renewing leases from a thread")
+            self._keeper = None
         if not held:
             return time.monotonic()
         try:
