@@ -11,6 +11,7 @@ from worq_core import (
     BrokerConnectionError,
     Delivery,
     ExitReason,
+    JobFailed,
     Settlement,
     StorageConnectionError,
     WorkerSettings,
@@ -161,3 +162,156 @@ def test_an_unexpected_broker_bug_does_not_kill_the_heartbeat() -> None:
     assert job.result(timeout=5) == "ok"
     assert runs == [1]
     assert BuggyExtend.calls > 2
+
+
+def test_an_exception_that_cannot_even_print_itself_is_dead_lettered() -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    app = Worq("memory://")
+
+    @app.task(max_retries=0)
+    def bad() -> None:
+        raise Unprintable
+
+    job = bad.enqueue()
+    app.worker(settings=settings(lease=0.5)).run(burst=True)
+    with pytest.raises(JobFailed, match=r"<unprintable .*Unprintable>"):
+        job.result(timeout=5)
+
+
+def test_a_storage_failing_with_its_own_exception_type_does_not_strand_the_job() -> None:
+    class OddStorage(MemoryStorage):
+        failures = 1
+
+        def save(self, records: Mapping[str, bytes], ttl: float) -> None:
+            if OddStorage.failures:
+                OddStorage.failures -= 1
+                raise ConnectionResetError("plugin forgot to wrap this")
+            super().save(records, ttl)
+
+    app = Worq(MemoryBroker(), storage=OddStorage())
+    runs: list[int] = []
+
+    @app.task
+    def job() -> int:
+        runs.append(1)
+        return len(runs)
+
+    handle = job.enqueue()
+    app.worker(settings=settings(lease=0.3, concurrency=1)).run(burst=True)
+    assert handle.result(timeout=5) == 2
+
+
+def test_an_abandoned_thread_retires_itself_and_the_others_keep_serving() -> None:
+    app = Worq("memory://")
+    release = threading.Event()
+
+    @app.task(timeout=0.2, max_retries=0)
+    def stuck() -> None:
+        release.wait(30)
+
+    @app.task(timeout=2.0)
+    def quick(i: int) -> int:
+        threading.Event().wait(0.05)  # a little work
+        return i
+
+    try:
+        stuck.enqueue()
+        jobs = quick.enqueue_many([(i,) for i in range(8)])
+        app.worker(settings=settings(concurrency=2)).run(burst=True)
+        assert [j.result(timeout=5) for j in jobs] == list(range(8)), "none timed out"
+    finally:
+        release.set()
+
+
+def test_a_graceful_stop_waits_for_a_result_that_is_still_being_stored() -> None:
+    saving = threading.Event()
+
+    class SlowStorage(MemoryStorage):
+        def save(self, records: Mapping[str, bytes], ttl: float) -> None:
+            saving.set()
+            threading.Event().wait(0.5)  # a slow network write
+            super().save(records, ttl)
+
+    app = Worq(MemoryBroker(), storage=SlowStorage())
+
+    @app.task
+    def answer() -> int:
+        return 42
+
+    job = answer.enqueue()
+    worker = app.worker(settings=settings())
+    with running(worker):
+        assert saving.wait(5)
+        worker.stop()
+    assert worker.exit_reason is ExitReason.STOPPED
+    assert app.broker.job_state("default", job.id) is None, "acked, not left to run again"
+    assert job.result(timeout=0) == 42
+
+
+def test_one_stop_during_a_retirement_is_still_graceful() -> None:
+    app = Worq("memory://")
+    started, proceed = threading.Event(), threading.Event()
+
+    @app.task
+    def long_job() -> str:
+        started.set()
+        proceed.wait(10)
+        return "done"
+
+    job = long_job.enqueue()
+    worker = app.worker(settings=settings(max_memory=1, heartbeat=0.05))
+    with running(worker):
+        assert started.wait(5)
+        eventually(lambda: worker.exit_reason is ExitReason.MAX_MEMORY, what="the retirement")
+        worker.stop()  # e.g. the supervisor forwarding a SIGTERM
+        proceed.set()
+    assert worker.exit_reason is ExitReason.MAX_MEMORY
+    assert job.result(timeout=5) == "done"
+
+
+def test_a_worker_at_its_job_limit_waits_without_spinning() -> None:
+    class Counting(MemoryBroker):
+        calls = 0
+
+        def settle_and_fetch(self, *args: Any, **kwargs: Any) -> tuple[list[bool], list[Delivery]]:
+            Counting.calls += 1
+            return super().settle_and_fetch(*args, **kwargs)
+
+    app = Worq(Counting())
+
+    @app.task
+    def slow() -> None:
+        threading.Event().wait(0.5)
+
+    slow.enqueue_many([(), ()])
+    worker = app.worker(settings=settings(max_jobs=1))
+    assert worker.run() is ExitReason.MAX_JOBS
+    assert Counting.calls < 20
+
+
+def test_a_run_whose_lease_was_lost_does_not_store_its_result() -> None:
+    class LosesTheFirstLease(MemoryBroker):
+        lost = False
+
+        def extend(self, deliveries: Sequence[Delivery], lease: float) -> list[bool]:
+            if deliveries and not LosesTheFirstLease.lost:
+                LosesTheFirstLease.lost = True
+                return [False] * len(deliveries)
+            return super().extend(deliveries, lease)
+
+    app = Worq(LosesTheFirstLease())
+    runs: list[int] = []
+
+    @app.task
+    def job() -> str:
+        runs.append(1)
+        threading.Event().wait(0.3)  # a few heartbeats long
+        return f"run {len(runs)}"
+
+    handle = job.enqueue()
+    app.worker(settings=settings(lease=1.0, heartbeat=0.05, concurrency=1)).run(burst=True)
+    assert handle.result(timeout=5) == "run 2"
+    assert len(runs) == 2

@@ -433,7 +433,8 @@ def worker(
                 f"{option} needs a broker that processes can share; "
                 f"{app.broker.name}:// lives inside one process"
             )
-    if processes > 1:
+    # Recycling needs someone to start the successor: a supervisor, even for one process.
+    if (processes > 1 or max_jobs_per_process or max_memory_per_process) and not supervised:
         with worker_logging(log_level, log_format):
             sys.exit(Supervisor([*child, "--supervised"], processes, grace=grace).run())
     # Any "queue:weight" entry asks for weighted fetching (a:1,b:1 means an equal share).
@@ -448,20 +449,14 @@ def worker(
         max_jobs=max_jobs_per_process,
         max_memory=None if max_memory_per_process is None else max_memory_per_process << 20,
         isolated_heartbeat=True,
-        recycle_when_stuck=shared,
+        recycle_when_stuck=supervised,
+        stop_when_orphaned=supervised,
     )
     # The app belongs to the user's module, which may still use it: the CLI does not close it.
     with worker_logging(log_level, log_format):
         reason = app.worker(settings=settings).run(burst=burst)
-        if reason.wants_replacement and not supervised:
-            logging.getLogger("worq.worker").info("replacing this process (%s)", reason.value)
-    if reason.wants_replacement:
-        if supervised:
-            sys.exit(REPLACE_ME)
-        # No supervisor: this process replaces itself, with the same command line.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execv(child[0], child)
+    if supervised and reason.wants_replacement:
+        sys.exit(REPLACE_ME)
 
 
 def _split_weighted_queues(value: str | None) -> list[tuple[str, int]] | None:
@@ -496,10 +491,7 @@ def _child_command(
     log_level: str,
     log_format: str,
 ) -> list[str]:
-    """The command line of one worker process with these options.
-
-    The supervisor starts its children with it, and a lone worker replaces itself with it.
-    """
+    """The command line of one supervised worker process with these options."""
     command = [sys.executable, "-m", "worq_core", "worker", app_spec]
     command += ["--concurrency", str(concurrency), "--grace", str(grace), "--lease", str(lease)]
     command += ["--log-level", log_level, "--log-format", log_format]

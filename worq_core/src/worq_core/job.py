@@ -83,7 +83,11 @@ class ErrorInfo:
             if kind.__module__ == "builtins"
             else f"{kind.__module__}.{kind.__qualname__}"
         )
-        return cls(name, str(exc), traceback)
+        try:
+            message = str(exc)
+        except Exception:  # noqa: BLE001 - a user exception whose __str__ itself fails
+            message = f"<unprintable {kind.__qualname__}>"
+        return cls(name, message, traceback)
 
     def summary(self) -> str:
         """One line: ``Type: message``."""

@@ -123,6 +123,9 @@ class Supervisor:
         slot.process = subprocess.Popen(self.command, process_group=0)
         slot.started = time.monotonic()
         log.info("supervisor: worker %d started, pid %d", slot.index, slot.process.pid)
+        if self._signals:  # a stop arrived while it was being spawned
+            with contextlib.suppress(ProcessLookupError):
+                slot.process.send_signal(signal.SIGTERM)
 
     def _watch(self) -> int:
         stop_deadline: float | None = None

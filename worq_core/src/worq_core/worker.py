@@ -92,8 +92,12 @@ class WorkerSettings:
     the GIL cannot starve. Needs a shared broker that can be rebuilt from its URL; otherwise
     the heartbeat thread renews them. ``worq worker`` turns it on."""
     recycle_when_stuck: bool = False
-    """Stop gracefully (``exit_reason`` "stuck") when a sync task overruns its timeout, since
-    its thread cannot be stopped; ``worq worker`` sets it and replaces the process."""
+    """Stop gracefully (``exit_reason`` "stuck") when a task overruns its timeout and cannot
+    be stopped, so that a supervisor replaces the process (``worq worker`` with a shared broker
+    runs under one and sets this)."""
+    stop_when_orphaned: bool = False
+    """Stop gracefully if the parent process dies (set for a supervisor's children, so a
+    SIGKILLed supervisor leaves no workers behind)."""
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -110,6 +114,8 @@ class WorkerSettings:
             self.max_memory is not None and self.max_memory < 1
         ):
             raise ValueError("max_jobs and max_memory must be positive")
+        if self.heartbeat is not None and not 0 < self.heartbeat < self.lease:
+            raise ValueError("heartbeat must be positive and shorter than the lease")
 
     def fetch_order(self, rng: random.Random) -> tuple[str, ...]:
         """The queues in the order to ask them for jobs this time."""
@@ -159,7 +165,7 @@ class WorkerCounters:
     retried: int = 0
     dead: int = 0
     refused: int = 0
-    """Settlements the broker refused because the lease had expired."""
+    """Settlements the broker refused because the lease had expired (the job ran elsewhere)."""
 
     @property
     def done(self) -> int:
@@ -169,15 +175,22 @@ class WorkerCounters:
 
 @dataclass(slots=True, eq=False)
 class _Running:
-    """A job the worker holds a lease on, from fetch until the broker accepted its settlement."""
+    """A job the worker holds a lease on, from fetch until the broker took its settlement."""
 
     delivery: Delivery
     task: Task[Any, Any] | None = None
     envelope: Envelope | None = None
     deadline: float | None = None
+    """When the watchdog fails the run (monotonic); set when the code starts running."""
     decided: bool = False
-    """Set once an outcome was chosen (by the job's thread or by the timeout watchdog)."""
+    """An outcome was chosen, by the job's own thread, the watchdog, or shutdown."""
+    handed_off: bool = False
+    """Its settlement was queued or sent (or dropped): nothing more to wait for."""
     holds_slot: bool = False
+    abandoned: bool = False
+    """The watchdog gave up on it; its thread retires when (if ever) the code returns."""
+    lost: bool = False
+    """The broker said its lease is gone: its result must not overwrite the real one."""
     future: Any = None
 
     @property
@@ -194,46 +207,38 @@ class _SlotThreads:
     """A set of daemon threads for sync tasks.
 
     Daemon threads (unlike ``ThreadPoolExecutor``'s) let the process exit when the grace period
-    runs out while a task is stuck. A stuck thread is replaced with :meth:`grow`; the next thread
-    to finish its work retires, so the number serving stays the same.
+    runs out while a task is stuck. A work item returns ``True`` when its thread must retire (it
+    was abandoned at a timeout and :meth:`grow` already put a fresh thread in its place).
     """
 
     def __init__(self, size: int, name: str) -> None:
         self._name = name
-        self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._surplus = 0
+        self._inbox: queue.SimpleQueue[Callable[[], bool] | None] = queue.SimpleQueue()
+        self._started = 0
         self._lock = threading.Lock()
-        self._count = 0
         for _ in range(size):
-            self._start()
-
-    def _start(self) -> None:
-        self._count += 1
-        name = f"{self._name}-{self._count}"
-        threading.Thread(target=self._serve, name=name, daemon=True).start()
+            self.grow()
 
     def _serve(self) -> None:
         while (work := self._inbox.get()) is not None:
             try:
-                work()
+                if work():
+                    return
             except Exception:  # a bug in worq or a plugin; the thread must keep serving
                 log.exception("unexpected error on a slot thread")
-            with self._lock:
-                if self._surplus:
-                    self._surplus -= 1
-                    return
 
-    def submit(self, work: Callable[[], None]) -> None:
+    def submit(self, work: Callable[[], bool]) -> None:
         self._inbox.put(work)
 
     def grow(self) -> None:
-        """Add a thread in place of one that is stuck in a task."""
+        """Start one more thread (at start-up, or in place of one stuck in a task)."""
         with self._lock:
-            self._surplus += 1
-            self._start()
+            self._started += 1
+            name = f"{self._name}-{self._started}"
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
 
     def stop(self) -> None:
-        for _ in range(self._count):
+        for _ in range(self._started):
             self._inbox.put(None)
 
 
@@ -247,12 +252,17 @@ def resident_memory() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+#: Extra time an async task gets past its timeout to honour cancellation before the watchdog
+#: gives up on it (it swallowed CancelledError, or blocks the event loop).
+ASYNC_CANCEL_GRACE = 1.0
+
+
 class Worker:
     """Runs an app's jobs. Create it with :meth:`Worq.worker`; call :meth:`run`.
 
     :meth:`stop` may be called from any thread (or a signal handler): the first call stops
-    fetching and lets in-flight jobs finish within ``grace``; a second one hands back what is
-    unfinished and returns at once. :attr:`exit_reason` tells why :meth:`run` returned.
+    fetching and lets in-flight jobs finish within ``grace``; a second one puts unfinished jobs
+    back in their queue and returns at once. :attr:`exit_reason` tells why :meth:`run` returned.
     """
 
     def __init__(self, app: Worq, settings: WorkerSettings) -> None:
@@ -263,19 +273,21 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.started = time.time()
         self._lock = threading.Condition()
-        self._held: dict[str, _Running] = {}  # every unsettled lease, by job id
+        self._held: dict[str, _Running] = {}  # every unsettled lease, by lease token
         self._busy = 0  # slots in use
         self._settle_queue: list[Settlement] = []
         self._fetch_blocked = False
         self._stopping = threading.Event()
         self._abort = threading.Event()
+        self._stop_requests = 0
+        self._stop_requested_at = -float("inf")
         self._done = threading.Event()
         self._wake_heartbeat = threading.Event()
         self._slots: _SlotThreads | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._rng = random.Random()
-        self._stop_requested_at = -float("inf")
         self._keeper: LeaseKeeper | None = None
+        self._parent = os.getppid()
+        self._rng = random.Random()
         self._broker_stores_results = app.broker.stores_results_in(app.storage)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -294,6 +306,7 @@ class Worker:
             settings.lease,
             self.app.broker.name,
         )
+        self._parent = os.getppid()
         self._slots = _SlotThreads(settings.concurrency, "worq-slot")
         loop_thread = threading.Thread(target=self._run_loop, name="worq-asyncio", daemon=True)
         loop_ready = threading.Event()
@@ -319,7 +332,7 @@ class Worker:
                 self._slots.stop()
                 if self._keeper is not None:
                     self._keeper.close()
-                with contextlib.suppress(WorqError):
+                with contextlib.suppress(Exception):
                     self.app.broker.unregister_worker(self.id)
         if self.exit_reason is None:
             self.exit_reason = ExitReason.ABORTED if self._abort.is_set() else ExitReason.STOPPED
@@ -333,28 +346,34 @@ class Worker:
         )
         return self.exit_reason
 
+    @property
+    def stopping(self) -> bool:
+        """Whether the worker was asked to stop (or is retiring) and fetches no more."""
+        return self._stopping.is_set()
+
     def stop(self) -> None:
         """Ask the worker to stop: gracefully the first time, at once the second time."""
-        self._stop_requested_at = time.monotonic()
-        if self._stopping.is_set():
-            if not self._abort.is_set():
-                log.info("second stop request: handing back unfinished jobs now")
-                self.exit_reason = ExitReason.ABORTED
-            self._abort.set()
-        else:
-            log.info("stop requested: no more fetching, finishing in-flight jobs")
-            self._stopping.set()
         with self._lock:
+            self._stop_requests += 1
+            self._stop_requested_at = time.monotonic()
+            if self._stop_requests == 1:
+                log.info("stop requested: no more fetching, finishing in-flight jobs")
+                self._stopping.set()
+            elif not self._abort.is_set():
+                log.info("second stop request: putting unfinished jobs back now")
+                self.exit_reason = ExitReason.ABORTED
+                self._abort.set()
             self._lock.notify_all()
 
     def _retire(self, reason: ExitReason) -> None:
-        """Stop gracefully so that a fresh process can take over."""
-        if self.exit_reason is None and not self._stopping.is_set():
+        """Stop gracefully so that a fresh process can take over (not counted as a stop)."""
+        with self._lock:
+            if self.exit_reason is not None or self._stopping.is_set():
+                return
             self.exit_reason = reason
             log.info("worker %s retiring (%s): finishing in-flight jobs", self.id, reason.value)
             self._stopping.set()
-            with self._lock:
-                self._lock.notify_all()
+            self._lock.notify_all()
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
@@ -384,11 +403,12 @@ class Worker:
         if not self.settings.isolated_heartbeat:
             return None
         broker = self.app.broker
-        if Capability.SHARED not in broker.capabilities or not broker.url:
+        url = broker.shareable_url()
+        if url is None or Capability.SHARED not in broker.capabilities:
             log.info("leases renewed by a thread: %s cannot be shared with a process", broker.name)
             return None
         log.info("leases renewed by a separate process")
-        return LeaseKeeper(broker.url, self.settings.lease, self.settings.heartbeat_interval)
+        return LeaseKeeper(url, self.settings.lease, self.settings.heartbeat_interval)
 
     def _run_loop(self) -> None:
         assert self._loop is not None
@@ -402,32 +422,37 @@ class Worker:
         # In burst mode an idle fetch is kept short so the end of the work is noticed promptly.
         idle_wait = min(settings.idle_wait, 0.1) if burst else settings.idle_wait
         backoff = 0.0
-        while not self._stopping.is_set():
+        while True:
             with self._lock:
-                while self._busy >= settings.concurrency and not self._settle_queue:
-                    if self._stopping.is_set():
-                        return
+                while not self._settle_queue and not self._stopping.is_set():
+                    free = min(settings.concurrency - self._busy, self._budget())
+                    if free > 0 or (self._budget() <= 0 and not self._held):
+                        break
                     self._lock.wait(settings.idle_wait)
+                if self._stopping.is_set():
+                    return
                 settlements, self._settle_queue = self._settle_queue, []
-                free = settings.concurrency - self._busy
-                if settings.max_jobs is not None:
-                    free = min(free, settings.max_jobs - self.counters.fetched)
-                block = not settlements
+                free = max(0, min(settings.concurrency - self._busy, self._budget()))
                 idle = not self._held
-            if free <= 0 and not settlements and idle:
+                block = not settlements and free > 0
+                check_drained = burst and block and idle
+                # Set together with taking the queue: a job finishing from now on settles itself.
+                self._fetch_blocked = block and not check_drained
+            if not settlements and idle and self._budget() <= 0:
                 self._retire(ExitReason.MAX_JOBS)
                 return
-            if burst and block and idle and self._drained():
-                log.info("burst: no jobs left in %s", ",".join(settings.queues))
-                self.exit_reason = ExitReason.DRAINED
-                return
-            with self._lock:
-                self._fetch_blocked = block
+            if check_drained:
+                if self._drained():
+                    log.info("burst: no jobs left in %s", ",".join(settings.queues))
+                    self.exit_reason = ExitReason.DRAINED
+                    return
+                with self._lock:
+                    self._fetch_blocked = True
             try:
                 applied, deliveries = broker.settle_and_fetch(
                     settlements,
                     settings.fetch_order(self._rng),
-                    max(free, 0),
+                    free,
                     lease=settings.lease,
                     wait=idle_wait if block else 0.0,
                 )
@@ -453,17 +478,24 @@ class Worker:
             for delivery in deliveries:
                 self._dispatch(delivery)
 
+    def _budget(self) -> int:
+        """Jobs this worker may still fetch (``max_jobs``); called with the lock held."""
+        limit = self.settings.max_jobs
+        return sys.maxsize if limit is None else limit - self.counters.fetched
+
     def _drained(self) -> bool:
-        stats = self.app.broker.stats(self.settings.queues)
+        try:
+            stats = self.app.broker.stats(self.settings.queues)
+        except Exception as exc:  # noqa: BLE001 - a blip: not drained, the loop will try again
+            log.warning("burst: cannot read queue counts: %s", exc)
+            return False
         return all(s.ready == 0 and s.delayed == 0 and s.running == 0 for s in stats)
 
     def _settled(self, settlements: Sequence[Settlement], applied: Sequence[bool]) -> None:
         with self._lock:
             for settlement, ok in zip(settlements, applied, strict=True):
                 delivery = settlement.delivery
-                held = self._held.get(delivery.id)
-                if held is not None and held.delivery.token == delivery.token:
-                    del self._held[delivery.id]
+                held = self._held.pop(delivery.token, None)
                 if not ok:
                     self.counters.refused += 1
                     _job_log(
@@ -481,7 +513,7 @@ class Worker:
         running = _Running(delivery)
         with self._lock:
             self.counters.fetched += 1
-            self._held[delivery.id] = running
+            self._held[delivery.token] = running
         try:
             envelope = Envelope.decode(delivery.body, self.app.serializer)
         except DeserializationError as exc:
@@ -507,25 +539,30 @@ class Worker:
             _job_log(logging.ERROR, delivery, task.name, "%s; dead-lettered", reason)
             self._decide(running, dead=ErrorInfo("worq.AttemptsExhausted", reason))
             return
-        timeout = task.config.timeout
         with self._lock:
             self._busy += 1
             running.holds_slot = True
-            if timeout is not None and not task.is_async:
-                running.deadline = time.monotonic() + timeout
-                self._wake_heartbeat.set()  # it may need to wake earlier than it planned
         _job_log(logging.DEBUG, delivery, task.name, "attempt %d started", delivery.attempts)
         if task.is_async:
             assert self._loop is not None
-            future = asyncio.run_coroutine_threadsafe(self._run_async(running), self._loop)
-            running.future = future
+            running.future = asyncio.run_coroutine_threadsafe(self._run_async(running), self._loop)
         else:
             assert self._slots is not None
             self._slots.submit(lambda: self._run_sync(running))
 
-    def _run_sync(self, running: _Running) -> None:
+    def _start_clock(self, running: _Running, allowance: float) -> None:
+        """Arm the watchdog for a run that starts now."""
+        timeout = running.task.config.timeout if running.task else None
+        if timeout is not None:
+            with self._lock:
+                running.deadline = time.monotonic() + timeout + allowance
+            self._wake_heartbeat.set()  # it may need to wake earlier than it planned
+
+    def _run_sync(self, running: _Running) -> bool:
+        """Run a sync task on this slot thread; returns whether the thread must retire."""
         assert running.task is not None
         assert running.envelope is not None
+        self._start_clock(running, 0.0)
         token = _current_job.set(running.context())
         try:
             value = running.task.fn(*running.envelope.args, **running.envelope.kwargs)
@@ -535,12 +572,15 @@ class Worker:
             self._finished(running, value=value)
         finally:
             _current_job.reset(token)
+        with self._lock:
+            return running.abandoned
 
     async def _run_async(self, running: _Running) -> None:
         assert running.task is not None
         assert running.envelope is not None
         task, envelope = running.task, running.envelope
         _current_job.set(running.context())  # this coroutine runs in an asyncio task of its own
+        self._start_clock(running, ASYNC_CANCEL_GRACE)  # the watchdog is only a backstop
         try:
             coro = task.fn(*envelope.args, **envelope.kwargs)
             if task.config.timeout is None:
@@ -587,20 +627,43 @@ class Worker:
         value: Any = None,
         failure: ErrorInfo | None = None,
         dead: ErrorInfo | None = None,
-    ) -> None:
-        """Choose the outcome, store the record, and settle (at most once per delivery)."""
+    ) -> bool:
+        """Choose the outcome, store the record and settle; at most once per delivery.
+
+        Returns whether this call decided (``False``: the watchdog or shutdown came first).
+        Never raises: whatever goes wrong, the job is either settled or dropped so that its
+        lease runs out and it runs again.
+        """
         with self._lock:
             if running.decided:
-                return  # the timeout watchdog or a forced shutdown got here first
+                return False
             running.decided = True
+        try:
+            settlement, record = self._outcome(running, value, failure, dead)
+            self._settle(running, settlement, record)
+        except Exception:
+            log.exception("job %s: settling failed; its lease will run out", running.delivery.id)
+            self._drop(running)
+        return True
+
+    def _outcome(
+        self,
+        running: _Running,
+        value: Any,
+        failure: ErrorInfo | None,
+        dead: ErrorInfo | None,
+    ) -> tuple[Settlement, bytes | None]:
+        """The settlement (and storage record) for a run's result; counts it."""
         delivery, task = running.delivery, running.task
         serializer = self.app.serializer
-        record: bytes | None = None
         if dead is None and failure is None:
             try:
                 record = encode_success(serializer, value)
             except SerializationError as exc:
                 dead = ErrorInfo.from_exception(exc)
+            else:
+                self._count("succeeded")
+                return Settlement(delivery, Outcome.ACK), record
         if failure is not None:
             if task is not None and delivery.attempts <= task.config.max_retries:
                 delay = task.config.retry.delay(delivery.attempts)
@@ -613,9 +676,8 @@ class Worker:
                     failure.summary(),
                     delay,
                 )
-                self._settle(Settlement(delivery, Outcome.RETRY, delay, failure.summary()), None)
                 self._count("retried")
-                return
+                return Settlement(delivery, Outcome.RETRY, delay, failure.summary()), None
             dead = failure
             _job_log(
                 logging.ERROR,
@@ -625,26 +687,40 @@ class Worker:
                 delivery.attempts,
                 failure.summary(),
             )
-        if dead is not None:
-            self._settle(
-                Settlement(delivery, Outcome.DEAD, 0.0, dead.summary()),
-                encode_failure(serializer, dead),
-            )
-            self._count("dead")
-            return
-        self._settle(Settlement(delivery, Outcome.ACK), record)
-        self._count("succeeded")
+        assert dead is not None
+        self._count("dead")
+        return (
+            Settlement(delivery, Outcome.DEAD, 0.0, dead.summary()),
+            encode_failure(serializer, dead),
+        )
 
     def _count(self, outcome: str) -> None:
         with self._lock:
             setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
 
-    def _settle(self, settlement: Settlement, record: bytes | None) -> None:
+    def _drop(self, running: _Running) -> None:
+        """Give up on settling a run: forget it so its lease runs out and it runs again."""
+        with self._lock:
+            running.handed_off = True
+            self._held.pop(running.delivery.token, None)
+            self._lock.notify_all()
+
+    def _settle(self, running: _Running, settlement: Settlement, record: bytes | None) -> None:
         """Store the record, then settle with the fetch loop's next fetch.
 
         If the fetch loop is blocked waiting for new jobs, settle right here instead.
         """
         job_id = settlement.delivery.id
+        if running.lost:
+            # Another run owns the job now: its result, not ours, belongs in the storage.
+            _job_log(
+                logging.WARNING,
+                running.delivery,
+                running.task_name,
+                "its lease was lost; the result of this run is discarded",
+            )
+            self._drop(running)
+            return
         if record is not None:
             settlement = dataclasses.replace(settlement, record=record, ttl=self.app.result_ttl)
         if record is not None and not self._broker_stores_results:
@@ -658,10 +734,10 @@ class Worker:
                     exc,
                     exc_info=not isinstance(exc, WorqError),
                 )
-                with self._lock:
-                    self._held.pop(job_id, None)
+                self._drop(running)
                 return
         with self._lock:
+            running.handed_off = True
             direct = self._fetch_blocked
             if not direct:
                 self._settle_queue.append(settlement)
@@ -687,7 +763,8 @@ class Worker:
     def _heartbeat(self) -> None:
         """Enforce timeouts as they fall due; every interval, renew leases and register.
 
-        Also checks the memory limit. Never dies: an unexpected error is logged.
+        Also checks the memory limit and the parent process. Never dies: an unexpected error
+        is logged.
         """
         interval = self.settings.heartbeat_interval
         next_beat = time.monotonic() + interval
@@ -701,7 +778,7 @@ class Worker:
                 if time.monotonic() < next_beat or self._done.is_set():
                     continue
                 next_beat = time.monotonic() + interval
-                self._check_memory()
+                self._check_limits()
                 self._register()
                 renewed_at = self._renew_leases(renewed_at)
             except Exception:
@@ -715,39 +792,42 @@ class Worker:
     def _renew_leases(self, renewed_at: float) -> float:
         """Extend every held lease; returns when leases were last known to be renewed."""
         with self._lock:
-            held = [r.delivery for r in self._held.values()]
+            held = [r for r in self._held.values() if not r.handed_off]
         if self._keeper is not None:
-            if self._keeper.hold(held):
+            if self._keeper.hold([r.delivery for r in held]):
                 return time.monotonic()  # it renews them on its own schedule
             log.error("the lease keeper process is gone; renewing leases from a thread")
             self._keeper = None
         if not held:
             return time.monotonic()
         try:
-            alive = self.app.broker.extend(held, self.settings.lease)
+            alive = self.app.broker.extend([r.delivery for r in held], self.settings.lease)
         except WorqError as exc:
             silent = time.monotonic() - renewed_at
-            if silent > self.settings.lease:
-                log.error(
-                    "heartbeats have failed for %.0fs, longer than the %gs lease: the %d jobs "
-                    "held are presumed lost and may run again elsewhere: %s",
-                    silent,
-                    self.settings.lease,
-                    len(held),
-                    exc,
-                )
-            else:
+            if silent <= self.settings.lease:
                 log.warning("heartbeat failed, %d leases not renewed: %s", len(held), exc)
-            return renewed_at
-        for delivery, ok in zip(held, alive, strict=True):
-            if not ok:
+                return renewed_at
+            log.error(
+                "heartbeats have failed for %.0fs, longer than the %gs lease: the %d jobs held "
+                "are presumed lost and may run again elsewhere: %s",
+                silent,
+                self.settings.lease,
+                len(held),
+                exc,
+            )
+            alive = [False] * len(held)
+        else:
+            renewed_at = time.monotonic()
+        for running, ok in zip(held, alive, strict=True):
+            if not ok and not running.lost:
+                running.lost = True
                 _job_log(
                     logging.WARNING,
-                    delivery,
-                    "?",
-                    "lease lost (expired before its heartbeat); it may run twice",
+                    running.delivery,
+                    running.task_name,
+                    "lease lost (it expired before its heartbeat); the job may run twice",
                 )
-        return time.monotonic()
+        return renewed_at
 
     def _register(self) -> None:
         with self._lock:
@@ -764,14 +844,17 @@ class Worker:
             )
         try:
             self.app.broker.register_worker(info, ttl=3 * self.settings.heartbeat_interval + 5)
-        except WorqError as exc:
+        except Exception as exc:  # noqa: BLE001 - observability must never stop the work
             log.debug("registering the worker failed: %s", exc)
 
-    def _check_memory(self) -> None:
+    def _check_limits(self) -> None:
         limit = self.settings.max_memory
         if limit is not None and (used := resident_memory()) > limit:
             log.info("resident memory %d MiB passed the limit of %d MiB", used >> 20, limit >> 20)
             self._retire(ExitReason.MAX_MEMORY)
+        if self.settings.stop_when_orphaned and os.getppid() != self._parent:
+            log.warning("the parent process (pid %d) is gone; stopping", self._parent)
+            self.stop()
 
     def _expire_timeouts(self) -> None:
         now = time.monotonic()
@@ -782,61 +865,78 @@ class Worker:
                 if r.deadline is not None and r.deadline <= now and not r.decided
             ]
         for running in overdue:
-            assert running.task is not None
-            assert running.task.config.timeout is not None
+            task = running.task
+            assert task is not None
+            assert task.config.timeout is not None
+            exc = TaskTimeoutError(task.name, task.config.timeout)
+            if not self._decide(running, failure=ErrorInfo.from_exception(exc)):
+                continue  # it finished just in time
             _job_log(
                 logging.ERROR,
                 running.delivery,
-                running.task.name,
-                "timed out after %gs; its thread cannot be stopped and is left behind",
-                running.task.config.timeout,
+                task.name,
+                "timed out after %gs and could not be stopped; its slot goes to a fresh %s",
+                task.config.timeout,
+                "task" if task.is_async else "thread",
             )
-            exc = TaskTimeoutError(running.task.name, running.task.config.timeout)
-            self._decide(running, failure=ErrorInfo.from_exception(exc))
-            # The slot goes to a fresh thread; the stuck one retires whenever it returns.
+            with self._lock:
+                running.abandoned = True
             self._free_slot(running)
-            assert self._slots is not None
-            self._slots.grow()
+            if not task.is_async:
+                assert self._slots is not None
+                self._slots.grow()
             if self.settings.recycle_when_stuck:
                 self._retire(ExitReason.STUCK)
 
     def _shutdown(self) -> None:
-        """Wait for in-flight jobs within the grace period, settle them, hand back the rest."""
+        """Wait for in-flight jobs within the grace period and settle them; put the rest back.
+
+        Jobs still running when the grace period ends (or at a second stop) are settled as a
+        retry with no delay: they go back to their queue at once, and the attempt counts.
+        """
         deadline = time.monotonic() + self.settings.grace
         broker = self.app.broker
         while True:
             with self._lock:
                 settlements, self._settle_queue = self._settle_queue, []
-                # A job already decided (say, failed at its timeout) needs no waiting for, even
-                # if its thread is still busy.
-                undecided = sum(1 for r in self._held.values() if not r.decided)
+                pending = sum(1 for r in self._held.values() if not r.handed_off)
             if settlements:
                 try:
                     self._settled(settlements, broker.settle(settlements))
-                except WorqError as exc:
+                except Exception as exc:  # noqa: BLE001 - retried until the deadline
                     log.error("settling %d jobs at shutdown failed: %s", len(settlements), exc)
-            if undecided == 0 or self._abort.is_set() or time.monotonic() >= deadline:
+                    if self._abort.is_set() or time.monotonic() >= deadline:
+                        break
+                    with self._lock:
+                        self._settle_queue[:0] = settlements
+                    self._abort.wait(0.2)
+                    continue
+            if pending == 0 or self._abort.is_set() or time.monotonic() >= deadline:
                 break
-            log.info("waiting for %d running jobs to finish", undecided)
+            log.info("waiting for %d running jobs to finish", pending)
             with self._lock:
                 if not self._settle_queue and not self._abort.is_set():
                     self._lock.wait(min(1.0, max(0.0, deadline - time.monotonic())))
         with self._lock:
             unfinished = [r for r in self._held.values() if not r.decided]
-            self._held.clear()
             for running in unfinished:
-                running.decided = True  # late finishers must not settle a handed-back job
-        if unfinished:
-            if self.exit_reason is None or self.exit_reason is ExitReason.STOPPED:
-                self.exit_reason = ExitReason.ABORTED
-            log.info("handing back %d unfinished jobs", len(unfinished))
-            for running in unfinished:
-                if running.future is not None:
-                    running.future.cancel()
-            try:
-                broker.release([r.delivery for r in unfinished])
-            except WorqError as exc:
-                log.error("handing back jobs failed; their leases will expire: %s", exc)
+                running.decided = running.handed_off = True  # late finishers must not settle
+        if not unfinished:
+            return
+        if self.exit_reason is None or self.exit_reason is ExitReason.STOPPED:
+            self.exit_reason = ExitReason.ABORTED
+        log.info("putting %d unfinished jobs back in their queues", len(unfinished))
+        for running in unfinished:
+            if running.future is not None:
+                running.future.cancel()
+        back = [
+            Settlement(r.delivery, Outcome.RETRY, 0.0, "the worker stopped before it finished")
+            for r in unfinished
+        ]
+        try:
+            self._settled(back, broker.settle(back))
+        except Exception as exc:  # noqa: BLE001 - the leases are the fallback
+            log.error("putting jobs back failed; their leases will expire instead: %s", exc)
 
 
 def _job_log(level: int, delivery: Delivery, task: str, message: str, *args: Any) -> None:

@@ -65,7 +65,8 @@ def running(worker: Worker, timeout: float = 30.0) -> Iterator[Worker]:
     try:
         yield worker
     finally:
-        worker.stop()
+        if not worker.stopping:
+            worker.stop()
         thread.join(timeout)
         if thread.is_alive():
             worker.stop()
