@@ -1,0 +1,226 @@
+"""The production worker runtime on real Redis: `worq worker` processes, a supervisor, chaos.
+
+Every process is started by the test and signalled by its own pid; a private redis-server is
+used where connections get cut, so other test runs sharing the main server are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis_support import RedisServer, delete_prefix, new_prefix
+
+from worq_core import JobFailed, JobStatus, Worq
+
+HERE = Path(__file__).parent
+
+
+class Runtime:
+    """One test's broker URL, ledger and `worq worker` processes."""
+
+    def __init__(self, base_url: str) -> None:
+        self.prefix = new_prefix()
+        self.base_url = base_url
+        self.url = f"{base_url}?prefix={self.prefix}"
+        self.log = f"{self.prefix}:log"
+        self.client = redis.Redis.from_url(base_url)
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def app(self) -> Worq:
+        """The producer's side of runtime_app (same URL and prefix)."""
+        os.environ["WORQ_RUNTIME_URL"] = self.url
+        os.environ["WORQ_RUNTIME_LOG"] = self.log
+        sys.modules.pop("runtime_app", None)
+        import runtime_app
+
+        return runtime_app.app
+
+    def worker(self, *options: str) -> subprocess.Popen[str]:
+        env = dict(os.environ, WORQ_RUNTIME_URL=self.url, WORQ_RUNTIME_LOG=self.log)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worq_core", "worker", "runtime_app:app", *options],
+            cwd=HERE,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def children(self, pid: int) -> list[int]:
+        """Process ids whose parent is ``pid`` (from /proc, no process names involved)."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry))
+        return found
+
+    def ledger(self, name: str) -> list[bytes]:
+        return list(self.client.lrange(f"{self.log}:{name}", 0, -1))
+
+    def wait_for(self, name: str, timeout: float = 20.0) -> bytes:
+        """The next entry of list ``name`` (blocking, with a deadline)."""
+        got = self.client.blpop([f"{self.log}:{name}"], timeout=timeout)
+        assert got is not None, f"nothing arrived on {name} within {timeout}s"
+        return got[1]
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                for child in self.children(proc.pid):
+                    os.kill(child, signal.SIGKILL)
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=15)
+        delete_prefix(self.client, self.prefix)
+        self.client.close()
+
+
+@pytest.fixture
+def runtime(real_redis_url: str) -> Iterator[Runtime]:
+    rt = Runtime(real_redis_url)
+    yield rt
+    rt.cleanup()
+
+
+def stop(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
+    """SIGTERM a worker (or supervisor) by pid; returns its log once it exited."""
+    os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=timeout)
+    return stderr
+
+
+@pytest.mark.timeout(180)
+def test_chaos_sigkill_a_worker_every_second_and_lose_nothing(runtime: Runtime) -> None:
+    total, processes, concurrency = 5000, 3, 4
+    app = runtime.app()
+    app.tasks["chaos"].enqueue_many([(n,) for n in range(total)])
+    supervisor = runtime.worker(
+        "--processes",
+        str(processes),
+        "--concurrency",
+        str(concurrency),
+        "--queues",
+        "chaos",
+        "--lease",
+        "2",
+        "--grace",
+        "5",
+    )
+    kills = 0
+    deadline = time.monotonic() + 120
+    while len(set(runtime.ledger("ledger"))) < total:
+        assert time.monotonic() < deadline, "the jobs did not all run"
+        assert supervisor.poll() is None, supervisor.communicate()[1][-3000:]
+        time.sleep(1.0)  # the chaos schedule: one SIGKILL a second
+        workers = runtime.children(supervisor.pid)
+        if workers and len(set(runtime.ledger("ledger"))) < total:
+            os.kill(workers[kills % len(workers)], signal.SIGKILL)
+            kills += 1
+    while True:  # the jobs in flight at the last kill come back when their leases run out
+        [stats] = app.broker.stats(["chaos"])
+        if stats.ready == stats.delayed == stats.running == 0:
+            break
+        assert time.monotonic() < deadline, f"jobs left behind: {stats}"
+        time.sleep(0.1)
+    log = stop(supervisor)
+    assert supervisor.returncode == 0, log[-3000:]
+    ledger = runtime.ledger("ledger")
+    assert {int(n) for n in ledger} == set(range(total)), "every job ran at least once"
+    assert stats.dead == 0
+    duplicates = len(ledger) - total
+    print(f"\nchaos: {total} jobs, {kills} SIGKILLs, {duplicates} duplicate executions")
+    assert kills >= 1
+    assert duplicates <= kills * concurrency, "duplicates come only from jobs in flight at a kill"
+
+
+def test_sigterm_lets_the_running_job_finish_and_the_supervisor_exit_zero(
+    runtime: Runtime,
+) -> None:
+    app = runtime.app()
+    job = app.tasks["long"].enqueue(1.5)
+    supervisor = runtime.worker("--processes", "2", "--queues", "runtime", "--lease", "5")
+    assert runtime.wait_for("events").startswith(b"started:")
+    log = stop(supervisor)
+    assert supervisor.returncode == 0, log[-3000:]
+    assert job.result(timeout=0) == "finished"
+    assert "finishing in-flight jobs" in log
+
+
+def test_a_task_that_segfaults_its_process_is_retried_then_dead_lettered(
+    runtime: Runtime,
+) -> None:
+    app = runtime.app()
+    job = app.tasks["segfault"].enqueue()
+    ok = app.tasks["work"].enqueue(7)
+    supervisor = runtime.worker(
+        "--queues", "runtime", "--lease", "1", "--processes", "1", "--max-jobs-per-process", "1000"
+    )
+    with pytest.raises(JobFailed) as failed:
+        job.result(timeout=30)
+    assert failed.value.error_type == "worq.AttemptsExhausted"
+    assert len(runtime.ledger("events")) == 2, "max_retries=1: two runs, both crashed"
+    assert ok.result(timeout=10) == 7
+    log = stop(supervisor)
+    assert supervisor.returncode == 0, log[-3000:]
+    assert log.count("died (signal 11)") == 2
+
+
+def test_workers_are_replaced_after_max_jobs_and_every_job_still_runs_once(
+    runtime: Runtime,
+) -> None:
+    app = runtime.app()
+    jobs = app.tasks["whoami"].enqueue_many([(n,) for n in range(35)])
+    proc = runtime.worker(
+        "--queues", "runtime", "--max-jobs-per-process", "10", "--burst", "--concurrency", "2"
+    )
+    _, log = proc.communicate(timeout=120)
+    assert proc.returncode == 0, log[-3000:]
+    pids = [job.result(timeout=0) for job in jobs]
+    assert len(runtime.ledger("pids")) == 35
+    assert len(set(pids)) == 4, "10 + 10 + 10 + 5 jobs"
+    assert log.count("retired; starting a successor") == 3
+
+
+@pytest.mark.timeout(120)
+def test_workers_reconnect_after_redis_cuts_every_connection(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, appendonly=False)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
+    runtime = Runtime(server.url)
+    try:
+        app = runtime.app()
+        jobs = app.tasks["work"].enqueue_many([(n,) for n in range(400)])
+        supervisor = runtime.worker(
+            "--processes", "2", "--queues", "runtime", "--lease", "3", "--concurrency", "2"
+        )
+        admin = redis.Redis.from_url(server.url)
+        for _ in range(3):
+            time.sleep(0.3)  # let work be under way, then cut everything
+            admin.execute_command("CLIENT", "KILL", "TYPE", "normal")
+        assert [job.result(timeout=60) for job in jobs] == list(range(400))
+        log = stop(supervisor)
+        assert supervisor.returncode == 0, log[-3000:]
+        assert app.tasks["work"].enqueue(1).status() is JobStatus.QUEUED
+    finally:
+        runtime.cleanup()
+        server.kill()
