@@ -36,7 +36,7 @@ def make_backend(kind: str, request: pytest.FixtureRequest) -> Iterator[Backend]
     prefix = new_prefix()
     if kind == "redis":
         url = request.getfixturevalue("real_redis_url")
-        client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=2)
+        client = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=2)
         try:
             yield Backend(kind, client, prefix)
         finally:

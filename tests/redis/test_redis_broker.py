@@ -407,3 +407,38 @@ def test_test_prefixes_never_touch_other_keys(real_backend: Backend) -> None:
 
 def test_every_script_is_registered_with_the_lua_module() -> None:
     assert set(lua.QUEUE_SCRIPTS) >= {"enqueue", "fetch", "extend", "settle", "release", "reap"}
+
+
+# -- worker registry and the lease keeper's URL ----------------------------------------------------
+
+
+def test_workers_register_expire_and_unregister(backend: Backend) -> None:
+    from worq_core.models import WorkerInfo
+
+    broker = backend.broker()
+    now = time.time()
+    info = WorkerInfo("w1", "host", 123, now, ("a", "b"), 8, 5, 1, now)
+    broker.register_worker(info, ttl=30)
+    broker.register_worker(WorkerInfo("w2", "host", 124, now + 1, ("a",), 1, 0, 0, now), ttl=0.01)
+    other = RedisBroker(backend.client, prefix=backend.prefix)
+    deadline = time.monotonic() + 5
+    while len(other.workers()) != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)  # nothing to wait on: a registration's TTL running out
+    assert other.workers() == [info]
+    broker.unregister_worker("w1")
+    assert other.workers() == []
+    assert backend.keys() == [], "an empty registry leaves no keys"
+
+
+def test_the_shareable_url_reaches_the_same_jobs(backend: Backend) -> None:
+    broker = backend.broker()
+    url = broker.shareable_url()
+    assert url is not None
+    assert f"prefix={backend.prefix}" in url
+    from_url = RedisBroker.from_url("redis://u:p%40ss@h:6380/4?prefix=a")
+    assert from_url.shareable_url() == "redis://u:p%40ss@h:6380/4?prefix=a"
+    if backend.kind == "redis":
+        twin = RedisBroker.from_url(url)
+        broker.enqueue([msg("q", job_id="shared")])
+        assert [d.id for d in twin.fetch(["q"], 1, lease=30, wait=0)] == ["shared"]
+        twin.close()

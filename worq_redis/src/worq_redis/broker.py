@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -11,7 +14,15 @@ import redis
 from typing_extensions import override
 
 from worq_core import Broker, BrokerConnectionError, BrokerError, Capability, JobStatus, Storage
-from worq_core.models import DeadJob, Delivery, Message, Outcome, QueueStats, Settlement
+from worq_core.models import (
+    DeadJob,
+    Delivery,
+    Message,
+    Outcome,
+    QueueStats,
+    Settlement,
+    WorkerInfo,
+)
 from worq_redis.connection import (
     DEFAULT_URL,
     SCRIPTS,
@@ -73,7 +84,13 @@ class RedisBroker(Broker):
     name: ClassVar[str] = "redis"
     schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "unix")
     capabilities: ClassVar[frozenset[Capability]] = frozenset(
-        {Capability.DELAYED, Capability.PRIORITIES, Capability.DEAD_LETTER, Capability.SHARED}
+        {
+            Capability.DELAYED,
+            Capability.PRIORITIES,
+            Capability.DEAD_LETTER,
+            Capability.SHARED,
+            Capability.WORKER_REGISTRY,
+        }
     )
 
     def __init__(
@@ -287,6 +304,81 @@ class RedisBroker(Broker):
             self._writes_results = True
         return same
 
+    @override
+    def shareable_url(self) -> str | None:
+        """This broker's URL with its key prefix, for the lease-keeper process.
+
+        ``None`` for a TLS client handed to us (its certificates cannot travel in a URL).
+        """
+        if self._owned:
+            url = self.url
+        else:
+            kw = self.client.get_connection_kwargs()
+            if kw.get("ssl") or "ssl_keyfile" in kw:
+                return None
+            user = urllib.parse.quote(kw.get("username") or "", safe="")
+            password = urllib.parse.quote(kw.get("password") or "", safe="")
+            auth = f"{user}:{password}@" if (user or password) else ""
+            if kw.get("path"):
+                url = f"unix://{auth}{kw['path']}?db={kw.get('db', 0)}"
+            else:
+                host = kw.get("host", "localhost")
+                url = f"redis://{auth}{host}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+        base, _, query = url.partition("?")
+        params = [(k, v) for k, v in urllib.parse.parse_qsl(query) if k != "prefix"]
+        params.append(("prefix", self.prefix))
+        return f"{base}?{urllib.parse.urlencode(params)}"
+
+    # -- worker registry -----------------------------------------------------------------------
+
+    @override
+    def register_worker(self, info: WorkerInfo, ttl: float) -> None:
+        """Record ``info`` until ``ttl`` seconds from now (two keys, expiring with the last)."""
+        data, seen = self._worker_keys()
+        # The keys outlive every registration they hold (crashed workers never unregister).
+        keep_ms = max(int(ttl * 1000), 600_000)
+        with self._errors():
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(data, info.id, json.dumps(dataclasses.asdict(info)))
+            pipe.zadd(seen, {info.id: time.time() + ttl})
+            pipe.pexpire(data, keep_ms)
+            pipe.pexpire(seen, keep_ms)
+            pipe.execute()
+
+    @override
+    def unregister_worker(self, worker_id: str) -> None:
+        data, seen = self._worker_keys()
+        with self._errors():
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hdel(data, worker_id)
+            pipe.zrem(seen, worker_id)
+            pipe.execute()
+
+    @override
+    def workers(self) -> list[WorkerInfo]:
+        """Live workers, oldest first; expired registrations are dropped on the way."""
+        data, seen = self._worker_keys()
+        now = time.time()
+        with self._errors():
+            expired: list[bytes] = list(command(self.client, "ZRANGEBYSCORE", seen, "-inf", now))
+            if expired:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.hdel(data, *expired)
+                pipe.zrem(seen, *expired)
+                pipe.execute()
+            live: list[bytes] = list(command(self.client, "ZRANGEBYSCORE", seen, now, "+inf"))
+            values: list[bytes | None] = (
+                list(command(self.client, "HMGET", data, *live)) if live else []
+            )
+        found = []
+        for raw in values:
+            if raw is None:
+                continue
+            fields = json.loads(raw)
+            fields["queues"] = tuple(fields["queues"])
+            found.append(WorkerInfo(**fields))
+        return sorted(found, key=lambda w: (w.started, w.id))
+
     # -- inspection and admin ----------------------------------------------------------------
 
     @override
@@ -374,6 +466,9 @@ class RedisBroker(Broker):
 
     def _errors(self) -> Any:
         return translate_errors(self.url, BrokerConnectionError, BrokerError)
+
+    def _worker_keys(self) -> tuple[str, str]:
+        return f"{self.prefix}:workers", f"{self.prefix}:workers:seen"
 
     def _queue_keys(self, queue: str) -> tuple[str, ...]:
         keys = self._keys.get(queue)
