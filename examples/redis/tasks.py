@@ -1,0 +1,42 @@
+"""A worq app on Redis. Run its worker with ``worq worker tasks:app`` from this directory.
+
+The broker URL comes from ``WORQ_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``); the
+results live in the same Redis, written atomically with each job's acknowledgement.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from worq_core import RetryPolicy, Worq
+
+REDIS_URL = os.environ.get("WORQ_REDIS_URL", "redis://127.0.0.1:6379/0?prefix=example")
+
+app = Worq(REDIS_URL)
+
+
+@app.task
+def add(x: int, y: int) -> int:
+    """A plain function; the worker runs it on one of its slot threads."""
+    return x + y
+
+
+@app.task(queue="slow", max_retries=2, retry=RetryPolicy(base=0.5, max_delay=2.0))
+def flaky(n: int) -> str:
+    """Fails on its first attempt for odd numbers, then succeeds on a retry."""
+    marker = f"/tmp/worq-example-flaky-{n}"
+    if n % 2 and not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError(f"transient failure for {n}")
+    return f"ok {n}"
+
+
+@app.task(queue="slow")
+async def sleepy(seconds: float) -> float:
+    """An ``async def`` task runs on the worker's event loop."""
+    import asyncio
+
+    begin = time.monotonic()
+    await asyncio.sleep(seconds)
+    return time.monotonic() - begin
