@@ -30,6 +30,7 @@ from worq_core import JobStatus, Registry, WorkerSettings, Worq
 from worq_core.cli import load_app, main
 from worq_core.demo import DemoError, run_demo
 from worq_core.models import Message
+from worq_core.testing.support import eventually, running
 
 HERE = Path(__file__).resolve().parent
 APP = "cli_app:app"
@@ -213,6 +214,22 @@ def test_stats_lists_the_apps_queues_even_before_any_job(app: Worq) -> None:
 
     assert row(output, "default")[1:] == ["0", "0", "0", "0"]
     assert row(output, "other")[1:] == ["0", "0", "0", "0"]
+
+
+def test_stats_lists_live_workers_with_host_pid_and_counts(app: Worq) -> None:
+    assert "no live workers" in ok("stats", APP).stdout
+    worker = app.worker(
+        settings=WorkerSettings(
+            queues=("default",), concurrency=3, idle_wait=0.05, handle_signals=False
+        )
+    )
+    with running(worker):
+        eventually(lambda: bool(app.broker.workers()), what="the worker to register")
+        output = ok("stats", APP).stdout
+    [line] = [line for line in output.splitlines() if worker.id in line]
+    assert str(os.getpid()) in line
+    assert "default" in line
+    assert "0/3" in line
 
 
 # -- job ---------------------------------------------------------------------------------------

@@ -586,9 +586,10 @@ def enqueue(
 @click.option("--queues", "-Q", metavar="A,B", help="Only these queues [default: every queue].")
 @click.pass_obj
 def stats(state: CliState, app_spec: str, queues: str | None) -> None:
-    """Show job counts per queue.
+    """Show job counts per queue, and the live workers.
 
-    Ready, delayed (scheduled or waiting for a retry), running (leased) and dead jobs.
+    Ready, delayed (scheduled or waiting for a retry), running (leased) and dead jobs; then
+    each live worker's host, pid, start time, queues, jobs done and jobs running.
 
     Without --queues: every queue the broker knows of, plus those the app's tasks declare.
     """
@@ -611,7 +612,29 @@ def stats(state: CliState, app_spec: str, queues: str | None) -> None:
     for row in rows:
         dead = Text(str(row.dead), style="red" if row.dead else "")
         table.add_row(row.queue, str(row.ready), str(row.delayed), str(row.running), dead)
-    _console().print(table)
+    console = _console()
+    console.print(table)
+    if Capability.WORKER_REGISTRY not in broker.capabilities:
+        console.print(f"(the {broker.name} broker keeps no registry of live workers)")
+        return
+    workers = broker.workers()
+    if not workers:
+        console.print("no live workers")
+        return
+    listing = Table(title="workers", title_justify="left")
+    for column in ("worker", "host", "pid", "started", "queues", "done", "running"):
+        listing.add_column(column, no_wrap=column in ("worker", "started"))
+    for info in workers:
+        listing.add_row(
+            info.id,
+            info.host,
+            str(info.pid),
+            _when(info.started),
+            ",".join(info.queues),
+            str(info.done),
+            f"{info.running}/{info.concurrency}",
+        )
+    console.print(listing)
 
 
 # -- job ---------------------------------------------------------------------------------------
