@@ -176,6 +176,20 @@ class Worq:
         task = self.get_task(task_name)
         return task.options(**options).enqueue(*args, **(kwargs or {}))
 
+    def requeue_dead(self, queue: str, job_ids: Sequence[str] | None = None) -> int:
+        """Move dead jobs (all when ``job_ids`` is ``None``) back to ``queue``; returns how many.
+
+        Their old records are deleted first, so their :class:`Job` handles wait for the new
+        run instead of reporting the old failure.
+        """
+        ids = list(job_ids) if job_ids is not None else None
+        if ids is None:
+            ids = [dead.id for dead in self.broker.dead_jobs(queue, limit=10_000_000)]
+        if not ids:
+            return 0
+        self.storage.delete(ids)
+        return self.broker.requeue_dead(queue, ids)
+
     def job(self, job_id: str, queue: str = "default") -> Job:
         """A handle on an existing job by id."""
         return Job(self, job_id, queue)

@@ -112,6 +112,17 @@ class Broker(ABC):
         ``None`` when the broker does not hold it (never enqueued, or already acknowledged).
         """
 
+    def job_status(
+        self, queue: str, job_id: str, storage: Storage
+    ) -> tuple[JobStatus | None, bytes | None]:
+        """:meth:`job_state`, and the job's record in ``storage``, for :meth:`Job.status`.
+
+        The default makes two calls (the broker first, so a job that finishes in between is
+        still seen). A broker that :meth:`stores_results_in` the storage may answer both in
+        one round trip.
+        """
+        return self.job_state(queue, job_id), storage.load(job_id)
+
     @abstractmethod
     def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
         """Counts per queue; ``None`` means every queue the broker knows of."""

@@ -780,7 +780,7 @@ def dlq_requeue(state: CliState, app_spec: str, job_ids: tuple[str, ...], queue:
     some of the ids given were not dead.
     """
     app = _dead_letter_app(state, app_spec)
-    moved = app.broker.requeue_dead(queue, list(job_ids) if job_ids else None)
+    moved = app.requeue_dead(queue, list(job_ids) if job_ids else None)
     click.echo(f"requeued {moved} job{'s' if moved != 1 else ''} in queue {queue!r}")
     if job_ids and moved < len(job_ids):
         raise CliError(

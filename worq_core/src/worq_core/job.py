@@ -144,16 +144,13 @@ class Job:
         return f"<Job {self.id} {self.task_name or '?'} queue={self.queue}>"
 
     def status(self) -> JobStatus:
-        """Where the job is now: a finished record in the storage wins over the broker's view."""
-        data = self.app.storage.load(self.id)
-        if data is None:
-            state = self.app.broker.job_state(self.queue, self.id)
-            if state is not None:
-                return state
-            data = self.app.storage.load(self.id)  # it may have finished in between
-            if data is None:
-                return JobStatus.UNKNOWN
-        status, _ = decode_record(self.id, data, self.app.serializer)
+        """Where the job is now: the broker's view while it holds the job, else its record."""
+        state, record = self.app.broker.job_status(self.queue, self.id, self.app.storage)
+        if state is not None:
+            return state
+        if record is None:
+            return JobStatus.UNKNOWN
+        status, _ = decode_record(self.id, record, self.app.serializer)
         return status
 
     def result(self, timeout: float | None = None) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Self
 
 
@@ -43,6 +43,14 @@ class Storage(ABC):
         """Block until the job has a record and return it; ``None`` after ``timeout`` seconds.
 
         ``timeout=None`` waits forever. Must not busy-poll.
+        """
+
+    @abstractmethod
+    def delete(self, job_ids: Sequence[str]) -> None:
+        """Forget the records of these jobs (unknown ids are ignored).
+
+        Called before a job id runs again (a dead job requeued, or ``job_id=`` reused) so that
+        an old record is never taken for the new run's.
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default

@@ -138,14 +138,21 @@ class BoundTask(Generic[P, R]):
     def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """Send one job with these options."""
         message, job = self._prepare(list(args), dict(kwargs), self.send.job_id)
-        self.task.app.broker.enqueue([message])
+        self._send(message)
         return job
 
     async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """:meth:`enqueue` for asyncio code; the broker call runs on a thread."""
         message, job = self._prepare(list(args), dict(kwargs), self.send.job_id)
-        await asyncio.to_thread(self.task.app.broker.enqueue, [message])
+        await asyncio.to_thread(self._send, message)
         return job
+
+    def _send(self, message: Message) -> None:
+        app = self.task.app
+        if self.send.job_id is not None:
+            # A chosen id may have run before: its old record must not answer for this run.
+            app.storage.delete([message.id])
+        app.broker.enqueue([message])
 
     def enqueue_many(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[Job]:
         """Send many jobs in one broker batch, all or nothing."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar, Self
 
 from typing_extensions import override
@@ -54,6 +54,12 @@ class MemoryStorage(Storage):
                 for job_id in [k for k, (exp, _) in self._records.items() if exp <= now]:
                     del self._records[job_id]
             self._changed.notify_all()
+
+    @override
+    def delete(self, job_ids: Sequence[str]) -> None:
+        with self._changed:
+            for job_id in job_ids:
+                self._records.pop(job_id, None)
 
     @override
     def load(self, job_id: str) -> bytes | None:

@@ -92,3 +92,13 @@ class StorageContract:
         begin = time.monotonic()
         assert storage.wait(job_id, timeout=0.2) is None
         assert time.monotonic() - begin >= 0.15
+
+    def test_deleted_records_are_gone_and_unknown_ids_are_ignored(
+        self, storage: Storage, job_id: str
+    ) -> None:
+        other = unique("job")
+        storage.save({job_id: b"old", other: b"kept"}, ttl=60)
+        storage.delete([job_id, unique("never-saved")])
+        assert storage.load(job_id) is None
+        assert storage.load(other) == b"kept"
+        storage.delete([])

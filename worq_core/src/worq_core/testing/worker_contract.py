@@ -515,3 +515,39 @@ class WorkerContract:
             [info] = [w for w in app.broker.workers() if w.id == worker.id]
             assert (info.pid, info.queues, info.concurrency) == (os.getpid(), (queue,), 4)
         assert worker.id not in {w.id for w in app.broker.workers()}
+
+    @requires(Capability.DEAD_LETTER)
+    def test_a_requeued_dead_job_reports_its_new_run_not_its_old_failure(
+        self, app: Worq, queue: str
+    ) -> None:
+        fixed = threading.Event()
+
+        @app.task(queue=queue, max_retries=0)
+        def needs_a_fix() -> str:
+            if not fixed.is_set():
+                raise RuntimeError("broken")
+            return "fixed"
+
+        job = needs_a_fix.enqueue()
+        self.worker(app, queue).run(burst=True)
+        assert job.status() is JobStatus.DEAD
+        fixed.set()
+        assert app.requeue_dead(queue) == 1
+        assert job.status() is JobStatus.QUEUED
+        with pytest.raises(TimeoutError):
+            job.result(timeout=0.1)  # the old failure is no answer any more
+        self.worker(app, queue).run(burst=True)
+        assert job.result(timeout=RESULT_WAIT) == "fixed"
+
+    def test_a_job_id_used_again_after_it_finished_runs_again(self, app: Worq, queue: str) -> None:
+        @app.task(queue=queue)
+        def echo(value: int) -> int:
+            return value
+
+        first = echo.options(job_id="nightly-report").enqueue(1)
+        self.worker(app, queue).run(burst=True)
+        assert first.result(timeout=RESULT_WAIT) == 1
+        again = echo.options(job_id="nightly-report").enqueue(2)
+        assert again.status() is JobStatus.QUEUED
+        self.worker(app, queue).run(burst=True)
+        assert again.result(timeout=RESULT_WAIT) == 2
