@@ -224,3 +224,49 @@ def test_workers_reconnect_after_redis_cuts_every_connection(tmp_path: Path) -> 
     finally:
         runtime.cleanup()
         server.kill()
+
+
+def hold_the_gil(seconds: float) -> None:
+    """Run C code that never releases the GIL for about ``seconds`` (sum over a range)."""
+    chunk = 2_000_000
+    begin = time.perf_counter()
+    sum(range(chunk))
+    per_item = (time.perf_counter() - begin) / chunk
+    sum(range(int(seconds / per_item)))  # one call: no bytecode boundary to switch threads at
+
+
+@pytest.mark.parametrize("isolated", [True, False], ids=["lease-keeper-process", "thread"])
+def test_a_task_holding_the_gil_keeps_its_lease_only_with_the_lease_keeper_process(
+    runtime: Runtime, isolated: bool
+) -> None:
+    from worq_core import Worker, WorkerSettings, current_job
+    from worq_redis import RedisBroker, RedisStorage
+
+    app = Worq(RedisBroker(runtime.url), storage=RedisStorage(runtime.url))
+    runs: list[int] = []
+
+    @app.task(name="hog", queue="gil")
+    def hog() -> str:
+        runs.append(current_job().attempt)
+        if current_job().attempt == 1:
+            hold_the_gil(2.5)  # three leases long, no heartbeat thread can run meanwhile
+        return "done"
+
+    job = hog.enqueue()
+    settings = WorkerSettings(
+        queues=("gil",),
+        concurrency=1,
+        lease=0.8,
+        heartbeat=0.2,
+        idle_wait=0.1,
+        handle_signals=False,
+        isolated_heartbeat=isolated,
+    )
+    worker = Worker(app, settings)
+    worker.run(burst=True)
+    assert job.result(timeout=10) == "done"
+    if isolated:
+        assert runs == [1], "the lease keeper process renewed the lease: one run"
+        assert worker.counters.refused == 0
+    else:
+        assert runs == [1, 2], "the starved thread let the lease expire: the job ran again"

@@ -45,6 +45,10 @@ class LeaseKeeper:
         )
         self._process.start()
         child_end.close()
+        # Wait until it can renew: a job fetched before then could lose its lease unnoticed.
+        if not self._conn.poll(30) or self._conn.recv() != "ready":
+            self.close()
+            raise RuntimeError("the lease keeper process did not start")
 
     def hold(self, deliveries: Sequence[Delivery]) -> bool:
         """Replace the set of leases to renew (bodies are not sent).
@@ -89,6 +93,7 @@ def _serve(
     from worq_core.registry import default_registry
 
     broker = default_registry().broker_class(broker_url).from_url(broker_url)
+    conn.send("ready")
     held: list[Delivery] = []
     next_beat = time.monotonic() + interval
     renewed_at = time.monotonic()

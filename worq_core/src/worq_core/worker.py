@@ -407,8 +407,13 @@ class Worker:
         if url is None or Capability.SHARED not in broker.capabilities:
             log.info("leases renewed by a thread: %s cannot be shared with a process", broker.name)
             return None
+        try:
+            keeper = LeaseKeeper(url, self.settings.lease, self.settings.heartbeat_interval)
+        except Exception as exc:  # noqa: BLE001 - the thread still renews leases
+            log.warning("leases renewed by a thread: the lease keeper failed to start: %s", exc)
+            return None
         log.info("leases renewed by a separate process")
-        return LeaseKeeper(url, self.settings.lease, self.settings.heartbeat_interval)
+        return keeper
 
     def _run_loop(self) -> None:
         assert self._loop is not None
@@ -475,8 +480,12 @@ class Worker:
                 log.info("broker reachable again")
                 backoff = 0.0
             self._settled(settlements, applied)
-            for delivery in deliveries:
-                self._dispatch(delivery)
+            starts = [start for d in deliveries if (start := self._dispatch(d)) is not None]
+            if starts and self._keeper is not None:
+                # Before any job starts: one holding the GIL would starve this hand-over too.
+                self._renew_leases(time.monotonic())
+            for start in starts:
+                start()
 
     def _budget(self) -> int:
         """Jobs this worker may still fetch (``max_jobs``); called with the lock held."""
@@ -508,8 +517,12 @@ class Worker:
 
     # -- running -----------------------------------------------------------------------------
 
-    def _dispatch(self, delivery: Delivery) -> None:
-        """Decide what to do with a fresh delivery and start it; runs on the fetch loop."""
+    def _dispatch(self, delivery: Delivery) -> Callable[[], None] | None:
+        """Take a fresh delivery on; returns what starts its task (``None``: nothing to run).
+
+        Runs on the fetch loop. Undecodable payloads, unknown tasks and jobs out of attempts
+        are dead-lettered here.
+        """
         running = _Running(delivery)
         with self._lock:
             self.counters.fetched += 1
@@ -519,14 +532,14 @@ class Worker:
         except DeserializationError as exc:
             _job_log(logging.ERROR, delivery, "?", "undecodable payload, dead-lettered: %s", exc)
             self._decide(running, dead=ErrorInfo.from_exception(exc))
-            return
+            return None
         running.envelope = envelope
         task = self.app.tasks.get(envelope.task)
         if task is None:
             unknown = UnknownTaskError(envelope.task)
             _job_log(logging.ERROR, delivery, envelope.task, "%s; dead-lettered", unknown)
             self._decide(running, dead=ErrorInfo.from_exception(unknown))
-            return
+            return None
         running.task = task
         attempts_allowed = task.config.max_retries + 1
         if delivery.attempts > attempts_allowed:
@@ -538,17 +551,22 @@ class Worker:
             )
             _job_log(logging.ERROR, delivery, task.name, "%s; dead-lettered", reason)
             self._decide(running, dead=ErrorInfo("worq.AttemptsExhausted", reason))
-            return
+            return None
         with self._lock:
             self._busy += 1
             running.holds_slot = True
         _job_log(logging.DEBUG, delivery, task.name, "attempt %d started", delivery.attempts)
         if task.is_async:
-            assert self._loop is not None
-            running.future = asyncio.run_coroutine_threadsafe(self._run_async(running), self._loop)
-        else:
-            assert self._slots is not None
-            self._slots.submit(lambda: self._run_sync(running))
+            loop = self._loop
+            assert loop is not None
+
+            def start_async() -> None:
+                running.future = asyncio.run_coroutine_threadsafe(self._run_async(running), loop)
+
+            return start_async
+        slots = self._slots
+        assert slots is not None
+        return lambda: slots.submit(lambda: self._run_sync(running))
 
     def _start_clock(self, running: _Running, allowance: float) -> None:
         """Arm the watchdog for a run that starts now."""
