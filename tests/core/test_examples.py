@@ -1,0 +1,27 @@
+"""The examples keep working: each runs as a user would run it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_basic_example_runs_every_kind_of_job() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "basic" / "app.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "add: 5",
+        "enqueue_many: [0, 2, 4, 6, 8]",
+        "async: HELLO",
+        "delayed: 30",
+        "retried, succeeded on attempt 3",
+        "dead-lettered: ValueError this one always fails (dead)",
+    ]
