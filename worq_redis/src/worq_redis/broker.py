@@ -11,6 +11,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Self, TypeVar
 
 import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from typing_extensions import override
 
 from worq_core import Broker, BrokerConnectionError, BrokerError, Capability, JobStatus, Storage
@@ -29,16 +32,15 @@ from worq_redis.connection import (
     Arg,
     Call,
     Clock,
-    KeyArg,
+    Lane,
     RedisSettings,
     clock_arg,
     command,
     connect,
     queue_keys,
+    redact,
     registry_key,
     result_keys,
-    run_script,
-    run_scripts,
     run_transaction,
     server_identity,
     translate_errors,
@@ -55,6 +57,8 @@ _STATES = {
     b"d": JobStatus.DEAD,
 }
 _OUTCOMES = {Outcome.ACK: "a", Outcome.RETRY: "r", Outcome.DEAD: "d"}
+_ENQUEUE, _FETCH, _SETTLE = SCRIPTS["enqueue"], SCRIPTS["fetch"], SCRIPTS["settle"]
+_SETTLE_FETCH, _EXTEND = SCRIPTS["settle_fetch"], SCRIPTS["extend"]
 
 
 def _text(value: bytes | str) -> str:
@@ -105,9 +109,14 @@ class RedisBroker(Broker):
         self.prefix = self.settings.prefix
         self.clock = clock
         self._keys: dict[str, tuple[str, ...]] = {}
+        self._heads: dict[str, tuple[Arg, ...]] = {}  # numkeys and keys, as EVALSHA takes them
         self._known: set[str] = set()
         self._lock = threading.Lock()
         self._writes_results = False
+        self._lane = Lane(self.client)
+        s = self.settings
+        self._settle_base: tuple[Arg, ...] = (s.dead_max_count, repr(s.dead_max_age))
+        self._fetch_tail: tuple[Arg, ...] = (s.reap_batch, s.promote_batch)
 
     @override
     @classmethod
@@ -127,16 +136,33 @@ class RedisBroker(Broker):
         :class:`BrokerConnectionError` within about ``connect_timeout`` or ``socket_timeout``
         (times ``retries + 1``) when Redis cannot be reached.
         """
+        if len(messages) == 1 and messages[0].queue in self._known:
+            # The common case, kept lean: one EVALSHA on the lane (the queue's keys are cached).
+            m = messages[0]
+            fast = (
+                "" if self.clock is None else clock_arg(self.clock),
+                1,
+                m.id,
+                m.body,
+                str(-m.priority),
+                "" if m.eta is None else repr(float(m.eta)),
+            )
+            try:
+                flags = self._lane.script(_ENQUEUE, self._heads[m.queue], fast)
+            except RedisError as exc:
+                raise self._error(exc) from exc
+            return [bool(flags[0])]
         if not messages:
             return []
         calls: list[Call] = []
         order: list[list[int]] = []
         chunk = self.settings.enqueue_chunk
+        clock = clock_arg(self.clock)
         for queue, items in _by_queue(messages, lambda m: m.queue).items():
             keys = self._queue_keys(queue)
             for start in range(0, len(items), chunk):
                 part = items[start : start + chunk]
-                args: list[Arg] = [clock_arg(self.clock), len(part)]
+                args: list[Arg] = [clock, len(part)]
                 for _, message in part:
                     args += [
                         message.id,
@@ -144,12 +170,12 @@ class RedisBroker(Broker):
                         str(-message.priority),
                         "" if message.eta is None else repr(float(message.eta)),
                     ]
-                calls.append((SCRIPTS["enqueue"], keys, args))
+                calls.append((_ENQUEUE, keys, args))
                 order.append([index for index, _ in part])
         extra = self._register(queue for queue in {m.queue for m in messages})
         with self._errors():
             if len(calls) == 1:
-                results = run_scripts(self.client, calls, extra=extra)
+                results = self._lane.scripts(calls, extra=extra)
             else:
                 results = run_transaction(self.client, calls, extra=extra)
         added = [False] * len(messages)
@@ -183,51 +209,75 @@ class RedisBroker(Broker):
         lease: float,
         wait: float,
     ) -> tuple[list[bool], list[Delivery]]:
-        """Settle, then fetch from the first queue, in one pipelined round trip.
+        """Settle, then fetch from the first queue: one ``settle_fetch`` script, one round trip.
 
-        Further queues cost one more round trip each, only while the earlier ones did not fill
-        ``limit``.
+        Settlements of jobs from other queues go in the same pipelined round trip (one ``settle``
+        script per queue, so no script spans two queues' slots). Further queues cost one more
+        round trip each, only while the earlier ones did not fill ``limit``.
         """
-        settle_calls, assemble = self._settle_calls(settlements)
-        if limit <= 0:
-            with self._errors():
-                results = run_scripts(self.client, settle_calls) if settle_calls else []
-            return assemble(results), []
+        if limit <= 0 or not queues:
+            return self.settle(settlements), []
         deadline = time.monotonic() + wait
-        extra = self._register(queues)
-        applied: list[bool] | None = None
-        with self._errors():
+        first = queues[0]
+        clock = "" if self.clock is None else clock_arg(self.clock)
+        lease_arg = repr(float(lease))
+        mine: Sequence[Settlement] = settlements
+        others: list[tuple[int, Settlement]] = []
+        if settlements and any(s.delivery.queue != first for s in settlements):
+            mine = [s for s in settlements if s.delivery.queue == first]
+            others = [(i, s) for i, s in enumerate(settlements) if s.delivery.queue != first]
+        keys = self._queue_keys(first)
+        args: list[Arg] = [clock, *self._settle_base, len(mine)]
+        all_keys = self._settle_args(mine, keys, args) if mine else keys
+        head: tuple[Arg, ...] = (len(all_keys), *all_keys) if mine else self._heads[first]
+        args += (limit, lease_arg, *self._fetch_tail)
+        extra = self._register(queues) if not self._known.issuperset(queues) else []
+        try:
+            if not others and not extra:
+                flags, reply = self._lane.script(_SETTLE_FETCH, head, args)
+                other_flags: list[Any] = []
+            else:
+                calls, groups = self._settle_calls([s for _, s in others], clock)
+                calls.append((_SETTLE_FETCH, all_keys, args))
+                *other_flags, (flags, reply) = self._lane.scripts(calls, extra=extra)
+                self._registered(extra)
+        except RedisError as exc:
+            raise self._error(exc) from exc
+        if others:
+            applied = [False] * len(settlements)
+            mine_at = [i for i, s in enumerate(settlements) if s.delivery.queue == first]
+            for index, flag in zip(mine_at, flags, strict=True):
+                applied[index] = bool(flag)
+            for (_, items), result in zip(groups, other_flags, strict=True):
+                for (index, _), flag in zip(items, result, strict=True):
+                    applied[others[index][0]] = bool(flag)
+        else:
+            applied = [bool(flag) for flag in flags]
+        deliveries: list[Delivery] = []
+        soonest = self._parse_fetch(first, reply, deliveries)
+        try:
             while True:
-                deliveries: list[Delivery] = []
-                soonest: float | None = None
-                for position, queue in enumerate(queues):
+                for queue in queues[1:]:
                     need = limit - len(deliveries)
                     if need <= 0:
                         break
-                    fetch_call = self._fetch_call(queue, need, lease)
-                    if applied is None and position == 0:
-                        results = run_scripts(self.client, [*settle_calls, fetch_call], extra=extra)
-                        applied = assemble(results[:-1])
-                        self._registered(extra)
-                        reply = results[-1]
-                    else:
-                        reply = run_script(self.client, *fetch_call)
-                    due_in = self._parse_fetch(queue, reply, deliveries)
+                    due_in = self._fetch_one(queue, need, lease_arg, deliveries)
                     if due_in is not None:
                         soonest = due_in if soonest is None else min(soonest, due_in)
-                if applied is None:  # no queue at all
-                    applied = assemble(run_scripts(self.client, settle_calls))
                 if deliveries:
                     return applied, deliveries
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return applied, []
-                if soonest is not None and soonest <= 0:
-                    continue  # more due work than one fetch moves; fetch again now
-                timeout = min(remaining, soonest if soonest is not None else remaining)
-                timeout = max(0.001, min(timeout, self.settings.blocking_timeout))
-                signals = [self._queue_keys(q)[6] for q in queues]
-                command(self.client, "BZPOPMIN", *signals, f"{timeout:.3f}")
+                if soonest is None or soonest > 0:
+                    timeout = min(remaining, soonest if soonest is not None else remaining)
+                    timeout = max(0.001, min(timeout, self.settings.blocking_timeout))
+                    signals = [self._queue_keys(q)[6] for q in queues]
+                    self._lane.command("BZPOPMIN", *signals, f"{timeout:.3f}")
+                # else: more due work than one fetch moves; fetch again now
+                soonest = self._fetch_one(first, limit, lease_arg, deliveries)
+        except RedisError as exc:
+            raise self._error(exc) from exc
 
     @override
     def extend(self, deliveries: Sequence[Delivery], lease: float) -> list[bool]:
@@ -240,9 +290,9 @@ class RedisBroker(Broker):
             args: list[Arg] = [clock_arg(self.clock), repr(float(lease))]
             for _, delivery in items:
                 args += [delivery.id, delivery.token]
-            calls.append((SCRIPTS["extend"], self._queue_keys(queue), args))
+            calls.append((_EXTEND, self._queue_keys(queue), args))
         with self._errors():
-            results = run_scripts(self.client, calls)
+            results = self._lane.scripts(calls)
         alive = [False] * len(deliveries)
         for (_, items), result in zip(groups, results, strict=True):
             for (index, _), flag in zip(items, result, strict=True):
@@ -258,10 +308,13 @@ class RedisBroker(Broker):
         """
         if not settlements:
             return []
-        calls, assemble = self._settle_calls(settlements)
+        calls, groups = self._settle_calls(settlements, clock_arg(self.clock))
         with self._errors():
-            results = run_scripts(self.client, calls)
-        applied: list[bool] = assemble(results)
+            results = self._lane.scripts(calls)
+        applied = [False] * len(settlements)
+        for (_, items), result in zip(groups, results, strict=True):
+            for (index, _), flag in zip(items, result, strict=True):
+                applied[index] = bool(flag)
         return applied
 
     @override
@@ -275,7 +328,7 @@ class RedisBroker(Broker):
                 args += [delivery.id, delivery.token]
             calls.append((SCRIPTS["release"], self._queue_keys(queue), args))
         with self._errors():
-            run_scripts(self.client, calls)
+            self._lane.scripts(calls)
 
     def reap(self, queue: str, limit: int = 1000) -> int:
         """Return up to ``limit`` expired leases of ``queue`` to ready now; how many moved.
@@ -283,14 +336,7 @@ class RedisBroker(Broker):
         Fetching does this already in bounded steps; this is for admin tools and tests.
         """
         with self._errors():
-            return int(
-                run_script(
-                    self.client,
-                    SCRIPTS["reap"],
-                    self._queue_keys(queue),
-                    [clock_arg(self.clock), limit],
-                )
-            )
+            return int(self._script("reap", queue, [clock_arg(self.clock), limit]))
 
     @override
     def stores_results_in(self, storage: Storage) -> bool:
@@ -384,12 +430,7 @@ class RedisBroker(Broker):
     @override
     def job_state(self, queue: str, job_id: str) -> JobStatus | None:
         with self._errors():
-            state = run_script(
-                self.client,
-                SCRIPTS["job_state"],
-                self._queue_keys(queue),
-                [clock_arg(self.clock), job_id],
-            )
+            state = self._script("job_state", queue, [clock_arg(self.clock), job_id])
         return _STATES.get(state) if state else None
 
     @override
@@ -405,8 +446,8 @@ class RedisBroker(Broker):
                 self.settings.dead_max_count,
                 repr(self.settings.dead_max_age),
             ]
-            results = run_scripts(
-                self.client, [(SCRIPTS["stats"], self._queue_keys(q), args) for q in queues]
+            results = self._lane.scripts(
+                [(SCRIPTS["stats"], self._queue_keys(q), args) for q in queues]
             )
         return [
             QueueStats(q, ready=int(r[0]), delayed=int(r[1]), running=int(r[2]), dead=int(r[3]))
@@ -422,7 +463,7 @@ class RedisBroker(Broker):
             limit,
         ]
         with self._errors():
-            flat = run_script(self.client, SCRIPTS["dead_jobs"], self._queue_keys(queue), args)
+            flat = self._script("dead_jobs", queue, args)
         return [
             DeadJob(
                 _text(flat[i]),
@@ -440,25 +481,17 @@ class RedisBroker(Broker):
         args: list[Arg] = [clock_arg(self.clock), "all" if job_ids is None else "ids"]
         args += list(job_ids or [])
         with self._errors():
-            return int(
-                run_script(self.client, SCRIPTS["requeue_dead"], self._queue_keys(queue), args)
-            )
+            return int(self._script("requeue_dead", queue, args))
 
     @override
     def purge_dead(self, queue: str) -> int:
         with self._errors():
-            return int(
-                run_script(
-                    self.client,
-                    SCRIPTS["purge_dead"],
-                    self._queue_keys(queue),
-                    [clock_arg(self.clock)],
-                )
-            )
+            return int(self._script("purge_dead", queue, [clock_arg(self.clock)]))
 
     @override
     def close(self) -> None:
-        """Close the connection pool, unless the client was handed to us."""
+        """Give the lane's connections back; close the pool unless the client was handed to us."""
+        self._lane.close()
         if self._owned:
             self.client.close()
 
@@ -467,13 +500,19 @@ class RedisBroker(Broker):
     def _errors(self) -> Any:
         return translate_errors(self.url, BrokerConnectionError, BrokerError)
 
+    def _script(self, name: str, queue: str, args: Sequence[Arg]) -> Any:
+        self._queue_keys(queue)
+        return self._lane.script(SCRIPTS[name], self._heads[queue], args)
+
     def _worker_keys(self) -> tuple[str, str]:
         return f"{self.prefix}:workers", f"{self.prefix}:workers:seen"
 
     def _queue_keys(self, queue: str) -> tuple[str, ...]:
         keys = self._keys.get(queue)
         if keys is None:
-            keys = self._keys[queue] = queue_keys(self.prefix, queue)
+            keys = queue_keys(self.prefix, queue)
+            self._heads[queue] = (len(keys), *keys)
+            self._keys[queue] = keys
         return keys
 
     def _register(self, queues: Iterable[str]) -> list[list[Arg]]:
@@ -486,71 +525,78 @@ class RedisBroker(Broker):
             for command in extra:
                 self._known.update(str(q) for q in command[2:])
 
-    def _fetch_call(self, queue: str, limit: int, lease: float) -> Call:
-        settings = self.settings
-        args: list[Arg] = [
-            clock_arg(self.clock),
-            limit,
-            repr(float(lease)),
-            settings.reap_batch,
-            settings.promote_batch,
-        ]
-        return SCRIPTS["fetch"], self._queue_keys(queue), args
+    def _error(self, exc: RedisError) -> Exception:
+        """The worq error for a redis-py error, as :func:`translate_errors` makes it."""
+        if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+            return BrokerConnectionError(redact(self.url), f"{type(exc).__name__}: {exc}")
+        return BrokerError(f"redis error at {redact(self.url)}: {type(exc).__name__}: {exc}")
 
-    def _parse_fetch(self, queue: str, reply: list[Any], into: list[Delivery]) -> float | None:
+    def _fetch_one(self, queue: str, limit: int, lease: str, into: list[Delivery]) -> float | None:
+        """Run ``fetch`` on one queue into ``into``; seconds until its next due time, if any."""
+        self._queue_keys(queue)
+        clock = "" if self.clock is None else clock_arg(self.clock)
+        args = (clock, limit, lease, *self._fetch_tail)
+        return self._parse_fetch(queue, self._lane.script(_FETCH, self._heads[queue], args), into)
+
+    @staticmethod
+    def _parse_fetch(queue: str, reply: list[Any], into: list[Delivery]) -> float | None:
         """Append the reply's deliveries to ``into``; seconds until the next due time, if any."""
         for i in range(2, len(reply), 4):
             into.append(
                 Delivery(
-                    _text(reply[i]),
-                    queue,
-                    bytes(reply[i + 1]),
-                    _text(reply[i + 2]),
-                    int(reply[i + 3]),
+                    _text(reply[i]), queue, reply[i + 1], _text(reply[i + 2]), int(reply[i + 3])
                 )
             )
         if not reply[1]:
             return None
         return float(reply[1]) - float(reply[0])
 
-    def _settle_calls(self, settlements: Sequence[Settlement]) -> tuple[list[Call], Any]:
-        """Script calls for ``settlements`` and a function that maps their replies to flags."""
-        calls: list[Call] = []
-        groups = list(_by_queue(settlements, lambda s: s.delivery.queue).items())
-        base: list[Arg] = [
-            clock_arg(self.clock),
-            self.settings.dead_max_count,
-            repr(self.settings.dead_max_age),
-        ]
-        for queue, items in groups:
-            keys: list[KeyArg] = list(self._queue_keys(queue))
-            args = list(base)
-            for _, s in items:
-                index = 0
-                record: bytes = b""
-                ttl_ms = 0
-                if self._writes_results and s.record is not None and s.outcome is not Outcome.RETRY:
-                    index = len(keys) + 1
-                    keys += result_keys(self.prefix, s.delivery.id)
-                    record = s.record
-                    ttl_ms = int(s.ttl * 1000)
-                args += [
-                    s.delivery.id,
-                    s.delivery.token,
-                    _OUTCOMES[s.outcome],
+    def _settle_args(
+        self, settlements: Iterable[Settlement], queue_keys: Sequence[str], args: list[Arg]
+    ) -> Sequence[str]:
+        """Append the script values of ``settlements`` (one queue's) to ``args``.
+
+        Returns the script's keys: the queue's keys, then the result keys of each job whose
+        record the script writes.
+        """
+        extra_keys: list[str] = []
+        writes = self._writes_results
+        for s in settlements:
+            delivery, outcome = s.delivery, s.outcome
+            if writes and s.record is not None and outcome is not Outcome.RETRY:
+                index = len(queue_keys) + 1 + len(extra_keys)
+                extra_keys += result_keys(self.prefix, delivery.id)
+                args += (
+                    delivery.id,
+                    delivery.token,
+                    _OUTCOMES[outcome],
                     repr(float(s.delay)),
                     s.reason,
                     index,
-                    ttl_ms,
-                    record,
-                ]
-            calls.append((SCRIPTS["settle"], keys, args))
+                    int(s.ttl * 1000),
+                    s.record,
+                )
+            else:
+                args += (
+                    delivery.id,
+                    delivery.token,
+                    _OUTCOMES[outcome],
+                    repr(float(s.delay)),
+                    s.reason,
+                    0,
+                    0,
+                    b"",
+                )
+        return [*queue_keys, *extra_keys] if extra_keys else queue_keys
 
-        def assemble(results: Sequence[Any]) -> list[bool]:
-            applied = [False] * len(settlements)
-            for (_, items), result in zip(groups, results, strict=True):
-                for (index, _), flag in zip(items, result, strict=True):
-                    applied[index] = bool(flag)
-            return applied
-
-        return calls, assemble
+    def _settle_calls(
+        self, settlements: Sequence[Settlement], clock: str
+    ) -> tuple[list[Call], list[tuple[str, list[tuple[int, Settlement]]]]]:
+        """One ``settle`` call per queue, and the settlements (with their index) of each."""
+        calls: list[Call] = []
+        groups = list(_by_queue(settlements, lambda s: s.delivery.queue).items())
+        for queue, items in groups:
+            args: list[Arg] = [clock, *self._settle_base]
+            keys = self._settle_args((s for _, s in items), self._queue_keys(queue), args)
+            calls.append((_SETTLE, keys, args))
+        return calls, groups

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import threading
 import urllib.parse
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -12,7 +15,7 @@ from typing import Any, Final
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -271,3 +274,169 @@ def run_transaction(
 def clock_arg(clock: Clock | None) -> str:
     """``ARGV[1]`` of every script: empty for Redis ``TIME``, or the test clock's reading."""
     return "" if clock is None else repr(float(clock()))
+
+
+# -- the lean command path ---------------------------------------------------------------------
+
+
+class Lane:
+    """Connections of their own for the hot calls, used without redis-py's per-command machinery.
+
+    ``client.execute_command`` costs a pool checkout (a lock and a ``poll`` for stray data), a
+    ``Retry`` wrapper, response callbacks and a pool release per command; a pipeline adds its own
+    command stack. A lane keeps the connections it took from the client's pool on a stack of idle
+    ones (``list.pop``/``append``, atomic under the GIL): a call pops one (or takes a new one from
+    the pool when all are busy), writes with ``send_command``/``send_packed_command``, reads with
+    ``read_response`` and pushes it back. So the fetch loop, the heartbeat and job threads never
+    share a connection, and a lane holds at most as many connections as calls ever ran at once.
+
+    Errors behave as through the client: Redis error replies are raised as redis-py exceptions
+    (the connection stays usable); a connection or timeout error disconnects the connection, which
+    reconnects on its next use, and the call is retried by the connection's own ``Retry`` policy
+    (``RedisSettings.retries`` with capped backoff for a client we built), so every call stays
+    bounded by the socket timeouts. :meth:`close` returns the connections to the pool; so does
+    garbage collection of the lane, and a forked child forgets its parent's connections.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._idle: list[Any] = []
+        self._taken: list[Any] = []  # every connection this lane took, to give back
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _give_back, self._pool, self._taken, self._idle)
+        _LANES.add(self)
+
+    def command(self, *args: Arg) -> Any:
+        """One command, its raw reply (no redis-py response callback)."""
+        return self._run(_one, args)
+
+    def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Commands in one write and one round trip; error replies come back as exceptions."""
+        return list(self._run(_many, commands))
+
+    def script(self, script: Script, head: Sequence[Arg], args: Sequence[Arg]) -> Any:
+        """``EVALSHA`` of ``script`` with ``head`` (``numkeys, *keys``) and ``args``.
+
+        Loads the script and runs it again if Redis lost it (NOSCRIPT).
+        """
+        call = ("EVALSHA", script.sha, *head, *args)
+        try:
+            return self._run(_one, call)
+        except NoScriptError:
+            self._run(_one, ("SCRIPT", "LOAD", script.source))
+            return self._run(_one, call)
+
+    def scripts(self, calls: Sequence[Call], *, extra: Sequence[Sequence[Arg]] = ()) -> list[Any]:
+        """Like :func:`run_scripts`, on this lane: one round trip, NOSCRIPT calls rerun."""
+        if len(calls) == 1 and not extra:
+            script, keys, args = calls[0]
+            return [self.script(script, (len(keys), *keys), args)]
+        commands = [*extra]
+        commands += [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
+        results = self.pipeline(commands)[len(extra) :]
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            again: list[Sequence[Arg]] = [
+                ("SCRIPT", "LOAD", source) for source in {calls[i][0].source for i in missing}
+            ]
+            for i in missing:
+                script, keys, args = calls[i]
+                again.append(("EVALSHA", script.sha, len(keys), *keys, *args))
+            replies = self.pipeline(again)[-len(missing) :]
+            for i, reply in zip(missing, replies, strict=True):
+                results[i] = reply
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    def close(self) -> None:
+        """Give every connection back to the pool; the lane takes new ones if used again."""
+        with self._lock:
+            _give_back(self._pool, self._taken, self._idle)
+
+    def _run(self, send: Callable[[Any, Any], Any], what: Any) -> Any:
+        idle = self._idle
+        try:
+            conn = idle.pop()
+        except IndexError:
+            conn = self._take()
+        try:
+            reply = send(conn, what)
+        except ResponseError:
+            idle.append(conn)  # an error reply: the connection is in sync and usable
+            raise
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            try:
+                reply = _retry(conn, exc, lambda: send(conn, what))
+            except BaseException:
+                conn.disconnect()
+                idle.append(conn)
+                raise
+        except BaseException:
+            conn.disconnect()  # a reply may be half read: start afresh on the next use
+            idle.append(conn)
+            raise
+        idle.append(conn)
+        return reply
+
+    def _take(self) -> Any:
+        conn = self._pool.get_connection()
+        with self._lock:
+            self._taken.append(conn)
+        return conn
+
+
+def _one(conn: Any, args: Sequence[Arg]) -> Any:
+    conn.send_command(*args)
+    return conn.read_response()
+
+
+def _many(conn: Any, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+    conn.send_packed_command(conn.pack_commands(commands))
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(conn.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+def _retry(conn: Any, first: Exception, again: Callable[[], Any]) -> Any:
+    """Finish a call whose first attempt failed with ``first``, under ``conn.retry``.
+
+    The policy sees the first failure as its own (disconnect, back off), so the attempts and
+    pauses are exactly those of a redis-py client call.
+    """
+    pending = [first]
+
+    def attempt() -> Any:
+        if pending:
+            raise pending.pop()
+        return again()
+
+    return conn.retry.call_with_retry(attempt, lambda _error: conn.disconnect())
+
+
+def _give_back(pool: Any, taken: list[Any], idle: list[Any]) -> None:
+    idle.clear()
+    while taken:
+        conn = taken.pop()
+        try:
+            pool.release(conn)
+        except Exception:  # noqa: BLE001 - a pool already closed or reset: drop it
+            conn.disconnect()
+
+
+_LANES: weakref.WeakSet[Lane] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    # The child must not touch the parent's sockets; it takes new connections when it needs them.
+    for lane in list(_LANES):
+        lane._idle.clear()
+        lane._taken.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

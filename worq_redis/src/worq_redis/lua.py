@@ -21,6 +21,7 @@ sequence number keeps FIFO order within a priority level without limiting the pr
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 QUEUE_KEY_SUFFIXES: Final = (
@@ -164,6 +165,138 @@ local function put_result(k, ttl_ms, record)
     redis.call("PEXPIRE", KEYS[k + 2], __NOTIFY_TTL_MS__)
   end
 end
+
+-- Check settlement values ARGV[first .. last] (8 per settlement) before any write.
+local function check_settlements(first, last)
+  for i = first, last, 8 do
+    local outcome = ARGV[i + 2]
+    if outcome ~= "a" and outcome ~= "r" and outcome ~= "d" then
+      error("worq: bad outcome " .. tostring(outcome))
+    end
+    number_arg(ARGV[i + 3], "delay")
+    local k = number_arg(ARGV[i + 5], "key index")
+    if k ~= 0 and KEYS[k + 2] == nil then
+      error("worq: missing result keys")
+    end
+    number_arg(ARGV[i + 6], "ttl")
+  end
+end
+
+-- Apply checked settlements ARGV[first .. last]: 1 per applied one, 0 per refused one.
+--   id, token, outcome (a|r|d), delay, reason, result key index (0: none), ttl ms, record
+-- KEYS[k], KEYS[k+1], KEYS[k+2]: a job's result, waiting marker and wake-up list.
+local function apply_settlements(now, first, last, max_count, max_age)
+  local out = {}
+  local died = false
+  for i = first, last, 8 do
+    local id, outcome = ARGV[i], ARGV[i + 2]
+    local j = held(id, ARGV[i + 1], now)
+    if j == nil then
+      out[#out + 1] = 0
+    else
+      out[#out + 1] = 1
+      redis.call("ZREM", K_LEASED, id)
+      local k = tonumber(ARGV[i + 5])
+      if outcome == "a" then
+        forget(id)
+        if k ~= 0 then
+          put_result(k, tonumber(ARGV[i + 6]), ARGV[i + 7])
+        end
+      elseif outcome == "r" then
+        j.st = "r"
+        j.ex = ""
+        redis.call("HSET", K_META, id, pack(j))
+        redis.call("HSET", K_REASON, id, ARGV[i + 4])
+        redis.call("ZADD", K_DELAYED, f6(now + tonumber(ARGV[i + 3])), id)
+        redis.call("ZADD", K_SIGNAL, 0, "due")
+      else
+        j.st = "d"
+        j.ex = f6(now)
+        redis.call("HSET", K_META, id, pack(j))
+        redis.call("HSET", K_REASON, id, ARGV[i + 4])
+        redis.call("ZADD", K_DEAD, redis.call("INCR", K_SEQ), id)
+        died = true
+        if k ~= 0 then
+          put_result(k, tonumber(ARGV[i + 6]), ARGV[i + 7])
+        end
+      end
+    end
+  end
+  if died then
+    trim_dead(now, max_count, max_age)
+  end
+  return out
+end
+
+-- Reap and promote (bounded), lease up to `limit` ready jobs, re-arm the wake-up signal.
+-- Returns {now, next due time or "", then per job: id, body, token, attempts}.
+-- The earliest lease deadline and due time are read first: reaping and promoting run only when
+-- one of them has passed, and they give the next due time unless something moved.
+local function fetch(now, limit, lease, reap_limit, promote_limit)
+  local l = redis.call("ZRANGE", K_LEASED, 0, 0, "WITHSCORES")
+  if #l > 0 and tonumber(l[2]) <= now then
+    reap(now, reap_limit)
+    l = nil
+  end
+  local d = redis.call("ZRANGE", K_DELAYED, 0, 0, "WITHSCORES")
+  if #d > 0 and tonumber(d[2]) <= now then
+    promote(now, promote_limit)
+    d = nil
+  end
+  local out = {f6(now), ""}
+  local got = 0
+  local until_ = f6(now + lease)
+  local ready_left = true
+  if limit > 0 then
+    local popped = redis.call("ZPOPMIN", K_READY, limit)
+    ready_left = #popped >= 2 * limit -- fewer than asked: ready is empty now
+    for i = 1, #popped, 2 do
+      local id = string.sub(popped[i], 17)
+      local m = redis.call("HGET", K_META, id)
+      if m then
+        local j = parse(m)
+        j.at = j.at + 1
+        j.st = "l"
+        j.ex = string.format("%d", redis.call("INCR", K_SEQ))
+        redis.call("HSET", K_META, id, pack(j))
+        redis.call("ZADD", K_LEASED, until_, id)
+        out[#out + 1] = id
+        out[#out + 1] = redis.call("HGET", K_JOBS, id)
+        out[#out + 1] = j.ex
+        out[#out + 1] = j.at
+        got = got + 1
+      end
+    end
+  end
+  if ready_left and redis.call("ZCARD", K_READY) > 0 then
+    redis.call("ZADD", K_SIGNAL, 0, "ready")
+  else
+    redis.call("ZREM", K_SIGNAL, "ready")
+  end
+  if got == 0 then
+    -- This caller is about to block with a timeout computed from the next due time below.
+    redis.call("ZREM", K_SIGNAL, "due")
+  end
+  if d == nil then
+    d = redis.call("ZRANGE", K_DELAYED, 0, 0, "WITHSCORES")
+  end
+  local next_due = nil
+  if #d > 0 then
+    next_due = tonumber(d[2])
+  end
+  if l == nil then
+    l = redis.call("ZRANGE", K_LEASED, 0, 0, "WITHSCORES")
+  elseif got > 0 and (#l == 0 or tonumber(until_) < tonumber(l[2])) then
+    l = {"", until_} -- the leases just taken are the earliest
+  end
+  if #l > 0 and (next_due == nil or tonumber(l[2]) < next_due) then
+    next_due = tonumber(l[2])
+  end
+  if next_due ~= nil then
+    out[2] = f6(next_due)
+  end
+  return out
+end
 """.replace("__NOTIFY_TTL_MS__", str(NOTIFY_TTL_MS))
 
 ENQUEUE = r"""
@@ -217,53 +350,7 @@ local limit = number_arg(ARGV[2], "limit")
 local lease = number_arg(ARGV[3], "lease")
 local reap_limit = number_arg(ARGV[4], "reap limit")
 local promote_limit = number_arg(ARGV[5], "promote limit")
-reap(now, reap_limit)
-promote(now, promote_limit)
-local out = {f6(now), ""}
-local got = 0
-if limit > 0 then
-  local popped = redis.call("ZPOPMIN", K_READY, limit)
-  local until_ = f6(now + lease)
-  for i = 1, #popped, 2 do
-    local id = string.sub(popped[i], 17)
-    local m = redis.call("HGET", K_META, id)
-    if m then
-      local j = parse(m)
-      j.at = j.at + 1
-      j.st = "l"
-      j.ex = string.format("%d", redis.call("INCR", K_SEQ))
-      redis.call("HSET", K_META, id, pack(j))
-      redis.call("ZADD", K_LEASED, until_, id)
-      out[#out + 1] = id
-      out[#out + 1] = redis.call("HGET", K_JOBS, id)
-      out[#out + 1] = j.ex
-      out[#out + 1] = j.at
-      got = got + 1
-    end
-  end
-end
-if redis.call("ZCARD", K_READY) > 0 then
-  redis.call("ZADD", K_SIGNAL, 0, "ready")
-else
-  redis.call("ZREM", K_SIGNAL, "ready")
-end
-if got == 0 then
-  -- This caller is about to block with a timeout computed from the next due time below.
-  redis.call("ZREM", K_SIGNAL, "due")
-end
-local next_due = nil
-local d = redis.call("ZRANGE", K_DELAYED, 0, 0, "WITHSCORES")
-if #d > 0 then
-  next_due = tonumber(d[2])
-end
-local l = redis.call("ZRANGE", K_LEASED, 0, 0, "WITHSCORES")
-if #l > 0 and (next_due == nil or tonumber(l[2]) < next_due) then
-  next_due = tonumber(l[2])
-end
-if next_due ~= nil then
-  out[2] = f6(next_due)
-end
-return out
+return fetch(now, limit, lease, reap_limit, promote_limit)
 """
 
 EXTEND = r"""
@@ -290,58 +377,26 @@ SETTLE = r"""
 local now = clock(ARGV[1])
 local max_count = number_arg(ARGV[2], "dead max count")
 local max_age = number_arg(ARGV[3], "dead max age")
-for i = 4, #ARGV, 8 do
-  local outcome = ARGV[i + 2]
-  if outcome ~= "a" and outcome ~= "r" and outcome ~= "d" then
-    error("worq: bad outcome " .. outcome)
-  end
-  number_arg(ARGV[i + 3], "delay")
-  local k = number_arg(ARGV[i + 5], "key index")
-  if k ~= 0 and KEYS[k + 2] == nil then
-    error("worq: missing result keys")
-  end
-  number_arg(ARGV[i + 6], "ttl")
-end
-local out = {}
-local died = false
-for i = 4, #ARGV, 8 do
-  local id, outcome = ARGV[i], ARGV[i + 2]
-  local j = held(id, ARGV[i + 1], now)
-  if j == nil then
-    out[#out + 1] = 0
-  else
-    out[#out + 1] = 1
-    redis.call("ZREM", K_LEASED, id)
-    local k = tonumber(ARGV[i + 5])
-    if outcome == "a" then
-      forget(id)
-      if k ~= 0 then
-        put_result(k, tonumber(ARGV[i + 6]), ARGV[i + 7])
-      end
-    elseif outcome == "r" then
-      j.st = "r"
-      j.ex = ""
-      redis.call("HSET", K_META, id, pack(j))
-      redis.call("HSET", K_REASON, id, ARGV[i + 4])
-      redis.call("ZADD", K_DELAYED, f6(now + tonumber(ARGV[i + 3])), id)
-      redis.call("ZADD", K_SIGNAL, 0, "due")
-    else
-      j.st = "d"
-      j.ex = f6(now)
-      redis.call("HSET", K_META, id, pack(j))
-      redis.call("HSET", K_REASON, id, ARGV[i + 4])
-      redis.call("ZADD", K_DEAD, redis.call("INCR", K_SEQ), id)
-      died = true
-      if k ~= 0 then
-        put_result(k, tonumber(ARGV[i + 6]), ARGV[i + 7])
-      end
-    end
-  end
-end
-if died then
-  trim_dead(now, max_count, max_age)
-end
-return out
+check_settlements(4, #ARGV)
+return apply_settlements(now, 4, #ARGV, max_count, max_age)
+"""
+
+SETTLE_FETCH = r"""
+-- A worker's steady state in one call: settle, then fetch from the same queue.
+-- ARGV: clock, dead max count, dead max age, n, then n settlements of 8 values (as in settle),
+--   then limit, lease seconds, reap limit, promote limit (as in fetch).
+-- Returns {settle flags, fetch reply}. Everything is checked before the first write.
+local now = clock(ARGV[1])
+local max_count = number_arg(ARGV[2], "dead max count")
+local max_age = number_arg(ARGV[3], "dead max age")
+local last = 4 + 8 * number_arg(ARGV[4], "count")
+local limit = number_arg(ARGV[last + 1], "limit")
+local lease = number_arg(ARGV[last + 2], "lease")
+local reap_limit = number_arg(ARGV[last + 3], "reap limit")
+local promote_limit = number_arg(ARGV[last + 4], "promote limit")
+check_settlements(5, last)
+local flags = apply_settlements(now, 5, last, max_count, max_age)
+return {flags, fetch(now, limit, lease, reap_limit, promote_limit)}
 """
 
 RELEASE = r"""
@@ -496,6 +551,7 @@ QUEUE_SCRIPTS: Final = {
     "fetch": FETCH,
     "extend": EXTEND,
     "settle": SETTLE,
+    "settle_fetch": SETTLE_FETCH,
     "release": RELEASE,
     "reap": REAP,
     "job_state": JOB_STATE,
@@ -504,13 +560,34 @@ QUEUE_SCRIPTS: Final = {
     "requeue_dead": REQUEUE_DEAD,
     "purge_dead": PURGE_DEAD,
 }
-"""Scripts that take the nine keys of one queue (``settle`` may add result keys after them)."""
+"""Scripts that take the nine keys of one queue (``settle`` and ``settle_fetch`` may add result
+keys after them)."""
 
 RESULT_SCRIPTS: Final = {"save_result": SAVE_RESULT, "arm_wait": ARM_WAIT}
 """Scripts that take the three keys of one job's result."""
 
 
+def _helpers(prelude: str) -> tuple[str, list[tuple[str, str]]]:
+    """The prelude split into its key locals and its ``local function`` blocks, in order."""
+    blocks = re.split(r"\n\n(?=(?:--[^\n]*\n)*local function )", prelude.strip("\n"))
+    named = [(re.search(r"local function (\w+)", block)[1], block) for block in blocks[1:]]  # type: ignore[index]
+    return blocks[0], named
+
+
 def source(name: str) -> str:
-    """The full source of script ``name``: the shared prelude, then its body."""
+    """The full source of script ``name``: the key locals, the helpers it uses, then its body.
+
+    Only the helpers the body needs (directly or through other helpers) are included: Redis runs
+    a script's whole chunk on every call, so each unused ``local function`` would cost a closure
+    per call.
+    """
     body = QUEUE_SCRIPTS.get(name) or RESULT_SCRIPTS[name]
-    return _PRELUDE + body
+    head, helpers = _helpers(_PRELUDE)
+    needed: set[str] = set()
+    text = body
+    for helper, block in reversed(helpers):  # a helper only calls helpers defined above it
+        if re.search(rf"\b{helper}\(", text):
+            needed.add(helper)
+            text += block
+    kept = [block for helper, block in helpers if helper in needed]
+    return "\n\n".join([head, *kept, body])
