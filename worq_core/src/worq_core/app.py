@@ -182,10 +182,9 @@ class Worq:
         Their old records are deleted first, so their :class:`Job` handles wait for the new
         run instead of reporting the old failure.
         """
-        ids = list(job_ids) if job_ids is not None else None
-        if ids is None:
-            ids = [dead.id for dead in self.broker.dead_jobs(queue, limit=10_000_000)]
-        if not ids:
+        dead = [job.id for job in self.broker.dead_jobs(queue, limit=10_000_000)]
+        ids = dead if job_ids is None else [i for i in job_ids if i in set(dead)]
+        if not ids:  # ids that are not dead keep their records
             return 0
         self.storage.delete(ids)
         return self.broker.requeue_dead(queue, ids)

@@ -99,7 +99,7 @@ class Broker(ABC):
 
     @abstractmethod
     def release(self, deliveries: Sequence[Delivery]) -> None:
-        """Hand back leased jobs that were never started (graceful shutdown).
+        """Hand back leased jobs that were never started.
 
         They go to the front of their queue at once and their attempt is not counted.
         Deliveries whose lease is no longer held are ignored.

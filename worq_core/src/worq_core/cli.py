@@ -366,8 +366,8 @@ def worker_logging(level: str, fmt: str) -> Iterator[None]:
 @click.option(
     "--max-memory-per-process",
     type=click.IntRange(min=1),
-    metavar="MB",
-    help="Replace a worker process (gracefully) once its resident memory passes MB MiB.",
+    metavar="MIB",
+    help="Replace a worker process (gracefully) once its resident memory passes MIB mebibytes.",
 )
 @click.option(
     "--log-level",
@@ -380,7 +380,7 @@ def worker_logging(level: str, fmt: str) -> Iterator[None]:
     type=click.Choice(("text", "json")),
     default="text",
     show_default=True,
-    help="json: one JSON object per line (time, level, logger, message, job_id, task).",
+    help="json: one JSON object per line (time, level, logger, message; job_id, task, queue).",
 )
 @click.option("--supervised", is_flag=True, hidden=True)
 @click.pass_obj
@@ -662,11 +662,7 @@ def job(state: CliState, app_spec: str, job_id: str, queue: str) -> None:
     """
     app = _app(state, app_spec)
     handle = app.job(job_id, queue)
-    # A job the broker holds in a live state is not finished, whatever the storage says: a job
-    # requeued from the DLQ (or re-enqueued under its id) still has its old record there.
-    status = app.broker.job_state(queue, job_id)
-    if status not in _LIVE:
-        status = handle.status()
+    status = handle.status()
     if status is JobStatus.UNKNOWN:
         raise CliError(
             f"job {job_id} is unknown on queue {queue!r}: never enqueued there, "

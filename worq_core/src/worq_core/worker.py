@@ -71,7 +71,8 @@ class WorkerSettings:
     lease: float = 30.0
     """Seconds a fetched job stays leased without a heartbeat; the heartbeat renews it."""
     grace: float = 30.0
-    """Seconds in-flight jobs get to finish after SIGTERM/SIGINT before they are handed back."""
+    """Seconds in-flight jobs get to finish after SIGTERM/SIGINT before they are put back in
+    their queue (as an immediate retry)."""
     idle_wait: float = 1.0
     """Longest single blocking fetch; bounds how quickly an idle worker notices a stop."""
     heartbeat: float | None = None
@@ -148,7 +149,7 @@ class ExitReason(enum.StrEnum):
     MAX_MEMORY = "max_memory"
     """Resident memory passed ``max_memory``; the process should be replaced."""
     STUCK = "stuck"
-    """A sync task overran its timeout and its thread is still busy; replace the process."""
+    """A task overran its timeout and could not be stopped; replace the process."""
 
     @property
     def wants_replacement(self) -> bool:

@@ -551,3 +551,19 @@ class WorkerContract:
         assert again.status() is JobStatus.QUEUED
         self.worker(app, queue).run(burst=True)
         assert again.result(timeout=RESULT_WAIT) == 2
+
+    @requires(Capability.DEAD_LETTER)
+    def test_a_job_id_still_dead_is_not_added_again_and_keeps_its_failure(
+        self, app: Worq, queue: str
+    ) -> None:
+        @app.task(queue=queue, max_retries=0)
+        def fails() -> None:
+            raise KeyError("gone")
+
+        job = fails.options(job_id="doomed").enqueue()
+        self.worker(app, queue).run(burst=True)
+        again = fails.options(job_id="doomed").enqueue()
+        assert again.status() is JobStatus.DEAD
+        with pytest.raises(JobFailed):
+            again.result(timeout=RESULT_WAIT)
+        assert app.requeue_dead(queue, [job.id, "not-dead"]) == 1
