@@ -15,9 +15,10 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import FrameType
+
+from worq_core.signals import on_stop_signals
 
 log = logging.getLogger("worq.supervisor")
 
@@ -69,7 +70,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Supervise until every child is finished; returns the exit code for the command."""
-        with self._handle_signals():
+        with on_stop_signals(self.stop, log):
             for slot in self.slots:
                 self._start(slot)
             code = self._watch()
@@ -97,23 +98,6 @@ class Supervisor:
         return [s.process.pid for s in self.slots if s.process is not None and self._alive(s)]
 
     # -- internals -----------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _handle_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            log.info("supervisor received %s", signal.Signals(signum).name)
-            self.stop()
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     @staticmethod
     def _alive(slot: _Slot) -> bool:

@@ -24,16 +24,14 @@ import os
 import queue
 import random
 import resource
-import signal
 import socket
 import sys
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from worq_core.context import JobContext
@@ -48,6 +46,7 @@ from worq_core.errors import (
 from worq_core.job import Envelope, ErrorInfo, encode_failure, encode_success
 from worq_core.lease_keeper import LeaseKeeper
 from worq_core.models import Capability, Delivery, Outcome, Settlement, WorkerInfo
+from worq_core.signals import on_stop_signals
 
 if TYPE_CHECKING:
     from worq_core.app import Worq
@@ -319,7 +318,12 @@ class Worker:
         self._register()
         heartbeat = threading.Thread(target=self._heartbeat, name="worq-heartbeat", daemon=True)
         heartbeat.start()
-        with self._signals():
+        signals = (
+            on_stop_signals(self._on_stop_signal, log)
+            if settings.handle_signals
+            else contextlib.nullcontext()
+        )
+        with signals:
             try:
                 self._fetch_loop(burst)
             finally:
@@ -376,29 +380,10 @@ class Worker:
             self._stopping.set()
             self._lock.notify_all()
 
-    @contextlib.contextmanager
-    def _signals(self) -> Iterator[None]:
-        if (
-            not self.settings.handle_signals
-            or threading.current_thread() is not threading.main_thread()
-        ):
-            yield
-            return
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            log.info("received %s", signal.Signals(signum).name)
-            if time.monotonic() - self._stop_requested_at < DUPLICATE_SIGNAL_WINDOW:
-                # The same stop delivered twice (to the process group and by a supervisor),
-                # not an impatient second request.
-                return
-            self.stop()
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    def _on_stop_signal(self) -> None:
+        if time.monotonic() - self._stop_requested_at < DUPLICATE_SIGNAL_WINDOW:
+            return  # the same stop delivered twice (to the process group and by a supervisor)
+        self.stop()
 
     def _start_lease_keeper(self) -> LeaseKeeper | None:
         if not self.settings.isolated_heartbeat:
