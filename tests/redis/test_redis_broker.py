@@ -135,6 +135,9 @@ def test_scripts_are_reloaded_after_script_flush(request: pytest.FixtureRequest)
     broker.enqueue([msg("q", job_id=f"j{i}") for i in range(5)] + [msg("other")])
     assert broker.stats(["q"])[0].ready == 5
     assert second.id != first.id
+    storage = RedisStorage(client, prefix=broker.prefix)
+    client.script_flush()  # job_status pipelines job_state with a GET: NOSCRIPT is handled too
+    assert broker.job_status("q", second.id, storage) == (JobStatus.RUNNING, None)
 
 
 # -- retention and bookkeeping ---------------------------------------------------------------------
@@ -357,6 +360,70 @@ def test_draining_costs_about_one_round_trip_per_job(
         per_job = counter.round_trips / total
         # one settle+fetch pipeline per job, plus a few for the burst check at the end
         assert per_job <= 1.1, (concurrency, counter.round_trips)
+
+
+def test_a_workers_steady_state_is_one_settle_fetch_script_per_round_trip(
+    counted: tuple[redis.Redis, type, str],
+) -> None:
+    client, counter, prefix = counted
+    broker = RedisBroker(client, prefix=prefix)
+    storage = RedisStorage(client, prefix=prefix)
+    assert broker.stores_results_in(storage)
+    broker.enqueue([msg("rt") for _ in range(60)])
+    [first] = broker.fetch(["rt"], 1, lease=30, wait=0)  # warm up: registry, script cache
+    pending = [Settlement(first, Outcome.ACK, record=b"r", ttl=60)]
+    counter.reset()
+    for _ in range(59):
+        applied, got = broker.settle_and_fetch(pending, ["rt"], 1, lease=30, wait=0)
+        assert applied == [True]
+        pending = [Settlement(d, Outcome.ACK, record=b"r", ttl=60) for d in got]
+    assert counter.round_trips == 59
+    sha = lua_sha("settle_fetch")
+    assert [(c[0], c[1]) for c in counter.commands] == [(b"EVALSHA", sha)] * 59
+    assert storage.load(first.id) == b"r"
+    # settlements of another queue ride in the same round trip
+    broker.enqueue([msg("other")])
+    [other] = broker.fetch(["other"], 1, lease=30, wait=0)
+    counter.reset()
+    applied, _ = broker.settle_and_fetch(
+        [*pending, Settlement(other, Outcome.ACK)], ["rt"], 1, lease=30, wait=0
+    )
+    assert applied == [True, True]
+    assert counter.round_trips == 1
+
+
+def test_job_status_is_one_round_trip_with_a_storage_on_the_same_server(
+    counted: tuple[redis.Redis, type, str],
+) -> None:
+    client, counter, prefix = counted
+    app = Worq(
+        RedisBroker(client, prefix=prefix),
+        storage=RedisStorage(client, prefix=prefix),
+        serializer=MsgpackSerializer(),
+        registry=Registry(),
+    )
+
+    @app.task(queue="st")
+    def noop() -> None:
+        return None
+
+    job = noop.enqueue()
+    counter.reset()
+    assert job.status() is JobStatus.QUEUED
+    assert counter.round_trips == 1
+    Worker(app, WorkerSettings(queues=("st",), idle_wait=0.05, handle_signals=False)).run(
+        burst=True
+    )
+    counter.reset()
+    assert job.status() is JobStatus.SUCCEEDED
+    assert counter.round_trips == 1
+    assert app.job("nope", "st").status() is JobStatus.UNKNOWN
+
+
+def lua_sha(name: str) -> bytes:
+    from worq_redis.connection import SCRIPTS
+
+    return SCRIPTS[name].sha.encode()
 
 
 # -- nothing grows without bound -------------------------------------------------------------------

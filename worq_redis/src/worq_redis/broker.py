@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Self, TypeVar
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from typing_extensions import override
 
@@ -341,14 +341,42 @@ class RedisBroker(Broker):
     @override
     def stores_results_in(self, storage: Storage) -> bool:
         """True for a :class:`RedisStorage` on the same server, database and key prefix."""
-        same = (
+        same = self._shares_server(storage)
+        if same:
+            self._writes_results = True
+        return same
+
+    @override
+    def job_status(
+        self, queue: str, job_id: str, storage: Storage
+    ) -> tuple[JobStatus | None, bytes | None]:
+        """The job's state and record in one round trip when ``storage`` is on this server.
+
+        ``job_state`` and a ``GET`` of the record are pipelined, in that order (each command in
+        its own Cluster slot), so a job that finishes in between is still seen. Otherwise the
+        two calls of the default.
+        """
+        if not self._shares_server(storage):
+            return super().job_status(queue, job_id, storage)
+        self._queue_keys(queue)
+        state_call = ("EVALSHA", SCRIPTS["job_state"].sha, *self._heads[queue])
+        state_call += (clock_arg(self.clock), job_id)
+        get = ("GET", result_keys(self.prefix, job_id)[0])
+        with self._errors():
+            state, record = self._lane.pipeline([state_call, get])
+            if isinstance(state, NoScriptError):
+                state = self._script("job_state", queue, state_call[-2:])
+            for reply in (state, record):
+                if isinstance(reply, Exception):
+                    raise reply
+        return (_STATES.get(state) if state else None), (None if record is None else bytes(record))
+
+    def _shares_server(self, storage: Storage) -> bool:
+        return (
             isinstance(storage, RedisStorage)
             and storage.prefix == self.prefix
             and server_identity(storage.client) == server_identity(self.client)
         )
-        if same:
-            self._writes_results = True
-        return same
 
     @override
     def shareable_url(self) -> str | None:
