@@ -301,6 +301,8 @@ end
 
 ENQUEUE = r"""
 -- ARGV: clock, n, then n x (id, body, ready score, eta or "")
+-- A batch costs a handful of calls, not a handful per job: one HMGET finds the ids already
+-- held, one INCRBY numbers the new jobs (in order), and HSET/ZADD write them in chunks.
 local now = clock(ARGV[1])
 local n = number_arg(ARGV[2], "count")
 for i = 0, n - 1 do
@@ -310,33 +312,63 @@ for i = 0, n - 1 do
     number_arg(ARGV[b + 3], "eta")
   end
 end
-local out = {}
-local ready, due = false, false
-for i = 0, n - 1 do
-  local b = 3 + i * 4
-  local id = ARGV[b]
-  if redis.call("HEXISTS", K_META, id) == 1 then
-    out[i + 1] = 0
-  else
-    local sq = next_seq()
-    local eta = ARGV[b + 3]
-    redis.call("HSET", K_JOBS, id, ARGV[b + 1])
-    if eta ~= "" and tonumber(eta) > now then
-      redis.call("HSET", K_META, id, "s|0|" .. sq .. "|" .. ARGV[b + 2] .. "|")
-      redis.call("ZADD", K_DELAYED, f6(tonumber(eta)), id)
-      due = true
-    else
-      redis.call("HSET", K_META, id, "q|0|" .. sq .. "|" .. ARGV[b + 2] .. "|")
-      redis.call("ZADD", K_READY, ARGV[b + 2], sq .. id)
-      ready = true
-    end
-    out[i + 1] = 1
+local CHUNK = 1000
+local function write(command, key, values)
+  for i = 1, #values, CHUNK do
+    redis.call(command, key, unpack(values, i, math.min(i + CHUNK - 1, #values)))
   end
 end
-if ready then
+local out = {}
+local fresh = {}
+local seen = {}
+for i = 0, n - 1, CHUNK do
+  local ids = {}
+  for k = i, math.min(i + CHUNK, n) - 1 do
+    ids[#ids + 1] = ARGV[3 + k * 4]
+  end
+  local known = redis.call("HMGET", K_META, unpack(ids))
+  for k = 1, #ids do
+    local id = ids[k]
+    if known[k] or seen[id] then
+      out[i + k] = 0
+    else
+      seen[id] = true
+      out[i + k] = 1
+      fresh[#fresh + 1] = i + k - 1
+    end
+  end
+end
+if #fresh == 0 then
+  return out
+end
+local seq = redis.call("INCRBY", K_SEQ, #fresh) - #fresh
+local jobs, meta, ready, delayed = {}, {}, {}, {}
+for _, i in ipairs(fresh) do
+  local b = 3 + i * 4
+  local id, score, eta = ARGV[b], ARGV[b + 2], ARGV[b + 3]
+  seq = seq + 1
+  local sq = string.format("%016d", seq)
+  jobs[#jobs + 1] = id
+  jobs[#jobs + 1] = ARGV[b + 1]
+  meta[#meta + 1] = id
+  if eta ~= "" and tonumber(eta) > now then
+    meta[#meta + 1] = "s|0|" .. sq .. "|" .. score .. "|"
+    delayed[#delayed + 1] = f6(tonumber(eta))
+    delayed[#delayed + 1] = id
+  else
+    meta[#meta + 1] = "q|0|" .. sq .. "|" .. score .. "|"
+    ready[#ready + 1] = score
+    ready[#ready + 1] = sq .. id
+  end
+end
+write("HSET", K_JOBS, jobs)
+write("HSET", K_META, meta)
+write("ZADD", K_READY, ready)
+write("ZADD", K_DELAYED, delayed)
+if #ready > 0 then
   redis.call("ZADD", K_SIGNAL, 0, "ready")
 end
-if due then
+if #delayed > 0 then
   redis.call("ZADD", K_SIGNAL, 0, "due")
 end
 return out
