@@ -303,14 +303,38 @@ ENQUEUE = r"""
 -- ARGV: clock, n, then n x (id, body, ready score, eta or "")
 -- A batch costs a handful of calls, not a handful per job: one HMGET finds the ids already
 -- held, one INCRBY numbers the new jobs (in order), and HSET/ZADD write them in chunks.
-local now = clock(ARGV[1])
 local n = number_arg(ARGV[2], "count")
+local timed = false
 for i = 0, n - 1 do
   local b = 3 + i * 4
   number_arg(ARGV[b + 2], "priority score")
   if ARGV[b + 3] ~= "" then
     number_arg(ARGV[b + 3], "eta")
+    timed = true
   end
+end
+local now = 0 -- the clock is read only when some job has an eta
+if timed then
+  now = clock(ARGV[1])
+end
+if n == 1 then
+  -- One job (enqueue one by one): the direct calls, without the batch's tables.
+  local id, score, eta = ARGV[3], ARGV[5], ARGV[6]
+  if redis.call("HEXISTS", K_META, id) == 1 then
+    return {0}
+  end
+  local sq = next_seq()
+  redis.call("HSET", K_JOBS, id, ARGV[4])
+  if eta ~= "" and tonumber(eta) > now then
+    redis.call("HSET", K_META, id, "s|0|" .. sq .. "|" .. score .. "|")
+    redis.call("ZADD", K_DELAYED, f6(tonumber(eta)), id)
+    redis.call("ZADD", K_SIGNAL, 0, "due")
+  else
+    redis.call("HSET", K_META, id, "q|0|" .. sq .. "|" .. score .. "|")
+    redis.call("ZADD", K_READY, score, sq .. id)
+    redis.call("ZADD", K_SIGNAL, 0, "ready")
+  end
+  return {1}
 end
 local CHUNK = 1000
 local function write(command, key, values)
