@@ -1,12 +1,17 @@
 """Benchmark worq-redis against the raw redis-py floor on the local Redis.
 
-    python bench/redis_bench.py            # full run (20,000-job drains)
-    python bench/redis_bench.py --quick    # under ~30 s
+    python bench/redis_bench.py            # full run (20,000-job drains, 100,000-job memory)
+    python bench/redis_bench.py --quick    # under ~60 s
     python bench/redis_bench.py --json out.json
 
 Every figure is measured in the same run as the raw redis-py floor (a plain LPUSH/RPOP loop,
 one round trip per item, and a pipelined LPUSH) and reported as a ratio to it. All keys live
 under a fresh prefix that is deleted at the end; no database is flushed.
+
+The worker-runtime figures (issue 4) run real ``python -m worq_core worker`` subprocesses on
+``bench/bench_app.py``: a drain with ``--processes 2``; a mixed workload (10% of the jobs sleep
+50 ms) at a steady arrival rate, whose short jobs' pickup latency is compared with an all-short
+run at the same rate; and a worker's resident memory after 10x more no-op jobs.
 """
 
 from __future__ import annotations
@@ -14,18 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
 
-from worq_core import Worker, WorkerSettings, Worq
+from worq_core import Broker, Worker, WorkerSettings, Worq
+from worq_core.models import Outcome, Settlement
 from worq_core.registry import Registry
 from worq_core.serializers import MsgpackSerializer
 from worq_redis import RedisBroker, RedisStorage
@@ -87,6 +96,27 @@ def make_app(url: str, prefix: str) -> Worq:
     return app
 
 
+def broker_loop(app: Worq, n: int) -> float:
+    """Seconds for ``settle_and_fetch`` alone (no worker threads) to take and ack ``n`` jobs.
+
+    What the broker costs per job at concurrency 1; the rest of a worker's drain is its own.
+    """
+    task = app.tasks["noop"]
+    for start in range(0, n, 5000):
+        task.enqueue_many([() for _ in range(min(5000, n - start))])
+    broker = app.broker
+    assert broker.stores_results_in(app.storage)
+
+    def loop() -> None:
+        pending: list[Settlement] = []
+        for _ in range(n):
+            _, got = broker.settle_and_fetch(pending, ["bench"], 1, lease=30.0, wait=0.0)
+            pending = [Settlement(d, Outcome.ACK, record=b"\x80", ttl=60.0) for d in got]
+        broker.settle(pending)
+
+    return timed(loop)
+
+
 def drain(app: Worq, n: int, concurrency: int) -> float:
     """Enqueue ``n`` no-op jobs, then time a burst worker draining (and acking) them."""
     task = app.tasks["noop"]
@@ -143,6 +173,132 @@ def pickup_latency(url: str, prefix: str, n: int, rate: float) -> list[float]:
     return latencies
 
 
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def worker_process(url: str, prefix: str, *args: str) -> subprocess.Popen[bytes]:
+    """``python -m worq_core worker bench_app:app ARGS`` on the benchmark's keys."""
+    env = dict(os.environ, WORQ_BENCH_URL=url, WORQ_BENCH_PREFIX=prefix)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "worq_core", "worker", "bench_app:app", "--log-level"]
+    return subprocess.Popen(
+        [*command, "warning", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM (by its pid) and reap; SIGKILL if it does not stop in time."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def wait_drained(broker: Broker, queue: str, total: int, timeout: float) -> tuple[float, float]:
+    """Poll ``queue`` until it is empty: (first job taken, queue empty), as perf_counter times."""
+    started: float | None = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        [stats] = broker.stats([queue])
+        now = time.perf_counter()
+        if started is None and stats.ready < total:
+            started = now
+        if stats.ready == stats.delayed == stats.running == 0:
+            return started if started is not None else now, now
+        time.sleep(0.005)
+    raise RuntimeError(f"{queue} not drained within {timeout}s: {broker.stats([queue])}")
+
+
+def drain_processes(url: str, prefix: str, n: int, processes: int, concurrency: int) -> float:
+    """Seconds for ``--processes N`` burst workers to drain ``n`` queued no-op jobs.
+
+    Timed from the first job taken (interpreter start-up excluded) until the queue is empty.
+    """
+    import bench_app
+
+    bench_app.app.tasks["noop"].enqueue_many([() for _ in range(n)])
+    proc = worker_process(
+        url, prefix, "-Q", "procs", "-p", str(processes), "-c", str(concurrency), "--burst"
+    )
+    try:
+        begin, end = wait_drained(bench_app.app.broker, "procs", n, timeout=300)
+        proc.wait(60)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0, proc.stderr
+    return end - begin
+
+
+def mixed_latency(
+    url: str, prefix: str, n: int, rate: float, long_share: float
+) -> tuple[list[float], float]:
+    """Pickup latency (enqueue to start, seconds) of the short jobs of a steady stream.
+
+    ``long_share`` of the jobs sleep 50 ms. One worker process, concurrency 4. Returns the
+    short jobs' latencies and the wall time of the run.
+    """
+    import bench_app
+
+    timed = bench_app.app.tasks["timed"]
+    proc = worker_process(url, prefix, "-Q", "mixed", "-c", "4")
+    try:
+        timed.enqueue(time.time()).result(timeout=60)  # the worker is up and warm
+        every = round(1 / long_share) if long_share else 0
+        shorts, longs = [], []
+        interval = 1.0 / rate
+        begin = next_at = time.perf_counter()
+        for i in range(n):
+            next_at += interval
+            pause = next_at - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            if every and i % every == every - 1:
+                longs.append(timed.enqueue(time.time(), 0.05))
+            else:
+                shorts.append(timed.enqueue(time.time()))
+        latencies = [float(job.result(timeout=60)) for job in shorts]
+        for job in longs:
+            job.result(timeout=60)
+        elapsed = time.perf_counter() - begin
+    finally:
+        stop_process(proc)
+    return latencies, elapsed
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of process ``pid`` (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def memory_growth(url: str, prefix: str, first: int, total: int) -> tuple[int, int]:
+    """A worker's RSS (KiB) after ``first`` no-op jobs and after ``total``, same process."""
+    import bench_app
+
+    noop = bench_app.app.tasks["noop"]
+    broker = bench_app.app.broker
+    proc = worker_process(url, prefix, "-Q", "procs", "-c", "8")
+    try:
+        readings = []
+        done = 0
+        for target in (first, total):
+            for start in range(done, target, 5000):
+                noop.enqueue_many([() for _ in range(min(5000, target - start))])
+            wait_drained(broker, "procs", target - done, timeout=600)
+            done = target
+            time.sleep(0.2)  # settle the last acks
+            readings.append(rss_kib(proc.pid))
+    finally:
+        stop_process(proc)
+    return readings[0], readings[1]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -160,10 +316,14 @@ def main() -> int:
     args = parser.parse_args()
 
     drain_jobs = args.jobs or (5_000 if args.quick else 20_000)
-    one_by_one = 2_000 if args.quick else 10_000
+    one_by_one = 5_000 if args.quick else 10_000
     batch_jobs = 20_000 if args.quick else 100_000
     latency_jobs = 200 if args.quick else 1_000
+    mixed_jobs = 600 if args.quick else 3_000
+    memory_jobs = (2_000, 20_000) if args.quick else (10_000, 100_000)
     prefix = f"worqbench-{uuid.uuid4().hex[:8]}"
+    os.environ["WORQ_BENCH_URL"], os.environ["WORQ_BENCH_PREFIX"] = args.url, prefix
+    sys.path.insert(0, str(BENCH_DIR))
     client = redis.Redis.from_url(args.url)
     client.ping()
     rows: list[Row] = []
@@ -210,9 +370,23 @@ def main() -> int:
             WorkerSettings(queues=("bench",), concurrency=8, idle_wait=0.01, handle_signals=False),
         ).run(burst=True)  # drain what the enqueue figures left
 
+        elapsed = broker_loop(app, drain_jobs)
+        rate = drain_jobs / elapsed
+        rows.append(
+            Row(
+                "broker settle_and_fetch loop, no worker",
+                drain_jobs,
+                rate,
+                "rpop",
+                rate / floor["rpop"],
+                "the broker's share of a drain at concurrency 1",
+            )
+        )
+
+        single: dict[int, float] = {}
         for concurrency in (1, 8):
             elapsed = drain(app, drain_jobs, concurrency)
-            rate = drain_jobs / elapsed
+            rate = single[concurrency] = drain_jobs / elapsed
             rows.append(
                 Row(
                     f"drain no-op jobs with acks, concurrency {concurrency}",
@@ -224,6 +398,20 @@ def main() -> int:
                 )
             )
         app.close()
+
+        for concurrency in (1, 8):
+            elapsed = drain_processes(args.url, prefix, drain_jobs, 2, concurrency)
+            rate = drain_jobs / elapsed
+            rows.append(
+                Row(
+                    f"drain, worker --processes 2 --concurrency {concurrency}",
+                    drain_jobs,
+                    rate,
+                    "rpop",
+                    rate / floor["rpop"],
+                    f"{rate / single[concurrency]:.2f}x one process",
+                )
+            )
 
         latencies = pickup_latency(args.url, prefix, latency_jobs, 100.0)
         p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
@@ -238,6 +426,51 @@ def main() -> int:
                     f"mean {statistics.mean(latencies) * 1000:.2f} ms",
                 )
             )
+
+        short_only, _ = mixed_latency(args.url, prefix, mixed_jobs, 200.0, 0.0)
+        mixed, _ = mixed_latency(args.url, prefix, mixed_jobs, 200.0, 0.1)
+        for name, q in (("p50", 0.5), ("p99", 0.99)):
+            alone, among = percentile(short_only, q), percentile(mixed, q)
+            rows.append(
+                Row(
+                    f"short-job pickup {name}, all short, 200 jobs/s, -c 4 (ms)",
+                    len(short_only),
+                    alone * 1000,
+                    "rtt",
+                    alone / rtt,
+                )
+            )
+            rows.append(
+                Row(
+                    f"short-job pickup {name}, 10% sleep 50 ms, 200 jobs/s, -c 4 (ms)",
+                    len(mixed),
+                    among * 1000,
+                    "rtt",
+                    among / rtt,
+                    f"{among / alone:.2f}x all short",
+                )
+            )
+
+        low, high = memory_growth(args.url, prefix, *memory_jobs)
+        rows.append(
+            Row(
+                f"worker RSS after {memory_jobs[0]:,} no-op jobs (MiB)",
+                memory_jobs[0],
+                low / 1024,
+                "rss",
+                1.0,
+            )
+        )
+        rows.append(
+            Row(
+                f"worker RSS after {memory_jobs[1]:,} no-op jobs (MiB)",
+                memory_jobs[1],
+                high / 1024,
+                "rss",
+                high / low,
+                "issue 4: within 10%",
+            )
+        )
     finally:
         delete_prefix(client, prefix)
         client.close()
@@ -256,13 +489,16 @@ def main() -> int:
 def render(rows: list[Row], rtt: float) -> None:
     header = f"raw round trip (one LPUSH): {rtt * 1e6:.0f} µs"
     lines = [
-        "| measure | jobs | rate (/s) or ms | vs floor |",
-        "|---|---:|---:|---:|",
+        "| measure | jobs | rate (/s), ms or MiB | vs floor | note |",
+        "|---|---:|---:|---:|---|",
     ]
     for row in rows:
-        value = f"{row.rate:.2f}" if "latency" in row.name else f"{row.rate:,.0f}"
-        ratio = f"{row.ratio:.2f}x rtt" if row.floor == "rtt" else f"{row.ratio:.2f}x {row.floor}"
-        lines.append(f"| {row.name} | {row.jobs:,} | {value} | {ratio} |")
+        value = f"{row.rate:,.0f}" if row.floor not in ("rtt", "rss") else f"{row.rate:.2f}"
+        if row.floor == "rss":
+            ratio = f"{row.ratio:.3f}x first" if row.note else "1.00x"
+        else:
+            ratio = f"{row.ratio:.2f}x {row.floor}"
+        lines.append(f"| {row.name} | {row.jobs:,} | {value} | {ratio} | {row.note} |")
     try:
         from rich.console import Console
         from rich.table import Table
@@ -271,8 +507,8 @@ def render(rows: list[Row], rtt: float) -> None:
         print("\n".join(lines))
         return
     table = Table(title=header)
-    for column in ("measure", "jobs", "rate (/s) or ms", "vs floor"):
-        table.add_column(column, justify="left" if column == "measure" else "right")
+    for column in ("measure", "jobs", "rate (/s), ms or MiB", "vs floor", "note"):
+        table.add_column(column, justify="left" if column in ("measure", "note") else "right")
     for line in lines[2:]:
         table.add_row(*[cell.strip() for cell in line.strip("|").split("|")])
     Console().print(table)
