@@ -77,8 +77,9 @@ class RedisBroker(Broker):
 
     Build it from a ``redis://``, ``rediss://`` or ``unix://`` URL (user and password from the
     URL, ``?prefix=`` for the key prefix) or from a ``redis.Redis`` client made with
-    ``decode_responses=False``. Thread-safe: every call takes a connection from the client's
-    pool, so the fetch loop, the heartbeat and job threads never wait for one another.
+    ``decode_responses=False``. Thread-safe: every call takes an idle connection of the broker's
+    own :class:`~worq_redis.connection.Lane` (taken from the client's pool), so the fetch loop,
+    the heartbeat and job threads never wait for one another.
 
     Each queue's keys live under one Cluster hash tag and every state change is one Lua script
     that uses Redis ``TIME``; ``clock`` replaces it in tests. The layout and the reasons behind it
