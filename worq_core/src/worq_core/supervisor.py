@@ -33,7 +33,7 @@ class _Slot:
     started: float = 0.0
     restart_at: float = 0.0
     finished: bool = False
-    crashes: deque[float] = field(default_factory=deque)
+    crashes: deque[tuple[float, bool]] = field(default_factory=deque)  # (when, early)
 
 
 class Supervisor:
@@ -41,9 +41,10 @@ class Supervisor:
 
     A child that exits with :data:`REPLACE_ME` is replaced at once; one that crashes (any other
     non-zero code, or a signal) is replaced after a short backoff; one that exits 0 (a burst
-    worker that ran out of jobs) is not replaced. More than ``max_crashes`` crashes of one slot
-    within ``crash_window`` seconds means the workers cannot be kept alive: the supervisor stops
-    the others and returns 1.
+    worker that ran out of jobs) is not replaced. A slot whose workers cannot be kept alive
+    makes the supervisor stop the others and return 1: more than ``max_crashes`` deaths within
+    ``crash_window`` seconds of workers that lived under ``min_uptime`` (they fail at start),
+    or six times as many deaths of any kind (they die soon after every start).
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class Supervisor:
         grace: float = 30.0,
         max_crashes: int = 5,
         crash_window: float = 60.0,
+        min_uptime: float = 1.0,
     ) -> None:
         if processes < 1:
             raise ValueError("processes must be at least 1")
@@ -61,6 +63,7 @@ class Supervisor:
         self.grace = grace
         self.max_crashes = max_crashes
         self.crash_window = crash_window
+        self.min_uptime = min_uptime
         self.slots = [_Slot(i) for i in range(processes)]
         self.restarts = 0
         self._signals = 0
@@ -163,10 +166,13 @@ class Supervisor:
         """Schedule a restart; returns False when the slot crashes too often to keep alive."""
         assert slot.process is not None
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        slot.crashes.append(now)
-        while slot.crashes and slot.crashes[0] < now - self.crash_window:
+        # A worker killed after it had been running (by the OOM killer, or a task that crashes
+        # its process) is not a worker that cannot start: only early deaths weigh fully.
+        slot.crashes.append((now, now - slot.started < self.min_uptime))
+        while slot.crashes and slot.crashes[0][0] < now - self.crash_window:
             slot.crashes.popleft()
-        if len(slot.crashes) > self.max_crashes:
+        early = sum(1 for _, was_early in slot.crashes if was_early)
+        if early > self.max_crashes or len(slot.crashes) > 6 * self.max_crashes:
             log.error(
                 "supervisor: worker %d died %d times within %gs (last: %s); giving up",
                 slot.index,
@@ -175,7 +181,7 @@ class Supervisor:
                 how,
             )
             return False
-        backoff = min(0.1 * 2 ** (len(slot.crashes) - 1), 5.0)
+        backoff = min(0.1 * 2**early, 5.0)
         log.warning(
             "supervisor: worker %d (pid %d) died (%s); restarting in %.1fs",
             slot.index,

@@ -22,9 +22,6 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# id(signature) -> (the signature, positional-argument counts that bound): see BoundTask._prepare
-_BOUND_ARITIES: dict[int, tuple[inspect.Signature, set[int]]] = {}
-
 
 class TaskArgumentsError(TaskError, TypeError):
     """Arguments that do not fit the task's signature; nothing was enqueued."""
@@ -71,6 +68,7 @@ class Task(Generic[P, R]):
         self.config = config
         self.is_async = inspect.iscoroutinefunction(fn)
         self._signature = inspect.signature(fn)
+        self._bound_arities: set[int] = set()  # positional-argument counts known to bind
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -180,17 +178,15 @@ class BoundTask(Generic[P, R]):
         self, args: list[Any], kwargs: dict[str, Any], job_id: str | None
     ) -> tuple[Message, Job]:
         task = self.task
-        signature = task._signature
         # Whether arguments bind depends only on their count and keyword names, so a count of
         # positional arguments that bound once is not checked again (it costs microseconds).
-        known = _BOUND_ARITIES.get(id(signature))
-        if kwargs or known is None or known[0] is not signature or len(args) not in known[1]:
+        if kwargs or len(args) not in task._bound_arities:
             try:
-                signature.bind(*args, **kwargs)
+                task._signature.bind(*args, **kwargs)
             except TypeError as exc:
                 raise TaskArgumentsError(task.name, str(exc)) from exc
-            if not kwargs and len(_BOUND_ARITIES) < 10_000:
-                _BOUND_ARITIES.setdefault(id(signature), (signature, set()))[1].add(len(args))
+            if not kwargs:
+                task._bound_arities.add(len(args))
         if not job_id:
             # uuid.uuid4().hex, without building a UUID object: 16 random bytes, version 4.
             raw = bytearray(os.urandom(16))
