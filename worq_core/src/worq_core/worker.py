@@ -191,6 +191,8 @@ class _Running:
     """The watchdog gave up on it; its thread retires when (if ever) the code returns."""
     lost: bool = False
     """The broker said its lease is gone: its result must not overwrite the real one."""
+    pull: Settlement | None = None
+    """Its settlement, when its slot thread sends it with the fetch of its next job."""
     future: Any = None
 
     @property
@@ -289,6 +291,10 @@ class Worker:
         self._parent = os.getppid()
         self._rng = random.Random()
         self._broker_stores_results = app.broker.stores_results_in(app.storage)
+        # A single slot fetches its own next job as it settles (no hand-over to the fetch loop
+        # and back). With more slots the fetch loop's batches win: one round trip settles and
+        # refills many slots, where each slot pulling alone would make one round trip apiece.
+        self._pulls = settings.concurrency == 1 and settings.max_jobs is None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -466,12 +472,12 @@ class Worker:
                 log.info("broker reachable again")
                 backoff = 0.0
             self._settled(settlements, applied)
-            starts = [start for d in deliveries if (start := self._dispatch(d)) is not None]
-            if starts and self._keeper is not None:
+            taken = [running for d in deliveries if (running := self._take(d)) is not None]
+            if taken and self._keeper is not None:
                 # Before any job starts: one holding the GIL would starve this hand-over too.
                 self._renew_leases(time.monotonic())
-            for start in starts:
-                start()
+            for running in taken:
+                self._launch(running)
 
     def _budget(self) -> int:
         """Jobs this worker may still fetch (``max_jobs``); called with the lock held."""
@@ -503,11 +509,11 @@ class Worker:
 
     # -- running -----------------------------------------------------------------------------
 
-    def _dispatch(self, delivery: Delivery) -> Callable[[], None] | None:
-        """Take a fresh delivery on; returns what starts its task (``None``: nothing to run).
+    def _take(self, delivery: Delivery, slot_of: _Running | None = None) -> _Running | None:
+        """Take a fresh delivery on; returns it if its task is to run (``None``: dead-lettered).
 
-        Runs on the fetch loop. Undecodable payloads, unknown tasks and jobs out of attempts
-        are dead-lettered here.
+        Undecodable payloads, unknown tasks and jobs out of attempts are dead-lettered here.
+        The run gets a slot of its own, or ``slot_of``'s (a slot thread pulling its next job).
         """
         running = _Running(delivery)
         with self._lock:
@@ -539,20 +545,23 @@ class Worker:
             self._decide(running, dead=ErrorInfo("worq.AttemptsExhausted", reason))
             return None
         with self._lock:
-            self._busy += 1
+            if slot_of is not None and slot_of.holds_slot:
+                slot_of.holds_slot = False  # the slot passes on; busy stays the same
+            else:
+                self._busy += 1
             running.holds_slot = True
         _job_log(logging.DEBUG, delivery, task.name, "attempt %d started", delivery.attempts)
-        if task.is_async:
-            loop = self._loop
-            assert loop is not None
+        return running
 
-            def start_async() -> None:
-                running.future = asyncio.run_coroutine_threadsafe(self._run_async(running), loop)
-
-            return start_async
-        slots = self._slots
-        assert slots is not None
-        return lambda: slots.submit(lambda: self._run_sync(running))
+    def _launch(self, running: _Running) -> None:
+        """Start a taken run: on the event loop, or on a slot thread."""
+        assert running.task is not None
+        if running.task.is_async:
+            assert self._loop is not None
+            running.future = asyncio.run_coroutine_threadsafe(self._run_async(running), self._loop)
+        else:
+            assert self._slots is not None
+            self._slots.submit(lambda: self._run_sync(running))
 
     def _start_clock(self, running: _Running, allowance: float) -> None:
         """Arm the watchdog for a run that starts now."""
@@ -563,21 +572,65 @@ class Worker:
             self._wake_heartbeat.set()  # it may need to wake earlier than it planned
 
     def _run_sync(self, running: _Running) -> bool:
-        """Run a sync task on this slot thread; returns whether the thread must retire."""
-        assert running.task is not None
-        assert running.envelope is not None
-        self._start_clock(running, 0.0)
-        token = _current_job.set(running.context())
+        """Run sync tasks on this slot thread; returns whether the thread must retire.
+
+        In a single-slot worker, after each job the thread settles it and fetches its own next
+        job in one broker call (no hand-over through the fetch loop); a sync next job runs
+        right here, an async one goes to the event loop.
+        """
+        while True:
+            assert running.task is not None
+            assert running.envelope is not None
+            self._start_clock(running, 0.0)
+            token = _current_job.set(running.context())
+            try:
+                value = running.task.fn(*running.envelope.args, **running.envelope.kwargs)
+            except BaseException as exc:  # noqa: BLE001 - a job must never kill its slot thread
+                self._finished(running, error=exc, tb=traceback.format_exc(), pull=True)
+            else:
+                self._finished(running, value=value, pull=True)
+            finally:
+                _current_job.reset(token)
+            with self._lock:
+                if running.abandoned:
+                    return True
+            following = self._pull(running)
+            if following is None:
+                return False
+            assert following.task is not None
+            if following.task.is_async:
+                self._launch(following)
+                return False
+            running = following
+
+    def _pull(self, running: _Running) -> _Running | None:
+        """Settle a finished run and fetch the next job for its slot, in one broker call."""
+        settlement, running.pull = running.pull, None
+        if settlement is None:
+            return None  # settled another way; its slot is free already
+        settings = self.settings
         try:
-            value = running.task.fn(*running.envelope.args, **running.envelope.kwargs)
-        except BaseException as exc:  # noqa: BLE001 - a job must never kill its slot thread
-            self._finished(running, error=exc, tb=traceback.format_exc())
-        else:
-            self._finished(running, value=value)
-        finally:
-            _current_job.reset(token)
-        with self._lock:
-            return running.abandoned
+            applied, deliveries = self.app.broker.settle_and_fetch(
+                [settlement],
+                settings.fetch_order(self._rng),
+                0 if self._stopping.is_set() else 1,
+                lease=settings.lease,
+                wait=0.0,
+            )
+        except Exception as exc:  # noqa: BLE001 - the fetch loop retries the settlement
+            log.warning("settling from a slot failed, the fetch loop will retry: %s", exc)
+            with self._lock:
+                running.handed_off = True
+                self._settle_queue.append(settlement)
+                self._lock.notify_all()
+            self._free_slot(running)
+            return None
+        self._settled([settlement], applied)
+        following = self._take(deliveries[0], slot_of=running) if deliveries else None
+        self._free_slot(running)  # unless the slot passed on to the next run
+        if following is not None and self._keeper is not None:
+            self._renew_leases(time.monotonic())
+        return following
 
     async def _run_async(self, running: _Running) -> None:
         assert running.task is not None
@@ -607,15 +660,21 @@ class Worker:
         value: Any = None,
         error: BaseException | None = None,
         tb: str | None = None,
+        pull: bool = False,
     ) -> None:
-        """A job's code returned or raised; runs on the thread that ran it."""
+        """A job's code returned or raised; runs on the thread that ran it.
+
+        With ``pull`` the settlement may be left in ``running.pull`` for the thread to send
+        with its next fetch (:meth:`_pull`); the slot stays taken until then.
+        """
         try:
             if error is None:
-                self._decide(running, value=value)
+                self._decide(running, value=value, pull=pull)
             else:
-                self._decide(running, failure=ErrorInfo.from_exception(error, tb))
+                self._decide(running, failure=ErrorInfo.from_exception(error, tb), pull=pull)
         finally:
-            self._free_slot(running)
+            if running.pull is None:
+                self._free_slot(running)
 
     def _free_slot(self, running: _Running) -> None:
         with self._lock:
@@ -631,6 +690,7 @@ class Worker:
         value: Any = None,
         failure: ErrorInfo | None = None,
         dead: ErrorInfo | None = None,
+        pull: bool = False,
     ) -> bool:
         """Choose the outcome, store the record and settle; at most once per delivery.
 
@@ -644,7 +704,7 @@ class Worker:
             running.decided = True
         try:
             settlement, record = self._outcome(running, value, failure, dead)
-            self._settle(running, settlement, record)
+            self._settle(running, settlement, record, pull)
         except Exception:
             log.exception("job %s: settling failed; its lease will run out", running.delivery.id)
             self._drop(running)
@@ -709,10 +769,14 @@ class Worker:
             self._held.pop(running.delivery.token, None)
             self._lock.notify_all()
 
-    def _settle(self, running: _Running, settlement: Settlement, record: bytes | None) -> None:
-        """Store the record, then settle with the fetch loop's next fetch.
+    def _settle(
+        self, running: _Running, settlement: Settlement, record: bytes | None, pull: bool = False
+    ) -> None:
+        """Store the record, then settle with the next fetch.
 
-        If the fetch loop is blocked waiting for new jobs, settle right here instead.
+        With ``pull`` (a slot thread that will fetch its own next job) the settlement is left
+        in ``running.pull``; otherwise it goes with the fetch loop's next fetch, or right here
+        if the fetch loop is blocked waiting for new jobs.
         """
         job_id = settlement.delivery.id
         if running.lost:
@@ -741,6 +805,9 @@ class Worker:
                 self._drop(running)
                 return
         with self._lock:
+            if pull and self._pulls and not self._stopping.is_set():
+                running.pull = settlement  # not handed off yet: shutdown waits for the pull
+                return
             running.handed_off = True
             direct = self._fetch_blocked
             if not direct:
