@@ -14,17 +14,24 @@ from worq_core.errors import DeserializationError, SerializationError
 from worq_core.hookspecs import hookimpl
 from worq_core.serializer import Serializer
 
+_CONTAINERS = (dict, list, tuple)
+
 
 def _check_keys(value: Any) -> None:
-    kind = type(value)
-    if kind is dict:
+    """Raise ``TypeError`` for a dict key that is not a ``str``, at any depth.
+
+    Only containers are descended into (scalars cost nothing): this runs on every job.
+    """
+    if type(value) is dict:
         for key, item in value.items():
             if type(key) is not str:
                 raise TypeError(f"dict keys must be str, not {type(key).__name__}")
-            _check_keys(item)
-    elif kind is list or kind is tuple:
+            if type(item) in _CONTAINERS:
+                _check_keys(item)
+    elif type(value) in _CONTAINERS:
         for item in value:
-            _check_keys(item)
+            if type(item) in _CONTAINERS:
+                _check_keys(item)
 
 
 class MsgpackSerializer(Serializer):
