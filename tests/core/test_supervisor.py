@@ -38,22 +38,21 @@ def test_workers_that_die_at_start_make_the_supervisor_give_up(tmp_path: Path) -
     assert supervisor.pids() == [], "no child is left behind"
 
 
-def test_workers_killed_after_they_ran_a_while_are_restarted_not_given_up_on(
+def test_workers_killed_by_a_signal_are_restarted_not_given_up_on(
     tmp_path: Path,
 ) -> None:
     runs = tmp_path / "runs"
     command = script(
         tmp_path,
         f"""
-        import os, pathlib, signal, time
+        import os, pathlib, signal
         runs = pathlib.Path({str(runs)!r})
         count = len(runs.read_text()) if runs.exists() else 0
         runs.write_text("x" * (count + 1))
         if count < 4:
-            time.sleep(0.3)  # it ran for a while ...
-            os.kill(os.getpid(), signal.SIGKILL)  # ... then the OOM killer got it
+            os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer, say
         """,
     )
-    supervisor = Supervisor(command, processes=1, grace=5, max_crashes=2, min_uptime=0.2)
+    supervisor = Supervisor(command, processes=1, grace=5, max_crashes=2)
     assert supervisor.run() == 0
     assert runs.read_text() == "xxxxx"

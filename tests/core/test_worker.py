@@ -12,11 +12,13 @@ from worq_core import (
     Delivery,
     ExitReason,
     JobFailed,
+    JobStatus,
     Settlement,
     StorageConnectionError,
     WorkerSettings,
     Worq,
 )
+from worq_core.serializers import MsgpackSerializer
 from worq_core.testing.support import eventually, running
 from worq_core.worker import resident_memory
 from worq_memory import MemoryBroker, MemoryStorage
@@ -315,3 +317,26 @@ def test_a_run_whose_lease_was_lost_does_not_store_its_result() -> None:
     app.worker(settings=settings(lease=1.0, heartbeat=0.05, concurrency=1)).run(burst=True)
     assert handle.result(timeout=5) == "run 2"
     assert len(runs) == 2
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_a_serializer_failing_with_its_own_error_type_dead_letters_the_job(
+    concurrency: int,
+) -> None:
+    class Picky(MsgpackSerializer):
+        def loads(self, data: bytes) -> Any:
+            value = super().loads(data)
+            if isinstance(value, dict) and value.get("args") == ["poison"]:
+                raise RuntimeError("plugin bug")
+            return value
+
+    app = Worq(MemoryBroker(), storage=MemoryStorage(), serializer=Picky())
+
+    @app.task
+    def echo(text: str) -> str:
+        return text
+
+    before, poison, after = echo.enqueue("a"), echo.enqueue("poison"), echo.enqueue("b")
+    app.worker(settings=settings(concurrency=concurrency)).run(burst=True)
+    assert (before.result(timeout=5), after.result(timeout=5)) == ("a", "b")
+    assert poison.status() is JobStatus.DEAD

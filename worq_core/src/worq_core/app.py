@@ -183,7 +183,8 @@ class Worq:
         run instead of reporting the old failure.
         """
         dead = [job.id for job in self.broker.dead_jobs(queue, limit=10_000_000)]
-        ids = dead if job_ids is None else [i for i in job_ids if i in set(dead)]
+        dead_ids = set(dead)
+        ids = dead if job_ids is None else [i for i in job_ids if i in dead_ids]
         if not ids:  # ids that are not dead keep their records
             return 0
         self.storage.delete(ids)

@@ -33,7 +33,7 @@ class _Slot:
     started: float = 0.0
     restart_at: float = 0.0
     finished: bool = False
-    crashes: deque[tuple[float, bool]] = field(default_factory=deque)  # (when, early)
+    crashes: deque[tuple[float, bool]] = field(default_factory=deque)
 
 
 class Supervisor:
@@ -42,9 +42,11 @@ class Supervisor:
     A child that exits with :data:`REPLACE_ME` is replaced at once; one that crashes (any other
     non-zero code, or a signal) is replaced after a short backoff; one that exits 0 (a burst
     worker that ran out of jobs) is not replaced. A slot whose workers cannot be kept alive
-    makes the supervisor stop the others and return 1: more than ``max_crashes`` deaths within
-    ``crash_window`` seconds of workers that lived under ``min_uptime`` (they fail at start),
-    or six times as many deaths of any kind (they die soon after every start).
+    makes the supervisor stop the others and return 1: more than ``max_crashes`` failures
+    (exits with an error code, as when the app fails to import or start) within
+    ``crash_window`` seconds, or six times as many deaths of any kind. Deaths by a signal
+    (SIGKILL from the OOM killer, a task that segfaults) are restarted after a short pause:
+    the worker did start, and the poison job ends in the dead-letter queue by its attempts.
     """
 
     def __init__(
@@ -55,7 +57,6 @@ class Supervisor:
         grace: float = 30.0,
         max_crashes: int = 5,
         crash_window: float = 60.0,
-        min_uptime: float = 1.0,
     ) -> None:
         if processes < 1:
             raise ValueError("processes must be at least 1")
@@ -63,7 +64,6 @@ class Supervisor:
         self.grace = grace
         self.max_crashes = max_crashes
         self.crash_window = crash_window
-        self.min_uptime = min_uptime
         self.slots = [_Slot(i) for i in range(processes)]
         self.restarts = 0
         self._signals = 0
@@ -166,13 +166,11 @@ class Supervisor:
         """Schedule a restart; returns False when the slot crashes too often to keep alive."""
         assert slot.process is not None
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        # A worker killed after it had been running (by the OOM killer, or a task that crashes
-        # its process) is not a worker that cannot start: only early deaths weigh fully.
-        slot.crashes.append((now, now - slot.started < self.min_uptime))
+        slot.crashes.append((now, code > 0))  # (when, failed with an error code)
         while slot.crashes and slot.crashes[0][0] < now - self.crash_window:
             slot.crashes.popleft()
-        early = sum(1 for _, was_early in slot.crashes if was_early)
-        if early > self.max_crashes or len(slot.crashes) > 6 * self.max_crashes:
+        failed = sum(1 for _, with_code in slot.crashes if with_code)
+        if failed > self.max_crashes or len(slot.crashes) > 6 * self.max_crashes:
             log.error(
                 "supervisor: worker %d died %d times within %gs (last: %s); giving up",
                 slot.index,
@@ -181,7 +179,7 @@ class Supervisor:
                 how,
             )
             return False
-        backoff = min(0.1 * 2**early, 5.0)
+        backoff = min(0.1 * 2**failed, 5.0)
         log.warning(
             "supervisor: worker %d (pid %d) died (%s); restarting in %.1fs",
             slot.index,

@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 from worq_core.context import JobContext
 from worq_core.context import _current as _current_job
 from worq_core.errors import (
-    DeserializationError,
     SerializationError,
     TaskTimeoutError,
     UnknownTaskError,
@@ -494,6 +493,7 @@ class Worker:
 
     def _settled(self, settlements: Sequence[Settlement], applied: Sequence[bool]) -> None:
         with self._lock:
+            self._lock.notify_all()  # a shutdown may be waiting for these
             for settlement, ok in zip(settlements, applied, strict=True):
                 delivery = settlement.delivery
                 held = self._held.pop(delivery.token, None)
@@ -521,7 +521,7 @@ class Worker:
             self._held[delivery.token] = running
         try:
             envelope = Envelope.decode(delivery.body, self.app.serializer)
-        except DeserializationError as exc:
+        except Exception as exc:  # noqa: BLE001 - a plugin serializer's own error type too
             _job_log(logging.ERROR, delivery, "?", "undecodable payload, dead-lettered: %s", exc)
             self._decide(running, dead=ErrorInfo.from_exception(exc))
             return None
@@ -604,10 +604,25 @@ class Worker:
             running = following
 
     def _pull(self, running: _Running) -> _Running | None:
-        """Settle a finished run and fetch the next job for its slot, in one broker call."""
-        settlement, running.pull = running.pull, None
+        """Settle a finished run and fetch the next job for its slot, in one broker call.
+
+        Whatever happens, the slot is either passed to the next run or freed.
+        """
+        with self._lock:  # shutdown may take the settlement over: exactly one side sends it
+            settlement, running.pull = running.pull, None
         if settlement is None:
-            return None  # settled another way; its slot is free already
+            self._free_slot(running)
+            return None
+        following: _Running | None = None
+        try:
+            following = self._pull_next(running, settlement)
+        except Exception:  # a bug in worq or a plugin must not wedge the slot
+            log.exception("job %s: taking the next job from a slot failed", running.delivery.id)
+        finally:
+            self._free_slot(running)  # unless the slot passed on to the next run
+        return following
+
+    def _pull_next(self, running: _Running, settlement: Settlement) -> _Running | None:
         settings = self.settings
         try:
             applied, deliveries = self.app.broker.settle_and_fetch(
@@ -623,11 +638,15 @@ class Worker:
                 running.handed_off = True
                 self._settle_queue.append(settlement)
                 self._lock.notify_all()
-            self._free_slot(running)
             return None
-        self._settled([settlement], applied)
+        if deliveries and self._stopping.is_set():
+            # A stop came while the call was on its way: this job was never started.
+            self.app.broker.release(deliveries)
+            deliveries = []
+        # Take the next run on before the finished one leaves: a shutdown counting what is
+        # pending must never see neither.
         following = self._take(deliveries[0], slot_of=running) if deliveries else None
-        self._free_slot(running)  # unless the slot passed on to the next run
+        self._settled([settlement], applied)
         if following is not None and self._keeper is not None:
             self._renew_leases(time.monotonic())
         return following
@@ -989,9 +1008,18 @@ class Worker:
                 if not self._settle_queue and not self._abort.is_set():
                     self._lock.wait(min(1.0, max(0.0, deadline - time.monotonic())))
         with self._lock:
+            # Settlements a slot thread has not sent yet: shutdown sends them itself.
+            parked = [r.pull for r in self._held.values() if r.pull is not None]
+            for running in self._held.values():
+                running.pull = None
             unfinished = [r for r in self._held.values() if not r.decided]
             for running in unfinished:
                 running.decided = running.handed_off = True  # late finishers must not settle
+        if parked:
+            try:
+                self._settled(parked, broker.settle(parked))
+            except Exception as exc:  # noqa: BLE001 - the leases are the fallback
+                log.error("settling %d finished jobs at shutdown failed: %s", len(parked), exc)
         if not unfinished:
             return
         if self.exit_reason is None or self.exit_reason is ExitReason.STOPPED:
