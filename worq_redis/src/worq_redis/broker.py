@@ -72,6 +72,17 @@ def _by_queue(items: Sequence[T], queue_of: Any) -> dict[str, list[tuple[int, T]
     return groups
 
 
+def _scatter(
+    groups: Sequence[tuple[str, list[tuple[int, Any]]]], results: Sequence[Any], count: int
+) -> list[bool]:
+    """Per-queue script replies (one flag per item) back in the order of the original items."""
+    flags = [False] * count
+    for (_, items), result in zip(groups, results, strict=True):
+        for (index, _), flag in zip(items, result, strict=True):
+            flags[index] = bool(flag)
+    return flags
+
+
 class RedisBroker(Broker):
     """Jobs in Redis, shared by every producer and worker that reaches the same server.
 
@@ -294,11 +305,7 @@ class RedisBroker(Broker):
             calls.append((_EXTEND, self._queue_keys(queue), args))
         with self._errors():
             results = self._lane.scripts(calls)
-        alive = [False] * len(deliveries)
-        for (_, items), result in zip(groups, results, strict=True):
-            for (index, _), flag in zip(items, result, strict=True):
-                alive[index] = bool(flag)
-        return alive
+        return _scatter(groups, results, len(deliveries))
 
     @override
     def settle(self, settlements: Sequence[Settlement]) -> list[bool]:
@@ -312,11 +319,7 @@ class RedisBroker(Broker):
         calls, groups = self._settle_calls(settlements, clock_arg(self.clock))
         with self._errors():
             results = self._lane.scripts(calls)
-        applied = [False] * len(settlements)
-        for (_, items), result in zip(groups, results, strict=True):
-            for (index, _), flag in zip(items, result, strict=True):
-                applied[index] = bool(flag)
-        return applied
+        return _scatter(groups, results, len(settlements))
 
     @override
     def release(self, deliveries: Sequence[Delivery]) -> None:

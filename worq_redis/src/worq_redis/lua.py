@@ -108,11 +108,11 @@ local function held(id, token, now)
   return j
 end
 
--- Return up to `limit` expired leases to ready; their attempt stays counted.
-local function reap(now, limit)
-  local ids = redis.call("ZRANGEBYSCORE", K_LEASED, "-inf", f6(now), "LIMIT", 0, limit)
+-- Move up to `limit` jobs whose score in the ZSET `key` has passed `now` back to ready.
+local function due_to_ready(key, now, limit)
+  local ids = redis.call("ZRANGEBYSCORE", key, "-inf", f6(now), "LIMIT", 0, limit)
   for _, id in ipairs(ids) do
-    redis.call("ZREM", K_LEASED, id)
+    redis.call("ZREM", key, id)
     local m = redis.call("HGET", K_META, id)
     if m then
       to_ready(id, parse(m))
@@ -121,17 +121,14 @@ local function reap(now, limit)
   return #ids
 end
 
+-- Return up to `limit` expired leases to ready; their attempt stays counted.
+local function reap(now, limit)
+  return due_to_ready(K_LEASED, now, limit)
+end
+
 -- Move up to `limit` delayed jobs that are due to ready.
 local function promote(now, limit)
-  local ids = redis.call("ZRANGEBYSCORE", K_DELAYED, "-inf", f6(now), "LIMIT", 0, limit)
-  for _, id in ipairs(ids) do
-    redis.call("ZREM", K_DELAYED, id)
-    local m = redis.call("HGET", K_META, id)
-    if m then
-      to_ready(id, parse(m))
-    end
-  end
-  return #ids
+  return due_to_ready(K_DELAYED, now, limit)
 end
 
 -- Drop the oldest dead jobs while there are too many or the oldest is too old.
