@@ -7,8 +7,6 @@ import time
 import uuid
 from collections.abc import Sequence
 
-import pytest
-
 from worq_core.broker import Broker
 from worq_core.models import (
     Capability,
@@ -19,7 +17,12 @@ from worq_core.models import (
     Settlement,
     WorkerInfo,
 )
-from worq_core.testing.support import CLOCK_SLACK, requires, skip_without_capabilities, unique
+from worq_core.testing.support import (
+    CLOCK_SLACK,
+    BrokerCases,
+    requires,
+    unique,
+)
 
 LEASE = 30.0
 SHORT_LEASE = 0.3
@@ -43,20 +46,11 @@ def ids(deliveries: Sequence[Delivery]) -> list[str]:
     return [d.id for d in deliveries]
 
 
-class BrokerContract:
+class BrokerContract(BrokerCases):
     """Subclass and provide a ``broker`` fixture yielding a fresh broker.
 
     Every case uses queues of its own, so a broker shared between cases also works.
     """
-
-    @pytest.fixture(autouse=True)
-    def _capabilities(self, request: pytest.FixtureRequest, broker: Broker) -> None:
-        skip_without_capabilities(request, broker)
-
-    @pytest.fixture
-    def queue(self) -> str:
-        """A queue name no other case uses."""
-        return unique("contract")
 
     # -- enqueue and fetch -----------------------------------------------------------------
 

@@ -31,6 +31,19 @@ def skip_without_capabilities(request: pytest.FixtureRequest, broker: Broker) ->
             pytest.skip(f"{type(broker).__name__} does not declare {', '.join(missing)}")
 
 
+class BrokerCases:
+    """What every contract that runs against a broker shares: capability skips, own queues."""
+
+    @pytest.fixture(autouse=True)
+    def _capabilities(self, request: pytest.FixtureRequest, broker: Broker) -> None:
+        skip_without_capabilities(request, broker)
+
+    @pytest.fixture
+    def queue(self) -> str:
+        """A queue name no other case uses."""
+        return unique("contract")
+
+
 def unique(prefix: str = "q") -> str:
     """A name no other test uses, so backends shared between tests never mix their jobs."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"

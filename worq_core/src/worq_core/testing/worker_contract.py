@@ -22,10 +22,10 @@ from worq_core.storage import Storage
 from worq_core.task import TaskArgumentsError
 from worq_core.testing.support import (
     CLOCK_SLACK,
+    BrokerCases,
     eventually,
     requires,
     running,
-    skip_without_capabilities,
     unique,
 )
 from worq_core.worker import ExitReason, Worker, WorkerSettings
@@ -34,17 +34,8 @@ FAST_RETRY = RetryPolicy(base=0.01, factor=1.0, max_delay=0.01, jitter=False)
 RESULT_WAIT = 10.0
 
 
-class WorkerContract:
+class WorkerContract(BrokerCases):
     """Subclass and provide ``broker`` and ``storage`` fixtures (fresh, or shared)."""
-
-    @pytest.fixture(autouse=True)
-    def _capabilities(self, request: pytest.FixtureRequest, broker: Broker) -> None:
-        skip_without_capabilities(request, broker)
-
-    @pytest.fixture
-    def queue(self) -> str:
-        """A queue name no other case uses."""
-        return unique("contract")
 
     @pytest.fixture
     def app(self, broker: Broker, storage: Storage) -> Worq:
