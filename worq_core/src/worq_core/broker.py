@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Self
 
+from worq_core.errors import BrokerError
 from worq_core.models import (
+    CancelOutcome,
     Capability,
     DeadJob,
     Delivery,
-    JobStatus,
+    JobState,
+    LeaseState,
     Message,
     QueueStats,
     Settlement,
@@ -50,9 +53,12 @@ class Broker(ABC):
     def enqueue(self, messages: Sequence[Message]) -> list[bool]:
         """Add jobs, all or nothing, in one batch.
 
-        Enqueueing is idempotent by ``Message.id``: an id the broker still holds in any state is
-        left as it is. Returns, per message, ``True`` if it was added and ``False`` if it was
-        already there. Raises :class:`~worq_core.errors.BrokerError` (and adds nothing) on failure.
+        A job id is unique across every queue of the broker: an id the broker still holds in any
+        state (queued, scheduled, retrying, running or dead), in any queue, is left as it is,
+        and checking and adding is one atomic step. Returns, per message, ``True`` if it was
+        added and ``False`` if it was already there. With :attr:`Capability.RESULTS`, a message
+        with ``clear_record`` that is added has its old record deleted in the same step. Raises
+        :class:`~worq_core.errors.BrokerError` (and adds nothing) on failure.
         """
 
     @abstractmethod
@@ -68,11 +74,20 @@ class Broker(ABC):
         """
 
     @abstractmethod
-    def extend(self, deliveries: Sequence[Delivery], lease: float) -> list[bool]:
+    def extend(
+        self,
+        deliveries: Sequence[Delivery],
+        lease: float,
+        progress: Mapping[str, bytes] | None = None,
+    ) -> list[LeaseState]:
         """Push each delivery's lease deadline to ``lease`` seconds from now.
 
-        Returns, per delivery, whether its token still held the lease (``False``: the lease had
-        expired and the job may already be running elsewhere).
+        Returns, per delivery, :attr:`LeaseState.HELD` if its token still held the lease,
+        :attr:`LeaseState.LOST` if not (the lease had expired, or the job was settled, and it
+        may already be running elsewhere), and :attr:`LeaseState.CANCELLING` if it was renewed
+        but :meth:`cancel` was asked for it. ``progress`` maps job ids of held leases to their
+        latest progress (opaque bytes); a broker with :attr:`Capability.PROGRESS` keeps it for
+        :attr:`JobState.progress` until the job is settled, others ignore it.
         """
 
     @abstractmethod
@@ -106,22 +121,36 @@ class Broker(ABC):
         """
 
     @abstractmethod
-    def job_state(self, queue: str, job_id: str) -> JobStatus | None:
-        """Where the broker holds the job: QUEUED, SCHEDULED, RETRYING, RUNNING or DEAD.
+    def job_state(self, job_id: str) -> JobState | None:
+        """Where the broker holds the job, in whichever queue: its queue, status and progress.
 
-        ``None`` when the broker does not hold it (never enqueued, or already acknowledged).
+        The status is QUEUED, SCHEDULED, RETRYING, RUNNING or DEAD; a due delayed job reads as
+        QUEUED and a job whose lease expired as QUEUED. ``None`` when the broker does not hold
+        it (never enqueued, acknowledged, cancelled while waiting, or purged).
         """
 
-    def job_status(
-        self, queue: str, job_id: str, storage: Storage
-    ) -> tuple[JobStatus | None, bytes | None]:
+    def job_status(self, job_id: str, storage: Storage) -> tuple[JobState | None, bytes | None]:
         """:meth:`job_state`, and the job's record in ``storage``, for :meth:`Job.status`.
 
         The default makes two calls (the broker first, so a job that finishes in between is
         still seen). A broker that :meth:`stores_results_in` the storage may answer both in
         one round trip.
         """
-        return self.job_state(queue, job_id), storage.load(job_id)
+        return self.job_state(job_id), storage.load(job_id)
+
+    def cancel(self, job_id: str, record: bytes | None = None, ttl: float = 0.0) -> CancelOutcome:
+        """Cancel a job, atomically, wherever it is; only for :attr:`Capability.CANCEL`.
+
+        A waiting job (queued, scheduled or retrying) is removed: :attr:`CancelOutcome.REMOVED`,
+        and ``record`` (the cancellation record, when the broker :meth:`stores_results_in` the
+        app's storage) is written with ``ttl`` in the same step. A running job is flagged:
+        :attr:`CancelOutcome.REQUESTED`; :meth:`extend` then answers
+        :attr:`LeaseState.CANCELLING` for its lease, and a later delivery of it (after its
+        lease expired) has :attr:`Delivery.cancel_requested`. A dead or unknown job:
+        :attr:`CancelOutcome.NOT_FOUND`, nothing changes. The default raises
+        :class:`~worq_core.errors.BrokerError`: worq-core checks the capability first.
+        """
+        raise BrokerError(f"the {self.name} broker cannot cancel jobs")
 
     @abstractmethod
     def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
@@ -166,11 +195,13 @@ class Broker(ABC):
         return None
 
     def stores_results_in(self, storage: Storage) -> bool:
-        """Whether :meth:`settle` itself writes ``Settlement.record`` into ``storage``.
+        """Whether this broker can write records into ``storage`` atomically with settlements.
 
-        A backend that holds both the queue and the results (say one Redis) returns ``True`` for
-        its own storage so the record is written atomically with the ack, in one round trip.
-        The default, ``False``, makes the worker save records to the storage before settling.
+        Only asked of brokers with :attr:`Capability.RESULTS`; a pure question with no side
+        effects. A backend that holds both the queue and the results (say one Redis) returns
+        ``True`` for its own storage, and worq-core then hands it the records
+        (``Settlement.record``, ``Message.clear_record``, the ``record`` of :meth:`cancel`).
+        Otherwise, the default, worq-core saves and deletes records in the storage itself.
         """
         return False
 

@@ -151,3 +151,83 @@ class ResultTimeout(WorqError, TimeoutError):
         self.job_id = job_id
         self.timeout = timeout
         super().__init__(f"job {job_id} has no result after {timeout}s")
+
+
+class JobCancelled(WorqError):
+    """The job was cancelled (:meth:`Job.cancel`); raised by :meth:`Job.result`."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id} was cancelled")
+
+
+class UnsupportedError(WorqError):
+    """The broker does not declare the capability an operation needs."""
+
+    def __init__(self, broker: str, capability: str, operation: str) -> None:
+        self.broker = broker
+        self.capability = capability
+        self.operation = operation
+        super().__init__(
+            f"{operation} needs a broker with the {capability!r} capability; "
+            f"the {broker} broker does not have it"
+        )
+
+
+class InvalidNameError(TaskError, ValueError):
+    """A queue name or job id that worq refuses (empty, blank, control characters, too long)."""
+
+    def __init__(self, what: str, value: str, reason: str) -> None:
+        self.what = what
+        self.value = value
+        self.reason = reason
+        super().__init__(f"invalid {what} {value[:80]!r}: {reason}")
+
+
+class PayloadTooLarge(SerializationError):
+    """A job's encoded payload is larger than the app's ``max_payload``; nothing was sent."""
+
+    def __init__(self, serializer: str, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            serializer,
+            f"the job is {size} bytes, over the app's max_payload of {limit} bytes "
+            f"(pass large data by reference, or raise Worq(max_payload=...))",
+        )
+
+
+class EnqueueRejected(TaskError):
+    """A middleware vetoed an enqueue; nothing was sent."""
+
+    def __init__(self, task: str, reason: str, middleware: str = "") -> None:
+        self.task = task
+        self.reason = reason
+        self.middleware = middleware
+        by = f" by {middleware}" if middleware else ""
+        super().__init__(f"enqueue of {task!r} rejected{by}: {reason}")
+
+
+# -- control flow raised by tasks ------------------------------------------------------------
+
+
+class Retry(Exception):
+    """Raise in a task to ask for a retry after ``delay`` seconds (the retry policy's if None).
+
+    It counts as a failed attempt: with no retries left the job is dead-lettered.
+    """
+
+    def __init__(self, delay: float | None = None, reason: str = "") -> None:
+        if delay is not None and delay < 0:
+            raise ValueError("Retry delay must not be negative")
+        self.delay = delay
+        self.reason = reason
+        super().__init__(reason or (f"retry in {delay:g}s" if delay is not None else "retry"))
+
+
+class Reject(Exception):
+    """Raise in a task to dead-letter the job at once, whatever retries it has left."""
+
+    def __init__(self, reason: str = "") -> None:
+        self.reason = reason
+        super().__init__(reason or "rejected by the task")

@@ -21,6 +21,8 @@ class JobStatus(enum.StrEnum):
     """Finished; its result is in the storage until the result TTL runs out."""
     DEAD = "dead"
     """Failed for good and kept in the dead-letter queue."""
+    CANCELLED = "cancelled"
+    """Cancelled by :meth:`worq_core.Job.cancel`; never retried nor dead-lettered."""
     UNKNOWN = "unknown"
     """Never enqueued, or finished so long ago that its result expired."""
 
@@ -42,6 +44,38 @@ class Capability(enum.StrEnum):
     """Visible to other processes and machines (not just the one that created the broker)."""
     WORKER_REGISTRY = "worker_registry"
     """Keeps the heartbeats of live workers (:meth:`Broker.register_worker`) for ``worq stats``."""
+    CANCEL = "cancel"
+    """Implements :meth:`Broker.cancel`: removes waiting jobs and flags running ones, whose
+    workers learn of it from :meth:`Broker.extend` (:attr:`LeaseState.CANCELLING`) or from
+    :attr:`Delivery.cancel_requested`."""
+    PROGRESS = "progress"
+    """Keeps the progress that :meth:`Broker.extend` carries, in :attr:`JobState.progress`,
+    while the job runs."""
+    RESULTS = "results"
+    """Writes ``Settlement.record`` (and drops a replaced one, ``Message.clear_record``)
+    itself, atomically with the state change, for a storage it :meth:`Broker.stores_results_in`."""
+
+
+class LeaseState(enum.StrEnum):
+    """What :meth:`Broker.extend` found for one lease."""
+
+    HELD = "held"
+    """Renewed: the token still holds the lease."""
+    LOST = "lost"
+    """Not renewed: the lease expired (or the job was settled); it may run elsewhere."""
+    CANCELLING = "cancelling"
+    """Renewed, and :meth:`Broker.cancel` was asked for the job: the run should stop."""
+
+
+class CancelOutcome(enum.StrEnum):
+    """What :meth:`Broker.cancel` did."""
+
+    REMOVED = "removed"
+    """The job was waiting (queued, scheduled or retrying) and is gone: it ends cancelled."""
+    REQUESTED = "requested"
+    """The job is running: its worker is told at its next lease renewal."""
+    NOT_FOUND = "not_found"
+    """The broker does not hold the job, or it is dead: nothing changed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +88,10 @@ class Message:
     priority: int = 0
     eta: float | None = None
     """Unix time before which the job must not be delivered; ``None`` means now."""
+    clear_record: bool = False
+    """The id was chosen by the caller, so an earlier run may have left a record: a broker
+    with :attr:`Capability.RESULTS` deletes it in the same atomic step that adds the job (and
+    only if it adds it). worq-core sets it only when the broker stores the app's results."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +108,24 @@ class Delivery:
     body: bytes
     token: str
     attempts: int
+    cancel_requested: bool = False
+    """:meth:`Broker.cancel` was asked for the job while an earlier delivery ran it: the worker
+    ends it cancelled without running it."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobState:
+    """Where a broker holds a job, from :meth:`Broker.job_state`."""
+
+    queue: str
+    status: JobStatus
+    """QUEUED, SCHEDULED, RETRYING, RUNNING or DEAD."""
+    attempts: int = 0
+    """Deliveries so far."""
+    progress: bytes | None = None
+    """The latest progress its worker reported (serialized by worq-core), while it runs."""
+    cancel_requested: bool = False
+    """:meth:`Broker.cancel` flagged it while it was running."""
 
 
 class Outcome(enum.StrEnum):
@@ -87,9 +143,10 @@ class Outcome(enum.StrEnum):
 class Settlement:
     """A worker's verdict on one delivery, applied by :meth:`Broker.settle`.
 
-    ``record`` is the job's storage record (result or final error) and ``ttl`` its lifetime. The
-    worker has already saved it unless the broker said, through
-    :meth:`Broker.stores_results_in`, that it writes it itself atomically with the settlement.
+    ``record`` is the job's storage record (result, final error, or cancellation) and ``ttl``
+    its lifetime. It is set only for a broker with :attr:`Capability.RESULTS` that
+    :meth:`Broker.stores_results_in` the app's storage, which must then write it atomically
+    with the settlement; otherwise the worker saved the record itself and ``record`` is ``None``.
     """
 
     delivery: Delivery
