@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import zipfile
+from email.parser import HeaderParser
 from pathlib import Path
 
 import pytest
@@ -24,8 +26,10 @@ def run(*args: str | Path, cwd: Path, timeout: float = 240) -> str:
     return done.stdout
 
 
-@pytest.mark.timeout(600)
-def test_wheels_install_into_a_fresh_virtualenv_and_find_their_plugins(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The three wheels, built once for this module."""
+    tmp_path = tmp_path_factory.mktemp("wheels")
     wheels = tmp_path / "wheels"
     run(
         sys.executable,
@@ -41,7 +45,35 @@ def test_wheels_install_into_a_fresh_virtualenv_and_find_their_plugins(tmp_path:
     )
     built = sorted(p.name.split("-")[0] for p in wheels.glob("*.whl"))
     assert built == DISTRIBUTIONS
+    return wheels
 
+
+def test_each_distribution_carries_the_root_licence() -> None:
+    # PEP 639 licence files must sit inside the distribution's own folder: these are copies.
+    licence = (ROOT / "LICENSE").read_text()
+    assert licence.startswith("MIT License")
+    for distribution in DISTRIBUTIONS:
+        assert (ROOT / distribution / "LICENSE").read_text() == licence, distribution
+
+
+@pytest.mark.timeout(600)
+def test_each_wheel_ships_the_mit_licence(wheels: Path) -> None:
+    licence = (ROOT / "LICENSE").read_bytes()
+    for wheel in sorted(wheels.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as archive:
+            (dist_info,) = {
+                name.split("/")[0] for name in archive.namelist() if ".dist-info/" in name
+            }
+            assert archive.read(f"{dist_info}/licenses/LICENSE") == licence, wheel.name
+            metadata = HeaderParser().parsestr(archive.read(f"{dist_info}/METADATA").decode())
+        assert metadata["License-Expression"] == "MIT", wheel.name
+        assert metadata.get_all("License-File") == ["LICENSE"], wheel.name
+
+
+@pytest.mark.timeout(600)
+def test_wheels_install_into_a_fresh_virtualenv_and_find_their_plugins(
+    wheels: Path, tmp_path: Path
+) -> None:
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
     python = venv / "bin" / "python"

@@ -28,18 +28,28 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from worq_core.testing.broker_contract import BrokerContract
+    from worq_core.testing.helpers import Drainer, in_memory
     from worq_core.testing.serializer_contract import SerializerContract
     from worq_core.testing.storage_contract import StorageContract
     from worq_core.testing.worker_contract import WorkerContract
 
 _WHERE = {
     "BrokerContract": "worq_core.testing.broker_contract",
+    "Drainer": "worq_core.testing.helpers",
     "SerializerContract": "worq_core.testing.serializer_contract",
     "StorageContract": "worq_core.testing.storage_contract",
     "WorkerContract": "worq_core.testing.worker_contract",
+    "in_memory": "worq_core.testing.helpers",
 }
 
-__all__ = ["BrokerContract", "SerializerContract", "StorageContract", "WorkerContract"]
+__all__ = [
+    "BrokerContract",
+    "Drainer",
+    "SerializerContract",
+    "StorageContract",
+    "WorkerContract",
+    "in_memory",
+]
 
 
 def __getattr__(name: str) -> Any:
