@@ -13,6 +13,7 @@ from worq_core import (
     ExitReason,
     JobFailed,
     JobStatus,
+    LeaseState,
     Settlement,
     StorageConnectionError,
     WorkerSettings,
@@ -144,11 +145,16 @@ def test_an_unexpected_broker_bug_does_not_kill_the_heartbeat() -> None:
     class BuggyExtend(MemoryBroker):
         calls = 0
 
-        def extend(self, deliveries: Sequence[Delivery], lease: float) -> list[bool]:
+        def extend(
+            self,
+            deliveries: Sequence[Delivery],
+            lease: float,
+            progress: Mapping[str, bytes] | None = None,
+        ) -> list[LeaseState]:
             BuggyExtend.calls += 1
             if BuggyExtend.calls == 1:
                 raise OSError("plugin bug")
-            return super().extend(deliveries, lease)
+            return super().extend(deliveries, lease, progress)
 
     app = Worq(BuggyExtend())
     runs: list[int] = []
@@ -249,7 +255,7 @@ def test_a_graceful_stop_waits_for_a_result_that_is_still_being_stored() -> None
         assert saving.wait(5)
         worker.stop()
     assert worker.exit_reason is ExitReason.STOPPED
-    assert app.broker.job_state("default", job.id) is None, "acked, not left to run again"
+    assert app.broker.job_state(job.id) is None, "acked, not left to run again"
     assert job.result(timeout=0) == 42
 
 
@@ -298,11 +304,16 @@ def test_a_run_whose_lease_was_lost_does_not_store_its_result() -> None:
     class LosesTheFirstLease(MemoryBroker):
         lost = False
 
-        def extend(self, deliveries: Sequence[Delivery], lease: float) -> list[bool]:
+        def extend(
+            self,
+            deliveries: Sequence[Delivery],
+            lease: float,
+            progress: Mapping[str, bytes] | None = None,
+        ) -> list[LeaseState]:
             if deliveries and not LosesTheFirstLease.lost:
                 LosesTheFirstLease.lost = True
-                return [False] * len(deliveries)
-            return super().extend(deliveries, lease)
+                return [LeaseState.LOST] * len(deliveries)
+            return super().extend(deliveries, lease, progress)
 
     app = Worq(LosesTheFirstLease())
     runs: list[int] = []

@@ -6,7 +6,8 @@ Each ``type: ignore[code]`` marks a line that must stay a type error; with
 
 from __future__ import annotations
 
-from worq_core import Job, JobStatus, RetryPolicy, Task, Worq
+from worq_core import Job, JobStatus, Progress, RetryPolicy, Task, Worq, current_job
+from worq_core.task import AsyncTask
 
 app = Worq("memory://")
 
@@ -21,11 +22,31 @@ async def fetch(url: str) -> bytes:
     return url.encode()
 
 
+@app.task
+async def double(x: int) -> int:
+    return 2 * x
+
+
 task: Task[[int, int], int] = add
+async_task: AsyncTask[[str], bytes] = fetch
 total: int = add(1, 2)
-job: Job = add.enqueue(1, 2)
-later: Job = add.options(delay=30, priority=5).enqueue(1, y=2)
+job: Job[int] = add.enqueue(1, 2)
+later: Job[int] = add.options(delay=30, priority=5, headers={"k": "v"}).enqueue(1, y=2)
 status: JobStatus = job.status()
+value: int = job.result(timeout=1)
+page: bytes = fetch.enqueue("u").result()
+progress: Progress | None = job.progress()
+cancelled: bool = job.cancel()
+
+
+async def awaiting() -> None:
+    doubled: int = await double(2)  # an inline run of an async task is awaited
+    got: int = await double.enqueue(3).result_async()
+    assert doubled + got
+    current_job().progress(0.5, "half way")
+
+
+wrong: str = job.result()  # type: ignore[assignment]
 
 add.enqueue("x", 2)  # type: ignore[arg-type]
 add.enqueue(1)  # type: ignore[call-arg]

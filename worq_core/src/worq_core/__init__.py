@@ -17,7 +17,7 @@ Quick start::
 
 from worq_core.app import Worq
 from worq_core.broker import Broker
-from worq_core.context import JobContext, current_job
+from worq_core.context import JobContext, Progress, current_job
 from worq_core.errors import (
     BrokerConnectionError,
     BrokerError,
@@ -44,6 +44,7 @@ from worq_core.errors import (
 )
 from worq_core.hookspecs import hookimpl
 from worq_core.job import Job
+from worq_core.middleware import Decision, EnqueueRequest, Middleware
 from worq_core.models import (
     CancelOutcome,
     Capability,
@@ -63,7 +64,7 @@ from worq_core.retry import RetryPolicy
 from worq_core.serializer import Serializer
 from worq_core.storage import Storage
 from worq_core.task import BoundTask, Task, TaskArgumentsError
-from worq_core.worker import ExitReason, Worker, WorkerSettings
+from worq_core.worker import ExitReason, Service, Worker, WorkerSettings
 
 __version__ = "0.1.0"
 
@@ -75,10 +76,12 @@ __all__ = [
     "CancelOutcome",
     "Capability",
     "DeadJob",
+    "Decision",
     "Delivery",
     "DeserializationError",
     "DuplicatePluginError",
     "EnqueueRejected",
+    "EnqueueRequest",
     "ExitReason",
     "InvalidNameError",
     "Job",
@@ -89,10 +92,12 @@ __all__ = [
     "JobStatus",
     "LeaseState",
     "Message",
+    "Middleware",
     "Outcome",
     "PayloadTooLarge",
     "PluginError",
     "PluginLoadWarning",
+    "Progress",
     "QueueStats",
     "Registry",
     "Reject",
@@ -101,6 +106,7 @@ __all__ = [
     "RetryPolicy",
     "SerializationError",
     "Serializer",
+    "Service",
     "Settlement",
     "Storage",
     "StorageConnectionError",

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+import inspect
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
 
 from worq_core.broker import Broker
-from worq_core.errors import TaskError, UnknownTaskError
-from worq_core.job import Job
+from worq_core.errors import TaskError, UnknownTaskError, UnsupportedError
+from worq_core.job import Job, encode_cancelled
+from worq_core.middleware import Middleware, MiddlewareStack
+from worq_core.models import CancelOutcome, Capability
 from worq_core.registry import Registry, default_registry
 from worq_core.retry import RetryPolicy
 from worq_core.serializer import Serializer
 from worq_core.storage import Storage
-from worq_core.task import SendOptions, Task, TaskConfig
+from worq_core.task import AsyncTask, SendOptions, Task, TaskConfig
 
 if TYPE_CHECKING:
     from worq_core.worker import Worker, WorkerSettings
@@ -21,7 +24,22 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
+
+class TaskDecorator(Protocol):
+    """What ``@app.task(...)`` with options returns: it registers the function it decorates."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncTask[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    def __call__(self, fn: Callable[..., Any], /) -> Task[Any, Any]:
+        """Register ``fn`` as a task."""
+
+
 DEFAULT_RESULT_TTL = 24 * 3600.0
+DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
 
 
 class Worq:
@@ -29,7 +47,11 @@ class Worq:
 
     ``broker`` is a URL whose scheme picks an installed broker plugin (``memory://``,
     ``redis://...``) or a :class:`Broker` instance. ``storage`` defaults to the broker's own
-    backend. Building an app does no I/O; the broker and storage are created on first use.
+    backend. ``middleware`` is an ordered list of :class:`Middleware` instances, or names of
+    middleware classes that plugins registered. ``max_payload`` (bytes, default 16 MiB) caps
+    one job's encoded arguments; larger ones raise :class:`~worq_core.errors.PayloadTooLarge`
+    before anything is sent. Building an app does no I/O; the broker and storage are created
+    on first use.
     """
 
     def __init__(
@@ -40,9 +62,15 @@ class Worq:
         serializer: str | Serializer = "msgpack",
         result_ttl: float = DEFAULT_RESULT_TTL,
         registry: Registry | None = None,
+        middleware: Sequence[Middleware | str] = (),
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
     ) -> None:
+        if max_payload < 1:
+            raise ValueError("max_payload must be positive")
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.result_ttl = result_ttl
+        self.max_payload = max_payload
+        self._middleware_spec = tuple(middleware)
         self._registry = registry
         self._broker_spec = broker
         self._storage_spec = storage
@@ -98,6 +126,21 @@ class Worq:
         return self.registry.storage_class(spec).from_url(spec)
 
     @functools.cached_property
+    def middleware(self) -> MiddlewareStack:
+        """The app's middleware, in order, names resolved through the registry on first use."""
+        resolved = [
+            m if isinstance(m, Middleware) else self.registry.middleware_class(m)()
+            for m in self._middleware_spec
+        ]
+        return MiddlewareStack(resolved)
+
+    @functools.cached_property
+    def broker_stores_results(self) -> bool:
+        """Whether the broker writes this app's records itself, atomically with its changes."""
+        broker = self.broker
+        return Capability.RESULTS in broker.capabilities and broker.stores_results_in(self.storage)
+
+    @functools.cached_property
     def serializer(self) -> Serializer:
         """The serializer, by name from the registry."""
         spec = self._serializer_spec
@@ -106,6 +149,9 @@ class Worq:
         return self.registry.serializer_class(spec)()
 
     # -- tasks ---------------------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncTask[P, R]: ...
 
     @overload
     def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
@@ -121,7 +167,9 @@ class Worq:
         max_retries: int = 3,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
-    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+        retry_on: tuple[type[BaseException], ...] = (),
+        dont_retry_on: tuple[type[BaseException], ...] = (),
+    ) -> TaskDecorator: ...
 
     def task(
         self,
@@ -134,11 +182,16 @@ class Worq:
         max_retries: int = 3,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
+        retry_on: tuple[type[BaseException], ...] = (),
+        dont_retry_on: tuple[type[BaseException], ...] = (),
     ) -> Any:
         """Register a function (sync or ``async def``) as a task; usable bare or with options.
 
         ``name`` defaults to ``module.qualname``. ``max_retries`` retries follow ``retry``'s
         backoff, then the job is dead-lettered. ``timeout`` (seconds) fails a run that overruns.
+        With ``retry_on`` only those exceptions are retried; ``dont_retry_on`` exceptions
+        dead-letter at once. A task may also raise :class:`~worq_core.Retry` (retry after a
+        delay of its choosing) or :class:`~worq_core.Reject` (dead-letter now).
         """
 
         def register(function: Callable[..., Any]) -> Task[Any, Any]:
@@ -149,10 +202,13 @@ class Worq:
                 max_retries=max_retries,
                 retry=retry or RetryPolicy(),
                 timeout=timeout,
+                retry_on=tuple(retry_on),
+                dont_retry_on=tuple(dont_retry_on),
             )
             if config.name in self.tasks:
                 raise TaskError(f"a task named {config.name!r} is already registered")
-            task = Task(self, function, config)
+            kind = AsyncTask if inspect.iscoroutinefunction(function) else Task
+            task = kind(self, function, config)
             self.tasks[config.name] = task
             return task
 
@@ -171,7 +227,7 @@ class Worq:
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
         **options: Any,
-    ) -> Job:
+    ) -> Job[Any]:
         """Enqueue a registered task by name (what ``worq enqueue`` uses)."""
         task = self.get_task(task_name)
         return task.options(**options).enqueue(*args, **(kwargs or {}))
@@ -190,9 +246,27 @@ class Worq:
         self.storage.delete(ids)
         return self.broker.requeue_dead(queue, ids)
 
-    def job(self, job_id: str, queue: str = "default") -> Job:
-        """A handle on an existing job by id."""
-        return Job(self, job_id, queue)
+    def job(self, job_id: str) -> Job[Any]:
+        """A handle on an existing job by id; does no I/O.
+
+        Job ids are unique across the app's queues, so the handle needs no queue: its
+        ``queue`` is ``""`` (``broker.job_state(job_id).queue`` tells where it is).
+        """
+        return Job(self, job_id, "")
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a job by id; see :meth:`Job.cancel`. Returns whether it was still there."""
+        broker = self.broker
+        if Capability.CANCEL not in broker.capabilities:
+            raise UnsupportedError(broker.name, Capability.CANCEL.value, "cancelling a job")
+        record = encode_cancelled(self.serializer)
+        if self.broker_stores_results:
+            outcome = broker.cancel(job_id, record, self.result_ttl)
+        else:
+            outcome = broker.cancel(job_id)
+            if outcome is CancelOutcome.REMOVED:
+                self.storage.save({job_id: record}, self.result_ttl)
+        return outcome is not CancelOutcome.NOT_FOUND
 
     # -- workers -------------------------------------------------------------------------------
 

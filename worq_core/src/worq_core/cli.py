@@ -12,10 +12,12 @@ show a traceback. See ``docs/cli.md`` for the reference.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import importlib
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -31,18 +33,24 @@ from rich.text import Text
 
 from worq_core import __version__
 from worq_core.app import Worq
+from worq_core.broker import Broker
 from worq_core.errors import (
     DeserializationError,
+    InvalidNameError,
     JobFailed,
     ResultTimeout,
     TaskError,
+    UnsupportedError,
     WorqError,
 )
 from worq_core.job import Envelope
 from worq_core.models import Capability, JobStatus
 from worq_core.registry import PluginLoadWarning, default_registry
 from worq_core.supervisor import REPLACE_ME, Supervisor
+from worq_core.validation import check_queue
 from worq_core.worker import WorkerSettings
+
+_WEIGHT = re.compile(r":\d+$")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -135,6 +143,11 @@ def _plugin_warnings_as_lines() -> Iterator[None]:
 # -- loading the app ---------------------------------------------------------------------------
 
 
+def app_broker(spec: str, broker: str | None = None) -> Broker:
+    """The broker of the app ``spec`` names, built as the app builds it (for the lease keeper)."""
+    return load_app(spec, broker).broker
+
+
 def load_app(spec: str, broker: str | None = None) -> Worq:
     """Import ``MODULE:ATTR`` and return the :class:`Worq` app it names.
 
@@ -220,6 +233,11 @@ def _split_queues(value: str | None) -> list[str] | None:
     queues = [q.strip() for q in value.split(",") if q.strip()]
     if not queues:
         raise click.BadParameter("give at least one queue name", param_hint="--queues")
+    for name in queues:
+        try:
+            check_queue(name.rpartition(":")[0] if _WEIGHT.search(name) else name)
+        except InvalidNameError as exc:
+            raise click.BadParameter(str(exc), param_hint="--queues") from exc
     return queues
 
 
@@ -449,6 +467,7 @@ def worker(
         max_jobs=max_jobs_per_process,
         max_memory=None if max_memory_per_process is None else max_memory_per_process << 20,
         isolated_heartbeat=True,
+        broker_factory=functools.partial(app_broker, app_spec, broker),
         recycle_when_stuck=supervised,
         stop_when_orphaned=supervised,
     )
@@ -647,30 +666,47 @@ def _show(value: Any) -> str:
         return repr(value)
 
 
-_LIVE = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.RETRYING, JobStatus.RUNNING})
-
-
 @main.command()
 @app_argument
 @click.argument("job_id")
-@click.option("--queue", default="default", show_default=True, help="The job's queue.")
+@click.option("--cancel", is_flag=True, help="Cancel the job (a running one is told to stop).")
 @click.pass_obj
-def job(state: CliState, app_spec: str, job_id: str, queue: str) -> None:
-    """Show a job's status, and its result or error.
+def job(state: CliState, app_spec: str, job_id: str, cancel: bool) -> None:
+    """Show a job's status, progress, and result or error; or --cancel it.
 
-    Exits 1 if the job is unknown (never enqueued on that queue, or its result expired).
+    Job ids are unique across the app's queues, so no queue is needed. Exits 1 if the job is
+    unknown (never enqueued, or its result expired), or if --cancel found nothing to cancel.
     """
     app = _app(state, app_spec)
-    handle = app.job(job_id, queue)
+    handle = app.job(job_id)
+    if cancel:
+        try:
+            cancelled = handle.cancel()
+        except UnsupportedError as exc:
+            raise CliError(str(exc)) from exc
+        if not cancelled:
+            raise CliError(f"job {job_id} is not queued or running: nothing to cancel")
+        click.echo(f"job {job_id}: cancellation requested ({handle.status().value})")
+        return
+    where = app.broker.job_state(job_id)
     status = handle.status()
     if status is JobStatus.UNKNOWN:
         raise CliError(
-            f"job {job_id} is unknown on queue {queue!r}: never enqueued there, "
-            "or finished so long ago that its result expired"
+            f"job {job_id} is unknown: never enqueued, or finished so long ago that its "
+            "result expired"
         )
     click.echo(f"job:    {job_id}")
-    click.echo(f"queue:  {queue}")
+    if where is not None:
+        click.echo(f"queue:  {where.queue}")
+        click.echo(f"tries:  {where.attempts}")
     click.echo(f"status: {status.value}")
+    progress = handle.progress() if status is JobStatus.RUNNING else None
+    if progress is not None:
+        count = f" ({progress.current:g}/{progress.total:g})" if progress.total is not None else ""
+        message = f" {progress.message}" if progress.message else ""
+        click.echo(f"progress: {progress.fraction:.0%}{count}{message}")
+    if where is not None and where.cancel_requested:
+        click.echo("cancel: requested; the worker is telling the task")
     if status is JobStatus.SUCCEEDED:
         click.echo(f"result: {_show(handle.result(timeout=0))}")
     elif status is JobStatus.DEAD:
@@ -682,6 +718,7 @@ def job(state: CliState, app_spec: str, job_id: str, queue: str) -> None:
                 click.echo(failed.traceback.rstrip())
         except ResultTimeout:
             # Dead-lettered, but the result storage holds no record: show the broker's reason.
+            queue = where.queue if where is not None else "default"
             reason = next(
                 (d.reason for d in app.broker.dead_jobs(queue, 10_000) if d.id == job_id), ""
             )

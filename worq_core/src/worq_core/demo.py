@@ -90,7 +90,7 @@ class DemoSummary:
 class _Check:
     """A sampled job and how to tell whether its outcome is right."""
 
-    job: Job
+    job: Job[Any]
     expected: Any
     fails: bool = False
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import pluggy
 
 from worq_core.broker import Broker
+from worq_core.middleware import Middleware
 from worq_core.serializer import Serializer
 from worq_core.storage import Storage
 
@@ -50,4 +51,14 @@ def worq_register_storages() -> Iterable[type[Storage]]:  # type: ignore[empty-b
 
     Called once per registry; every implementation's classes are collected. Each class must set
     a unique ``name`` and the URL ``schemes`` it serves.
+    """
+
+
+@hookspec
+def worq_register_middleware() -> Iterable[type[Middleware]]:  # type: ignore[empty-body]
+    """Return the :class:`~worq_core.Middleware` subclasses this plugin provides.
+
+    Called once per registry; every implementation's classes are collected. Each class must set
+    a unique ``name`` and be constructible without arguments. Registering a middleware does not
+    switch it on: an app names it, ``Worq(middleware=["name"])``.
     """

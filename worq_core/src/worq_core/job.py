@@ -2,43 +2,60 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from worq_core.errors import DeserializationError, JobFailed, ResultTimeout
+from worq_core.context import Progress
+from worq_core.errors import DeserializationError, JobCancelled, JobFailed, ResultTimeout
 from worq_core.models import JobStatus
+from worq_core.retry import RetryPolicy
 from worq_core.serializer import Serializer
 
 if TYPE_CHECKING:
     from worq_core.app import Worq
 
+R = TypeVar("R")
+
 ENVELOPE_VERSION = 1
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """What a job's broker message carries, before serialization: a task name, never code."""
+    """What a job's broker message carries, before serialization: a task name, never code.
+
+    ``headers`` are string pairs for middleware and users (trace ids, tenants, workflow links);
+    ``options`` are per-enqueue overrides of the task's ``timeout``, ``max_retries`` and
+    ``retry`` (as ``[base, factor, max_delay, jitter]``). An envelope without them (an older
+    producer's) decodes with none.
+    """
 
     id: str
     task: str
     args: list[Any]
     kwargs: dict[str, Any]
     enqueued_at: float
+    headers: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def encode(self, serializer: Serializer) -> bytes:
         """Serialize; raises :class:`~worq_core.errors.SerializationError` for unsupported args."""
-        return serializer.dumps(
-            {
-                "v": ENVELOPE_VERSION,
-                "id": self.id,
-                "task": self.task,
-                "args": self.args,
-                "kwargs": self.kwargs,
-                "at": self.enqueued_at,
-            }
-        )
+        data = {
+            "v": ENVELOPE_VERSION,
+            "id": self.id,
+            "task": self.task,
+            "args": self.args,
+            "kwargs": self.kwargs,
+            "at": self.enqueued_at,
+        }
+        if self.headers:
+            data["h"] = dict(self.headers)
+        if self.options:
+            data["o"] = dict(self.options)
+        return serializer.dumps(data)
 
     @classmethod
     def decode(cls, data: bytes, serializer: Serializer) -> Envelope:
@@ -53,17 +70,44 @@ class Envelope:
                 args=value["args"],
                 kwargs=value["kwargs"],
                 enqueued_at=value["at"],
+                headers=value.get("h") or _NO_HEADERS,
+                options=value.get("o") or _NO_HEADERS,
             )
             if not (
                 isinstance(envelope.id, str)
                 and isinstance(envelope.task, str)
                 and isinstance(envelope.args, list)
                 and isinstance(envelope.kwargs, dict)
+                and isinstance(envelope.headers, dict | MappingProxyType)
+                and isinstance(envelope.options, dict | MappingProxyType)
             ):
                 raise ValueError("malformed job envelope")
+            if envelope.headers and not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in envelope.headers.items()
+            ):
+                raise ValueError("job headers must be strings")
+            if envelope.options:
+                check_options(envelope.options)
         except (TypeError, KeyError, ValueError) as exc:
             raise DeserializationError(serializer.name, f"not a worq job: {exc!r}") from exc
         return envelope
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``options`` are valid per-enqueue overrides."""
+    unknown = set(options) - {"timeout", "max_retries", "retry"}
+    if unknown:
+        raise ValueError(f"unknown job options {sorted(unknown)}")
+    timeout = options.get("timeout")
+    if timeout is not None and (
+        not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0
+    ):
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    retries = options.get("max_retries")
+    if retries is not None and (not isinstance(retries, int) or retries < 0):
+        raise ValueError(f"max_retries must be a whole number >= 0, not {retries!r}")
+    if "retry" in options:
+        RetryPolicy(*options["retry"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,11 +156,18 @@ def encode_failure(serializer: Serializer, error: ErrorInfo) -> bytes:
     )
 
 
+def encode_cancelled(serializer: Serializer) -> bytes:
+    """The storage record of a job that was cancelled."""
+    return serializer.dumps({"status": JobStatus.CANCELLED.value, "at": time.time()})
+
+
 def decode_record(job_id: str, data: bytes, serializer: Serializer) -> tuple[JobStatus, Any]:
-    """A storage record as ``(SUCCEEDED, value)`` or ``(DEAD, JobFailed)``."""
+    """A record as ``(SUCCEEDED, value)``, or ``(DEAD | CANCELLED, the error to raise)``."""
     record = serializer.loads(data)
     if record.get("status") == JobStatus.SUCCEEDED.value:
         return JobStatus.SUCCEEDED, record.get("result")
+    if record.get("status") == JobStatus.CANCELLED.value:
+        return JobStatus.CANCELLED, JobCancelled(job_id)
     error = record.get("error") or {}
     return JobStatus.DEAD, JobFailed(
         job_id,
@@ -126,10 +177,12 @@ def decode_record(job_id: str, data: bytes, serializer: Serializer) -> tuple[Job
     )
 
 
-class Job:
+class Job(Generic[R]):
     """A handle on an enqueued job: its id, its status and, once finished, its result.
 
-    Cheap to create (``app.job(job_id)``) and safe to share between threads.
+    ``Job[R]`` is typed by its task's return type. Cheap to create (``app.job(job_id)``) and
+    safe to share between threads. ``queue`` is where it was sent; a job id is unique across an
+    app's queues, so every lookup works by id alone.
     """
 
     __slots__ = ("app", "id", "queue", "task_name")
@@ -145,29 +198,65 @@ class Job:
 
     def status(self) -> JobStatus:
         """Where the job is now: the broker's view while it holds the job, else its record."""
-        state, record = self.app.broker.job_status(self.queue, self.id, self.app.storage)
+        state, record = self.app.broker.job_status(self.id, self.app.storage)
         if state is not None:
-            return state
+            return state.status
         if record is None:
             return JobStatus.UNKNOWN
         status, _ = decode_record(self.id, record, self.app.serializer)
         return status
 
-    def result(self, timeout: float | None = None) -> Any:
+    def progress(self) -> Progress | None:
+        """The latest progress its task reported, while it runs; ``None`` otherwise.
+
+        Needs a broker with :attr:`Capability.PROGRESS`; others always answer ``None``.
+        """
+        state = self.app.broker.job_state(self.id)
+        if state is None or state.progress is None:
+            return None
+        try:
+            return Progress.from_data(self.app.serializer.loads(state.progress))
+        except (KeyError, TypeError, ValueError, DeserializationError):
+            return None
+
+    def cancel(self) -> bool:
+        """Cancel the job; returns whether it was still there to cancel.
+
+        A queued, scheduled or retrying job is removed at once and ends CANCELLED. A running
+        job is told through its worker's next lease renewal (``current_job().cancelled`` turns
+        true; an async task gets :class:`asyncio.CancelledError`) and ends CANCELLED unless it
+        succeeds first. A cancelled job is never retried nor dead-lettered. A finished, dead
+        or unknown job returns ``False`` and nothing changes. Raises
+        :class:`~worq_core.errors.UnsupportedError` if the broker cannot cancel.
+        """
+        return self.app.cancel(self.id)
+
+    def result(self, timeout: float | None = None) -> R:
         """Wait for the job to finish and return its task's return value.
 
-        Raises :class:`~worq_core.errors.JobFailed` if it was dead-lettered, and
+        Raises :class:`~worq_core.errors.JobFailed` if it was dead-lettered,
+        :class:`~worq_core.errors.JobCancelled` if it was cancelled, and
         :class:`~worq_core.errors.ResultTimeout` (a :class:`TimeoutError`) after ``timeout``
         seconds (``None`` waits forever).
         """
         data = self.app.storage.wait(self.id, timeout)
         if data is None:
             raise ResultTimeout(self.id, timeout)
-        status, value = decode_record(self.id, data, self.app.serializer)
-        if status is JobStatus.DEAD:
-            raise value
-        return value
+        return self._value(data)
 
-    async def result_async(self, timeout: float | None = None) -> Any:
-        """:meth:`result` for asyncio code; waits on a thread, not on the event loop."""
-        return await asyncio.to_thread(self.result, timeout)
+    def _value(self, data: bytes) -> R:
+        status, value = decode_record(self.id, data, self.app.serializer)
+        if status is not JobStatus.SUCCEEDED:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    async def result_async(self, timeout: float | None = None) -> R:
+        """:meth:`result` for asyncio code, through :meth:`Storage.wait_async`.
+
+        Cancelling the awaiting task ends the wait; it ties up no thread of the event loop's
+        default executor.
+        """
+        data = await self.app.storage.wait_async(self.id, timeout)
+        if data is None:
+            raise ResultTimeout(self.id, timeout)
+        return self._value(data)

@@ -5,10 +5,14 @@ regex, a tight numeric loop in an extension): the leases of everything the worke
 expire and the jobs run a second time elsewhere. The :class:`LeaseKeeper` process has its own
 interpreter and its own broker connection, so it keeps renewing.
 
-The worker tells it which leases it holds (one pipe message per heartbeat). Fencing makes the
-loose coupling safe: renewing a job the worker has meanwhile settled is simply refused by the
-broker. If the worker process dies, even by SIGKILL, the pipe closes, the keeper exits at
-once, and the leases run out as they should.
+The worker tells it which leases it holds, and the progress of their jobs, with every
+heartbeat; the keeper answers with the leases the broker no longer grants (lost) or wants
+cancelled, so the worker never writes a stale run's result and learns of cancellations.
+Fencing makes the loose coupling safe: renewing a job the worker has meanwhile settled is
+simply refused by the broker. If the worker process dies, even by SIGKILL, the pipe closes,
+the keeper exits at once, and the leases run out as they should. If the worker stops making
+progress without dying (SIGSTOP, a deadlock: no heartbeat and no CPU time used), the keeper
+stops renewing, so its jobs go to other workers after one lease.
 """
 
 from __future__ import annotations
@@ -17,11 +21,16 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from worq_core.models import Delivery
+from worq_core.models import Delivery, LeaseState
+
+if TYPE_CHECKING:
+    from worq_core.broker import Broker
 
 log = logging.getLogger("worq.lease_keeper")
 
@@ -31,36 +40,46 @@ _Held = list[tuple[str, str, str, int]]  # (job id, queue, token, attempts)
 class LeaseKeeper:
     """A child process that extends the leases the worker says it holds.
 
-    Only for brokers that another process can rebuild from ``broker_url`` (shared brokers).
+    ``broker_factory`` is a picklable callable that builds the app's broker in the child, the
+    same way the app builds it (``worq worker`` passes one that imports the app).
     """
 
-    def __init__(self, broker_url: str, lease: float, interval: float) -> None:
+    def __init__(self, broker_factory: Callable[[], Broker], lease: float, interval: float) -> None:
         context = multiprocessing.get_context("spawn")  # never fork a threaded worker
         self._conn, child_end = context.Pipe()
         self._process = context.Process(
             target=_serve,
-            args=(child_end, broker_url, lease, interval, logging.getLogger().level),
+            args=(child_end, broker_factory, lease, interval, os.getpid(), log.getEffectiveLevel()),
             name="worq-lease-keeper",
             daemon=True,
         )
         self._process.start()
         child_end.close()
         # Wait until it can renew: a job fetched before then could lose its lease unnoticed.
-        if not self._conn.poll(30) or self._conn.recv() != "ready":
+        reply = self._conn.recv() if self._conn.poll(30) else "no answer within 30s"
+        if reply != "ready":
             self.close()
-            raise RuntimeError("the lease keeper process did not start")
+            raise RuntimeError(f"the lease keeper process did not start: {reply}")
 
-    def hold(self, deliveries: Sequence[Delivery]) -> bool:
-        """Replace the set of leases to renew (bodies are not sent).
+    def hold(
+        self, deliveries: Sequence[Delivery], progress: Mapping[str, bytes]
+    ) -> dict[str, LeaseState] | None:
+        """Replace the set of leases to renew; returns what the keeper reported since.
 
-        Returns ``False`` if the keeper is gone, so the caller renews the leases itself.
+        The report maps lease tokens to :attr:`LeaseState.LOST` or
+        :attr:`LeaseState.CANCELLING`. ``None`` if the keeper is gone, so the caller renews
+        the leases itself.
         """
         held: _Held = [(d.id, d.queue, d.token, d.attempts) for d in deliveries]
         try:
-            self._conn.send(held)
-        except OSError:
-            return False
-        return self._process.is_alive()
+            self._conn.send((held, dict(progress)))
+            states: dict[str, LeaseState] = {}
+            while self._conn.poll(0):
+                report = self._conn.recv()
+                states.update({token: LeaseState(s) for token, s in report.items()})
+        except (OSError, EOFError):
+            return None
+        return states if self._process.is_alive() else None
 
     def is_alive(self) -> bool:
         """Whether the keeper process still runs."""
@@ -77,11 +96,65 @@ class LeaseKeeper:
         self._conn.close()
 
 
+def cpu_time(pid: int) -> tuple[bool, float] | None:
+    """Whether process ``pid`` is stopped, and the CPU seconds it has used; ``None`` if unknown.
+
+    Reads ``/proc`` (Linux); elsewhere the keeper relies on the worker's heartbeats alone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return fields[0] in (b"T", b"t"), (int(fields[11]) + int(fields[12])) / ticks
+
+
+class _Liveness:
+    """Tells a worker that is merely busy (a task holding the GIL) from one that is frozen."""
+
+    def __init__(self, pid: int, silence: float) -> None:
+        self.pid = pid
+        self.silence = silence
+        self.heard = time.monotonic()
+        self.cpu = cpu_time(pid)
+        self.frozen = False
+
+    def heard_from(self) -> None:
+        if self.frozen:
+            log.warning("the worker (pid %d) answers again; renewing its leases", self.pid)
+        self.heard = time.monotonic()
+        self.frozen = False
+
+    def making_progress(self) -> bool:
+        """Whether to keep renewing: the worker spoke lately, or is running and using CPU."""
+        if time.monotonic() - self.heard <= self.silence:
+            return True
+        before, self.cpu = self.cpu, cpu_time(self.pid)
+        busy = (
+            self.cpu is not None
+            and before is not None
+            and not self.cpu[0]
+            and self.cpu[1] > before[1]
+        )
+        if not busy and not self.frozen:
+            self.frozen = True
+            log.error(
+                "the worker (pid %d) has been silent for %.0fs and is %s: no longer renewing "
+                "its leases, so its jobs go to other workers",
+                self.pid,
+                time.monotonic() - self.heard,
+                "stopped" if self.cpu is not None and self.cpu[0] else "not using any CPU",
+            )
+        return busy
+
+
 def _serve(
     conn: multiprocessing.connection.Connection,
-    broker_url: str,
+    broker_factory: Callable[[], Broker],
     lease: float,
     interval: float,
+    worker_pid: int,
     log_level: int,
 ) -> None:
     """The keeper's main loop; runs in the child process."""
@@ -90,45 +163,53 @@ def _serve(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    from worq_core.registry import default_registry
-
-    broker = default_registry().broker_class(broker_url).from_url(broker_url)
+    try:
+        broker = broker_factory()
+    except Exception as exc:  # noqa: BLE001 - reported to the worker, which renews by thread
+        conn.send(f"{type(exc).__name__}: {exc}")
+        return
     conn.send("ready")
     held: list[Delivery] = []
+    progress: dict[str, bytes] = {}
+    liveness = _Liveness(worker_pid, silence=2 * interval + 1.0)
     next_beat = time.monotonic() + interval
     renewed_at = time.monotonic()
     try:
         while True:
             if conn.poll(max(0.0, next_beat - time.monotonic())):
                 try:
-                    message: _Held | None = conn.recv()
+                    message: tuple[_Held, dict[str, bytes]] | None = conn.recv()
                 except EOFError:
                     return  # the worker is gone: let its leases expire
                 if message is None:
                     return
-                held = [Delivery(i, q, b"", t, a) for i, q, t, a in message]
-                continue
+                liveness.heard_from()
+                known = {d.token for d in held}
+                held = [Delivery(i, q, b"", t, a) for i, q, t, a in message[0]]
+                progress.update(message[1])
+                if not message[1] and known.issuperset(d.token for d in held):
+                    continue
+                # New leases, or progress to publish: renew now rather than at the next beat.
             next_beat = time.monotonic() + interval
-            if not held:
+            if not held or not liveness.making_progress():
                 renewed_at = time.monotonic()
                 continue
             try:
-                alive = broker.extend(held, lease)
+                states = broker.extend(held, lease, progress)
             except Exception as exc:  # noqa: BLE001 - keep renewing through outages
                 silent = time.monotonic() - renewed_at
                 level = logging.ERROR if silent > lease else logging.WARNING
-                log.log(
-                    level,
-                    "renewing %d leases failed (%.0fs since the last): %s",
-                    len(held),
-                    silent,
-                    exc,
-                )
+                log.log(level, "renewing %d leases failed (%.0fs): %s", len(held), silent, exc)
                 continue
             renewed_at = time.monotonic()
-            lost = [d.id for d, ok in zip(held, alive, strict=True) if not ok]
-            if lost:
-                held = [d for d in held if d.id not in set(lost)]
-                log.debug("leases no longer held (settled, or expired): %s", ", ".join(lost))
+            progress.clear()
+            report = {
+                d.token: state.value
+                for d, state in zip(held, states, strict=True)
+                if state is not LeaseState.HELD
+            }
+            if report:
+                conn.send(report)
+                held = [d for d in held if report.get(d.token) != LeaseState.LOST.value]
     finally:
         broker.close()

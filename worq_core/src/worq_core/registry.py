@@ -21,16 +21,24 @@ import pluggy
 from worq_core import hookspecs
 from worq_core.broker import Broker
 from worq_core.errors import DuplicatePluginError, PluginError, UnknownPluginError
+from worq_core.middleware import Middleware
 from worq_core.serializer import Serializer
 from worq_core.storage import Storage
 
-Kind = Literal["broker", "serializer", "storage"]
-_BASES: dict[Kind, type] = {"broker": Broker, "serializer": Serializer, "storage": Storage}
+Kind = Literal["broker", "serializer", "storage", "middleware"]
+_BASES: dict[Kind, type] = {
+    "broker": Broker,
+    "serializer": Serializer,
+    "storage": Storage,
+    "middleware": Middleware,
+}
 _HOOKS: dict[Kind, str] = {
     "broker": "worq_register_brokers",
     "serializer": "worq_register_serializers",
     "storage": "worq_register_storages",
+    "middleware": "worq_register_middleware",
 }
+_NEEDS_SCHEMES = ("broker", "storage")
 _NAME = re.compile(r"^[a-z][a-z0-9_.+-]*$")
 
 #: Distributions that serve well-known URL schemes, for "pip install ..." hints.
@@ -164,7 +172,7 @@ class Registry:
         if not isinstance(name, str) or not _NAME.match(name):
             raise PluginError(f"{where}, but its name {name!r} is not a lowercase identifier")
         schemes: tuple[str, ...] = tuple(getattr(cls, "schemes", ()))
-        if kind != "serializer" and not schemes:
+        if kind in _NEEDS_SCHEMES and not schemes:
             raise PluginError(f"{where}, but it serves no URL schemes")
         return Component(kind, name, cls, distribution, schemes)
 
@@ -211,6 +219,13 @@ class Registry:
         component = self._by_name["serializer"].get(name)
         if component is None:
             raise UnknownPluginError("serializer", name, self._by_name["serializer"])
+        return component.cls
+
+    def middleware_class(self, name: str) -> type[Middleware]:
+        """The middleware class a plugin registered as ``name``."""
+        component = self._by_name["middleware"].get(name)
+        if component is None:
+            raise UnknownPluginError("middleware", name, self._by_name["middleware"])
         return component.cls
 
     def _for_url(self, kind: Kind, url: str) -> type:

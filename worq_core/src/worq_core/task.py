@@ -7,14 +7,18 @@ import dataclasses
 import inspect
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
-from worq_core.errors import TaskError
+from worq_core.context import JobContext
+from worq_core.context import _current as _current_job
+from worq_core.errors import PayloadTooLarge, TaskError
 from worq_core.job import Envelope, Job
+from worq_core.middleware import EnqueueRequest
 from worq_core.models import Message
 from worq_core.retry import RetryPolicy
+from worq_core.validation import check_job_id, check_queue
 
 if TYPE_CHECKING:
     from worq_core.app import Worq
@@ -42,6 +46,10 @@ class TaskConfig:
     max_retries: int = 3
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeout: float | None = None
+    retry_on: tuple[type[BaseException], ...] = ()
+    """Only these exceptions are retried (all are, when empty); others dead-letter at once."""
+    dont_retry_on: tuple[type[BaseException], ...] = ()
+    """These exceptions dead-letter at once, whatever retries are left."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +61,22 @@ class SendOptions:
     delay: float | None = None
     eta: float | None = None
     job_id: str | None = None
+    headers: Mapping[str, str] | None = None
+    timeout: float | None = None
+    max_retries: int | None = None
+    retry: RetryPolicy | None = None
+
+    def job_options(self) -> dict[str, Any]:
+        """The overrides that travel with the job, for the worker."""
+        options: dict[str, Any] = {}
+        if self.timeout is not None:
+            options["timeout"] = self.timeout
+        if self.max_retries is not None:
+            options["max_retries"] = self.max_retries
+        if self.retry is not None:
+            r = self.retry
+            options["retry"] = [r.base, r.factor, r.max_delay, r.jitter]
+        return options
 
 
 class Task(Generic[P, R]):
@@ -63,6 +87,7 @@ class Task(Generic[P, R]):
             raise TaskError(f"task {config.name!r}: max_retries must be >= 0")
         if config.timeout is not None and config.timeout <= 0:
             raise TaskError(f"task {config.name!r}: timeout must be positive")
+        check_queue(config.queue)
         self.app = app
         self.fn = fn
         self.config = config
@@ -81,8 +106,20 @@ class Task(Generic[P, R]):
         return f"<Task {self.name} queue={self.config.queue}>"
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run the task inline, in this process, with no broker involved."""
-        return self.fn(*args, **kwargs)
+        """Run the task inline, in this process, with no broker involved.
+
+        The call gets a :func:`current_job` context of its own (attempt 1, no headers), so a
+        task that reports progress or checks ``cancelled`` also works when called directly.
+        """
+        context = self._inline_context()
+        token = _current_job.set(context)
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            _current_job.reset(token)
+
+    def _inline_context(self) -> JobContext:
+        return JobContext(_new_job_id(), self.name, self.config.queue, 1, self.config.max_retries)
 
     def options(
         self,
@@ -92,19 +129,49 @@ class Task(Generic[P, R]):
         delay: float | None = None,
         eta: float | None = None,
         job_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        retry: RetryPolicy | None = None,
     ) -> BoundTask[P, R]:
         """Override options for the next enqueue: ``add.options(delay=30).enqueue(1, 2)``.
 
         ``delay`` is seconds from now, ``eta`` a Unix time; give at most one. ``job_id`` makes the
-        enqueue idempotent: a job with that id that is still queued or running is not added twice.
+        enqueue idempotent: while a job with that id is still held (in any queue of the app),
+        no second one is added. ``headers`` are string pairs the task reads from
+        ``current_job().headers``. ``timeout``, ``max_retries`` and ``retry`` override the
+        task's own for this job.
         """
         if delay is not None and eta is not None:
             raise TaskError("give delay or eta, not both")
         if delay is not None and delay < 0:
             raise TaskError("delay must not be negative")
-        return BoundTask(self, SendOptions(queue, priority, delay, eta, job_id))
+        if queue is not None:
+            check_queue(queue)
+        if job_id is not None:
+            check_job_id(job_id)
+        if headers is not None and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise TaskError("job headers must be strings")
+        if timeout is not None and timeout <= 0:
+            raise TaskError("timeout must be positive")
+        if max_retries is not None and max_retries < 0:
+            raise TaskError("max_retries must be >= 0")
+        send = SendOptions(
+            queue,
+            priority,
+            delay,
+            eta,
+            job_id,
+            None if headers is None else dict(headers),
+            timeout,
+            max_retries,
+            retry,
+        )
+        return BoundTask(self, send)
 
-    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job:
+    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """Send one job and return its :class:`Job`.
 
         Raises before sending anything if the arguments do not fit the signature
@@ -112,16 +179,30 @@ class Task(Generic[P, R]):
         """
         return BoundTask(self, SendOptions()).enqueue(*args, **kwargs)
 
-    async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> Job:
+    async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """:meth:`enqueue` for asyncio code; the broker call runs on a thread."""
         return await BoundTask(self, SendOptions()).enqueue_async(*args, **kwargs)
 
-    def enqueue_many(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[Job]:
+    def enqueue_many(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[Job[R]]:
         """Send many jobs in one broker batch, all or nothing.
 
         Each item is a tuple of positional arguments, or a mapping of keyword arguments.
         """
         return BoundTask(self, SendOptions()).enqueue_many(calls)
+
+
+class AsyncTask(Task[P, R]):
+    """A task whose function is ``async def``; ``R`` is what its coroutine returns.
+
+    Calling it inline returns the coroutine to await, which runs with a :func:`current_job`
+    context of its own.
+    """
+
+    def __call__(  # type: ignore[override]
+        self, *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, R]:
+        """Build the coroutine of an inline run (awaiting it runs the task)."""
+        return _inline_async(self._inline_context(), self.fn(*args, **kwargs))  # type: ignore[arg-type]
 
 
 class BoundTask(Generic[P, R]):
@@ -132,17 +213,21 @@ class BoundTask(Generic[P, R]):
         self.send = send
 
     def options(self, **overrides: Any) -> BoundTask[P, R]:
-        """Further overrides on top of these."""
+        """Further overrides on top of these (headers are merged)."""
+        if overrides.get("headers") is not None and self.send.headers:
+            overrides["headers"] = {**self.send.headers, **overrides["headers"]}
         merged = dataclasses.replace(self.send, **overrides)
-        return self.task.options(**dataclasses.asdict(merged))
+        return self.task.options(
+            **{f.name: getattr(merged, f.name) for f in dataclasses.fields(merged)}
+        )
 
-    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job:
+    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """Send one job with these options."""
         message, job = self._prepare(list(args), dict(kwargs), self.send.job_id)
         self._send(message)
         return job
 
-    async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> Job:
+    async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """:meth:`enqueue` for asyncio code; the broker call runs on a thread."""
         message, job = self._prepare(list(args), dict(kwargs), self.send.job_id)
         await asyncio.to_thread(self._send, message)
@@ -150,13 +235,22 @@ class BoundTask(Generic[P, R]):
 
     def _send(self, message: Message) -> None:
         app = self.task.app
-        if self.send.job_id is not None and app.broker.job_state(message.queue, message.id) is None:
-            # The id may have run before: its old record must not answer for this new run.
-            # (While the broker still holds the id, the enqueue is a no-op and the record stays.)
-            app.storage.delete([message.id])
-        app.broker.enqueue([message])
+        if not message.clear_record:
+            app.broker.enqueue([message])
+            return
+        if app.broker_stores_results:
+            app.broker.enqueue([message])  # drops an old record of the id in the same step
+            return
+        # A separate storage: an earlier run of this id may have left a record, which must not
+        # answer for the new run. It is deleted only if the id was added (a job still held
+        # keeps its record) and only if it is older than this enqueue (never the new run's).
+        sent_at = time.time()
+        if app.broker.enqueue([message]) == [True]:
+            old = app.storage.load(message.id)
+            if old is not None and _record_time(old, app) < sent_at:
+                app.storage.delete([message.id])
 
-    def enqueue_many(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[Job]:
+    def enqueue_many(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[Job[R]]:
         """Send many jobs in one broker batch, all or nothing."""
         if self.send.job_id is not None:
             raise TaskError("job_id names one job; it cannot be used with enqueue_many")
@@ -176,8 +270,9 @@ class BoundTask(Generic[P, R]):
 
     def _prepare(
         self, args: list[Any], kwargs: dict[str, Any], job_id: str | None
-    ) -> tuple[Message, Job]:
+    ) -> tuple[Message, Job[R]]:
         task = self.task
+        app = task.app
         # Whether arguments bind depends only on their count and keyword names, so a count of
         # positional arguments that bound once is not checked again (it costs microseconds).
         if kwargs or len(args) not in task._bound_arities:
@@ -187,16 +282,50 @@ class BoundTask(Generic[P, R]):
                 raise TaskArgumentsError(task.name, str(exc)) from exc
             if not kwargs:
                 task._bound_arities.add(len(args))
+        fixed = bool(job_id)
         if not job_id:
-            # uuid.uuid4().hex, without building a UUID object: 16 random bytes, version 4.
-            raw = bytearray(os.urandom(16))
-            raw[6] = raw[6] & 0x0F | 0x40
-            raw[8] = raw[8] & 0x3F | 0x80
-            job_id = raw.hex()
-        now = time.time()
-        body = Envelope(job_id, task.name, args, kwargs, now).encode(task.app.serializer)
+            job_id = _new_job_id()
         send, config = self.send, task.config
-        eta = send.eta if send.eta is not None else (now + send.delay if send.delay else None)
         queue = send.queue or config.queue
+        headers = send.headers
+        hooks = app.middleware.enqueue
+        if hooks:
+            request = EnqueueRequest(task.name, job_id, queue, args, kwargs, dict(headers or {}))
+            for hook in hooks:
+                hook(request)
+            headers = request.headers
+        now = time.time()
+        options = (
+            send.job_options() if send.timeout or send.max_retries is not None or send.retry else {}
+        )
+        envelope = Envelope(job_id, task.name, args, kwargs, now, headers or {}, options)
+        body = envelope.encode(app.serializer)
+        if len(body) > app.max_payload:
+            raise PayloadTooLarge(app.serializer.name, len(body), app.max_payload)
+        eta = send.eta if send.eta is not None else (now + send.delay if send.delay else None)
         priority = config.priority if send.priority is None else send.priority
-        return Message(job_id, queue, body, priority, eta), Job(task.app, job_id, queue, task.name)
+        message = Message(job_id, queue, body, priority, eta, clear_record=fixed)
+        return message, Job(app, job_id, queue, task.name)
+
+
+def _new_job_id() -> str:
+    """``uuid.uuid4().hex``, without building a UUID object: 16 random bytes, version 4."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40
+    raw[8] = raw[8] & 0x3F | 0x80
+    return raw.hex()
+
+
+def _record_time(data: bytes, app: Worq) -> float:
+    try:
+        return float(app.serializer.loads(data).get("at") or 0.0)
+    except Exception:  # noqa: BLE001 - an unreadable record is stale by definition
+        return 0.0
+
+
+async def _inline_async(context: JobContext, coro: Awaitable[R]) -> R:
+    token = _current_job.set(context)
+    try:
+        return await coro
+    finally:
+        _current_job.reset(token)

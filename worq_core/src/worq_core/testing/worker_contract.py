@@ -394,7 +394,7 @@ class WorkerContract(BrokerCases):
             worker.stop()
             thread.join(10)
         assert reasons == [ExitReason.STOPPED]
-        assert app.broker.job_state(queue, job.id) is None, "acked before run() returned"
+        assert app.broker.job_state(job.id) is None, "acked before run() returned"
         assert job.result(timeout=0) == "finished"
 
     def test_a_second_stop_puts_the_unfinished_job_back_with_its_attempt_counted(

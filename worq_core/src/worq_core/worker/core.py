@@ -1,0 +1,699 @@
+"""The worker: its lifecycle, the fetch loop, and how a fetched job becomes a run.
+
+One worker is one process-level object with:
+
+* the *fetch loop* (the thread that calls :meth:`Worker.run`): fetches at most as many jobs as
+  it has free slots, sending the settlements of finished jobs with the next fetch;
+* executors (:mod:`~worq_core.worker.executors`): ``concurrency`` slot threads for sync tasks
+  and one event loop for ``async def`` tasks, all counted against the same slots;
+* services (:mod:`~worq_core.worker.services`) on one thread: lease renewal, the timeout
+  watchdog, registration, resource limits, and any that middleware adds;
+* the settle path (:mod:`~worq_core.worker.settle`), which decides and settles each run.
+
+Each fetched job is a :class:`~worq_core.worker.run.Run` whose state only moves along checked
+transitions; every shared field changes under the worker's one lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import random
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from worq_core.context import JobContext
+from worq_core.context import _current as _current_job
+from worq_core.errors import TaskTimeoutError, UnknownTaskError, WorqError
+from worq_core.job import Envelope, ErrorInfo
+from worq_core.lease_keeper import LeaseKeeper
+from worq_core.models import Capability, Delivery, Outcome, Settlement, WorkerInfo
+from worq_core.retry import RetryPolicy
+from worq_core.signals import on_stop_signals
+from worq_core.worker.executors import AsyncExecutor, ThreadExecutor
+from worq_core.worker.leases import KeeperRenewer, LeaseService, Renewer, ThreadRenewer
+from worq_core.worker.run import HOLDING, Run, RunState
+from worq_core.worker.services import Service, ServiceRunner
+from worq_core.worker.settings import (
+    ExitReason,
+    WorkerCounters,
+    WorkerSettings,
+    resident_memory,
+)
+from worq_core.worker.settle import SettlePath
+from worq_core.worker.watchdog import Limits, Registration, Watchdog
+
+if TYPE_CHECKING:
+    from worq_core.app import Worq
+
+log = logging.getLogger("worq.worker")
+
+#: A second SIGTERM/SIGINT this soon after the first is taken as the same request delivered
+#: twice, not as "stop at once".
+DUPLICATE_SIGNAL_WINDOW = 0.5
+
+#: Extra time an async task gets past its timeout to honour cancellation before the watchdog
+#: gives up on it (it swallowed CancelledError, or blocks the event loop).
+ASYNC_CANCEL_GRACE = 1.0
+
+
+class Worker:
+    """Runs an app's jobs. Create it with :meth:`Worq.worker`; call :meth:`run`.
+
+    :meth:`stop` may be called from any thread (or a signal handler): the first call stops
+    fetching and lets in-flight jobs finish within ``grace``; a second one puts unfinished jobs
+    back in their queue and returns at once. :attr:`exit_reason` tells why :meth:`run` returned.
+    """
+
+    def __init__(self, app: Worq, settings: WorkerSettings) -> None:
+        self.app = app
+        self.settings = settings
+        self.counters = WorkerCounters()
+        self.exit_reason: ExitReason | None = None
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.started = time.time()
+        self.lock = threading.Condition()
+        """Guards every run's state, :attr:`held`, the slot count and the settle queue."""
+        self.held: dict[str, Run] = {}
+        """Every run whose settlement the broker has not answered yet, by lease token."""
+        self.busy = 0
+        """Slots in use."""
+        self.services: ServiceRunner | None = None
+        self.settle = SettlePath(self)
+        self._stopping = threading.Event()
+        self._abort = threading.Event()
+        self._stop_requests = 0
+        self._stop_requested_at = -float("inf")
+        self._threads = ThreadExecutor(settings.concurrency)
+        self._loop: AsyncExecutor | None = None
+        self._leases: LeaseService | None = None
+        self._watchdog = Watchdog(self)
+        self._keeper_in_use = False
+        self._parent = os.getppid()
+        self._rng = random.Random()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def run(self, burst: bool = False) -> ExitReason:
+        """Process jobs until stopped, then shut down gracefully; returns why it stopped.
+
+        With ``burst``, return once the queues hold no job at all: none ready, delayed or running.
+        """
+        settings, stack = self.settings, self.app.middleware
+        log.info(
+            "worker %s starting: queues=%s concurrency=%d lease=%gs broker=%s",
+            self.id,
+            ",".join(settings.queues),
+            settings.concurrency,
+            settings.lease,
+            self.app.broker.name,
+        )
+        self._parent = os.getppid()
+        self._threads.start()
+        self._loop = AsyncExecutor()
+        self._loop.start()
+        self._leases = LeaseService(self, self._renewer())
+        services: list[Service] = [self._leases, self._watchdog, Registration(self), Limits(self)]
+        for middleware in stack.middlewares:
+            services.extend(middleware.services(self))
+        self.services = ServiceRunner(services)
+        self._each_middleware("worker_start")
+        self.services.start()
+        signals = (
+            on_stop_signals(self._on_stop_signal, log)
+            if settings.handle_signals
+            else contextlib.nullcontext()
+        )
+        with signals:
+            try:
+                self._fetch_loop(burst)
+            finally:
+                self._shutdown()
+                self.services.stop()
+                self._loop.stop()
+                self._threads.stop()
+                self._each_middleware("worker_stop")
+                with contextlib.suppress(Exception):
+                    self.app.broker.unregister_worker(self.id)
+        if self.exit_reason is None:
+            self.exit_reason = ExitReason.ABORTED if self._abort.is_set() else ExitReason.STOPPED
+        log.info(
+            "worker %s stopped (%s): succeeded=%d retried=%d dead=%d cancelled=%d",
+            self.id,
+            self.exit_reason.value,
+            self.counters.succeeded,
+            self.counters.retried,
+            self.counters.dead,
+            self.counters.cancelled,
+        )
+        return self.exit_reason
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the worker was asked to stop (or is retiring) and fetches no more."""
+        return self._stopping.is_set()
+
+    def stop(self) -> None:
+        """Ask the worker to stop: gracefully the first time, at once the second time."""
+        with self.lock:
+            self._stop_requests += 1
+            self._stop_requested_at = time.monotonic()
+            if self._stop_requests == 1:
+                log.info("stop requested: no more fetching, finishing in-flight jobs")
+                self._stopping.set()
+            elif not self._abort.is_set():
+                log.info("second stop request: putting unfinished jobs back now")
+                self.exit_reason = ExitReason.ABORTED
+                self._abort.set()
+            self.lock.notify_all()
+
+    def retire(self, reason: ExitReason) -> None:
+        """Stop gracefully so that a fresh process can take over (not counted as a stop)."""
+        with self.lock:
+            if self.exit_reason is not None or self._stopping.is_set():
+                return
+            self.exit_reason = reason
+            log.info("worker %s retiring (%s): finishing in-flight jobs", self.id, reason.value)
+            self._stopping.set()
+            self.lock.notify_all()
+
+    def _on_stop_signal(self) -> None:
+        if time.monotonic() - self._stop_requested_at < DUPLICATE_SIGNAL_WINDOW:
+            return  # the same stop delivered twice (to the process group and by a supervisor)
+        self.stop()
+
+    def _each_middleware(self, hook: str) -> None:
+        for middleware in self.app.middleware.middlewares:
+            try:
+                getattr(middleware, hook)(self)
+            except Exception:
+                log.exception("middleware %r failed in %s", middleware, hook)
+
+    def _renewer(self) -> Renewer:
+        settings, broker = self.settings, self.app.broker
+        thread = ThreadRenewer(broker, settings.lease)
+        if not settings.isolated_heartbeat:
+            return thread
+        if Capability.SHARED not in broker.capabilities:
+            log.info("leases renewed by a thread: %s cannot be shared with a process", broker.name)
+            return thread
+        if settings.broker_factory is None:
+            log.warning(
+                "leases renewed by a thread: the lease keeper needs WorkerSettings.broker_factory "
+                "to build exactly this app's broker"
+            )
+            return thread
+        try:
+            keeper = LeaseKeeper(
+                settings.broker_factory, settings.lease, settings.heartbeat_interval
+            )
+        except Exception as exc:  # noqa: BLE001 - the thread still renews leases
+            log.warning("leases renewed by a thread: the lease keeper failed to start: %s", exc)
+            return thread
+        log.info("leases renewed by a separate process")
+        self._keeper_in_use = True
+        return KeeperRenewer(keeper)
+
+    # -- fetching ----------------------------------------------------------------------------
+
+    def _fetch_loop(self, burst: bool) -> None:
+        settings, broker, settle = self.settings, self.app.broker, self.settle
+        # In burst mode an idle fetch is kept short so the end of the work is noticed promptly.
+        idle_wait = min(settings.idle_wait, 0.1) if burst else settings.idle_wait
+        backoff = 0.0
+        while True:
+            with self.lock:
+                while not settle.pending and not self._stopping.is_set():
+                    free = min(settings.concurrency - self.busy, self._budget())
+                    if free > 0 or (self._budget() <= 0 and not self.held):
+                        break
+                    self.lock.wait(settings.idle_wait)
+                if self._stopping.is_set():
+                    return
+                settlements, settle.pending = settle.pending, []
+                free = max(0, min(settings.concurrency - self.busy, self._budget()))
+                idle = not self.held
+                block = not settlements and free > 0
+                check_drained = burst and block and idle
+                # Set together with taking the queue: a job finishing from now on settles itself.
+                settle.direct = block and not check_drained
+            if not settlements and idle and self._budget() <= 0:
+                self.retire(ExitReason.MAX_JOBS)
+                return
+            if check_drained:
+                if self._drained():
+                    log.info("burst: no jobs left in %s", ",".join(settings.queues))
+                    self.exit_reason = ExitReason.DRAINED
+                    return
+                with self.lock:
+                    settle.direct = True
+            try:
+                applied, deliveries = broker.settle_and_fetch(
+                    settlements,
+                    settings.fetch_order(self._rng),
+                    free,
+                    lease=settings.lease,
+                    wait=idle_wait if block else 0.0,
+                )
+            except Exception as exc:  # a broker bug must not end the worker either
+                with self.lock:
+                    settle.direct = False
+                settle.retry_later(settlements)
+                backoff = min(max(backoff * 2, 0.1), 5.0)
+                log.warning(
+                    "broker error, retrying in %.1fs: %s",
+                    backoff,
+                    exc,
+                    exc_info=not isinstance(exc, WorqError),
+                )
+                self._stopping.wait(backoff)
+                continue
+            with self.lock:
+                settle.direct = False
+            if backoff:
+                log.info("broker reachable again")
+                backoff = 0.0
+            settle.settled(settlements, applied)
+            taken = [run for d in deliveries if (run := self.take(d)) is not None]
+            if taken and self._keeper_in_use:
+                self._hand_to_keeper()
+            for run in taken:
+                self._launch(run)
+
+    def _hand_to_keeper(self) -> None:
+        """Tell the keeper of new leases before their jobs start.
+
+        A job holding the GIL from its first instruction would starve a later hand-over.
+        """
+        assert self._leases is not None
+        self._leases.renew()
+
+    def _budget(self) -> int:
+        """Jobs this worker may still fetch (``max_jobs``); called with the lock held."""
+        limit = self.settings.max_jobs
+        return sys.maxsize if limit is None else limit - self.counters.fetched
+
+    def _drained(self) -> bool:
+        try:
+            stats = self.app.broker.stats(self.settings.queues)
+        except Exception as exc:  # noqa: BLE001 - a blip: not drained, the loop will try again
+            log.warning("burst: cannot read queue counts: %s", exc)
+            return False
+        return all(s.ready == 0 and s.delayed == 0 and s.running == 0 for s in stats)
+
+    # -- taking a job on ---------------------------------------------------------------------
+
+    def take(self, delivery: Delivery, slot_of: Run | None = None) -> Run | None:
+        """Take a fresh delivery on; returns its run if its task is to run.
+
+        Undecodable payloads, unknown tasks and jobs out of attempts are dead-lettered here,
+        and a job cancelled while an earlier delivery ran it ends cancelled. The run gets a
+        slot of its own, or ``slot_of``'s (a slot thread pulling its next job).
+        """
+        run = Run(delivery)
+        with self.lock:
+            self.counters.fetched += 1
+            self.held[delivery.token] = run
+        try:
+            envelope = Envelope.decode(delivery.body, self.app.serializer)
+        except Exception as exc:  # noqa: BLE001 - a plugin serializer's own error type too
+            run.context = JobContext(delivery.id, "?", delivery.queue, delivery.attempts, 0)
+            self.job_log(logging.ERROR, run, "undecodable payload, dead-lettered: %s", exc)
+            self.settle.decide(run, dead=ErrorInfo.from_exception(exc))
+            return None
+        run.envelope = envelope
+        task = self.app.tasks.get(envelope.task)
+        if task is None:
+            run.context = JobContext(
+                delivery.id, envelope.task, delivery.queue, delivery.attempts, 0, envelope.headers
+            )
+            unknown = UnknownTaskError(envelope.task)
+            self.job_log(logging.ERROR, run, "%s; dead-lettered", unknown)
+            self.settle.decide(run, dead=ErrorInfo.from_exception(unknown))
+            return None
+        run.task = task
+        config, overrides = task.config, envelope.options
+        run.timeout = overrides.get("timeout", config.timeout) if overrides else config.timeout
+        run.max_retries = (
+            overrides.get("max_retries", config.max_retries) if overrides else config.max_retries
+        )
+        run.retry = RetryPolicy(*overrides["retry"]) if "retry" in overrides else config.retry
+        run.context = JobContext(
+            delivery.id,
+            task.name,
+            delivery.queue,
+            delivery.attempts,
+            run.max_retries,
+            envelope.headers,
+            self._progress_reported,
+        )
+        if delivery.cancel_requested:
+            self.settle.decide(run)  # it was cancelled while an earlier delivery ran it
+            return None
+        attempts_allowed = run.max_retries + 1
+        if delivery.attempts > attempts_allowed:
+            # Attempts are counted at fetch: more than allowed means earlier runs never settled
+            # (their worker died or lost its lease), so this job keeps killing workers.
+            reason = (
+                f"delivered {delivery.attempts} times, more than the {attempts_allowed} attempts "
+                f"allowed; earlier runs never finished (worker died or lease expired)"
+            )
+            self.job_log(logging.ERROR, run, "%s; dead-lettered", reason)
+            self.settle.decide(run, dead=ErrorInfo("worq.AttemptsExhausted", reason))
+            return None
+        with self.lock:
+            if slot_of is not None and slot_of.holds_slot:
+                slot_of.holds_slot = False  # the slot passes on; busy stays the same
+            else:
+                self.busy += 1
+            run.holds_slot = True
+        self.job_log(logging.DEBUG, run, "attempt %d started", delivery.attempts)
+        return run
+
+    def _progress_reported(self, context: JobContext) -> None:
+        if self._leases is not None:
+            self._leases.soon()
+
+    def _launch(self, run: Run) -> None:
+        """Start a taken run: on the event loop, or on a slot thread."""
+        assert run.task is not None
+        if run.task.is_async:
+            assert self._loop is not None
+            run.future = self._loop.submit(self._run_async(run))
+        else:
+            self._threads.submit(lambda: self._run_sync(run))
+
+    def _start(self, run: Run, allowance: float) -> bool:
+        """Mark a run started and arm the watchdog; ``False`` if shutdown took it back first."""
+        with self.lock:
+            if run.state is not RunState.TAKEN:
+                return False
+            run.move(RunState.RUNNING)
+            if run.timeout is not None:
+                run.deadline = time.monotonic() + run.timeout + allowance
+        if run.deadline is not None:
+            self._watchdog.arm(run.deadline)
+        return True
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _run_sync(self, run: Run) -> bool:
+        """Run sync tasks on this slot thread; returns whether the thread must retire.
+
+        In a single-slot worker, after each job the thread settles it and fetches its own next
+        job in one broker call (no hand-over through the fetch loop); a sync next job runs
+        right here, an async one goes to the event loop.
+        """
+        wraps = self.app.middleware
+        while True:
+            fn, envelope, context = run.task.fn if run.task else None, run.envelope, run.context
+            assert fn is not None
+            assert envelope is not None
+            assert context is not None
+            if not self._start(run, 0.0):
+                self._free_slot(run)
+                return False
+            token = _current_job.set(context)
+            try:
+                if wraps.wraps:
+                    value = wraps.run(
+                        context, functools.partial(fn, *envelope.args, **envelope.kwargs)
+                    )
+                else:
+                    value = fn(*envelope.args, **envelope.kwargs)
+            except BaseException as exc:  # noqa: BLE001 - a job must never kill its slot thread
+                self._finished(run, error=exc, tb=traceback.format_exc(), pull=True)
+            else:
+                self._finished(run, value=value, pull=True)
+            finally:
+                _current_job.reset(token)
+            with self.lock:
+                if run.abandoned:
+                    return True
+            following = self._pull(run)
+            if following is None:
+                return False
+            assert following.task is not None
+            if following.task.is_async:
+                self._launch(following)
+                return False
+            run = following
+
+    def _pull(self, run: Run) -> Run | None:
+        """Settle a finished run and fetch the next job for its slot, in one broker call.
+
+        Whatever happens, the slot is either passed to the next run or freed.
+        """
+        with self.lock:  # shutdown may take the settlement over: exactly one side sends it
+            settlement = run.parked
+            run.parked = None
+            if settlement is not None:
+                run.move(RunState.SENT)
+        if settlement is None:
+            self._free_slot(run)
+            return None
+        following: Run | None = None
+        try:
+            following = self._pull_next(run, settlement)
+        except Exception:  # a bug in worq or a plugin must not wedge the slot
+            log.exception("job %s: taking the next job from a slot failed", run.delivery.id)
+        finally:
+            self._free_slot(run)  # unless the slot passed on to the next run
+        return following
+
+    def _pull_next(self, run: Run, settlement: Settlement) -> Run | None:
+        settings = self.settings
+        try:
+            applied, deliveries = self.app.broker.settle_and_fetch(
+                [settlement],
+                settings.fetch_order(self._rng),
+                0 if self._stopping.is_set() else 1,
+                lease=settings.lease,
+                wait=0.0,
+            )
+        except Exception as exc:  # noqa: BLE001 - the fetch loop retries the settlement
+            log.warning("settling from a slot failed, the fetch loop will retry: %s", exc)
+            self.settle.retry_later([settlement])
+            return None
+        if deliveries and self._stopping.is_set():
+            # A stop came while the call was on its way: this job was never started.
+            self.app.broker.release(deliveries)
+            deliveries = []
+        # Take the next run on before the finished one leaves: a shutdown counting what is
+        # pending must never see neither.
+        following = self.take(deliveries[0], slot_of=run) if deliveries else None
+        self.settle.settled([settlement], applied)
+        if following is not None and self._keeper_in_use:
+            self._hand_to_keeper()
+        return following
+
+    async def _run_async(self, run: Run) -> None:
+        task, envelope, context = run.task, run.envelope, run.context
+        assert task is not None
+        assert envelope is not None
+        assert context is not None
+        if not self._start(run, ASYNC_CANCEL_GRACE):  # the watchdog is only a backstop
+            self._free_slot(run)
+            return
+        _current_job.set(context)  # this coroutine runs in an asyncio task of its own
+        stack = self.app.middleware
+        timeout = run.timeout
+        try:
+            if context.cancelled:
+                raise asyncio.CancelledError
+
+            async def call() -> Any:
+                coro = task.fn(*envelope.args, **envelope.kwargs)
+                if timeout is None:
+                    return await coro
+                try:
+                    return await asyncio.wait_for(coro, timeout)
+                except TimeoutError:
+                    raise TaskTimeoutError(task.name, timeout) from None
+
+            if stack.async_wraps:
+                value = await stack.run_async(context, call)
+            else:
+                value = await call()
+        except BaseException as exc:  # noqa: BLE001 - cancelled or failed, the job is settled
+            error, tb = exc, traceback.format_exc()
+            await asyncio.to_thread(self._finished, run, error=error, tb=tb)
+        else:
+            await asyncio.to_thread(self._finished, run, value=value)
+
+    def _finished(
+        self,
+        run: Run,
+        *,
+        value: Any = None,
+        error: BaseException | None = None,
+        tb: str | None = None,
+        pull: bool = False,
+    ) -> None:
+        """A job's code returned or raised; runs on the thread that ran it.
+
+        With ``pull`` the settlement may be parked on the run for the thread to send with its
+        next fetch (:meth:`_pull`); the slot stays taken until then.
+        """
+        try:
+            if error is None:
+                self.settle.decide(run, value=value, pull=pull)
+            else:
+                info = ErrorInfo.from_exception(error, tb)
+                self.settle.decide(run, error=error, info=info, pull=pull)
+        finally:
+            if run.parked is None:
+                self._free_slot(run)
+
+    def _free_slot(self, run: Run) -> None:
+        with self.lock:
+            if run.holds_slot:
+                run.holds_slot = False
+                self.busy -= 1
+                self.lock.notify_all()
+
+    # -- what services and the settle path call ----------------------------------------------
+
+    def decide(
+        self, run: Run, *, error: BaseException | None = None, info: ErrorInfo | None = None
+    ) -> bool:
+        """Decide a run from outside its thread (the watchdog); see :meth:`SettlePath.decide`."""
+        return self.settle.decide(run, error=error, info=info)
+
+    def abandon(self, run: Run) -> None:
+        """Give up on a run whose code does not return: its slot goes to a fresh thread."""
+        with self.lock:
+            run.abandoned = True
+        self._free_slot(run)
+        if run.task is not None and not run.task.is_async:
+            self._threads.grow()
+
+    def cancel_run(self, run: Run) -> None:
+        """Tell a running job that it was cancelled (its lease renewal said so)."""
+        context = run.context
+        if context is None or context.cancelled:
+            return
+        context._cancel()
+        self.job_log(logging.INFO, run, "cancellation requested; telling the task")
+        if run.future is not None:
+            run.future.cancel()  # CancelledError at the async task's next await
+
+    def count(self, outcome: str) -> None:
+        """Add one to a counter of :class:`WorkerCounters`."""
+        with self.lock:
+            setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
+
+    def register(self) -> None:
+        """Record this worker with the broker (for ``worq stats``); never raises."""
+        with self.lock:
+            info = WorkerInfo(
+                id=self.id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                started=self.started,
+                queues=self.settings.queues,
+                concurrency=self.settings.concurrency,
+                done=self.counters.done,
+                running=self.busy,
+                seen=time.time(),
+            )
+        try:
+            self.app.broker.register_worker(info, ttl=3 * self.settings.heartbeat_interval + 5)
+        except Exception as exc:  # noqa: BLE001 - observability must never stop the work
+            log.debug("registering the worker failed: %s", exc)
+
+    def check_limits(self) -> None:
+        """Retire past the memory limit; stop if the parent process is gone."""
+        limit = self.settings.max_memory
+        if limit is not None and (used := resident_memory()) > limit:
+            log.info("resident memory %d MiB passed the limit of %d MiB", used >> 20, limit >> 20)
+            self.retire(ExitReason.MAX_MEMORY)
+        if self.settings.stop_when_orphaned and os.getppid() != self._parent:
+            log.warning("the parent process (pid %d) is gone; stopping", self._parent)
+            self.stop()
+
+    def job_log(self, level: int, run: Run, message: str, *args: Any) -> None:
+        """Log one line about a job, with its id and task in the text and as ``extra`` fields."""
+        if log.isEnabledFor(level):
+            delivery = run.delivery
+            log.log(
+                level,
+                "job %s %s: " + message,
+                delivery.id,
+                run.task_name,
+                *args,
+                extra={"job_id": delivery.id, "task": run.task_name, "queue": delivery.queue},
+            )
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        """Wait for in-flight jobs within the grace period and settle them; put the rest back.
+
+        Jobs still running when the grace period ends (or at a second stop) are settled as a
+        retry with no delay: they go back to their queue at once, and the attempt counts.
+        """
+        deadline = time.monotonic() + self.settings.grace
+        broker, settle = self.app.broker, self.settle
+        while True:
+            with self.lock:
+                settlements, settle.pending = settle.pending, []
+                pending = sum(1 for r in self.held.values() if r.state in HOLDING)
+            if settlements:
+                try:
+                    settle.settled(settlements, broker.settle(settlements))
+                except Exception as exc:  # noqa: BLE001 - retried until the deadline
+                    log.error("settling %d jobs at shutdown failed: %s", len(settlements), exc)
+                    if self._abort.is_set() or time.monotonic() >= deadline:
+                        break
+                    settle.retry_later(settlements)
+                    self._abort.wait(0.2)
+                    continue
+            if pending == 0 or self._abort.is_set() or time.monotonic() >= deadline:
+                break
+            log.info("waiting for %d running jobs to finish", pending)
+            with self.lock:
+                if not settle.pending and not self._abort.is_set():
+                    self.lock.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+        with self.lock:
+            # Settlements a slot thread has not sent yet: shutdown sends them itself.
+            parked: list[Settlement] = []
+            unfinished: list[Run] = []
+            for run in self.held.values():
+                if run.state is RunState.PARKED:
+                    assert run.parked is not None
+                    parked.append(run.parked)
+                    run.parked = None
+                    run.move(RunState.SENT)
+                elif run.state is RunState.TAKEN or run.state is RunState.RUNNING:
+                    run.move(RunState.SENT)  # late finishers must not settle
+                    unfinished.append(run)
+        if parked:
+            try:
+                settle.settled(parked, broker.settle(parked))
+            except Exception as exc:  # noqa: BLE001 - the leases are the fallback
+                log.error("settling %d finished jobs at shutdown failed: %s", len(parked), exc)
+        if not unfinished:
+            return
+        if self.exit_reason is None or self.exit_reason is ExitReason.STOPPED:
+            self.exit_reason = ExitReason.ABORTED
+        log.info("putting %d unfinished jobs back in their queues", len(unfinished))
+        for run in unfinished:
+            if run.future is not None:
+                run.future.cancel()
+        back = [
+            Settlement(r.delivery, Outcome.RETRY, 0.0, "the worker stopped before it finished")
+            for r in unfinished
+        ]
+        try:
+            settle.settled(back, broker.settle(back))
+        except Exception as exc:  # noqa: BLE001 - the leases are the fallback
+            log.error("putting jobs back failed; their leases will expire instead: %s", exc)

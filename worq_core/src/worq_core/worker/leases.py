@@ -1,0 +1,185 @@
+"""Lease renewal: one service, renewing either from a thread or through the lease keeper.
+
+Every heartbeat the service hands the leases the worker holds (with the progress of their jobs)
+to a :class:`Renewer`, and applies what comes back: a lost lease marks its run ``lost`` (its
+result must not overwrite the run that now owns the job), a cancelled one tells the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from typing_extensions import override
+
+from worq_core.errors import WorqError
+from worq_core.lease_keeper import LeaseKeeper
+from worq_core.models import Delivery, LeaseState
+from worq_core.worker.run import HOLDING, Run
+from worq_core.worker.services import Service
+
+if TYPE_CHECKING:
+    from worq_core.broker import Broker
+    from worq_core.worker.core import Worker
+
+log = logging.getLogger("worq.worker")
+
+#: Shortest time between two renewals brought forward to publish progress.
+PROGRESS_INTERVAL = 1.0
+
+
+class Renewer(Protocol):
+    """Renews leases; returns the tokens whose lease is not simply held any more.
+
+    ``None`` means the renewer can no longer work (the keeper process is gone).
+    """
+
+    def renew(
+        self, deliveries: Sequence[Delivery], progress: Mapping[str, bytes]
+    ) -> dict[str, LeaseState] | None:
+        """Renew these leases, publishing ``progress`` (job id to encoded progress)."""
+
+    def close(self) -> None:
+        """Release what the renewer holds (the keeper process)."""
+
+
+class ThreadRenewer:
+    """Renews with the worker's own broker, on the service thread."""
+
+    def __init__(self, broker: Broker, lease: float) -> None:
+        self.broker = broker
+        self.lease = lease
+
+    def renew(
+        self, deliveries: Sequence[Delivery], progress: Mapping[str, bytes]
+    ) -> dict[str, LeaseState] | None:
+        """One :meth:`Broker.extend` call for every lease."""
+        if not deliveries:
+            return {}
+        states = self.broker.extend(deliveries, self.lease, progress or None)
+        return {
+            d.token: state
+            for d, state in zip(deliveries, states, strict=True)
+            if state is not LeaseState.HELD
+        }
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class KeeperRenewer:
+    """Hands the leases to the :class:`LeaseKeeper` process, which renews them on its own."""
+
+    def __init__(self, keeper: LeaseKeeper) -> None:
+        self.keeper = keeper
+
+    def renew(
+        self, deliveries: Sequence[Delivery], progress: Mapping[str, bytes]
+    ) -> dict[str, LeaseState] | None:
+        """Send the leases to the keeper; what it reported since the last call."""
+        return self.keeper.hold(deliveries, progress)
+
+    def close(self) -> None:
+        """Stop the keeper process."""
+        self.keeper.close()
+
+
+class LeaseService(Service):
+    """Renews every held lease each heartbeat, and sooner when there is progress to publish."""
+
+    name = "leases"
+
+    def __init__(self, worker: Worker, renewer: Renewer) -> None:
+        self.worker = worker
+        self.renewer = renewer
+        self.interval = self.retry_after = worker.settings.heartbeat_interval
+        self.renewed_at = time.monotonic()
+        self.last_tick = 0.0
+        self._lock = threading.Lock()
+
+    @override
+    def start(self, now: float) -> float | None:
+        self.renewed_at = now
+        return now + self.interval
+
+    @override
+    def tick(self, now: float) -> float | None:
+        self.last_tick = now
+        self.renew()
+        return time.monotonic() + self.interval
+
+    def soon(self) -> None:
+        """Publish progress with a renewal soon, at most once per :data:`PROGRESS_INTERVAL`."""
+        runner = self.worker.services
+        if runner is not None:
+            runner.wake(self, max(time.monotonic(), self.last_tick + PROGRESS_INTERVAL))
+
+    def renew(self) -> None:
+        """Renew now (also called by the fetch loop before new jobs start, for the keeper)."""
+        with self._lock:  # the service thread and the fetch loop may both renew
+            self._renew()
+
+    def _renew(self) -> None:
+        worker = self.worker
+        serializer = worker.app.serializer
+        with worker.lock:
+            held = [r for r in worker.held.values() if r.state in HOLDING]
+        progress: dict[str, bytes] = {}
+        for run in held:
+            report = run.context.last_progress if run.context is not None else None
+            if report is not None and report is not run.progress_sent:
+                try:
+                    progress[run.delivery.id] = serializer.dumps(report.to_data())
+                except WorqError as exc:
+                    log.warning("job %s: its progress cannot be encoded: %s", run.delivery.id, exc)
+                run.progress_sent = report
+        try:
+            states = self.renewer.renew([r.delivery for r in held], progress)
+        except WorqError as exc:
+            self._failed(held, exc)
+            return
+        if states is None:
+            log.error("the lease keeper process is gone; renewing leases from a thread")
+            self.renewer = ThreadRenewer(worker.app.broker, worker.settings.lease)
+            self._renew()
+            return
+        self.renewed_at = time.monotonic()
+        if states:
+            self._apply(held, states)
+
+    def _failed(self, held: list[Run], exc: WorqError) -> None:
+        silent = time.monotonic() - self.renewed_at
+        lease = self.worker.settings.lease
+        if silent <= lease:
+            log.warning("heartbeat failed, %d leases not renewed: %s", len(held), exc)
+            return
+        log.error(
+            "heartbeats have failed for %.0fs, longer than the %gs lease: the %d jobs held are "
+            "presumed lost and may run again elsewhere: %s",
+            silent,
+            lease,
+            len(held),
+            exc,
+        )
+        self._apply(held, {r.delivery.token: LeaseState.LOST for r in held})
+
+    def _apply(self, held: list[Run], states: Mapping[str, LeaseState]) -> None:
+        worker = self.worker
+        for run in held:
+            state = states.get(run.delivery.token)
+            if state is LeaseState.LOST and not run.lost:
+                run.lost = True
+                worker.job_log(
+                    logging.WARNING,
+                    run,
+                    "lease lost (it expired before its heartbeat); the job may run twice",
+                )
+            elif state is LeaseState.CANCELLING:
+                worker.cancel_run(run)
+
+    @override
+    def stop(self) -> None:
+        self.renewer.close()

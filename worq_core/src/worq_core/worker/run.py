@@ -1,0 +1,123 @@
+"""One leased job inside a worker, from fetch until the broker took its settlement."""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any
+
+from worq_core.context import JobContext
+from worq_core.job import Envelope
+from worq_core.models import Delivery, Settlement
+from worq_core.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from worq_core.middleware import Decision
+    from worq_core.task import Task
+
+
+class RunState(enum.Enum):
+    """Where a run is; it only moves along the transitions in :data:`NEXT`."""
+
+    TAKEN = "taken"
+    """Fetched and leased; being decoded and checked, or waiting for its executor."""
+    RUNNING = "running"
+    """Its task's code has started."""
+    DECIDED = "decided"
+    """Its outcome is chosen (by its own thread, the watchdog, or shutdown), not yet sent."""
+    PARKED = "parked"
+    """Its settlement waits for its slot thread to send it with the next fetch."""
+    SENT = "sent"
+    """Its settlement is queued for, or on its way to, the broker."""
+    DROPPED = "dropped"
+    """Given up (lease lost, or the record could not be stored): its lease runs out."""
+    DONE = "done"
+    """The broker answered its settlement."""
+
+
+NEXT: dict[RunState, frozenset[RunState]] = {
+    RunState.TAKEN: frozenset({RunState.RUNNING, RunState.DECIDED, RunState.SENT}),
+    RunState.RUNNING: frozenset({RunState.DECIDED, RunState.SENT}),
+    RunState.DECIDED: frozenset({RunState.PARKED, RunState.SENT, RunState.DROPPED}),
+    RunState.PARKED: frozenset({RunState.SENT}),
+    RunState.SENT: frozenset({RunState.DONE}),
+    RunState.DROPPED: frozenset(),
+    RunState.DONE: frozenset(),
+}
+
+#: States in which the worker still holds the lease and must renew it.
+HOLDING = frozenset({RunState.TAKEN, RunState.RUNNING, RunState.DECIDED, RunState.PARKED})
+
+
+class InvalidTransition(RuntimeError):
+    """A bug in the worker: a run was moved along a transition the state machine forbids."""
+
+
+class Run:
+    """A leased job and what the worker knows of it. Every field changes under the worker lock.
+
+    Besides its :class:`RunState`, a run carries three facts learned from outside: ``lost``
+    (the broker said its lease is gone, so its result must not overwrite another run's),
+    ``abandoned`` (the watchdog gave up on its thread at a timeout) and, in ``context``,
+    whether it was cancelled.
+    """
+
+    __slots__ = (
+        "abandoned",
+        "context",
+        "deadline",
+        "decision",
+        "delivery",
+        "envelope",
+        "future",
+        "holds_slot",
+        "lost",
+        "max_retries",
+        "parked",
+        "progress_sent",
+        "retry",
+        "state",
+        "task",
+        "timeout",
+    )
+
+    def __init__(self, delivery: Delivery) -> None:
+        self.delivery = delivery
+        self.state = RunState.TAKEN
+        self.task: Task[Any, Any] | None = None
+        self.envelope: Envelope | None = None
+        self.context: JobContext | None = None
+        self.decision: Decision | None = None
+        self.timeout: float | None = None
+        self.max_retries = 0
+        self.retry = RetryPolicy()
+        self.deadline: float | None = None
+        """When the watchdog fails the run (monotonic); set when its code starts."""
+        self.holds_slot = False
+        self.lost = False
+        self.abandoned = False
+        self.parked: Settlement | None = None
+        self.progress_sent: object = None
+        self.future: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Run {self.delivery.id} {self.task_name} {self.state.value}>"
+
+    @property
+    def task_name(self) -> str:
+        """The task's name, as far as it is known."""
+        if self.task is not None:
+            return self.task.name
+        return self.envelope.task if self.envelope is not None else "?"
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether a cancellation of the job reached this run."""
+        return self.delivery.cancel_requested or (
+            self.context is not None and self.context.cancelled
+        )
+
+    def move(self, state: RunState) -> None:
+        """Move to ``state``; raises :class:`InvalidTransition` if the machine forbids it."""
+        if state not in NEXT[self.state]:
+            raise InvalidTransition(f"{self!r} cannot move to {state.value}")
+        self.state = state

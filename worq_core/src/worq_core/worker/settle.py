@@ -1,0 +1,260 @@
+"""The settle path: a run's verdict, its storage record, and its settlement with the broker.
+
+A job's record (result, final error, or cancellation) is saved before the broker hears of it,
+so a crash in between means the job runs again, never that a result is lost. A broker that
+stores the app's results itself gets the record inside the settlement instead, and writes both
+in one atomic step. Settlements go to the broker with the next fetch (one round trip for
+both), or at once when the fetch loop is blocked waiting for new jobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+from worq_core.errors import Reject, Retry, SerializationError, WorqError
+from worq_core.job import ErrorInfo, encode_cancelled, encode_failure, encode_success
+from worq_core.middleware import Decision
+from worq_core.models import Capability, JobStatus, Outcome, Settlement
+from worq_core.worker.run import Run, RunState
+
+if TYPE_CHECKING:
+    from worq_core.worker.core import Worker
+
+log = logging.getLogger("worq.worker")
+
+_CANCELLED = ErrorInfo("worq.JobCancelled", "the job was cancelled")
+
+
+def verdict(run: Run, value: Any, error: BaseException | None, info: ErrorInfo | None) -> Decision:
+    """What the worker makes of a run that returned ``value`` or raised ``error``.
+
+    A cancelled run ends CANCELLED whatever its code did after the cancellation reached it.
+    :class:`~worq_core.errors.Reject`, ``dont_retry_on`` and exceptions outside ``retry_on``
+    dead-letter at once; :class:`~worq_core.errors.Retry` picks its own delay. Otherwise a
+    failure is retried after the retry policy's backoff while attempts remain.
+    """
+    if run.cancelled:
+        return Decision(JobStatus.CANCELLED, error=_CANCELLED)
+    if error is None:
+        return Decision(JobStatus.SUCCEEDED, value)
+    assert info is not None
+    dead = Decision(JobStatus.DEAD, error=info)
+    task, attempts = run.task, run.delivery.attempts
+    if task is None or isinstance(error, Reject) or attempts > run.max_retries:
+        return dead
+    config = task.config
+    if isinstance(error, Retry):
+        delay = error.delay if error.delay is not None else run.retry.delay(attempts)
+        return Decision(JobStatus.RETRYING, error=info, delay=delay)
+    if (config.dont_retry_on and isinstance(error, config.dont_retry_on)) or (
+        config.retry_on and not isinstance(error, config.retry_on)
+    ):
+        return dead
+    return Decision(JobStatus.RETRYING, error=info, delay=run.retry.delay(attempts))
+
+
+class SettlePath:
+    """Decides runs, stores their records and hands their settlements to the broker.
+
+    ``pending`` holds settlements for the fetch loop's next call; ``direct`` is set while the
+    fetch loop is blocked waiting for jobs, so a finishing job settles itself instead. Both
+    are guarded by the worker's lock.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        app = worker.app
+        self.pending: list[Settlement] = []
+        self.direct = False
+        self.broker_stores_results = (
+            Capability.RESULTS in app.broker.capabilities
+            and app.broker.stores_results_in(app.storage)
+        )
+        # A single slot sends its own settlement with the fetch of its next job.
+        self.pulls = worker.settings.concurrency == 1 and worker.settings.max_jobs is None
+
+    def decide(
+        self,
+        run: Run,
+        *,
+        value: Any = None,
+        error: BaseException | None = None,
+        info: ErrorInfo | None = None,
+        dead: ErrorInfo | None = None,
+        pull: bool = False,
+    ) -> bool:
+        """Choose the outcome, store the record and settle; at most once per run.
+
+        Returns whether this call decided (``False``: the watchdog or shutdown came first).
+        Never raises: whatever goes wrong, the job is either settled or dropped so that its
+        lease runs out and it runs again.
+        """
+        worker = self.worker
+        with worker.lock:
+            if run.state is not RunState.TAKEN and run.state is not RunState.RUNNING:
+                return False
+            run.move(RunState.DECIDED)
+        try:
+            decision = (
+                Decision(JobStatus.DEAD, error=dead)
+                if dead is not None
+                else verdict(run, value, error, info)
+            )
+            stack = worker.app.middleware
+            if stack.decides and run.context is not None:
+                decision = stack.decide(run.context, decision)
+            settlement, record = self._settlement(run, decision)
+            self._send(run, settlement, record, pull)
+        except Exception:
+            log.exception("job %s: settling failed; its lease will run out", run.delivery.id)
+            self.drop(run)
+        return True
+
+    def _settlement(self, run: Run, decision: Decision) -> tuple[Settlement, bytes | None]:
+        """The settlement (and storage record) of a decision; logs and counts it."""
+        delivery, worker = run.delivery, self.worker
+        serializer = worker.app.serializer
+        status = decision.status
+        if status is JobStatus.SUCCEEDED:
+            try:
+                record = encode_success(serializer, decision.value)
+            except SerializationError as exc:
+                decision = Decision(JobStatus.DEAD, error=ErrorInfo.from_exception(exc))
+            else:
+                run.decision = decision
+                worker.count("succeeded")
+                return Settlement(delivery, Outcome.ACK), record
+        run.decision = decision
+        error = decision.error or ErrorInfo("worq.Error", "")
+        if decision.status is JobStatus.RETRYING:
+            worker.job_log(
+                logging.WARNING,
+                run,
+                "attempt %d failed (%s); retrying in %.2fs",
+                delivery.attempts,
+                error.summary(),
+                decision.delay,
+            )
+            worker.count("retried")
+            return Settlement(delivery, Outcome.RETRY, decision.delay, error.summary()), None
+        if decision.status is JobStatus.CANCELLED:
+            worker.job_log(logging.INFO, run, "cancelled")
+            worker.count("cancelled")
+            return Settlement(delivery, Outcome.ACK), encode_cancelled(serializer)
+        worker.job_log(
+            logging.ERROR,
+            run,
+            "attempt %d failed (%s); dead-lettered",
+            delivery.attempts,
+            error.summary(),
+        )
+        worker.count("dead")
+        return (
+            Settlement(delivery, Outcome.DEAD, 0.0, error.summary()),
+            encode_failure(serializer, error),
+        )
+
+    def drop(self, run: Run) -> None:
+        """Give up on settling a run: forget it so its lease runs out and it runs again."""
+        worker = self.worker
+        with worker.lock:
+            run.move(RunState.DROPPED)
+            worker.held.pop(run.delivery.token, None)
+            worker.lock.notify_all()
+
+    def _send(self, run: Run, settlement: Settlement, record: bytes | None, pull: bool) -> None:
+        """Store the record, then settle with the next fetch.
+
+        With ``pull`` (a slot thread that will fetch its own next job) the settlement is
+        parked on the run; otherwise it goes with the fetch loop's next fetch, or right here
+        if the fetch loop is blocked waiting for new jobs.
+        """
+        worker = self.worker
+        app = worker.app
+        job_id = settlement.delivery.id
+        if run.lost:
+            # Another run owns the job now: its result, not ours, belongs in the storage.
+            worker.job_log(
+                logging.WARNING, run, "its lease was lost; the result of this run is discarded"
+            )
+            self.drop(run)
+            return
+        if record is not None and self.broker_stores_results:
+            settlement = dataclasses.replace(settlement, record=record, ttl=app.result_ttl)
+        elif record is not None:
+            try:
+                app.storage.save({job_id: record}, app.result_ttl)
+            except Exception as exc:  # a plugin's own exception type too: the job must not hang
+                # Not settling lets the lease run out, so the job runs again: at-least-once.
+                log.error(
+                    "job %s: storing its result failed, it will run again: %s",
+                    job_id,
+                    exc,
+                    exc_info=not isinstance(exc, WorqError),
+                )
+                self.drop(run)
+                return
+        with worker.lock:
+            if pull and self.pulls and not worker.stopping:
+                run.parked = settlement  # shutdown waits for the slot thread to send it
+                run.move(RunState.PARKED)
+                return
+            run.move(RunState.SENT)
+            direct = self.direct
+            if not direct:
+                self.pending.append(settlement)
+                worker.lock.notify_all()
+        if direct:
+            try:
+                applied = app.broker.settle([settlement])
+            except Exception as exc:  # a plugin's own exception type too
+                log.warning(
+                    "job %s: settling failed, the fetch loop will retry: %s",
+                    job_id,
+                    exc,
+                    exc_info=not isinstance(exc, WorqError),
+                )
+                self.retry_later([settlement])
+                return
+            self.settled([settlement], applied)
+
+    def retry_later(self, settlements: list[Settlement]) -> None:
+        """Queue settlements again for the fetch loop (settling twice is refused, not doubled)."""
+        worker = self.worker
+        with worker.lock:
+            self.pending[:0] = settlements
+            worker.lock.notify_all()
+
+    def settled(self, settlements: list[Settlement], applied: list[bool]) -> None:
+        """The broker answered: forget the runs, and tell middleware of applied verdicts."""
+        worker = self.worker
+        done: list[Run] = []
+        with worker.lock:
+            worker.lock.notify_all()  # a shutdown may be waiting for these
+            for settlement, ok in zip(settlements, applied, strict=True):
+                run = worker.held.pop(settlement.delivery.token, None)
+                if run is not None and run.state is RunState.SENT:
+                    run.move(RunState.DONE)
+                if not ok:
+                    worker.counters.refused += 1
+                    log.warning(
+                        "job %s %s: the broker refused its %s: its lease had expired and it "
+                        "may run again",
+                        settlement.delivery.id,
+                        run.task_name if run is not None else "?",
+                        settlement.outcome.value,
+                    )
+                elif run is not None:
+                    done.append(run)
+        hooks = worker.app.middleware.after_settles
+        if hooks:
+            for run in done:
+                if run.context is None or run.decision is None:
+                    continue
+                for hook in hooks:
+                    try:
+                        hook(run.context, run.decision)
+                    except Exception:
+                        log.exception("middleware after_settle failed for job %s", run.delivery.id)
