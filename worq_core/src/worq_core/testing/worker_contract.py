@@ -13,7 +13,7 @@ import pytest
 from worq_core.app import Worq
 from worq_core.broker import Broker
 from worq_core.context import JobContext, current_job
-from worq_core.errors import JobFailed, SerializationError
+from worq_core.errors import JobCancelled, JobFailed, Reject, Retry, SerializationError
 from worq_core.models import Capability, JobStatus, Message
 from worq_core.registry import Registry
 from worq_core.retry import RetryPolicy
@@ -558,3 +558,247 @@ class WorkerContract(BrokerCases):
         with pytest.raises(JobFailed):
             again.result(timeout=RESULT_WAIT)
         assert app.requeue_dead(queue, [job.id, "not-dead"]) == 1
+
+    # -- headers, ids and per-job options --------------------------------------------------
+
+    def test_headers_reach_the_task_unchanged(self, app: Worq, queue: str) -> None:
+        seen: list[dict[str, str]] = []
+        headers = {"trace-id": "abc-123", "tenant": "ünïcode ✓", "empty": ""}
+
+        @app.task(queue=queue)
+        def read_headers() -> None:
+            seen.append(dict(current_job().headers))
+
+        job = read_headers.options(headers=headers).enqueue()
+        read_headers.enqueue()
+        self.worker(app, queue).run(burst=True)
+        job.result(timeout=RESULT_WAIT)
+        assert sorted(seen, key=len) == [{}, headers]
+
+    def test_an_envelope_from_before_headers_still_runs(self, app: Worq, queue: str) -> None:
+        @app.task(queue=queue)
+        def old(x: int) -> int:
+            return x + 1
+
+        body = app.serializer.dumps(
+            {"v": 1, "id": "old-1", "task": old.name, "args": [41], "kwargs": {}, "at": 0.0}
+        )
+        assert app.broker.enqueue([Message("old-1", queue, body)]) == [True]
+        self.worker(app, queue).run(burst=True)
+        assert app.job("old-1").result(timeout=RESULT_WAIT) == 42
+
+    def test_a_job_id_is_unique_across_the_queues_of_an_app(self, app: Worq, queue: str) -> None:
+        other = unique("contract-other")
+        runs: list[str] = []
+
+        @app.task(queue=queue)
+        def once(where: str) -> str:
+            runs.append(where)
+            return where
+
+        first = once.options(job_id="the-one").enqueue("first")
+        second = once.options(job_id="the-one", queue=other).enqueue("second")
+        assert second.id == first.id
+        self.worker(app, queue).run(burst=True)
+        self.worker(app, other).run(burst=True)
+        assert runs == ["first"]
+        assert second.result(timeout=RESULT_WAIT) == "first"
+
+    @requires(Capability.DEAD_LETTER)
+    def test_per_enqueue_options_override_the_tasks_own(self, app: Worq, queue: str) -> None:
+        attempts: list[int] = []
+
+        @app.task(queue=queue, max_retries=5, retry=FAST_RETRY)
+        def flaky() -> None:
+            attempts.append(current_job().attempt)
+            raise RuntimeError("always")
+
+        job = flaky.options(max_retries=1).enqueue()
+        self.worker(app, queue).run(burst=True)
+        assert job.status() is JobStatus.DEAD
+        assert attempts == [1, 2]
+
+    def test_a_timeout_given_at_enqueue_fails_a_slow_run(self, app: Worq, queue: str) -> None:
+        @app.task(queue=queue, max_retries=0)
+        async def slow() -> None:
+            await asyncio.sleep(30)
+
+        job = slow.options(timeout=0.1).enqueue()
+        self.worker(app, queue).run(burst=True)
+        with pytest.raises(JobFailed) as failed:
+            job.result(timeout=RESULT_WAIT)
+        assert failed.value.error_type == "worq_core.errors.TaskTimeoutError"
+
+    # -- retry control by exception ----------------------------------------------------------
+
+    @requires(Capability.DEAD_LETTER)
+    def test_reject_dead_letters_at_once_with_retries_left(self, app: Worq, queue: str) -> None:
+        runs: list[int] = []
+
+        @app.task(queue=queue, max_retries=5, retry=FAST_RETRY)
+        def picky() -> None:
+            runs.append(1)
+            raise Reject("bad input")
+
+        job = picky.enqueue()
+        self.worker(app, queue).run(burst=True)
+        assert (job.status(), len(runs)) == (JobStatus.DEAD, 1)
+        with pytest.raises(JobFailed) as failed:
+            job.result(timeout=RESULT_WAIT)
+        assert failed.value.message == "bad input"
+
+    @requires(Capability.DELAYED)
+    def test_retry_asks_for_a_retry_after_its_own_delay(self, app: Worq, queue: str) -> None:
+        times: list[float] = []
+
+        @app.task(queue=queue, max_retries=2, retry=RetryPolicy(base=60.0, jitter=False))
+        def later() -> str:
+            times.append(time.time())
+            if len(times) == 1:
+                raise Retry(delay=0.3)
+            return "done"
+
+        job = later.enqueue()
+        self.worker(app, queue).run(burst=True)
+        assert job.result(timeout=RESULT_WAIT) == "done"
+        assert times[1] - times[0] >= 0.3 - CLOCK_SLACK
+
+    @requires(Capability.DEAD_LETTER)
+    def test_only_the_exceptions_named_in_retry_on_are_retried(self, app: Worq, queue: str) -> None:
+        runs: dict[str, int] = {}
+
+        @app.task(queue=queue, max_retries=3, retry=FAST_RETRY, retry_on=(OSError,))
+        def io(kind: str) -> None:
+            runs[kind] = runs.get(kind, 0) + 1
+            raise (ConnectionError if kind == "io" else ValueError)(kind)
+
+        @app.task(queue=queue, max_retries=3, retry=FAST_RETRY, dont_retry_on=(KeyError,))
+        def lookup() -> None:
+            runs["lookup"] = runs.get("lookup", 0) + 1
+            raise KeyError("missing")
+
+        jobs = [io.enqueue("io"), io.enqueue("value"), lookup.enqueue()]
+        self.worker(app, queue).run(burst=True)
+        assert [j.status() for j in jobs] == [JobStatus.DEAD] * 3
+        assert runs == {"io": 4, "value": 1, "lookup": 1}
+
+    # -- cancel and progress -----------------------------------------------------------------
+
+    @requires(Capability.CANCEL)
+    def test_a_cancelled_queued_job_never_runs_and_ends_cancelled(
+        self, app: Worq, queue: str
+    ) -> None:
+        runs: list[int] = []
+
+        @app.task(queue=queue)
+        def work() -> None:
+            runs.append(1)
+
+        job = work.enqueue()
+        assert job.cancel() is True
+        assert job.status() is JobStatus.CANCELLED
+        self.worker(app, queue).run(burst=True)
+        assert runs == []
+        with pytest.raises(JobCancelled):
+            job.result(timeout=RESULT_WAIT)
+        assert job.cancel() is False, "a cancelled job cannot be cancelled again"
+
+    @requires(Capability.CANCEL, Capability.DELAYED)
+    def test_a_scheduled_job_can_be_cancelled(self, app: Worq, queue: str) -> None:
+        @app.task(queue=queue)
+        def later() -> None:
+            pass
+
+        job = later.options(delay=60).enqueue()
+        assert job.status() is JobStatus.SCHEDULED
+        assert job.cancel() is True
+        assert job.status() is JobStatus.CANCELLED
+
+    @requires(Capability.CANCEL)
+    def test_cancelling_a_finished_job_returns_false_and_keeps_its_result(
+        self, app: Worq, queue: str
+    ) -> None:
+        @app.task(queue=queue)
+        def done() -> int:
+            return 7
+
+        job = done.enqueue()
+        self.worker(app, queue).run(burst=True)
+        assert job.result(timeout=RESULT_WAIT) == 7
+        assert job.cancel() is False
+        assert (job.status(), job.result(timeout=0)) == (JobStatus.SUCCEEDED, 7)
+        assert app.cancel("never-enqueued") is False
+
+    @requires(Capability.CANCEL)
+    def test_a_running_sync_job_sees_cancelled_and_is_never_retried(
+        self, app: Worq, queue: str
+    ) -> None:
+        started = threading.Event()
+        runs: list[int] = []
+
+        @app.task(queue=queue, max_retries=3, retry=FAST_RETRY)
+        def cooperative() -> None:
+            runs.append(1)
+            started.set()
+            deadline = time.monotonic() + RESULT_WAIT
+            while not current_job().cancelled and time.monotonic() < deadline:
+                time.sleep(0.01)
+            raise RuntimeError("stopped because I was cancelled")
+
+        job = cooperative.enqueue()
+        with running(self.worker(app, queue, heartbeat=0.05)):
+            assert started.wait(RESULT_WAIT)
+            assert job.cancel() is True
+            with pytest.raises(JobCancelled):
+                job.result(timeout=RESULT_WAIT)
+        assert job.status() is JobStatus.CANCELLED
+        assert runs == [1], "a cancelled job is never retried"
+
+    @requires(Capability.CANCEL)
+    def test_a_running_async_job_gets_cancelled_error_at_its_next_await(
+        self, app: Worq, queue: str
+    ) -> None:
+        started, interrupted = threading.Event(), threading.Event()
+
+        @app.task(queue=queue)
+        async def waits() -> None:
+            started.set()
+            try:
+                await asyncio.sleep(RESULT_WAIT)
+            except asyncio.CancelledError:
+                interrupted.set()
+                raise
+
+        job = waits.enqueue()
+        with running(self.worker(app, queue, heartbeat=0.05)):
+            assert started.wait(RESULT_WAIT)
+            assert job.cancel() is True
+            with pytest.raises(JobCancelled):
+                job.result(timeout=RESULT_WAIT)
+        assert interrupted.is_set()
+
+    @requires(Capability.PROGRESS)
+    def test_progress_is_visible_from_another_handle_while_the_job_runs(
+        self, app: Worq, queue: str
+    ) -> None:
+        reported, finish = threading.Event(), threading.Event()
+
+        @app.task(queue=queue)
+        def long() -> str:
+            current_job().progress(30, "copying", total=120)
+            reported.set()
+            finish.wait(RESULT_WAIT)
+            return "done"
+
+        job = long.enqueue()
+        with running(self.worker(app, queue, heartbeat=0.05)):
+            assert reported.wait(RESULT_WAIT)
+            other = app.job(job.id)
+            eventually(lambda: other.progress() is not None, what="progress to be published")
+            progress = other.progress()
+            assert progress is not None
+            assert (progress.current, progress.total, progress.message) == (30, 120, "copying")
+            assert progress.fraction == 0.25
+            finish.set()
+            assert job.result(timeout=RESULT_WAIT) == "done"
+        assert job.progress() is None
