@@ -59,3 +59,10 @@ def bench(session: nox.Session) -> None:
     """Benchmarks against the local Redis; figures are ratios to a raw redis-py floor."""
     install_worq(session)
     session.run("python", "bench/redis_bench.py", *session.posargs)
+
+
+@nox.session(name="bench-seam")
+def bench_seam(session: nox.Session) -> None:
+    """What middleware stacks cost per job; --baseline-python PATH compares an older tree."""
+    install_worq(session)
+    session.run("python", "bench/seam_bench.py", *session.posargs)
