@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from worq_core.context import JobContext
 from worq_core.context import _current as _current_job
-from worq_core.errors import TaskTimeoutError, UnknownTaskError, WorqError
+from worq_core.errors import JobCancelled, TaskTimeoutError, UnknownTaskError, WorqError
 from worq_core.job import Envelope, ErrorInfo
 from worq_core.lease_keeper import LeaseKeeper
 from worq_core.models import Capability, Delivery, Outcome, Settlement, WorkerInfo
@@ -423,6 +423,8 @@ class Worker:
                 return False
             token = _current_job.set(context)
             try:
+                if context.cancelled:
+                    raise JobCancelled(context.id)
                 if wraps.wraps:
                     value = wraps.run(
                         context, functools.partial(fn, *envelope.args, **envelope.kwargs)
@@ -583,7 +585,11 @@ class Worker:
             return
         context._cancel()
         self.job_log(logging.INFO, run, "cancellation requested; telling the task")
-        if run.future is not None:
+        with self.lock:
+            # Only a started coroutine: one cancelled before its first step would never run
+            # the code that settles it (an unstarted run checks ``cancelled`` as it starts).
+            started = run.state is RunState.RUNNING
+        if started and run.future is not None:
             run.future.cancel()  # CancelledError at the async task's next await
 
     def count(self, outcome: str) -> None:

@@ -128,19 +128,22 @@ class LeaseService(Service):
         with worker.lock:
             held = [r for r in worker.held.values() if r.state in HOLDING]
         progress: dict[str, bytes] = {}
+        reports = []
         for run in held:
             report = run.context.last_progress if run.context is not None else None
             if report is not None and report is not run.progress_sent:
+                reports.append((run, report))
                 try:
                     progress[run.delivery.id] = serializer.dumps(report.to_data())
                 except WorqError as exc:
                     log.warning("job %s: its progress cannot be encoded: %s", run.delivery.id, exc)
-                run.progress_sent = report
         try:
             states = self.renewer.renew([r.delivery for r in held], progress)
         except WorqError as exc:
             self._failed(held, exc)
             return
+        for run, report in reports:
+            run.progress_sent = report
         if states is None:
             log.error("the lease keeper process is gone; renewing leases from a thread")
             self.renewer = ThreadRenewer(worker.app.broker, worker.settings.lease)

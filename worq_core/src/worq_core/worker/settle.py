@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from worq_core.errors import Reject, Retry, SerializationError, WorqError
 from worq_core.job import ErrorInfo, encode_cancelled, encode_failure, encode_success
 from worq_core.middleware import Decision
-from worq_core.models import Capability, JobStatus, Outcome, Settlement
+from worq_core.models import JobStatus, Outcome, Settlement
 from worq_core.worker.run import Run, RunState
 
 if TYPE_CHECKING:
@@ -68,10 +68,7 @@ class SettlePath:
         app = worker.app
         self.pending: list[Settlement] = []
         self.direct = False
-        self.broker_stores_results = (
-            Capability.RESULTS in app.broker.capabilities
-            and app.broker.stores_results_in(app.storage)
-        )
+        self.broker_stores_results = app.broker_stores_results
         # A single slot sends its own settlement with the fetch of its next job.
         self.pulls = worker.settings.concurrency == 1 and worker.settings.max_jobs is None
 
