@@ -270,6 +270,48 @@ def test_an_unknown_job_is_an_error(app: Worq) -> None:
     assert_one_line_error(run("job", APP, "no-such-id"), "no-such-id", "unknown")
 
 
+def test_job_cancel_removes_a_queued_job_and_then_finds_nothing(
+    app_module: ModuleType, app: Worq
+) -> None:
+    job = app_module.add.enqueue(1, 2)
+
+    assert "cancellation requested (cancelled)" in ok("job", APP, job.id, "--cancel").stdout
+    assert job.status() is JobStatus.CANCELLED
+    assert "status: cancelled" in ok("job", APP, job.id).stdout
+    assert_one_line_error(run("job", APP, job.id, "--cancel"), job.id, "nothing to cancel")
+
+
+def test_job_shows_the_progress_of_a_running_job(app_module: ModuleType, app: Worq) -> None:
+    reported, finish = threading.Event(), threading.Event()
+
+    @app.task(name="copy")
+    def copy() -> None:
+        from worq_core import current_job
+
+        current_job().progress(3, "copying files", total=4)
+        reported.set()
+        finish.wait(10)
+
+    job = copy.enqueue()
+    worker = app.worker(
+        settings=WorkerSettings(concurrency=1, heartbeat=0.05, handle_signals=False)
+    )
+    with running(worker):
+        assert reported.wait(10)
+        eventually(lambda: job.progress() is not None, what="progress to be published")
+        output = ok("job", APP, job.id).stdout
+        finish.set()
+    assert "status: running" in output
+    assert "progress: 75% (3/4) copying files" in output
+
+
+@pytest.mark.parametrize("queues", ["", " , ", "a\x01b", "x" * 201])
+def test_worker_refuses_queue_names_it_could_never_use(queues: str) -> None:
+    result = run("worker", APP, "--queues", queues, "--burst")
+    assert result.exit_code == 2, result.output
+    assert "--queues" in result.output
+
+
 # -- dlq ---------------------------------------------------------------------------------------
 
 
