@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worq_core.errors import DeserializationError, SerializationError
+from worq_core.job import Envelope
 from worq_core.serializer import Serializer
 
 _scalars = (
@@ -87,3 +88,22 @@ class SerializerContract:
         data = serializer.dumps({"key": "value" * 10, "list": list(range(20))})
         with pytest.raises(DeserializationError):
             serializer.loads(data[: len(data) // 2])
+
+    @_fixture_ok
+    @given(
+        headers=st.dictionaries(st.text(max_size=20), st.text(max_size=40), max_size=6),
+        args=st.lists(plain_data, max_size=3),
+    )
+    def test_a_job_envelope_keeps_its_headers_unchanged(
+        self, serializer: Serializer, headers: dict[str, str], args: list[Any]
+    ) -> None:
+        envelope = Envelope("id-1", "app.task", args, {"k": 1}, 1.5, headers, {"timeout": 2.0})
+        decoded = Envelope.decode(envelope.encode(serializer), serializer)
+        assert dict(decoded.headers) == headers
+        assert dict(decoded.options) == {"timeout": 2.0}
+        assert _same(decoded.args, args)
+
+    def test_an_envelope_without_headers_decodes_with_none(self, serializer: Serializer) -> None:
+        old = {"v": 1, "id": "i", "task": "t", "args": [1], "kwargs": {}, "at": 0.0}
+        decoded = Envelope.decode(serializer.dumps(old), serializer)
+        assert (decoded.args, dict(decoded.headers)) == ([1], {})
