@@ -11,17 +11,19 @@ from worq_memory import MemoryBroker, MemoryStorage
 
 
 class MemoryBackend:
-    @pytest.fixture
-    def broker(self) -> Iterator[MemoryBroker]:
-        broker = MemoryBroker()
-        yield broker
-        broker.close()
+    """A broker that writes its records into the storage it shares with the app."""
 
     @pytest.fixture
     def storage(self) -> Iterator[MemoryStorage]:
         storage = MemoryStorage()
         yield storage
         storage.close()
+
+    @pytest.fixture
+    def broker(self, storage: MemoryStorage) -> Iterator[MemoryBroker]:
+        broker = MemoryBroker(storage=storage)
+        yield broker
+        broker.close()
 
 
 class TestMemoryBroker(MemoryBackend, BrokerContract):
@@ -33,4 +35,24 @@ class TestMemoryStorage(MemoryBackend, StorageContract):
 
 
 class TestMemoryWorker(MemoryBackend, WorkerContract):
-    pass
+    """The broker writes results itself, atomically with each settlement."""
+
+    def test_the_broker_writes_results_itself(
+        self, broker: MemoryBroker, storage: MemoryStorage
+    ) -> None:
+        assert broker.stores_results_in(storage)
+
+
+class TestMemoryWorkerWithSeparateStorage(MemoryBackend, WorkerContract):
+    """What ``memory://`` builds: broker and storage apart, the worker saves records itself."""
+
+    @pytest.fixture
+    def broker(self) -> Iterator[MemoryBroker]:
+        broker = MemoryBroker.from_url("memory://")
+        yield broker
+        broker.close()
+
+    def test_the_worker_saves_results_itself(
+        self, broker: MemoryBroker, storage: MemoryStorage
+    ) -> None:
+        assert not broker.stores_results_in(storage)

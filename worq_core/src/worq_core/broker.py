@@ -116,8 +116,10 @@ class Broker(ABC):
     def release(self, deliveries: Sequence[Delivery]) -> None:
         """Hand back leased jobs that were never started.
 
-        They go to the front of their queue at once and their attempt is not counted.
-        Deliveries whose lease is no longer held are ignored.
+        They go to the front of their queue at once and their attempt is not counted; a
+        cancellation requested meanwhile is kept (the next delivery has
+        :attr:`Delivery.cancel_requested`). Deliveries whose lease is no longer held are
+        ignored.
         """
 
     @abstractmethod

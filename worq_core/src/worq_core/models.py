@@ -89,9 +89,10 @@ class Message:
     eta: float | None = None
     """Unix time before which the job must not be delivered; ``None`` means now."""
     clear_record: bool = False
-    """The id was chosen by the caller, so an earlier run may have left a record: a broker
-    with :attr:`Capability.RESULTS` deletes it in the same atomic step that adds the job (and
-    only if it adds it). worq-core sets it only when the broker stores the app's results."""
+    """The id was chosen by the caller, so an earlier run may have left a record. A broker that
+    :meth:`Broker.stores_results_in` the app's storage deletes that record in the same atomic
+    step that adds the job (and only if it adds it); any other broker ignores the flag, and
+    worq-core clears a stale record itself."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +110,8 @@ class Delivery:
     token: str
     attempts: int
     cancel_requested: bool = False
-    """:meth:`Broker.cancel` was asked for the job while an earlier delivery ran it: the worker
-    ends it cancelled without running it."""
+    """:meth:`Broker.cancel` was asked for the job while an earlier delivery ran it (its lease
+    then expired, or it was released): the worker ends it cancelled without running it."""
 
 
 @dataclass(frozen=True, slots=True)

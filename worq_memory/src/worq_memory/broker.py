@@ -7,42 +7,36 @@ import itertools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Self
 
 from typing_extensions import override
 
-from worq_core import Broker, Capability, JobStatus
+from worq_core import Broker, BrokerError, Capability, JobStatus, Storage
 from worq_core.models import (
+    CancelOutcome,
     DeadJob,
     Delivery,
+    JobState,
+    LeaseState,
     Message,
     Outcome,
     QueueStats,
     Settlement,
     WorkerInfo,
 )
+from worq_memory.storage import MemoryStorage
 
 Clock = Callable[[], float]
 _WAITING = (JobStatus.SCHEDULED, JobStatus.RETRYING)
+_UNCOUNTED = (JobStatus.UNKNOWN, JobStatus.DEAD)  # dead jobs are counted by ``_Queue.dead``
+_SLACK = 64  # stale heap entries tolerated beyond the live ones before a heap is rebuilt
 
 
-@dataclass(slots=True)
-class _Job:
-    message: Message
-    seq: int
-    state: JobStatus = JobStatus.UNKNOWN  # UNKNOWN: not yet counted in any state
-    attempts: int = 0
-    token: str = ""
-    lease_until: float = 0.0
-    due: float = 0.0
-    reason: str = ""
-    died_at: float = 0.0
-
-
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Queue:
+    name: str
     ready: list[tuple[int, int, str]] = field(default_factory=list)  # (-priority, seq, id)
     delayed: list[tuple[float, int, str]] = field(default_factory=list)  # (due, seq, id)
     leased: dict[str, _Job] = field(default_factory=dict)
@@ -50,11 +44,36 @@ class _Queue:
     counts: dict[JobStatus, int] = field(default_factory=dict)
 
 
+@dataclass(slots=True, eq=False)
+class _Job:
+    message: Message
+    queue: _Queue
+    seq: int
+    state: JobStatus = JobStatus.UNKNOWN  # UNKNOWN: not yet (or no longer) counted in any state
+    attempts: int = 0
+    token: str = ""
+    lease_until: float = 0.0
+    due: float = 0.0
+    reason: str = ""
+    died_at: float = 0.0
+    progress: bytes | None = None  # only while RUNNING
+    cancel_requested: bool = False  # set by cancel() while RUNNING, dropped when settled
+
+
 class MemoryBroker(Broker):
     """Jobs in this process's memory. Thread-safe; nothing survives the process.
 
     Fetching blocks on a condition variable that enqueues notify, and wakes on its own when the
     next delayed job or lease comes due. ``clock`` (Unix seconds) can be replaced in tests.
+
+    Given a ``storage``, the broker writes job records into it under its own lock, atomically
+    with the settlement, cancellation or enqueue they belong to (:attr:`Capability.RESULTS`),
+    and :meth:`stores_results_in` answers ``True`` for that one storage. Share it with the app::
+
+        storage = MemoryStorage()
+        app = Worq(broker=MemoryBroker(storage=storage), storage=storage)
+
+    Without one (``memory://``), worq-core saves records in the app's storage itself.
     """
 
     name: ClassVar[str] = "memory"
@@ -65,6 +84,9 @@ class MemoryBroker(Broker):
             Capability.PRIORITIES,
             Capability.DEAD_LETTER,
             Capability.WORKER_REGISTRY,
+            Capability.CANCEL,
+            Capability.PROGRESS,
+            Capability.RESULTS,
         }
     )
 
@@ -75,13 +97,16 @@ class MemoryBroker(Broker):
         clock: Clock = time.time,
         dead_max_count: int = 10_000,
         dead_max_age: float = 7 * 24 * 3600.0,
+        storage: MemoryStorage | None = None,
     ) -> None:
         self.url = url
         self.clock = clock
         self.dead_max_count = dead_max_count
         self.dead_max_age = dead_max_age
-        self._jobs: dict[str, _Job] = {}
-        self._queues: dict[str, _Queue] = {}
+        self.storage = storage
+        """The storage this broker writes records into, if any."""
+        self._jobs: dict[str, _Job] = {}  # every job held, by id: ids are unique across queues
+        self._queues: dict[str, _Queue] = {}  # only queues that ever held a job
         self._seq = itertools.count()
         self._tokens = itertools.count(1)
         self._changed = threading.Condition()
@@ -92,24 +117,40 @@ class MemoryBroker(Broker):
     def from_url(cls, url: str) -> Self:
         return cls(url)
 
+    @override
+    def stores_results_in(self, storage: Storage) -> bool:
+        return self.storage is not None and storage is self.storage
+
     # -- producer side -----------------------------------------------------------------------
 
     @override
     def enqueue(self, messages: Sequence[Message]) -> list[bool]:
         added = []
+        cleared = []
         with self._changed:
             now = self.clock()
             for message in messages:
-                if message.id in self._jobs:
+                held = self._jobs.get(message.id)
+                if held is not None and held.state is JobStatus.DEAD:
+                    self._trim_dead(held.queue, now)  # a dead job past its age frees its id
+                    held = self._jobs.get(message.id)
+                if held is not None:
                     added.append(False)
                     continue
-                job = _Job(message, next(self._seq))
+                queue = self._queues.get(message.queue)
+                if queue is None:
+                    queue = self._queues[message.queue] = _Queue(message.queue)
+                job = _Job(message, queue, next(self._seq))
                 self._jobs[message.id] = job
                 if message.eta is not None and message.eta > now:
                     self._to_delayed(job, message.eta, JobStatus.SCHEDULED)
                 else:
                     self._to_ready(job)
+                if message.clear_record:
+                    cleared.append(message.id)
                 added.append(True)
+            if cleared and self.storage is not None:
+                self.storage.delete(cleared)
             self._changed.notify_all()
         return added
 
@@ -125,14 +166,21 @@ class MemoryBroker(Broker):
                 now = self.clock()
                 deliveries: list[Delivery] = []
                 for name in queues:
-                    queue = self._queue(name)
+                    queue = self._queues.get(name)
+                    if queue is None:
+                        continue
                     self._promote(queue, now)
                     while queue.ready and len(deliveries) < limit:
                         _, seq, job_id = heapq.heappop(queue.ready)
                         job = self._jobs.get(job_id)
-                        if job is None or job.state is not JobStatus.QUEUED or job.seq != seq:
+                        if (
+                            job is None
+                            or job.state is not JobStatus.QUEUED
+                            or job.seq != seq
+                            or job.queue is not queue
+                        ):
                             continue  # a stale heap entry
-                        deliveries.append(self._lease(queue, job, now + lease))
+                        deliveries.append(self._lease(job, now + lease))
                 if deliveries or limit <= 0:
                     return deliveries
                 remaining = deadline - time.monotonic()
@@ -144,20 +192,31 @@ class MemoryBroker(Broker):
                 self._changed.wait(remaining)
 
     @override
-    def extend(self, deliveries: Sequence[Delivery], lease: float) -> list[bool]:
+    def extend(
+        self,
+        deliveries: Sequence[Delivery],
+        lease: float,
+        progress: Mapping[str, bytes] | None = None,
+    ) -> list[LeaseState]:
         with self._changed:
             now = self.clock()
-            alive = []
+            states = []
             for delivery in deliveries:
                 job = self._held(delivery, now)
-                if job is not None:
-                    job.lease_until = now + lease
-                alive.append(job is not None)
-            return alive
+                if job is None:
+                    states.append(LeaseState.LOST)
+                    continue
+                job.lease_until = now + lease
+                if progress is not None and (latest := progress.get(delivery.id)) is not None:
+                    job.progress = bytes(latest)
+                states.append(LeaseState.CANCELLING if job.cancel_requested else LeaseState.HELD)
+            return states
 
     @override
     def settle(self, settlements: Sequence[Settlement]) -> list[bool]:
         with self._changed:
+            if self.storage is None and any(s.record is not None for s in settlements):
+                raise BrokerError("this memory broker has no storage to write records into")
             now = self.clock()
             applied = []
             for settlement in settlements:
@@ -165,18 +224,18 @@ class MemoryBroker(Broker):
                 applied.append(job is not None)
                 if job is None:
                     continue
-                queue = self._queue(job.message.queue)
-                del queue.leased[job.message.id]
-                job.token = ""
+                if settlement.record is not None and self.storage is not None:
+                    self.storage.save({job.message.id: settlement.record}, settlement.ttl)
+                self._unlease(job)
+                job.cancel_requested = False
                 if settlement.outcome is Outcome.ACK:
-                    self._set_state(job, JobStatus.UNKNOWN)
-                    del self._jobs[job.message.id]
+                    self._forget(job)
                 elif settlement.outcome is Outcome.RETRY:
                     job.reason = settlement.reason
                     self._to_delayed(job, now + settlement.delay, JobStatus.RETRYING)
                 else:
                     job.reason = settlement.reason
-                    self._to_dead(queue, job, now)
+                    self._to_dead(job, now)
             self._changed.notify_all()
             return applied
 
@@ -188,8 +247,7 @@ class MemoryBroker(Broker):
                 job = self._held(delivery, now)
                 if job is None:
                     continue
-                del self._queue(job.message.queue).leased[job.message.id]
-                job.token = ""
+                self._unlease(job)  # a cancel request stays: the next delivery carries it
                 job.attempts -= 1
                 self._to_ready(job, keep_seq=True)
             self._changed.notify_all()
@@ -197,13 +255,33 @@ class MemoryBroker(Broker):
     # -- inspection and admin ------------------------------------------------------------------
 
     @override
-    def job_state(self, queue: str, job_id: str) -> JobStatus | None:
+    def job_state(self, job_id: str) -> JobState | None:
         with self._changed:
-            self._promote(self._queue(queue), self.clock())
-            job = self._jobs.get(job_id)
-            if job is None or job.message.queue != queue:
-                return None
-            return job.state
+            return self._state(job_id)
+
+    @override
+    def job_status(self, job_id: str, storage: Storage) -> tuple[JobState | None, bytes | None]:
+        if not self.stores_results_in(storage):
+            return super().job_status(job_id, storage)
+        with self._changed:  # one snapshot: records are written under this lock too
+            return self._state(job_id), storage.load(job_id)
+
+    @override
+    def cancel(self, job_id: str, record: bytes | None = None, ttl: float = 0.0) -> CancelOutcome:
+        with self._changed:
+            if record is not None and self.storage is None:
+                raise BrokerError("this memory broker has no storage to write records into")
+            job = self._current(job_id, self.clock())
+            if job is None or job.state is JobStatus.DEAD:
+                return CancelOutcome.NOT_FOUND
+            if job.state is JobStatus.RUNNING:
+                job.cancel_requested = True
+                return CancelOutcome.REQUESTED
+            self._forget(job)
+            self._compact(job.queue)
+            if record is not None and self.storage is not None:
+                self.storage.save({job_id: record}, ttl)
+            return CancelOutcome.REMOVED
 
     @override
     def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
@@ -211,7 +289,10 @@ class MemoryBroker(Broker):
             now = self.clock()
             result = []
             for name in queues if queues is not None else sorted(self._queues):
-                queue = self._queue(name)
+                queue = self._queues.get(name)
+                if queue is None:
+                    result.append(QueueStats(name, ready=0, delayed=0, running=0, dead=0))
+                    continue
                 self._promote(queue, now)
                 self._trim_dead(queue, now)
                 counts = queue.counts
@@ -230,7 +311,9 @@ class MemoryBroker(Broker):
     @override
     def dead_jobs(self, queue: str, limit: int = 100) -> list[DeadJob]:
         with self._changed:
-            q = self._queue(queue)
+            q = self._queues.get(queue)
+            if q is None:
+                return []
             self._trim_dead(q, self.clock())
             newest = list(reversed(q.dead.values()))[:limit]
             return [
@@ -241,13 +324,15 @@ class MemoryBroker(Broker):
     @override
     def requeue_dead(self, queue: str, job_ids: Sequence[str] | None = None) -> int:
         with self._changed:
-            q = self._queue(queue)
+            q = self._queues.get(queue)
+            if q is None:
+                return 0
+            self._trim_dead(q, self.clock())
             ids = list(q.dead) if job_ids is None else [i for i in job_ids if i in q.dead]
             for job_id in ids:
                 job = q.dead.pop(job_id)
                 job.attempts = 0
                 job.reason = ""
-                job.seq = next(self._seq)
                 self._to_ready(job)
             self._changed.notify_all()
             return len(ids)
@@ -255,7 +340,10 @@ class MemoryBroker(Broker):
     @override
     def purge_dead(self, queue: str) -> int:
         with self._changed:
-            q = self._queue(queue)
+            q = self._queues.get(queue)
+            if q is None:
+                return 0
+            self._trim_dead(q, self.clock())
             count = len(q.dead)
             for job_id in q.dead:
                 del self._jobs[job_id]
@@ -282,38 +370,53 @@ class MemoryBroker(Broker):
 
     # -- internals (called with the lock held) -------------------------------------------------
 
-    def _queue(self, name: str) -> _Queue:
-        queue = self._queues.get(name)
-        if queue is None:
-            queue = self._queues[name] = _Queue()
-        return queue
+    def _current(self, job_id: str, now: float) -> _Job | None:
+        """The job as it stands at ``now``: due jobs and expired leases queued, old dead gone."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        self._promote(job.queue, now)
+        if job.state is JobStatus.DEAD:
+            self._trim_dead(job.queue, now)
+            return self._jobs.get(job_id)
+        return job
+
+    def _state(self, job_id: str) -> JobState | None:
+        job = self._current(job_id, self.clock())
+        if job is None:
+            return None
+        return JobState(job.queue.name, job.state, job.attempts, job.progress, job.cancel_requested)
 
     def _set_state(self, job: _Job, state: JobStatus) -> None:
         """Move ``job`` to ``state`` keeping the per-state counts (dead jobs are counted apart)."""
-        counts = self._queue(job.message.queue).counts
-        if job.state not in (JobStatus.UNKNOWN, JobStatus.DEAD):
+        counts = job.queue.counts
+        if job.state not in _UNCOUNTED:
             counts[job.state] -= 1
-        if state not in (JobStatus.UNKNOWN, JobStatus.DEAD):
+        if state not in _UNCOUNTED:
             counts[state] = counts.get(state, 0) + 1
         job.state = state
+
+    def _forget(self, job: _Job) -> None:
+        """Drop a job that is not leased nor dead: its id is free again."""
+        self._set_state(job, JobStatus.UNKNOWN)
+        del self._jobs[job.message.id]
 
     def _to_ready(self, job: _Job, *, keep_seq: bool = False) -> None:
         if not keep_seq:
             job.seq = next(self._seq)
         self._set_state(job, JobStatus.QUEUED)
-        queue = self._queue(job.message.queue)
-        heapq.heappush(queue.ready, (-job.message.priority, job.seq, job.message.id))
+        heapq.heappush(job.queue.ready, (-job.message.priority, job.seq, job.message.id))
 
     def _to_delayed(self, job: _Job, due: float, state: JobStatus) -> None:
         job.due = due
         self._set_state(job, state)
-        heapq.heappush(self._queue(job.message.queue).delayed, (due, job.seq, job.message.id))
+        heapq.heappush(job.queue.delayed, (due, job.seq, job.message.id))
 
-    def _to_dead(self, queue: _Queue, job: _Job, now: float) -> None:
+    def _to_dead(self, job: _Job, now: float) -> None:
         self._set_state(job, JobStatus.DEAD)
         job.died_at = now
-        queue.dead[job.message.id] = job
-        self._trim_dead(queue, now)
+        job.queue.dead[job.message.id] = job
+        self._trim_dead(job.queue, now)
 
     def _trim_dead(self, queue: _Queue, now: float) -> None:
         while queue.dead:
@@ -323,14 +426,27 @@ class MemoryBroker(Broker):
             del queue.dead[oldest_id]
             del self._jobs[oldest_id]
 
-    def _lease(self, queue: _Queue, job: _Job, until: float) -> Delivery:
+    def _lease(self, job: _Job, until: float) -> Delivery:
         job.attempts += 1
         job.token = str(next(self._tokens))
         job.lease_until = until
         self._set_state(job, JobStatus.RUNNING)
-        queue.leased[job.message.id] = job
+        job.queue.leased[job.message.id] = job
         message = job.message
-        return Delivery(message.id, message.queue, message.body, job.token, job.attempts)
+        return Delivery(
+            message.id,
+            message.queue,
+            message.body,
+            job.token,
+            job.attempts,
+            cancel_requested=job.cancel_requested,
+        )
+
+    def _unlease(self, job: _Job) -> None:
+        """Take a running job off its lease; its state is set by the caller."""
+        del job.queue.leased[job.message.id]
+        job.token = ""
+        job.progress = None
 
     def _held(self, delivery: Delivery, now: float) -> _Job | None:
         """The job if ``delivery``'s token still holds an unexpired lease on it."""
@@ -346,22 +462,51 @@ class MemoryBroker(Broker):
 
     def _promote(self, queue: _Queue, now: float) -> None:
         """Return expired leases to the queue and move due delayed jobs to ready."""
-        for job_id, job in list(queue.leased.items()):
-            if job.lease_until <= now:
-                del queue.leased[job_id]
-                job.token = ""
-                self._to_ready(job, keep_seq=True)
+        for job in [j for j in queue.leased.values() if j.lease_until <= now]:
+            self._unlease(job)
+            self._to_ready(job, keep_seq=True)
         while queue.delayed and queue.delayed[0][0] <= now:
-            _, seq, job_id = heapq.heappop(queue.delayed)
+            due_at, seq, job_id = heapq.heappop(queue.delayed)
             due = self._jobs.get(job_id)
-            if due is not None and due.seq == seq and due.state in _WAITING:
+            if due is not None and self._is_delayed_entry(queue, due, due_at, seq):
                 self._to_ready(due, keep_seq=True)
 
+    def _compact(self, queue: _Queue) -> None:
+        """Rebuild a heap once removed jobs' entries outnumber its live ones."""
+        counts = queue.counts
+        if len(queue.ready) > 2 * counts.get(JobStatus.QUEUED, 0) + _SLACK:
+            queue.ready = [e for e in queue.ready if self._is_ready_entry(queue, *e)]
+            heapq.heapify(queue.ready)
+        waiting = counts.get(JobStatus.SCHEDULED, 0) + counts.get(JobStatus.RETRYING, 0)
+        if len(queue.delayed) > 2 * waiting + _SLACK:
+            queue.delayed = [
+                (due_at, seq, job_id)
+                for due_at, seq, job_id in queue.delayed
+                if (job := self._jobs.get(job_id)) is not None
+                and self._is_delayed_entry(queue, job, due_at, seq)
+            ]
+            heapq.heapify(queue.delayed)
+
+    def _is_ready_entry(self, queue: _Queue, _priority: int, seq: int, job_id: str) -> bool:
+        job = self._jobs.get(job_id)
+        return (
+            job is not None
+            and job.queue is queue
+            and job.seq == seq
+            and job.state is JobStatus.QUEUED
+        )
+
+    @staticmethod
+    def _is_delayed_entry(queue: _Queue, job: _Job, due_at: float, seq: int) -> bool:
+        return job.queue is queue and job.seq == seq and job.due == due_at and job.state in _WAITING
+
     def _next_due(self, queues: Sequence[str]) -> float | None:
-        dues = [
-            due
-            for name in queues
-            for due in ([self._queue(name).delayed[0][0]] if self._queue(name).delayed else [])
-            + [job.lease_until for job in self._queue(name).leased.values()]
-        ]
+        dues = []
+        for name in queues:
+            queue = self._queues.get(name)
+            if queue is None:
+                continue
+            if queue.delayed:
+                dues.append(queue.delayed[0][0])
+            dues.extend(job.lease_until for job in queue.leased.values())
         return min(dues, default=None)

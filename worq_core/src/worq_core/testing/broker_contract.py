@@ -7,19 +7,27 @@ import time
 import uuid
 from collections.abc import Sequence
 
+import pytest
+
 from worq_core.broker import Broker
 from worq_core.models import (
+    CancelOutcome,
     Capability,
     Delivery,
+    JobState,
     JobStatus,
+    LeaseState,
     Message,
     Outcome,
+    QueueStats,
     Settlement,
     WorkerInfo,
 )
+from worq_core.storage import Storage
 from worq_core.testing.support import (
     CLOCK_SLACK,
     BrokerCases,
+    eventually,
     requires,
     unique,
 )
@@ -36,9 +44,10 @@ def message(
     priority: int = 0,
     eta: float | None = None,
     job_id: str | None = None,
+    clear_record: bool = False,
 ) -> Message:
     """A message with a fresh id."""
-    return Message(job_id or uuid.uuid4().hex, queue, body, priority, eta)
+    return Message(job_id or uuid.uuid4().hex, queue, body, priority, eta, clear_record)
 
 
 def ids(deliveries: Sequence[Delivery]) -> list[str]:
@@ -46,11 +55,50 @@ def ids(deliveries: Sequence[Delivery]) -> list[str]:
     return [d.id for d in deliveries]
 
 
+def status(broker: Broker, job_id: str) -> JobStatus | None:
+    """The job's status in ``broker``, or ``None`` when the broker does not hold it."""
+    state = broker.job_state(job_id)
+    return None if state is None else state.status
+
+
+def progress(broker: Broker, job_id: str) -> bytes | None:
+    """The job's progress in ``broker``, or ``None`` when it has none or is not held."""
+    state = broker.job_state(job_id)
+    return None if state is None else state.progress
+
+
+def fetch_one(broker: Broker, queue: str, lease: float = LEASE) -> Delivery:
+    """Lease the one job that is due in ``queue``."""
+    [delivery] = broker.fetch([queue], 1, lease=lease, wait=0)
+    return delivery
+
+
 class BrokerContract(BrokerCases):
     """Subclass and provide a ``broker`` fixture yielding a fresh broker.
 
-    Every case uses queues of its own, so a broker shared between cases also works.
+    Every case uses queues (and job ids) of its own, so a broker shared between cases also
+    works.
+
+    A broker that declares :attr:`~worq_core.Capability.RESULTS` also needs a ``storage``
+    fixture: a storage that :meth:`~worq_core.Broker.stores_results_in` answers ``True`` for
+    (the one an app on that backend gets by default). The results cases read the records the
+    broker writes from it; other cases never ask for it.
     """
+
+    @pytest.fixture
+    def results_storage(self, request: pytest.FixtureRequest, broker: Broker) -> Storage:
+        """The ``storage`` fixture, which the broker must store results in."""
+        try:
+            storage: Storage = request.getfixturevalue("storage")
+        except pytest.FixtureLookupError:
+            pytest.fail(
+                f"{type(broker).__name__} declares RESULTS: the contract needs a `storage` "
+                "fixture yielding a storage the broker stores results in"
+            )
+        assert broker.stores_results_in(storage), (
+            "the `storage` fixture must be one the broker stores results in"
+        )
+        return storage
 
     # -- enqueue and fetch -----------------------------------------------------------------
 
@@ -141,9 +189,9 @@ class BrokerContract(BrokerCases):
         msg = message(queue)
         broker.enqueue([msg])
         [delivery] = broker.fetch([queue], 1, lease=LEASE, wait=0)
-        assert broker.job_state(queue, msg.id) is JobStatus.RUNNING
+        assert status(broker, msg.id) is JobStatus.RUNNING
         assert broker.settle([Settlement(delivery, Outcome.ACK)]) == [True]
-        assert broker.job_state(queue, msg.id) is None
+        assert broker.job_state(msg.id) is None
         assert broker.fetch([queue], 1, lease=LEASE, wait=0) == []
         assert broker.enqueue([msg]) == [True]
 
@@ -169,8 +217,8 @@ class BrokerContract(BrokerCases):
         [stale] = broker.fetch([queue], 1, lease=SHORT_LEASE, wait=0)
         [current] = broker.fetch([queue], 1, lease=LEASE, wait=WAIT)
         assert broker.settle([Settlement(stale, Outcome.ACK)]) == [False]
-        assert broker.extend([stale], LEASE) == [False]
-        assert broker.job_state(queue, current.id) is JobStatus.RUNNING
+        assert broker.extend([stale], LEASE) == [LeaseState.LOST]
+        assert status(broker, current.id) is JobStatus.RUNNING
         assert broker.settle([Settlement(current, Outcome.ACK)]) == [True]
 
     def test_an_ack_after_the_lease_ran_out_is_refused_even_before_redelivery(
@@ -187,7 +235,7 @@ class BrokerContract(BrokerCases):
     ) -> None:
         broker.enqueue([message(queue)])
         [delivery] = broker.fetch([queue], 1, lease=SHORT_LEASE, wait=0)
-        assert broker.extend([delivery], LEASE) == [True]
+        assert broker.extend([delivery], LEASE) == [LeaseState.HELD]
         assert broker.fetch([queue], 1, lease=LEASE, wait=SHORT_LEASE * 2) == []
         assert broker.settle([Settlement(delivery, Outcome.ACK)]) == [True]
 
@@ -199,7 +247,7 @@ class BrokerContract(BrokerCases):
         [first] = broker.fetch([queue], 1, lease=LEASE, wait=0)
         settled_at = time.time()
         assert broker.settle([Settlement(first, Outcome.RETRY, 0.3, "ValueError: x")]) == [True]
-        assert broker.job_state(queue, first.id) is JobStatus.RETRYING
+        assert status(broker, first.id) is JobStatus.RETRYING
         assert broker.fetch([queue], 1, lease=LEASE, wait=0) == []
         [second] = broker.fetch([queue], 1, lease=LEASE, wait=WAIT)
         assert time.time() >= settled_at + 0.3 - CLOCK_SLACK
@@ -212,7 +260,7 @@ class BrokerContract(BrokerCases):
         eta = time.time() + 0.4
         later, now = message(queue, eta=eta), message(queue)
         broker.enqueue([later, now])
-        assert broker.job_state(queue, later.id) is JobStatus.SCHEDULED
+        assert status(broker, later.id) is JobStatus.SCHEDULED
         assert ids(broker.fetch([queue], 10, lease=LEASE, wait=0)) == [now.id]
         [delivery] = broker.fetch([queue], 10, lease=LEASE, wait=WAIT)
         assert delivery.id == later.id
@@ -240,7 +288,7 @@ class BrokerContract(BrokerCases):
         broker.enqueue([msg])
         [delivery] = broker.fetch([queue], 1, lease=LEASE, wait=0)
         assert broker.settle([Settlement(delivery, Outcome.DEAD, reason="KeyError: 'x'")]) == [True]
-        assert broker.job_state(queue, msg.id) is JobStatus.DEAD
+        assert status(broker, msg.id) is JobStatus.DEAD
         [dead] = broker.dead_jobs(queue)
         assert (dead.id, dead.body, dead.reason, dead.attempts) == (
             msg.id,
@@ -255,7 +303,7 @@ class BrokerContract(BrokerCases):
         broker.settle([Settlement(again, Outcome.DEAD, reason="again")])
         assert broker.purge_dead(queue) == 1
         assert broker.dead_jobs(queue) == []
-        assert broker.job_state(queue, msg.id) is None
+        assert broker.job_state(msg.id) is None
 
     @requires(Capability.DEAD_LETTER)
     def test_requeue_dead_moves_only_the_ids_given(self, broker: Broker, queue: str) -> None:
@@ -274,7 +322,7 @@ class BrokerContract(BrokerCases):
         broker.enqueue([first, second])
         [delivery] = broker.fetch([queue], 1, lease=LEASE, wait=0)
         broker.release([delivery])
-        assert broker.job_state(queue, first.id) is JobStatus.QUEUED
+        assert status(broker, first.id) is JobStatus.QUEUED
         got = broker.fetch([queue], 2, lease=LEASE, wait=0)
         assert ids(got) == [first.id, second.id]
         assert got[0].attempts == 1
@@ -289,7 +337,7 @@ class BrokerContract(BrokerCases):
         )
         assert applied == [True]
         assert ids(got) == [second.id]
-        assert broker.job_state(queue, first.id) is None
+        assert broker.job_state(first.id) is None
 
     def test_stats_count_jobs_by_state(self, broker: Broker, queue: str) -> None:
         broker.enqueue([message(queue) for _ in range(4)])
@@ -309,8 +357,21 @@ class BrokerContract(BrokerCases):
         broker.enqueue([message(queue)])
         assert queue in {s.queue for s in broker.stats()}
 
-    def test_the_state_of_an_unknown_job_is_none(self, broker: Broker, queue: str) -> None:
-        assert broker.job_state(queue, "never-enqueued") is None
+    def test_stats_without_queues_lists_only_queues_that_held_a_job(
+        self, broker: Broker, queue: str
+    ) -> None:
+        looked_up = unique("looked-up")
+        broker.enqueue([message(queue)])
+        assert broker.fetch([looked_up], 1, lease=LEASE, wait=0) == []
+        assert broker.job_state(unique("never-enqueued")) is None
+        assert broker.stats([looked_up]) == [QueueStats(looked_up, 0, 0, 0, 0)]
+        assert broker.dead_jobs(looked_up) == []
+        listed = {s.queue for s in broker.stats()}
+        assert queue in listed
+        assert looked_up not in listed, "a queue that was only looked up is not in use"
+
+    def test_the_state_of_an_unknown_job_is_none(self, broker: Broker) -> None:
+        assert broker.job_state(unique("never-enqueued")) is None
 
     def test_settlements_of_several_jobs_are_applied_each_on_its_own(
         self, broker: Broker, queue: str
@@ -345,6 +406,402 @@ class BrokerContract(BrokerCases):
             thread.join(30)
         assert len(seen) == total
         assert len(set(seen)) == total
+
+    # -- job ids and job state -------------------------------------------------------------
+
+    def test_the_same_id_twice_in_one_batch_is_one_job(self, broker: Broker, queue: str) -> None:
+        other = unique()
+        first = message(queue, b"first")
+        again = Message(first.id, other, b"second")
+        assert broker.enqueue([first, again]) == [True, False]
+        assert [d.body for d in broker.fetch([queue, other], 10, lease=LEASE, wait=0)] == [b"first"]
+
+    def test_an_id_waiting_or_running_in_one_queue_cannot_be_enqueued_to_another(
+        self, broker: Broker, queue: str
+    ) -> None:
+        other = unique()
+        msg = message(queue, b"original")
+        broker.enqueue([msg])
+        elsewhere = Message(msg.id, other, b"elsewhere")
+        assert broker.enqueue([elsewhere]) == [False], "queued in another queue"
+        delivery = fetch_one(broker, queue)
+        assert broker.enqueue([elsewhere]) == [False], "running in another queue"
+        assert broker.job_state(msg.id) == JobState(queue, JobStatus.RUNNING, attempts=1)
+        assert broker.fetch([other], 10, lease=LEASE, wait=0) == []
+        assert broker.stats([other]) == [QueueStats(other, 0, 0, 0, 0)]
+        assert broker.settle([Settlement(delivery, Outcome.ACK)]) == [True]
+        assert broker.enqueue([elsewhere]) == [True], "an acked job's id is free in any queue"
+        assert broker.job_state(msg.id) == JobState(other, JobStatus.QUEUED)
+        assert [d.body for d in broker.fetch([queue, other], 10, lease=LEASE, wait=0)] == [
+            b"elsewhere"
+        ]
+
+    @requires(Capability.DELAYED)
+    def test_a_scheduled_or_retrying_id_cannot_be_enqueued_to_another_queue(
+        self, broker: Broker, queue: str
+    ) -> None:
+        other = unique()
+        scheduled, retrying = message(queue, eta=time.time() + 60), message(queue)
+        broker.enqueue([scheduled, retrying])
+        delivery = fetch_one(broker, queue)
+        broker.settle([Settlement(delivery, Outcome.RETRY, 60, "ValueError: x")])
+        assert broker.enqueue(
+            [Message(scheduled.id, other, b""), Message(retrying.id, other, b"")]
+        ) == [False, False]
+        assert broker.job_state(scheduled.id) == JobState(queue, JobStatus.SCHEDULED)
+        assert broker.job_state(retrying.id) == JobState(queue, JobStatus.RETRYING, attempts=1)
+        assert broker.stats([other]) == [QueueStats(other, 0, 0, 0, 0)]
+
+    @requires(Capability.DEAD_LETTER)
+    def test_a_dead_id_cannot_be_enqueued_to_another_queue_until_it_is_purged(
+        self, broker: Broker, queue: str
+    ) -> None:
+        other = unique()
+        msg = message(queue)
+        broker.enqueue([msg])
+        broker.settle([Settlement(fetch_one(broker, queue), Outcome.DEAD, reason="r")])
+        elsewhere = Message(msg.id, other, b"elsewhere")
+        assert broker.enqueue([elsewhere]) == [False]
+        assert broker.job_state(msg.id) == JobState(queue, JobStatus.DEAD, attempts=1)
+        assert [d.id for d in broker.dead_jobs(queue)] == [msg.id]
+        assert broker.fetch([other], 1, lease=LEASE, wait=0) == []
+        assert broker.purge_dead(queue) == 1
+        assert broker.enqueue([elsewhere]) == [True], "a purged job's id is free again"
+        assert ids(broker.fetch([other], 1, lease=LEASE, wait=0)) == [msg.id]
+
+    def test_job_state_finds_a_job_by_id_alone_with_its_queue_status_and_attempts(
+        self, broker: Broker, queue: str
+    ) -> None:
+        other = unique()
+        here, there = message(queue), message(other)
+        broker.enqueue([here, there])
+        assert broker.job_state(here.id) == JobState(queue, JobStatus.QUEUED)
+        assert broker.job_state(there.id) == JobState(other, JobStatus.QUEUED)
+        delivery = fetch_one(broker, other)
+        assert broker.job_state(there.id) == JobState(other, JobStatus.RUNNING, attempts=1)
+        broker.release([delivery])
+        assert broker.job_state(there.id) == JobState(other, JobStatus.QUEUED)
+        delivery = fetch_one(broker, other)
+        broker.settle([Settlement(delivery, Outcome.RETRY, 0, "ValueError: x")])
+        state = broker.job_state(there.id)
+        assert state is not None
+        assert (state.queue, state.attempts) == (other, 1)
+        assert state.status in (JobStatus.RETRYING, JobStatus.QUEUED), "a due retry may read queued"
+        assert broker.job_state(here.id) == JobState(queue, JobStatus.QUEUED)
+
+    def test_a_job_whose_lease_expired_reads_as_queued(self, broker: Broker, queue: str) -> None:
+        msg = message(queue)
+        broker.enqueue([msg])
+        broker.fetch([queue], 1, lease=SHORT_LEASE, wait=0)
+        eventually(
+            lambda: status(broker, msg.id) is JobStatus.QUEUED,
+            what="the expired lease to read as queued",
+        )
+        assert broker.job_state(msg.id) == JobState(queue, JobStatus.QUEUED, attempts=1)
+
+    @requires(Capability.DELAYED)
+    def test_a_delayed_job_that_is_due_reads_as_queued(self, broker: Broker, queue: str) -> None:
+        msg = message(queue, eta=time.time() + 0.2)
+        broker.enqueue([msg])
+        assert status(broker, msg.id) is JobStatus.SCHEDULED
+        eventually(
+            lambda: status(broker, msg.id) is JobStatus.QUEUED, what="the due job to read queued"
+        )
+
+    # -- extend ----------------------------------------------------------------------------
+
+    def test_extend_answers_for_each_lease_and_lost_for_stale_tokens_and_settled_jobs(
+        self, broker: Broker, queue: str
+    ) -> None:
+        broker.enqueue([message(queue) for _ in range(3)])
+        acked, held, expiring = broker.fetch([queue], 2, lease=LEASE, wait=0) + broker.fetch(
+            [queue], 1, lease=SHORT_LEASE, wait=0
+        )
+        broker.settle([Settlement(acked, Outcome.ACK)])
+        [current] = broker.fetch([queue], 1, lease=LEASE, wait=WAIT)
+        assert current.id == expiring.id
+        assert broker.extend([acked, held, expiring, current], LEASE) == [
+            LeaseState.LOST,
+            LeaseState.HELD,
+            LeaseState.LOST,
+            LeaseState.HELD,
+        ]
+        assert broker.settle([Settlement(held, Outcome.ACK), Settlement(current, Outcome.ACK)]) == [
+            True,
+            True,
+        ]
+        assert broker.extend([held], LEASE) == [LeaseState.LOST]
+
+    @requires(Capability.PROGRESS)
+    def test_progress_given_to_extend_shows_while_the_job_runs_and_is_gone_once_settled(
+        self, broker: Broker, queue: str
+    ) -> None:
+        msg = message(queue)
+        broker.enqueue([msg])
+        delivery = fetch_one(broker, queue)
+        assert broker.extend([delivery], LEASE, {delivery.id: b"\x00 10%"}) == [LeaseState.HELD]
+        assert broker.job_state(msg.id) == JobState(
+            queue, JobStatus.RUNNING, attempts=1, progress=b"\x00 10%"
+        )
+        broker.extend([delivery], LEASE)
+        assert progress(broker, msg.id) == b"\x00 10%", "a renewal without progress keeps it"
+        broker.extend([delivery], LEASE, {delivery.id: b"90%"})
+        assert progress(broker, msg.id) == b"90%", "the latest progress wins"
+        broker.settle([Settlement(delivery, Outcome.RETRY, 0, "ValueError: x")])
+        assert progress(broker, msg.id) is None
+        again = broker.fetch([queue], 1, lease=LEASE, wait=WAIT)[0]
+        assert progress(broker, msg.id) is None, "a new run starts without progress"
+        broker.extend([again], LEASE, {again.id: b"1%"})
+        broker.settle([Settlement(again, Outcome.ACK)])
+        assert broker.job_state(msg.id) is None
+
+    @requires(Capability.PROGRESS)
+    def test_progress_is_dropped_when_the_job_is_released_or_its_lease_expires(
+        self, broker: Broker, queue: str
+    ) -> None:
+        msg = message(queue)
+        broker.enqueue([msg])
+        delivery = fetch_one(broker, queue)
+        broker.extend([delivery], LEASE, {msg.id: b"half"})
+        broker.release([delivery])
+        assert broker.job_state(msg.id) == JobState(queue, JobStatus.QUEUED)
+        expiring = fetch_one(broker, queue, lease=SHORT_LEASE)
+        broker.extend([expiring], SHORT_LEASE, {msg.id: b"half"})
+        eventually(lambda: status(broker, msg.id) is JobStatus.QUEUED, what="the lease to run out")
+        assert progress(broker, msg.id) is None
+
+    @requires(Capability.PROGRESS)
+    def test_progress_for_a_lost_lease_is_ignored(self, broker: Broker, queue: str) -> None:
+        msg = message(queue)
+        broker.enqueue([msg])
+        stale = fetch_one(broker, queue, lease=SHORT_LEASE)
+        [current] = broker.fetch([queue], 1, lease=LEASE, wait=WAIT)
+        assert broker.extend([stale], LEASE, {msg.id: b"stale"}) == [LeaseState.LOST]
+        assert broker.job_state(msg.id) == JobState(queue, JobStatus.RUNNING, attempts=2)
+        broker.settle([Settlement(current, Outcome.ACK)])
+
+    # -- cancel ----------------------------------------------------------------------------
+
+    @requires(Capability.CANCEL)
+    def test_cancelling_a_queued_job_removes_it_and_frees_its_id(
+        self, broker: Broker, queue: str
+    ) -> None:
+        before, cancelled, after = message(queue), message(queue), message(queue)
+        broker.enqueue([before, cancelled, after])
+        assert broker.cancel(cancelled.id) is CancelOutcome.REMOVED
+        assert broker.job_state(cancelled.id) is None
+        assert broker.stats([queue])[0].ready == 2
+        assert ids(broker.fetch([queue], 10, lease=LEASE, wait=0)) == [before.id, after.id]
+        assert broker.cancel(cancelled.id) is CancelOutcome.NOT_FOUND, "it is gone"
+        assert broker.enqueue([cancelled]) == [True], "its id is free again"
+
+    @requires(Capability.CANCEL, Capability.DELAYED)
+    def test_cancelling_a_scheduled_job_removes_it_for_good(
+        self, broker: Broker, queue: str
+    ) -> None:
+        msg = message(queue, eta=time.time() + 0.2)
+        broker.enqueue([msg])
+        assert broker.cancel(msg.id) is CancelOutcome.REMOVED
+        assert broker.job_state(msg.id) is None
+        assert broker.stats([queue])[0].delayed == 0
+        assert broker.fetch([queue], 1, lease=LEASE, wait=0.5) == [], "not even once it is due"
+
+    @requires(Capability.CANCEL, Capability.DELAYED)
+    def test_cancelling_a_retrying_job_removes_it_for_good(
+        self, broker: Broker, queue: str
+    ) -> None:
+        msg = message(queue)
+        broker.enqueue([msg])
+        broker.settle([Settlement(fetch_one(broker, queue), Outcome.RETRY, 0.2, "ValueError: x")])
+        assert status(broker, msg.id) is JobStatus.RETRYING
+        assert broker.cancel(msg.id) is CancelOutcome.REMOVED
+        assert broker.job_state(msg.id) is None
+        assert broker.fetch([queue], 1, lease=LEASE, wait=0.5) == [], "not even once it is due"
+        assert broker.enqueue([msg]) == [True]
+
+    @requires(Capability.CANCEL)
+    def test_cancelling_a_running_job_flags_it_and_extend_answers_cancelling(
+        self, broker: Broker, queue: str
+    ) -> None:
+        cancelled, other = message(queue), message(queue)
+        broker.enqueue([cancelled, other])
+        running, untouched = broker.fetch([queue], 2, lease=LEASE, wait=0)
+        assert broker.cancel(cancelled.id) is CancelOutcome.REQUESTED
+        assert broker.cancel(cancelled.id) is CancelOutcome.REQUESTED, "asking again is the same"
+        assert broker.job_state(cancelled.id) == JobState(
+            queue, JobStatus.RUNNING, attempts=1, cancel_requested=True
+        )
+        assert broker.extend([running, untouched], LEASE) == [
+            LeaseState.CANCELLING,
+            LeaseState.HELD,
+        ]
+        assert broker.extend([running], LEASE) == [LeaseState.CANCELLING], "and it stays so"
+        assert broker.settle([Settlement(running, Outcome.ACK)]) == [True], "settle still applies"
+        assert broker.job_state(cancelled.id) is None
+        assert broker.extend([running], LEASE) == [LeaseState.LOST]
+        assert broker.cancel(cancelled.id) is CancelOutcome.NOT_FOUND
+        assert broker.settle([Settlement(untouched, Outcome.ACK)]) == [True]
+
+    @requires(Capability.CANCEL)
+    def test_settling_a_job_drops_its_cancel_request(self, broker: Broker, queue: str) -> None:
+        msg = message(queue)
+        broker.enqueue([msg])
+        first = fetch_one(broker, queue)
+        broker.cancel(msg.id)
+        assert broker.settle([Settlement(first, Outcome.RETRY, 0, "ValueError: x")]) == [True]
+        state = broker.job_state(msg.id)
+        assert state is not None
+        assert not state.cancel_requested
+        [second] = broker.fetch([queue], 1, lease=LEASE, wait=WAIT)
+        assert not second.cancel_requested
+        assert broker.extend([second], LEASE) == [LeaseState.HELD]
+        broker.settle([Settlement(second, Outcome.ACK)])
+
+    @requires(Capability.CANCEL)
+    def test_a_cancelled_job_whose_lease_expires_is_delivered_again_with_cancel_requested(
+        self, broker: Broker, queue: str
+    ) -> None:
+        msg = message(queue)
+        broker.enqueue([msg])
+        first = fetch_one(broker, queue, lease=SHORT_LEASE)
+        assert broker.cancel(msg.id) is CancelOutcome.REQUESTED
+        [second] = broker.fetch([queue], 1, lease=LEASE, wait=WAIT)
+        assert (second.id, second.attempts, second.cancel_requested) == (msg.id, 2, True)
+        assert second.token != first.token
+        assert broker.extend([second], LEASE) == [LeaseState.CANCELLING]
+        assert broker.settle([Settlement(second, Outcome.ACK)]) == [True]
+
+    @requires(Capability.CANCEL)
+    def test_cancelling_a_running_job_whose_lease_expired_removes_it(
+        self, broker: Broker, queue: str
+    ) -> None:
+        msg = message(queue)
+        broker.enqueue([msg])
+        delivery = fetch_one(broker, queue, lease=SHORT_LEASE)
+        time.sleep(SHORT_LEASE + 2 * CLOCK_SLACK)  # nothing to wait on, nor to look at first
+        assert broker.cancel(msg.id) is CancelOutcome.REMOVED
+        assert broker.job_state(msg.id) is None
+        assert broker.fetch([queue], 1, lease=LEASE, wait=0) == []
+        assert broker.settle([Settlement(delivery, Outcome.ACK)]) == [False]
+
+    @requires(Capability.CANCEL)
+    def test_cancelling_an_unknown_or_acked_job_finds_nothing(
+        self, broker: Broker, queue: str
+    ) -> None:
+        msg, bystander = message(queue), message(queue)
+        broker.enqueue([msg])
+        broker.settle([Settlement(fetch_one(broker, queue), Outcome.ACK)])
+        broker.enqueue([bystander])
+        assert broker.cancel(unique("never-enqueued")) is CancelOutcome.NOT_FOUND
+        assert broker.cancel(msg.id) is CancelOutcome.NOT_FOUND
+        assert broker.job_state(bystander.id) == JobState(queue, JobStatus.QUEUED)
+
+    @requires(Capability.CANCEL, Capability.DEAD_LETTER)
+    def test_cancelling_a_dead_job_finds_nothing_and_leaves_it_dead(
+        self, broker: Broker, queue: str
+    ) -> None:
+        msg = message(queue)
+        broker.enqueue([msg])
+        broker.settle([Settlement(fetch_one(broker, queue), Outcome.DEAD, reason="KeyError")])
+        assert broker.cancel(msg.id) is CancelOutcome.NOT_FOUND
+        assert broker.job_state(msg.id) == JobState(queue, JobStatus.DEAD, attempts=1)
+        assert [(d.id, d.reason) for d in broker.dead_jobs(queue)] == [(msg.id, "KeyError")]
+        assert broker.requeue_dead(queue) == 1
+        assert ids(broker.fetch([queue], 1, lease=LEASE, wait=0)) == [msg.id]
+
+    # -- results -----------------------------------------------------------------------------
+
+    @requires(Capability.RESULTS)
+    def test_stores_results_in_is_a_question_with_no_side_effects(
+        self, broker: Broker, results_storage: Storage, queue: str
+    ) -> None:
+        msg = message(queue)
+        broker.enqueue([msg])
+        assert all(broker.stores_results_in(results_storage) for _ in range(3))
+        assert ids(broker.fetch([queue], 1, lease=LEASE, wait=0)) == [msg.id]
+
+    @requires(Capability.RESULTS)
+    def test_a_settlement_writes_its_record_with_its_ttl(
+        self, broker: Broker, results_storage: Storage, queue: str
+    ) -> None:
+        kept, short = message(queue), message(queue)
+        broker.enqueue([kept, short])
+        first, second = broker.fetch([queue], 2, lease=LEASE, wait=0)
+        assert broker.job_status(kept.id, results_storage) == (
+            JobState(queue, JobStatus.RUNNING, attempts=1),
+            None,
+        )
+        assert broker.settle(
+            [
+                Settlement(first, Outcome.ACK, record=b"\x00result", ttl=60),
+                Settlement(second, Outcome.ACK, record=b"short", ttl=0.3),
+            ]
+        ) == [True, True]
+        assert results_storage.load(kept.id) == b"\x00result"
+        assert broker.job_status(kept.id, results_storage) == (None, b"\x00result")
+        assert results_storage.load(short.id) == b"short"
+        eventually(lambda: results_storage.load(short.id) is None, what="the record to expire")
+
+    @requires(Capability.RESULTS, Capability.DEAD_LETTER)
+    def test_a_dead_letter_settlement_writes_its_record(
+        self, broker: Broker, results_storage: Storage, queue: str
+    ) -> None:
+        msg = message(queue)
+        broker.enqueue([msg])
+        delivery = fetch_one(broker, queue)
+        settlement = Settlement(delivery, Outcome.DEAD, reason="KeyError", record=b"err", ttl=60)
+        assert broker.settle([settlement]) == [True]
+        assert broker.job_status(msg.id, results_storage) == (
+            JobState(queue, JobStatus.DEAD, attempts=1),
+            b"err",
+        )
+
+    @requires(Capability.RESULTS)
+    def test_a_refused_settlement_writes_no_record(
+        self, broker: Broker, results_storage: Storage, queue: str
+    ) -> None:
+        msg = message(queue)
+        broker.enqueue([msg])
+        stale = fetch_one(broker, queue, lease=SHORT_LEASE)
+        [current] = broker.fetch([queue], 1, lease=LEASE, wait=WAIT)
+        refused = Settlement(stale, Outcome.ACK, record=b"stale", ttl=60)
+        assert broker.settle([refused]) == [False]
+        assert results_storage.load(msg.id) is None
+        assert broker.settle([Settlement(current, Outcome.ACK, record=b"ok", ttl=60)]) == [True]
+        assert results_storage.load(msg.id) == b"ok"
+
+    @requires(Capability.RESULTS)
+    def test_clear_record_deletes_the_old_record_only_when_the_job_is_added(
+        self, broker: Broker, results_storage: Storage, queue: str
+    ) -> None:
+        reused = unique("job")
+        results_storage.save({reused: b"earlier run"}, ttl=60)
+        assert broker.enqueue([message(queue, job_id=reused, clear_record=True)]) == [True]
+        assert results_storage.load(reused) is None
+        results_storage.save({reused: b"kept"}, ttl=60)
+        assert broker.enqueue([message(queue, job_id=reused, clear_record=True)]) == [False]
+        assert results_storage.load(reused) == b"kept", "a refused enqueue clears nothing"
+        unflagged = unique("job")
+        results_storage.save({unflagged: b"untouched"}, ttl=60)
+        assert broker.enqueue([message(queue, job_id=unflagged)]) == [True]
+        assert results_storage.load(unflagged) == b"untouched"
+
+    @requires(Capability.RESULTS, Capability.CANCEL)
+    def test_cancel_writes_its_record_only_when_it_removes_the_job(
+        self, broker: Broker, results_storage: Storage, queue: str
+    ) -> None:
+        waiting, running = message(queue), message(queue)
+        broker.enqueue([running, waiting])
+        delivery = fetch_one(broker, queue)
+        assert broker.cancel(waiting.id, b"cancelled", ttl=60) is CancelOutcome.REMOVED
+        assert broker.job_status(waiting.id, results_storage) == (None, b"cancelled")
+        assert broker.cancel(running.id, b"cancelled", ttl=60) is CancelOutcome.REQUESTED
+        assert results_storage.load(running.id) is None, "its worker records how it ended"
+        unknown = unique("never-enqueued")
+        assert broker.cancel(unknown, b"cancelled", ttl=60) is CancelOutcome.NOT_FOUND
+        assert results_storage.load(unknown) is None
+        broker.settle([Settlement(delivery, Outcome.ACK, record=b"done", ttl=60)])
+        assert results_storage.load(running.id) == b"done"
 
     # -- worker registry -----------------------------------------------------------------------
 

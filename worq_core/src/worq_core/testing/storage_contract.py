@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -10,11 +11,15 @@ import pytest
 from worq_core.storage import Storage
 from worq_core.testing.support import eventually, unique
 
+#: Bound on anything that should happen promptly; never reached when things work.
+DEADLINE = 10.0
+
 
 class StorageContract:
     """Subclass and provide a ``storage`` fixture yielding a fresh storage.
 
-    Every case uses job ids of its own, so a storage shared between cases also works.
+    Every case uses job ids of its own, so a storage shared between cases also works. The
+    ``wait_async`` cases run their own event loop with :func:`asyncio.run`.
     """
 
     @pytest.fixture
@@ -102,3 +107,53 @@ class StorageContract:
         assert storage.load(job_id) is None
         assert storage.load(other) == b"kept"
         storage.delete([])
+
+    # -- wait_async ------------------------------------------------------------------------
+
+    def test_wait_async_returns_a_record_that_is_already_there(
+        self, storage: Storage, job_id: str
+    ) -> None:
+        storage.save({job_id: b"done"}, ttl=60)
+
+        async def main() -> bytes | None:
+            return await asyncio.wait_for(storage.wait_async(job_id, 1), DEADLINE)
+
+        assert asyncio.run(main()) == b"done"
+
+    def test_wait_async_wakes_up_when_another_thread_saves_the_record(
+        self, storage: Storage, job_id: str
+    ) -> None:
+        async def main() -> tuple[bytes | None, float]:
+            waiting = asyncio.ensure_future(storage.wait_async(job_id, DEADLINE))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            begin = time.monotonic()
+            await asyncio.to_thread(storage.save, {job_id: b"result"}, 60)
+            data = await asyncio.wait_for(waiting, DEADLINE)
+            return data, time.monotonic() - begin
+
+        data, took = asyncio.run(main())
+        assert data == b"result"
+        assert took < DEADLINE / 2, "wait_async returned at its timeout, not on the save"
+
+    def test_wait_async_gives_up_after_its_timeout(self, storage: Storage, job_id: str) -> None:
+        async def main() -> bytes | None:
+            return await asyncio.wait_for(storage.wait_async(job_id, 0.2), DEADLINE)
+
+        begin = time.monotonic()
+        assert asyncio.run(main()) is None
+        assert time.monotonic() - begin >= 0.15
+
+    def test_a_cancelled_wait_async_lets_go_at_once(self, storage: Storage, job_id: str) -> None:
+        async def main() -> float:
+            waiting = asyncio.ensure_future(storage.wait_async(job_id, None))
+            await asyncio.sleep(0.05)
+            begin = time.monotonic()
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(waiting, DEADLINE)
+            return time.monotonic() - begin
+
+        assert asyncio.run(main()) < DEADLINE / 2
+        storage.save({job_id: b"later"}, ttl=60)
+        assert storage.load(job_id) == b"later"
