@@ -19,6 +19,7 @@ from worq_core import (
     Middleware,
     Registry,
     Service,
+    TaskError,
     UnknownPluginError,
     Worker,
     WorkerSettings,
@@ -272,3 +273,35 @@ def test_middleware_from_a_plugin_is_used_only_when_an_app_names_it() -> None:
     assert [j.result(timeout=5) for j in jobs] == [{}, {"stamped": "yes"}]
     with pytest.raises(UnknownPluginError, match="stamp"):
         _ = app_on(registry, middleware=["nope"]).middleware
+
+
+def test_headers_a_middleware_sets_must_be_strings_too() -> None:
+    class Sloppy(Middleware):
+        def before_enqueue(self, request: EnqueueRequest) -> None:
+            request.headers["attempt"] = 1  # type: ignore[assignment]
+
+    app = Worq(middleware=[Sloppy()])
+
+    @app.task
+    def job() -> None:
+        pass
+
+    with pytest.raises(TaskError, match="not all strings"):
+        job.enqueue()
+    assert app.broker.stats() == []
+
+
+def test_a_failing_decide_hook_leaves_the_workers_own_verdict() -> None:
+    class Broken(Middleware):
+        def decide(self, job: JobContext, decision: Decision) -> Decision:
+            raise RuntimeError("middleware bug")
+
+    app = Worq(middleware=[Broken()])
+
+    @app.task
+    def fine() -> int:
+        return 1
+
+    handle = fine.enqueue()
+    drain(app)
+    assert handle.result(timeout=5) == 1

@@ -124,6 +124,7 @@ class _Liveness:
         if self.frozen:
             log.warning("the worker (pid %d) answers again; renewing its leases", self.pid)
         self.heard = time.monotonic()
+        self.cpu = cpu_time(self.pid)  # the baseline for the next silence
         self.frozen = False
 
     def making_progress(self) -> bool:

@@ -67,8 +67,9 @@ class Middleware:
 
     Hooks run on the thread of the work they are about (the producer's for ``before_enqueue``,
     the job's for the run hooks, the worker's service thread for ``services``), so a middleware
-    shared by many threads must be thread-safe. An exception from a run hook counts as the
-    job's failure; one from ``after_settle``, ``worker_start`` or ``worker_stop`` is logged.
+    shared by many threads must be thread-safe. An exception from ``wrap_run`` counts as the
+    job's failure; one from ``decide`` is logged and the worker's own verdict stands; one from
+    ``after_settle``, ``worker_start`` or ``worker_stop`` is logged.
     """
 
     name: ClassVar[str] = ""

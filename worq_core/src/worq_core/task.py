@@ -294,6 +294,8 @@ class BoundTask(Generic[P, R]):
             for hook in hooks:
                 hook(request)
             headers = request.headers
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+                raise TaskError(f"middleware set headers that are not all strings: {headers!r}")
         now = time.time()
         options = (
             send.job_options() if send.timeout or send.max_retries is not None or send.retry else {}

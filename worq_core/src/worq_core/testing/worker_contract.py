@@ -802,3 +802,27 @@ class WorkerContract(BrokerCases):
             finish.set()
             assert job.result(timeout=RESULT_WAIT) == "done"
         assert job.progress() is None
+
+    @requires(Capability.CANCEL)
+    def test_a_job_cancelled_just_before_it_fails_ends_cancelled_not_retried(
+        self, app: Worq, queue: str
+    ) -> None:
+        started, cancelled = threading.Event(), threading.Event()
+        runs: list[int] = []
+
+        @app.task(queue=queue, max_retries=3, retry=FAST_RETRY)
+        def fails_soon() -> None:
+            runs.append(1)
+            started.set()
+            assert cancelled.wait(RESULT_WAIT)
+            raise RuntimeError("failed before the worker heard of the cancellation")
+
+        job = fails_soon.enqueue()
+        # The heartbeat is far away: the failure, not a renewal, is the first to settle.
+        with running(self.worker(app, queue, heartbeat=30.0)):
+            assert started.wait(RESULT_WAIT)
+            assert job.cancel() is True
+            cancelled.set()
+            with pytest.raises(JobCancelled):
+                job.result(timeout=RESULT_WAIT)
+        assert runs == [1]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from worq_core.errors import Reject, Retry, SerializationError, WorqError
 from worq_core.job import ErrorInfo, encode_cancelled, encode_failure, encode_success
 from worq_core.middleware import Decision
-from worq_core.models import JobStatus, Outcome, Settlement
+from worq_core.models import Capability, JobStatus, Outcome, Settlement
 from worq_core.worker.run import Run, RunState
 
 if TYPE_CHECKING:
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("worq.worker")
 
 _CANCELLED = ErrorInfo("worq.JobCancelled", "the job was cancelled")
+_FAILED = frozenset({JobStatus.RETRYING, JobStatus.DEAD})
 
 
 def verdict(run: Run, value: Any, error: BaseException | None, info: ErrorInfo | None) -> Decision:
@@ -69,6 +70,7 @@ class SettlePath:
         self.pending: list[Settlement] = []
         self.direct = False
         self.broker_stores_results = app.broker_stores_results
+        self.checks_cancel = Capability.CANCEL in app.broker.capabilities
         # A single slot sends its own settlement with the fetch of its next job.
         self.pulls = worker.settings.concurrency == 1 and worker.settings.max_jobs is None
 
@@ -99,15 +101,40 @@ class SettlePath:
                 if dead is not None
                 else verdict(run, value, error, info)
             )
+            if decision.status in _FAILED and self.checks_cancel and not run.cancelled:
+                decision = self._cancelled_meanwhile(run, decision)
             stack = worker.app.middleware
             if stack.decides and run.context is not None:
-                decision = stack.decide(run.context, decision)
+                try:
+                    decision = stack.decide(run.context, decision)
+                except Exception:
+                    log.exception(
+                        "job %s: a middleware's decide failed; the worker's verdict stands",
+                        run.delivery.id,
+                    )
             settlement, record = self._settlement(run, decision)
             self._send(run, settlement, record, pull)
         except Exception:
             log.exception("job %s: settling failed; its lease will run out", run.delivery.id)
             self.drop(run)
         return True
+
+    def _cancelled_meanwhile(self, run: Run, decision: Decision) -> Decision:
+        """A failed run asks the broker whether it was cancelled since the last renewal.
+
+        One round trip, on the failure path only: a cancelled job must not be retried or
+        dead-lettered just because it failed before its worker heard of the cancellation.
+        """
+        try:
+            state = self.worker.app.broker.job_state(run.delivery.id)
+        except Exception as exc:  # noqa: BLE001 - the verdict stands; the settle will tell
+            log.warning("job %s: cannot check for a cancellation: %s", run.delivery.id, exc)
+            return decision
+        if state is not None and state.cancel_requested:
+            if run.context is not None:
+                run.context._cancel()
+            return Decision(JobStatus.CANCELLED, error=_CANCELLED)
+        return decision
 
     def _settlement(self, run: Run, decision: Decision) -> tuple[Settlement, bytes | None]:
         """The settlement (and storage record) of a decision; logs and counts it."""
