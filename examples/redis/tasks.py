@@ -1,17 +1,29 @@
 """A worq app on Redis. Run its worker with ``worq worker tasks:app`` from this directory.
 
 The broker URL comes from ``WORQ_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``); the
-results live in the same Redis, written atomically with each job's acknowledgement.
+example keeps its keys under the prefix ``example`` unless that URL names another one
+(``?prefix=...``). The results live in the same Redis, written atomically with each job's
+acknowledgement.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import urllib.parse
 
 from worq_core import RetryPolicy, Worq
 
-REDIS_URL = os.environ.get("WORQ_REDIS_URL", "redis://127.0.0.1:6379/0?prefix=example")
+
+def with_prefix(url: str, prefix: str) -> str:
+    """``url`` with ``prefix=`` added to its query, unless it already names a prefix."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    if "prefix" in query:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}prefix={urllib.parse.quote(prefix)}"
+
+
+REDIS_URL = with_prefix(os.environ.get("WORQ_REDIS_URL", "redis://127.0.0.1:6379/0"), "example")
 
 app = Worq(REDIS_URL)
 

@@ -50,6 +50,11 @@ class Backend:
     def keys(self) -> list[str]:
         return sorted(k.decode() for k in self.client.scan_iter(match=f"{self.prefix}:*"))
 
+    def snapshot(self) -> dict[str, bytes | None]:
+        """Every key of this prefix with its ``DUMP``: equal snapshots mean nothing was written."""
+        names = self.keys()
+        return {name: self.client.dump(name) for name in names}  # type: ignore[misc]
+
 
 # -- counting round trips ------------------------------------------------------------------------
 

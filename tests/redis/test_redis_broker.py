@@ -1,4 +1,8 @@
-"""worq-redis beyond the conformance suite: URLs, errors, retention, slots, round trips."""
+"""worq-redis beyond the conformance suite: URLs, errors, retention, slots, round trips.
+
+Job ids across queues, cancel, progress and records written by the scripts are in
+``test_redis_job_control.py``.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from worq_core import (
     WorkerSettings,
     Worq,
 )
-from worq_core.models import Message, Outcome, Settlement
+from worq_core.models import CancelOutcome, JobState, LeaseState, Message, Outcome, Settlement
 from worq_core.registry import Registry
 from worq_core.serializers import MsgpackSerializer
 from worq_redis import RedisBroker, RedisSettings, RedisStorage, lua
@@ -137,7 +141,14 @@ def test_scripts_are_reloaded_after_script_flush(request: pytest.FixtureRequest)
     assert second.id != first.id
     storage = RedisStorage(client, prefix=broker.prefix)
     client.script_flush()  # job_status pipelines job_state with a GET: NOSCRIPT is handled too
-    assert broker.job_status("q", second.id, storage) == (JobStatus.RUNNING, None)
+    running = JobState("q", JobStatus.RUNNING, attempts=1)
+    assert broker.job_status(second.id, storage) == (running, None)
+    client.script_flush()
+    assert broker.job_state(second.id) == running
+    client.script_flush()
+    assert broker.extend([second], 30, {second.id: b"p"}) == [LeaseState.HELD]
+    client.script_flush()
+    assert broker.cancel(second.id) is CancelOutcome.REQUESTED
 
 
 # -- retention and bookkeeping ---------------------------------------------------------------------
@@ -169,15 +180,19 @@ def test_job_state_sees_due_jobs_and_expired_leases_as_queued(backend: Backend) 
     broker = backend.broker(clock=clock)
     broker.enqueue([msg("q", job_id="late", eta=clock.now + 10), msg("q", job_id="now")])
     [delivery] = broker.fetch(["q"], 1, lease=5, wait=0)
-    assert broker.job_state("q", "now") is JobStatus.RUNNING
-    assert broker.job_state("q", "late") is JobStatus.SCHEDULED
+    broker.extend([delivery], 5, {"now": b"half"})
+    assert broker.job_state("now") == JobState("q", JobStatus.RUNNING, 1, b"half")
+    assert broker.job_state("late") == JobState("q", JobStatus.SCHEDULED)
     clock.now += 5
-    assert broker.job_state("q", "now") is JobStatus.QUEUED
+    assert broker.job_state("now") == JobState("q", JobStatus.QUEUED, 1), "and no progress"
     clock.now += 5
-    assert broker.job_state("q", "late") is JobStatus.QUEUED
+    assert broker.job_state("late") == JobState("q", JobStatus.QUEUED)
+    before = backend.snapshot()
+    broker.job_state("now")
+    assert backend.snapshot() == before, "job_state is read-only"
     assert broker.stats(["q"])[0].ready == 2
     assert broker.reap("q") == 1
-    assert broker.extend([delivery], 30) == [False]
+    assert broker.extend([delivery], 30) == [LeaseState.LOST]
 
 
 def test_a_large_batch_is_all_or_nothing_across_chunks_and_queues(backend: Backend) -> None:
@@ -195,7 +210,8 @@ def test_extend_and_release_span_several_queues(backend: Backend) -> None:
     broker.enqueue([msg("a"), msg("b")])
     got = broker.fetch(["a", "b"], 5, lease=30, wait=0)
     assert [d.queue for d in got] == ["a", "b"]
-    assert broker.extend(got, 60) == [True, True]
+    assert broker.extend(got, 60, {got[1].id: b"b's"}) == [LeaseState.HELD] * 2
+    assert broker.job_state(got[1].id) == JobState("b", JobStatus.RUNNING, 1, b"b's")
     broker.release(got)
     assert [(s.ready, s.running) for s in broker.stats(["a", "b"])] == [(1, 0), (1, 0)]
 
@@ -279,21 +295,35 @@ def test_every_script_call_keeps_its_queue_keys_in_one_cluster_slot(
         broker.requeue_dead("slots")
         broker.purge_dead("slots")
         broker.reap("slots")
-        broker.job_state("slots", jobs[0].id)
+        broker.job_state(jobs[0].id)
+        broker.enqueue([msg("slots", job_id="c1"), msg("slots", job_id="c2", clear_record=True)])
+        broker.cancel("c1", b"cancelled", ttl=60)
+        [running] = broker.fetch(["slots"], 1, lease=30, wait=0)
+        broker.extend([running], 30, {running.id: b"1%"})
+        broker.cancel(running.id)
         scripts = [c for c in counter.commands if c[0] in (b"EVALSHA", b"EVAL")]
+        ids, registry = f"{prefix}:ids".encode(), f"{prefix}:queues".encode()
         names = set()
         for command in scripts:
             count = int(command[2])
             keys = command[3 : 3 + count]
-            queue_keys, result_keys = keys[:9], keys[9:]
             if count == 3:  # a result script: the job's result, marker and wake-up list
                 assert len({keyslot(k) for k in keys}) == 1, keys
                 continue
-            names.add(next(k for k in keys).rsplit(b":", 1)[-1])
+            if count == 1:  # job_state: the id index alone (it reads the queue's keys by name)
+                assert keys == [ids] or keys == (ids,), keys
+                continue
+            queue_keys, shared, rest = keys[:10], keys[10], keys[11:]
+            names.add(queue_keys[0].rsplit(b":", 1)[-1])
             assert len({keyslot(k) for k in queue_keys}) == 1, queue_keys
-            # settle may add a finished job's result keys: one slot per job (see docs/redis.md)
-            for i in range(0, len(result_keys), 3):
-                assert len({keyslot(k) for k in result_keys[i : i + 3]}) == 1
+            # the one key every queue shares: Cluster needs a decision here (docs/redis.md)
+            assert shared == ids
+            if rest[:1] == [registry] or rest[:1] == (registry,):  # enqueue: the queue registry
+                rest = rest[1:]
+            # results: 3 keys of one job (one slot per job, see docs/redis.md), or the record
+            # alone that enqueue deletes (clear_record)
+            for key in rest:
+                assert key.startswith(f"{prefix}:res:{{".encode()), key
         assert len(scripts) > 30
         assert names == {b"ready"}
     finally:
@@ -327,9 +357,11 @@ def test_enqueue_costs_one_round_trip_per_call(counted: tuple[redis.Redis, type,
     for _ in range(50):
         broker.enqueue([msg("rt")])
     assert counter.round_trips == 50
+    assert [c[0] for c in counter.commands] == [b"EVALSHA"] * 50, "the registry is in the script"
     counter.reset()
+    broker.enqueue([msg("rt", clear_record=True)])
     broker.enqueue([msg("rt") for _ in range(1000)])
-    assert counter.round_trips == 1
+    assert counter.round_trips == 2
 
 
 def test_draining_costs_about_one_round_trip_per_job(
@@ -417,7 +449,27 @@ def test_job_status_is_one_round_trip_with_a_storage_on_the_same_server(
     counter.reset()
     assert job.status() is JobStatus.SUCCEEDED
     assert counter.round_trips == 1
-    assert app.job("nope", "st").status() is JobStatus.UNKNOWN
+    assert app.job("nope").status() is JobStatus.UNKNOWN
+
+
+def test_extend_job_state_and_job_status_cost_one_round_trip_each(
+    counted: tuple[redis.Redis, type, str],
+) -> None:
+    client, counter, prefix = counted
+    broker = RedisBroker(client, prefix=prefix)
+    storage = RedisStorage(client, prefix=prefix)
+    broker.enqueue([msg("a", job_id="ja"), msg("b", job_id="jb")])
+    got = broker.fetch(["a", "b"], 2, lease=30, wait=0)
+    broker.settle([Settlement(got[0], Outcome.ACK, record=b"r", ttl=60)])  # warm the cache
+    broker.job_status("ja", storage)
+    counter.reset()
+    assert broker.extend(got[1:], 30, {"jb": b"1%"}) == [LeaseState.HELD]
+    assert broker.job_state("jb") == JobState("b", JobStatus.RUNNING, 1, b"1%")
+    assert broker.job_status("ja", storage) == (None, b"r")
+    assert counter.round_trips == 3
+    counter.reset()
+    assert broker.cancel("jb") is CancelOutcome.REQUESTED
+    assert counter.round_trips == 2, "a lookup of the queue, then the script"
 
 
 def lua_sha(name: str) -> bytes:
@@ -473,7 +525,16 @@ def test_test_prefixes_never_touch_other_keys(real_backend: Backend) -> None:
 
 
 def test_every_script_is_registered_with_the_lua_module() -> None:
-    assert set(lua.QUEUE_SCRIPTS) >= {"enqueue", "fetch", "extend", "settle", "release", "reap"}
+    assert set(lua.QUEUE_SCRIPTS) >= {
+        "enqueue",
+        "fetch",
+        "extend",
+        "settle",
+        "release",
+        "reap",
+        "cancel",
+    }
+    assert set(lua.LOOKUP_SCRIPTS) == {"job_state"}
 
 
 # -- worker registry and the lease keeper's URL ----------------------------------------------------

@@ -6,6 +6,7 @@ used where connections get cut, so other test runs sharing the main server are n
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -261,6 +262,7 @@ def test_a_task_holding_the_gil_keeps_its_lease_only_with_the_lease_keeper_proce
         idle_wait=0.1,
         handle_signals=False,
         isolated_heartbeat=isolated,
+        broker_factory=functools.partial(RedisBroker, runtime.url),  # built again in the keeper
     )
     worker = Worker(app, settings)
     worker.run(burst=True)

@@ -1,9 +1,12 @@
 """A Hypothesis state machine drives the Lua scripts on real Redis next to the memory reference.
 
-Both brokers share a hand-driven clock (the scripts' test-only time override). Every step is
-applied to both and their answers must match; after every step the Redis keys are checked
-directly: each job in exactly one state, attempts never go backwards, only the current token
-can settle, and no job disappears unless it was acknowledged, purged or trimmed.
+Both brokers share a hand-driven clock (the scripts' test-only time override), and each writes
+records into a storage of its own (``Capability.RESULTS``). Every step is applied to both and
+their answers must match, job ids being reused across queues, with cancels, progress and records
+mixed in. After every step the Redis keys are checked directly: each job in exactly one state of
+exactly one queue, the id index naming exactly the jobs held, progress only for leased jobs,
+attempts never going backwards, only the current token holding a lease, and no job disappearing
+unless it was acknowledged, cancelled, purged or trimmed.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ from hypothesis.stateful import (
 from redis_support import Backend, delete_prefix, new_prefix
 
 from worq_core.models import Delivery, Message, Outcome, Settlement
-from worq_memory import MemoryBroker
-from worq_redis import RedisBroker, RedisSettings
+from worq_memory import MemoryBroker, MemoryStorage
+from worq_redis import RedisBroker, RedisSettings, RedisStorage
 
 QUEUES = ("a", "b")
 DEAD_MAX_COUNT = 3
 DEAD_MAX_AGE = 8.0
+RECORD_TTL = 3600.0  # records never expire during a run (Redis keeps real time for TTLs)
 STATE_SETS = {"q": "ready", "s": "delayed", "r": "delayed", "l": "leased", "d": "dead"}
+records = st.one_of(st.none(), st.binary(max_size=4))
 
 
 class Clock:
@@ -57,8 +62,12 @@ class Machine(RuleBasedStateMachine):
         assert Machine.client is not None
         self.clock = Clock()
         self.prefix = new_prefix()
+        self.memory_storage = MemoryStorage(clock=self.clock)
         self.memory = MemoryBroker(
-            clock=self.clock, dead_max_count=DEAD_MAX_COUNT, dead_max_age=DEAD_MAX_AGE
+            clock=self.clock,
+            dead_max_count=DEAD_MAX_COUNT,
+            dead_max_age=DEAD_MAX_AGE,
+            storage=self.memory_storage,
         )
         self.redis = RedisBroker(
             Machine.client,
@@ -67,7 +76,10 @@ class Machine(RuleBasedStateMachine):
             ),
             clock=self.clock,
         )
-        self.queue_of: dict[str, str] = {}  # every id ever used, and its queue
+        self.redis_storage = RedisStorage(Machine.client, prefix=self.prefix)
+        assert self.memory.stores_results_in(self.memory_storage)
+        assert self.redis.stores_results_in(self.redis_storage)
+        self.ids: list[str] = []  # every id ever used, in order
         self.leases: list[Pair] = []
         self.delivered: dict[str, int] = {}  # attempts of each job's latest delivery
 
@@ -83,23 +95,31 @@ class Machine(RuleBasedStateMachine):
         delay=st.sampled_from([None, None, -1.0, 0.5, 2.0]),
         count=st.integers(1, 3),
         reuse=st.booleans(),
+        clear=st.booleans(),
+        data=st.data(),
     )
     def enqueue(
-        self, queue: str, priority: int, delay: float | None, count: int, reuse: bool
+        self,
+        queue: str,
+        priority: int,
+        delay: float | None,
+        count: int,
+        reuse: bool,
+        clear: bool,
+        data: st.DataObject,
     ) -> None:
         messages = []
-        for _ in range(count):
-            if reuse and self.queue_of:
-                # An id is reused within its own queue: Redis keeps ids per queue, where the
-                # reference keeps them across queues (see docs/redis.md).
-                job_id = sorted(self.queue_of)[len(messages) % len(self.queue_of)]
-                target = self.queue_of[job_id]
+        for n in range(count):
+            if reuse and self.ids:
+                # An id comes back in either queue: ids are unique across queues.
+                job_id = data.draw(st.sampled_from(self.ids))
+                target = data.draw(st.sampled_from(QUEUES))
             else:
-                job_id = f"j{len(self.queue_of)}-{len(messages)}"
+                job_id = f"j{len(self.ids)}-{n}"
                 target = queue
-            self.queue_of.setdefault(job_id, target)
+                self.ids.append(job_id)
             eta = None if delay is None else self.clock.now + delay
-            messages.append(Message(job_id, target, job_id.encode(), priority, eta))
+            messages.append(Message(job_id, target, job_id.encode(), priority, eta, clear))
         added = self.redis.enqueue(messages)
         assert added == self.memory.enqueue(messages)
         for message, new in zip(messages, added, strict=True):
@@ -114,8 +134,8 @@ class Machine(RuleBasedStateMachine):
     def fetch(self, queues: list[str], limit: int, lease: float) -> None:
         got_memory = self.memory.fetch(queues, limit, lease=lease, wait=0)
         got_redis = self.redis.fetch(queues, limit, lease=lease, wait=0)
-        assert [(d.id, d.queue, d.body, d.attempts) for d in got_redis] == [
-            (d.id, d.queue, d.body, d.attempts) for d in got_memory
+        assert [(d.id, d.queue, d.body, d.attempts, d.cancel_requested) for d in got_redis] == [
+            (d.id, d.queue, d.body, d.attempts, d.cancel_requested) for d in got_memory
         ]
         for m, r in zip(got_memory, got_redis, strict=True):
             assert r.attempts > self.delivered.get(r.id, 0), "attempts went backwards"
@@ -127,18 +147,26 @@ class Machine(RuleBasedStateMachine):
         data=st.data(),
         outcome=st.sampled_from(list(Outcome)),
         delay=st.sampled_from([0.0, 1.0]),
+        record=records,
     )
-    def settle(self, data: st.DataObject, outcome: Outcome, delay: float) -> None:
+    def settle(
+        self, data: st.DataObject, outcome: Outcome, delay: float, record: bytes | None
+    ) -> None:
         pair = data.draw(st.sampled_from(self.leases))
-        expected = self.memory.settle([Settlement(pair.memory, outcome, delay, "why")])
-        assert self.redis.settle([Settlement(pair.redis, outcome, delay, "why")]) == expected
+        ttl = RECORD_TTL if record is not None else 0.0
+        expected = self.memory.settle([Settlement(pair.memory, outcome, delay, "why", record, ttl)])
+        got = self.redis.settle([Settlement(pair.redis, outcome, delay, "why", record, ttl)])
+        assert got == expected
 
     @precondition(lambda self: self.leases)
     @rule(data=st.data(), lease=st.sampled_from([1.0, 3.0]))
     def extend(self, data: st.DataObject, lease: float) -> None:
         pairs = data.draw(st.lists(st.sampled_from(self.leases), min_size=1, max_size=3))
-        expected = self.memory.extend([p.memory for p in pairs], lease)
-        assert self.redis.extend([p.redis for p in pairs], lease) == expected
+        progress = data.draw(
+            st.dictionaries(st.sampled_from([p.redis.id for p in pairs]), st.binary(max_size=3))
+        )
+        expected = self.memory.extend([p.memory for p in pairs], lease, progress)
+        assert self.redis.extend([p.redis for p in pairs], lease, progress) == expected
 
     @precondition(lambda self: self.leases)
     @rule(data=st.data())
@@ -151,6 +179,14 @@ class Machine(RuleBasedStateMachine):
                 self.delivered[pair.memory.id] = job.attempts - 1
         self.memory.release([p.memory for p in pairs])
         self.redis.release([p.redis for p in pairs])
+
+    @precondition(lambda self: self.ids)
+    @rule(data=st.data(), record=records)
+    def cancel(self, data: st.DataObject, record: bytes | None) -> None:
+        job_id = data.draw(st.sampled_from(self.ids))
+        ttl = RECORD_TTL if record is not None else 0.0
+        expected = self.memory.cancel(job_id, record, ttl)
+        assert self.redis.cancel(job_id, record, ttl) is expected
 
     @rule(queue=st.sampled_from(QUEUES))
     def reap(self, queue: str) -> None:
@@ -175,21 +211,38 @@ class Machine(RuleBasedStateMachine):
     # -- invariants --------------------------------------------------------------------------
 
     @invariant()
+    def consistent_and_like_the_reference(self) -> None:
+        """The checks, in this order: the Redis keys and leases first, as the step left them;
+        then the brokers' views, starting with ``stats``, where both apply dead-letter retention
+        (the reference also applies it lazily in ``job_state``, Redis only where it reads or
+        settles dead jobs)."""
+        self.each_job_in_exactly_one_state_of_one_queue_and_in_the_index()
+        self.only_the_current_token_holds_a_lease()
+        self.same_view_as_the_reference()
+
     def same_view_as_the_reference(self) -> None:
         assert self.redis.stats(list(QUEUES)) == self.memory.stats(list(QUEUES))
         for queue in QUEUES:
             assert self.redis.dead_jobs(queue) == self.memory.dead_jobs(queue)
-        for job_id, queue in self.queue_of.items():
-            assert self.redis.job_state(queue, job_id) == self.memory.job_state(queue, job_id)
+        for job_id in self.ids:
+            assert self.redis.job_state(job_id) == self.memory.job_state(job_id), job_id
+            assert self.redis_storage.load(job_id) == self.memory_storage.load(job_id), job_id
+            assert self.redis.job_status(job_id, self.redis_storage) == self.memory.job_status(
+                job_id, self.memory_storage
+            )
+        # so no job disappears unless it was acknowledged, cancelled, purged or trimmed
 
-    @invariant()
-    def each_job_in_exactly_one_state_with_the_reference_attempts(self) -> None:
+    def each_job_in_exactly_one_state_of_one_queue_and_in_the_index(self) -> None:
         client = Machine.client
         assert client is not None
+        index = {k.decode(): v.decode() for k, v in client.hgetall(f"{self.prefix}:ids").items()}
+        seen: dict[str, str] = {}
         for queue in QUEUES:
             base = f"{self.prefix}:{{{queue}}}:"
             meta = {k.decode(): v.decode() for k, v in client.hgetall(base + "meta").items()}
             bodies = {k.decode() for k in client.hkeys(base + "jobs")}
+            progress = {k.decode() for k in client.hkeys(base + "progress")}
+            reasons = {k.decode() for k in client.hkeys(base + "reason")}
             members = {
                 "ready": {m[16:].decode() for m in client.zrange(base + "ready", 0, -1)},
                 "delayed": {m.decode() for m in client.zrange(base + "delayed", 0, -1)},
@@ -198,27 +251,38 @@ class Machine(RuleBasedStateMachine):
             }
             assert bodies == set(meta)
             for job_id, packed in meta.items():
-                state, attempts = packed.split("|")[0], int(packed.split("|")[1])
+                fields = packed.split("|")
+                state, attempts = fields[0], int(fields[1])
+                flags = fields[5] if len(fields) > 5 else ""
+                assert len(fields) in (5, 6), packed
+                assert len(fields) == 5 or flags, "flags are written only when there are some"
                 holders = [name for name, ids in members.items() if job_id in ids]
                 assert holders == [STATE_SETS[state]], (job_id, packed, holders)
                 assert attempts == self.memory._jobs[job_id].attempts
+                assert ("p" in flags) == (job_id in progress), (job_id, packed)
+                assert "p" not in flags or state == "l", "progress only while leased"
+                assert "c" not in flags or state in "lq", "a cancel request ends at settlement"
+                assert job_id not in seen, f"{job_id} in queues {seen.get(job_id)} and {queue}"
+                seen[job_id] = queue
             for ids in members.values():
                 assert ids <= set(meta), "a sorted set names a job with no state"
+            assert progress <= set(meta)
+            # an ack skips deleting the reason of a first attempt: it never has one
+            assert reasons <= set(meta), "a reason outlived its job"
+        assert index == seen, "the id index names exactly the jobs held, with their queue"
 
-    @invariant()
-    def nothing_disappears(self) -> None:
-        for job_id, queue in self.queue_of.items():
-            held = self.memory.job_state(queue, job_id) is not None
-            assert (self.redis.job_state(queue, job_id) is not None) == held, job_id
-
-    @invariant()
     def only_the_current_token_holds_a_lease(self) -> None:
         client = Machine.client
         assert client is not None
         now = self.clock.now
         for pair in self.leases:
             job = self.memory._jobs.get(pair.memory.id)
-            expected = job is not None and job.token == pair.memory.token and job.lease_until > now
+            expected = (
+                job is not None
+                and job.token == pair.memory.token
+                and job.lease_until > now
+                and job.queue.name == pair.memory.queue
+            )
             base = f"{self.prefix}:{{{pair.redis.queue}}}:"
             packed = client.hget(base + "meta", pair.redis.id)
             deadline = client.zscore(base + "leased", pair.redis.id)

@@ -7,8 +7,8 @@ import json
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar, Self, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Final, Self, TypeVar
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -18,8 +18,11 @@ from typing_extensions import override
 
 from worq_core import Broker, BrokerConnectionError, BrokerError, Capability, JobStatus, Storage
 from worq_core.models import (
+    CancelOutcome,
     DeadJob,
     Delivery,
+    JobState,
+    LeaseState,
     Message,
     Outcome,
     QueueStats,
@@ -37,6 +40,7 @@ from worq_redis.connection import (
     clock_arg,
     command,
     connect,
+    ids_key,
     queue_keys,
     redact,
     registry_key,
@@ -57,12 +61,30 @@ _STATES = {
     b"d": JobStatus.DEAD,
 }
 _OUTCOMES = {Outcome.ACK: "a", Outcome.RETRY: "r", Outcome.DEAD: "d"}
+_LEASES = (LeaseState.LOST, LeaseState.HELD, LeaseState.CANCELLING)  # extend's 0, 1, 2
+_CANCELS = {
+    b"r": CancelOutcome.REMOVED,
+    b"q": CancelOutcome.REQUESTED,
+    b"n": CancelOutcome.NOT_FOUND,
+}
 _ENQUEUE, _FETCH, _SETTLE = SCRIPTS["enqueue"], SCRIPTS["fetch"], SCRIPTS["settle"]
 _SETTLE_FETCH, _EXTEND = SCRIPTS["settle_fetch"], SCRIPTS["extend"]
+_JOB_STATE, _CANCEL = SCRIPTS["job_state"], SCRIPTS["cancel"]
+_CANCEL_LOOKUPS: Final = 16
+"""How often :meth:`RedisBroker.cancel` looks a job's queue up again when the job keeps moving
+to another queue between the lookup and the script (acked and enqueued elsewhere each time)."""
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _job_state(reply: Any) -> JobState | None:
+    """The ``job_state`` script's reply as a :class:`JobState`."""
+    if not reply:
+        return None
+    progress = bytes(reply[4]) if len(reply) > 4 and reply[4] is not None else None
+    return JobState(_text(reply[0]), _STATES[reply[1]], int(reply[2]), progress, bool(reply[3]))
 
 
 def _by_queue(items: Sequence[T], queue_of: Any) -> dict[str, list[tuple[int, T]]]:
@@ -74,13 +96,13 @@ def _by_queue(items: Sequence[T], queue_of: Any) -> dict[str, list[tuple[int, T]
 
 def _scatter(
     groups: Sequence[tuple[str, list[tuple[int, Any]]]], results: Sequence[Any], count: int
-) -> list[bool]:
-    """Per-queue script replies (one flag per item) back in the order of the original items."""
-    flags = [False] * count
+) -> list[Any]:
+    """Per-queue script replies (one value per item) back in the order of the original items."""
+    values: list[Any] = [0] * count
     for (_, items), result in zip(groups, results, strict=True):
-        for (index, _), flag in zip(items, result, strict=True):
-            flags[index] = bool(flag)
-    return flags
+        for (index, _), value in zip(items, result, strict=True):
+            values[index] = value
+    return values
 
 
 class RedisBroker(Broker):
@@ -92,9 +114,10 @@ class RedisBroker(Broker):
     own :class:`~worq_redis.connection.Lane` (taken from the client's pool), so the fetch loop,
     the heartbeat and job threads never wait for one another.
 
-    Each queue's keys live under one Cluster hash tag and every state change is one Lua script
-    that uses Redis ``TIME``; ``clock`` replaces it in tests. The layout and the reasons behind it
-    are in ``docs/redis.md``.
+    Each queue's keys live under one Cluster hash tag, next to one index of every job id under
+    the prefix (ids are unique across queues), and every state change is one Lua script that uses
+    Redis ``TIME``; ``clock`` replaces it in tests. The layout and the reasons behind it are in
+    ``docs/redis.md``. A Redis Cluster client is refused (:class:`ClusterNotSupported`).
     """
 
     name: ClassVar[str] = "redis"
@@ -106,6 +129,9 @@ class RedisBroker(Broker):
             Capability.DEAD_LETTER,
             Capability.SHARED,
             Capability.WORKER_REGISTRY,
+            Capability.CANCEL,
+            Capability.PROGRESS,
+            Capability.RESULTS,
         }
     )
 
@@ -122,12 +148,16 @@ class RedisBroker(Broker):
         self.clock = clock
         self._keys: dict[str, tuple[str, ...]] = {}
         self._heads: dict[str, tuple[Arg, ...]] = {}  # numkeys and keys, as EVALSHA takes them
+        self._enqueue_heads: dict[str, tuple[Arg, ...]] = {}  # the same and the queue registry
         self._known: set[str] = set()
         self._lock = threading.Lock()
-        self._writes_results = False
+        self._ids = ids_key(self.prefix)
+        self._registry = registry_key(self.prefix)
+        self._ids_head: tuple[Arg, ...] = (1, self._ids)
         self._lane = Lane(self.client)
         s = self.settings
-        self._settle_base: tuple[Arg, ...] = (s.dead_max_count, repr(s.dead_max_age))
+        # dead-letter retention, applied by every script that settles or reads dead jobs
+        self._retention: tuple[Arg, ...] = (s.dead_max_count, repr(s.dead_max_age))
         self._fetch_tail: tuple[Arg, ...] = (s.reap_batch, s.promote_batch)
 
     @override
@@ -144,57 +174,80 @@ class RedisBroker(Broker):
     def enqueue(self, messages: Sequence[Message]) -> list[bool]:
         """Add jobs, all or nothing: one script call per queue and chunk.
 
-        A batch that needs several calls runs them in one ``MULTI``/``EXEC`` transaction. Raises
-        :class:`BrokerConnectionError` within about ``connect_timeout`` or ``socket_timeout``
-        (times ``retries + 1``) when Redis cannot be reached.
+        An id is added only if no queue of the prefix holds it (the script checks and adds in
+        one step, against the prefix's id index). A message with ``clear_record`` that is added
+        has its old record deleted by the same script. A batch that needs several calls runs
+        them in one ``MULTI``/``EXEC`` transaction (an id sent twice counts once, the first
+        time). Raises :class:`BrokerConnectionError` within about ``connect_timeout`` or
+        ``socket_timeout`` (times ``retries + 1``) when Redis cannot be reached.
         """
         if len(messages) == 1 and messages[0].queue in self._known:
             # The common case, kept lean: one EVALSHA on the lane (the queue's keys are cached).
             m = messages[0]
+            head = self._enqueue_heads[m.queue]
+            clear: Arg = 0
+            if m.clear_record:
+                clear = len(head)  # the result key goes last: KEYS[numkeys + 1]
+                head = (clear, *head[1:], result_keys(self.prefix, m.id)[0])
             fast = (
                 "" if self.clock is None else clock_arg(self.clock),
+                m.queue,
+                0,
                 1,
                 m.id,
                 m.body,
                 str(-m.priority),
                 "" if m.eta is None else repr(float(m.eta)),
+                clear,
             )
             try:
-                flags = self._lane.script(_ENQUEUE, self._heads[m.queue], fast)
+                flags = self._lane.script(_ENQUEUE, head, fast)
             except RedisError as exc:
                 raise self._error(exc) from exc
             return [bool(flags[0])]
         if not messages:
             return []
+        added = [False] * len(messages)
+        first: dict[str, int] = {}
+        for index, message in enumerate(messages):
+            first.setdefault(message.id, index)
+        unique = [(i, m) for i, m in enumerate(messages) if first[m.id] == i]
         calls: list[Call] = []
-        order: list[list[int]] = []
+        order: list[tuple[str, list[int]]] = []
         chunk = self.settings.enqueue_chunk
         clock = clock_arg(self.clock)
-        for queue, items in _by_queue(messages, lambda m: m.queue).items():
-            keys = self._queue_keys(queue)
+        for queue, items in _by_queue(unique, lambda item: item[1].queue).items():
+            keys = (*self._queue_keys(queue), self._registry)
+            register = 0 if queue in self._known else 1
             for start in range(0, len(items), chunk):
                 part = items[start : start + chunk]
-                args: list[Arg] = [clock, len(part)]
-                for _, message in part:
+                args: list[Arg] = [clock, queue, register, len(part)]
+                extra_keys: list[str] = []
+                for _, (_, message) in part:
+                    clear = 0
+                    if message.clear_record:
+                        extra_keys.append(result_keys(self.prefix, message.id)[0])
+                        clear = len(keys) + len(extra_keys)
                     args += [
                         message.id,
                         message.body,
                         str(-message.priority),
                         "" if message.eta is None else repr(float(message.eta)),
+                        clear,
                     ]
-                calls.append((_ENQUEUE, keys, args))
-                order.append([index for index, _ in part])
-        extra = self._register(queue for queue in {m.queue for m in messages})
+                calls.append((_ENQUEUE, [*keys, *extra_keys], args))
+                order.append((queue, [index for _, (index, _) in part]))
         with self._errors():
             if len(calls) == 1:
-                results = self._lane.scripts(calls, extra=extra)
+                results = self._lane.scripts(calls)
             else:
-                results = run_transaction(self.client, calls, extra=extra)
-        added = [False] * len(messages)
-        for indexes, result in zip(order, results, strict=True):
+                results = run_transaction(self.client, calls)
+        for (queue, indexes), result in zip(order, results, strict=True):
             for index, flag in zip(indexes, result, strict=True):
                 added[index] = bool(flag)
-        self._registered(extra)
+            if queue not in self._known and any(result):
+                with self._lock:  # registered by the script that added a job to it
+                    self._known.add(queue)
         return added
 
     # -- worker side -------------------------------------------------------------------------
@@ -239,20 +292,18 @@ class RedisBroker(Broker):
             mine = [s for s in settlements if s.delivery.queue == first]
             others = [(i, s) for i, s in enumerate(settlements) if s.delivery.queue != first]
         keys = self._queue_keys(first)
-        args: list[Arg] = [clock, *self._settle_base, len(mine)]
+        args: list[Arg] = [clock, *self._retention, len(mine)]
         all_keys = self._settle_args(mine, keys, args) if mine else keys
         head: tuple[Arg, ...] = (len(all_keys), *all_keys) if mine else self._heads[first]
         args += (limit, lease_arg, *self._fetch_tail)
-        extra = self._register(queues) if not self._known.issuperset(queues) else []
         try:
-            if not others and not extra:
+            if not others:
                 flags, reply = self._lane.script(_SETTLE_FETCH, head, args)
                 other_flags: list[Any] = []
             else:
                 calls, groups = self._settle_calls([s for _, s in others], clock)
                 calls.append((_SETTLE_FETCH, all_keys, args))
-                *other_flags, (flags, reply) = self._lane.scripts(calls, extra=extra)
-                self._registered(extra)
+                *other_flags, (flags, reply) = self._lane.scripts(calls)
         except RedisError as exc:
             raise self._error(exc) from exc
         if others:
@@ -292,34 +343,49 @@ class RedisBroker(Broker):
             raise self._error(exc) from exc
 
     @override
-    def extend(self, deliveries: Sequence[Delivery], lease: float) -> list[bool]:
-        """Renew leases, one script per queue, all in one round trip."""
+    def extend(
+        self,
+        deliveries: Sequence[Delivery],
+        lease: float,
+        progress: Mapping[str, bytes] | None = None,
+    ) -> list[LeaseState]:
+        """Renew leases, one script per queue, all in one round trip.
+
+        ``progress`` of a held lease is kept in its queue's ``progress`` hash (the same script)
+        until the job leaves its lease; :attr:`LeaseState.CANCELLING` when a cancel was asked.
+        """
         if not deliveries:
             return []
         calls: list[Call] = []
         groups = list(_by_queue(deliveries, lambda d: d.queue).items())
+        clock, lease_arg = clock_arg(self.clock), repr(float(lease))
         for queue, items in groups:
-            args: list[Arg] = [clock_arg(self.clock), repr(float(lease))]
+            args: list[Arg] = [clock, lease_arg]
             for _, delivery in items:
-                args += [delivery.id, delivery.token]
+                latest = None if progress is None else progress.get(delivery.id)
+                if latest is None:
+                    args += [delivery.id, delivery.token, 0, b""]
+                else:
+                    args += [delivery.id, delivery.token, 1, bytes(latest)]
             calls.append((_EXTEND, self._queue_keys(queue), args))
         with self._errors():
             results = self._lane.scripts(calls)
-        return _scatter(groups, results, len(deliveries))
+        return [_LEASES[int(code)] for code in _scatter(groups, results, len(deliveries))]
 
     @override
     def settle(self, settlements: Sequence[Settlement]) -> list[bool]:
         """Apply verdicts, one script per queue, in one round trip.
 
-        When :meth:`stores_results_in` said yes, ``Settlement.record`` is written in the same
-        script as the ack or dead-lettering, with ``Settlement.ttl``.
+        A ``Settlement.record`` that is not ``None`` is written (with ``Settlement.ttl``) into
+        this prefix's result key of the job by the same script, whatever the outcome, and only
+        if the settlement is applied; worq-core sets it only when :meth:`stores_results_in`.
         """
         if not settlements:
             return []
         calls, groups = self._settle_calls(settlements, clock_arg(self.clock))
         with self._errors():
             results = self._lane.scripts(calls)
-        return _scatter(groups, results, len(settlements))
+        return [bool(flag) for flag in _scatter(groups, results, len(settlements))]
 
     @override
     def release(self, deliveries: Sequence[Delivery]) -> None:
@@ -344,36 +410,59 @@ class RedisBroker(Broker):
 
     @override
     def stores_results_in(self, storage: Storage) -> bool:
-        """True for a :class:`RedisStorage` on the same server, database and key prefix."""
-        same = self._shares_server(storage)
-        if same:
-            self._writes_results = True
-        return same
+        """True for a :class:`RedisStorage` on the same server, database and key prefix.
+
+        A pure question: the scripts write whatever records they are handed
+        (``Settlement.record``, ``Message.clear_record``, the record of :meth:`cancel`).
+        """
+        return self._shares_server(storage)
 
     @override
-    def job_status(
-        self, queue: str, job_id: str, storage: Storage
-    ) -> tuple[JobStatus | None, bytes | None]:
+    def job_status(self, job_id: str, storage: Storage) -> tuple[JobState | None, bytes | None]:
         """The job's state and record in one round trip when ``storage`` is on this server.
 
-        ``job_state`` and a ``GET`` of the record are pipelined, in that order (each command in
-        its own Cluster slot), so a job that finishes in between is still seen. Otherwise the
-        two calls of the default.
+        ``job_state`` and a ``GET`` of the record are pipelined, in that order, so a job that
+        finishes in between is still seen. Otherwise the two calls of the default.
         """
         if not self._shares_server(storage):
-            return super().job_status(queue, job_id, storage)
-        self._queue_keys(queue)
-        state_call = ("EVALSHA", SCRIPTS["job_state"].sha, *self._heads[queue])
-        state_call += (clock_arg(self.clock), job_id)
+            return super().job_status(job_id, storage)
+        values = self._job_state_values(job_id)
+        state_call = ("EVALSHA", _JOB_STATE.sha, *self._ids_head, *values)
         get = ("GET", result_keys(self.prefix, job_id)[0])
         with self._errors():
             state, record = self._lane.pipeline([state_call, get])
             if isinstance(state, NoScriptError):
-                state = self._script("job_state", queue, state_call[-2:])
+                state = self._lane.script(_JOB_STATE, self._ids_head, values)
             for reply in (state, record):
                 if isinstance(reply, Exception):
                     raise reply
-        return (_STATES.get(state) if state else None), (None if record is None else bytes(record))
+        return _job_state(state), (None if record is None else bytes(record))
+
+    @override
+    def cancel(self, job_id: str, record: bytes | None = None, ttl: float = 0.0) -> CancelOutcome:
+        """Cancel the job wherever it is, in one ``cancel`` script on its queue's keys.
+
+        The job's queue is read from the id index first (a plain ``HGET``), so the script gets
+        every key it touches in ``KEYS``; the script checks the index again and, if the job
+        moved to another queue in between, the lookup is repeated. ``record`` is written with
+        ``ttl`` (waking waiters) only when a waiting job is removed. Two round trips.
+        """
+        with self._errors():
+            for _ in range(_CANCEL_LOOKUPS):
+                found = self._lane.command("HGET", self._ids, job_id)
+                if found is None:
+                    return CancelOutcome.NOT_FOUND
+                queue = _text(found)
+                keys = self._queue_keys(queue)
+                args: list[Arg] = [clock_arg(self.clock), job_id, queue, 0, b""]
+                if record is not None:
+                    keys = (*keys, *result_keys(self.prefix, job_id))
+                    args[3:] = [int(ttl * 1000), record]
+                reply = self._lane.script(_CANCEL, (len(keys), *keys), args)
+                outcome = _CANCELS.get(bytes(reply))
+                if outcome is not None:
+                    return outcome
+        raise BrokerError(f"job {job_id} kept moving between queues; cancel gave up")
 
     def _shares_server(self, storage: Storage) -> bool:
         return (
@@ -460,10 +549,11 @@ class RedisBroker(Broker):
     # -- inspection and admin ----------------------------------------------------------------
 
     @override
-    def job_state(self, queue: str, job_id: str) -> JobStatus | None:
+    def job_state(self, job_id: str) -> JobState | None:
+        """Where the job is, from the id index and its queue's keys, in one read-only script."""
         with self._errors():
-            state = self._script("job_state", queue, [clock_arg(self.clock), job_id])
-        return _STATES.get(state) if state else None
+            reply = self._lane.script(_JOB_STATE, self._ids_head, self._job_state_values(job_id))
+        return _job_state(reply)
 
     @override
     def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
@@ -473,11 +563,7 @@ class RedisBroker(Broker):
                 queues = sorted(_text(m) for m in members)
             if not queues:
                 return []
-            args: list[Arg] = [
-                clock_arg(self.clock),
-                self.settings.dead_max_count,
-                repr(self.settings.dead_max_age),
-            ]
+            args: list[Arg] = [clock_arg(self.clock), *self._retention]
             results = self._lane.scripts(
                 [(SCRIPTS["stats"], self._queue_keys(q), args) for q in queues]
             )
@@ -488,12 +574,7 @@ class RedisBroker(Broker):
 
     @override
     def dead_jobs(self, queue: str, limit: int = 100) -> list[DeadJob]:
-        args: list[Arg] = [
-            clock_arg(self.clock),
-            self.settings.dead_max_count,
-            repr(self.settings.dead_max_age),
-            limit,
-        ]
+        args: list[Arg] = [clock_arg(self.clock), *self._retention, limit]
         with self._errors():
             flat = self._script("dead_jobs", queue, args)
         return [
@@ -510,15 +591,15 @@ class RedisBroker(Broker):
 
     @override
     def requeue_dead(self, queue: str, job_ids: Sequence[str] | None = None) -> int:
-        args: list[Arg] = [clock_arg(self.clock), "all" if job_ids is None else "ids"]
-        args += list(job_ids or [])
+        args: list[Arg] = [clock_arg(self.clock), *self._retention]
+        args += ["all" if job_ids is None else "ids", *(job_ids or [])]
         with self._errors():
             return int(self._script("requeue_dead", queue, args))
 
     @override
     def purge_dead(self, queue: str) -> int:
         with self._errors():
-            return int(self._script("purge_dead", queue, [clock_arg(self.clock)]))
+            return int(self._script("purge_dead", queue, [clock_arg(self.clock), *self._retention]))
 
     @override
     def close(self) -> None:
@@ -536,6 +617,10 @@ class RedisBroker(Broker):
         self._queue_keys(queue)
         return self._lane.script(SCRIPTS[name], self._heads[queue], args)
 
+    def _job_state_values(self, job_id: str) -> tuple[Arg, ...]:
+        """The values of the ``job_state`` script (its one key is the id index)."""
+        return (clock_arg(self.clock), job_id, self.prefix)
+
     def _worker_keys(self) -> tuple[str, str]:
         return f"{self.prefix}:workers", f"{self.prefix}:workers:seen"
 
@@ -544,18 +629,9 @@ class RedisBroker(Broker):
         if keys is None:
             keys = queue_keys(self.prefix, queue)
             self._heads[queue] = (len(keys), *keys)
+            self._enqueue_heads[queue] = (len(keys) + 1, *keys, self._registry)
             self._keys[queue] = keys
         return keys
-
-    def _register(self, queues: Iterable[str]) -> list[list[Arg]]:
-        """A ``SADD`` of the queues this broker has not recorded yet, for :meth:`stats`."""
-        new = [q for q in queues if q not in self._known]
-        return [["SADD", registry_key(self.prefix), *new]] if new else []
-
-    def _registered(self, extra: list[list[Arg]]) -> None:
-        with self._lock:
-            for command in extra:
-                self._known.update(str(q) for q in command[2:])
 
     def _error(self, exc: RedisError) -> Exception:
         """The worq error for a redis-py error, as :func:`translate_errors` makes it."""
@@ -573,10 +649,15 @@ class RedisBroker(Broker):
     @staticmethod
     def _parse_fetch(queue: str, reply: list[Any], into: list[Delivery]) -> float | None:
         """Append the reply's deliveries to ``into``; seconds until the next due time, if any."""
-        for i in range(2, len(reply), 4):
+        for i in range(2, len(reply), 5):
             into.append(
                 Delivery(
-                    _text(reply[i]), queue, reply[i + 1], _text(reply[i + 2]), int(reply[i + 3])
+                    _text(reply[i]),
+                    queue,
+                    reply[i + 1],
+                    _text(reply[i + 2]),
+                    int(reply[i + 3]),
+                    bool(reply[i + 4]),
                 )
             )
         if not reply[1]:
@@ -589,13 +670,12 @@ class RedisBroker(Broker):
         """Append the script values of ``settlements`` (one queue's) to ``args``.
 
         Returns the script's keys: the queue's keys, then the result keys of each job whose
-        record the script writes.
+        record the script writes (every settlement with a ``record``).
         """
         extra_keys: list[str] = []
-        writes = self._writes_results
         for s in settlements:
             delivery, outcome = s.delivery, s.outcome
-            if writes and s.record is not None and outcome is not Outcome.RETRY:
+            if s.record is not None:
                 index = len(queue_keys) + 1 + len(extra_keys)
                 extra_keys += result_keys(self.prefix, delivery.id)
                 args += (
@@ -628,7 +708,7 @@ class RedisBroker(Broker):
         calls: list[Call] = []
         groups = list(_by_queue(settlements, lambda s: s.delivery.queue).items())
         for queue, items in groups:
-            args: list[Arg] = [clock, *self._settle_base]
+            args: list[Arg] = [clock, *self._retention]
             keys = self._settle_args((s for _, s in items), self._queue_keys(queue), args)
             calls.append((_SETTLE, keys, args))
         return calls, groups

@@ -19,7 +19,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from worq_core import WorqError
+from worq_core import BrokerError, StorageError, WorqError
 from worq_redis import lua
 
 DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
@@ -74,14 +74,32 @@ class RedisSettings:
         return max(0.01, min(self.block_max, self.socket_timeout / 2))
 
 
+class ClusterNotSupported(BrokerError, StorageError):
+    """A Redis Cluster client was given to :class:`RedisBroker` or :class:`RedisStorage`.
+
+    Both a :class:`~worq_core.BrokerError` and a :class:`~worq_core.StorageError`, so either
+    constructor's callers catch it as they expect.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Redis Cluster is not supported yet by worq-redis; use a single server or Sentinel "
+            "(a redis.Redis client, e.g. from a Sentinel's master_for())"
+        )
+
+
 def connect(
-    target: str | redis.Redis, settings: RedisSettings | None, prefix: str | None
+    target: object, settings: RedisSettings | None, prefix: str | None
 ) -> tuple[redis.Redis, str, RedisSettings, bool]:
     """Build (or adopt) a client. Returns ``(client, url, settings, owned)``. Does no I/O.
 
-    ``owned`` says whether we created the client (and so close it).
+    ``target`` is a URL or a ``redis.Redis`` client (typed ``object``: callers are checked at
+    run time). ``owned`` says whether we created the client (and so close it). Raises
+    :class:`ClusterNotSupported` for a Redis Cluster client, ``TypeError`` for anything else.
     """
     settings = settings or RedisSettings()
+    if isinstance(target, redis.RedisCluster):
+        raise ClusterNotSupported
     if isinstance(target, redis.Redis):
         kwargs = target.get_connection_kwargs()
         if kwargs.get("decode_responses"):
@@ -89,6 +107,9 @@ def connect(
         if prefix is not None:
             settings = _replace_prefix(settings, prefix)
         return target, _describe(kwargs), settings, False
+    if not isinstance(target, str):
+        kind = type(target).__name__
+        raise TypeError(f"expected a Redis URL or a redis.Redis client, not {kind}")
     base, _, query_text = target.partition("?")
     query = urllib.parse.parse_qsl(query_text, keep_blank_values=True)
     url_prefix = [v for k, v in query if k == "prefix"]
@@ -163,11 +184,26 @@ def translate_errors(
 
 
 def queue_keys(prefix: str, queue: str) -> tuple[str, ...]:
-    """The nine keys of ``queue``, all under the hash tag ``{queue}`` (one Cluster slot)."""
+    """The keys every queue script of ``queue`` takes, in order.
+
+    The ten keys of the queue itself, all under the hash tag ``{queue}`` (one Cluster slot), then
+    the prefix's job-id index (:func:`ids_key`), which every queue of the prefix shares.
+    """
     if not queue or queue.startswith("}"):
         raise ValueError(f"invalid queue name {queue!r}: empty, or starts with '}}'")
     base = f"{prefix}:{{{queue}}}:"
-    return tuple(base + suffix for suffix in lua.QUEUE_KEY_SUFFIXES)
+    return (*(base + suffix for suffix in lua.QUEUE_KEY_SUFFIXES), ids_key(prefix))
+
+
+def ids_key(prefix: str) -> str:
+    """The job-id index of ``prefix``: a HASH of every job id its brokers hold -> its queue.
+
+    It makes a job id unique across all queues of the prefix. It is the one key shared by every
+    queue's scripts, so it is outside every queue's Cluster slot: Redis Cluster support will need
+    a decision here (see ``docs/redis.md``). The ``job_state`` script also builds queue key names
+    from the queue it finds here (as :func:`queue_keys` does).
+    """
+    return f"{prefix}:ids"
 
 
 def result_keys(prefix: str, job_id: str) -> tuple[str, str, str]:
@@ -199,7 +235,10 @@ class Script:
         return cls(name, text, hashlib.sha1(text.encode()).hexdigest())
 
 
-SCRIPTS: Final = {name: Script.named(name) for name in [*lua.QUEUE_SCRIPTS, *lua.RESULT_SCRIPTS]}
+SCRIPTS: Final = {
+    name: Script.named(name)
+    for name in [*lua.QUEUE_SCRIPTS, *lua.LOOKUP_SCRIPTS, *lua.RESULT_SCRIPTS]
+}
 
 Call = tuple[Script, Sequence[KeyArg], Sequence[Arg]]
 

@@ -1,22 +1,34 @@
 """The Lua scripts behind every state change of a worq-redis queue.
 
-Every script is atomic, takes all the keys it touches in ``KEYS`` (the nine keys of one queue, in
-the order of :data:`QUEUE_KEY_SUFFIXES`, then per-job result keys where it writes results), and
-validates its arguments before its first write, so a script that fails changes nothing.
+Every queue script is atomic and takes all the keys it touches in ``KEYS``: the ten keys of one
+queue, in the order of :data:`QUEUE_KEY_SUFFIXES`, then the prefix's job-id index (``KEYS[11]``,
+shared by every queue, see :func:`worq_redis.connection.ids_key`), then per-job result keys where
+it writes or deletes records. It validates its arguments before its first write, so a script that
+fails changes nothing. The one exception is ``job_state``, a read-only lookup by job id alone: it
+takes the index and reads the keys of the queue it finds there.
 
 ``ARGV[1]`` of every script is the clock: empty for Redis ``TIME`` (the normal case), or a Unix
 time in seconds that tests pass to drive time by hand.
 
-A job's small state lives in the queue's ``meta`` hash as ``state|attempts|seq|score|extra``:
+A job's small state lives in the queue's ``meta`` hash as ``state|attempts|seq|score|extra``,
+followed by ``|flags`` when it has any:
 
 * ``state``: ``q`` queued, ``s`` scheduled, ``r`` retrying, ``l`` leased (running), ``d`` dead;
 * ``attempts``: fetches so far (a release takes its fetch back);
 * ``seq``: a 16-digit sequence number from enqueue (or requeue), so FIFO holds within a priority;
 * ``score``: the job's ``ready`` score, minus its priority;
-* ``extra``: the lease token when leased, the time it died when dead, else empty.
+* ``extra``: the lease token when leased, the time it died when dead, else empty;
+* ``flags``: ``c`` when a cancel was requested while it ran (until it is settled), ``p`` while
+  the queue's ``progress`` hash holds its progress (only while leased). Jobs without flags keep
+  the five-field form, so the hot path writes exactly what it wrote before flags existed.
 
 A queued job's member in ``ready`` is ``seq .. id``: equal scores sort by member, so the
 sequence number keeps FIFO order within a priority level without limiting the priority range.
+
+The index ``<prefix>:ids`` maps every job id the broker holds, in any state and any queue, to
+its queue: enqueue adds an id only if the index lacks it (``HSETNX``, or ``HMGET`` for a batch),
+and the scripts that drop a job for good (ack, cancel of a waiting job, purge and trim of dead
+jobs) remove it, so an id is unique across the queues of a prefix.
 """
 
 from __future__ import annotations
@@ -34,15 +46,22 @@ QUEUE_KEY_SUFFIXES: Final = (
     "signal",
     "seq",
     "reason",
+    "progress",
 )
-"""The keys of one queue, as they are passed to every queue script (``KEYS[1]`` .. ``KEYS[9]``)."""
+"""The keys of one queue, as they are passed to every queue script (``KEYS[1]`` .. ``KEYS[10]``).
+
+``KEYS[11]`` is the prefix's job-id index, and result keys (when a script takes any) follow it."""
+
+IDS_KEY_INDEX: Final = len(QUEUE_KEY_SUFFIXES) + 1
+"""Where a queue script finds the job-id index in ``KEYS``."""
 
 NOTIFY_TTL_MS: Final = 10_000
 """How long a result's wake-up list lives; waiters blocked at that moment are served at once."""
 
 _PRELUDE = r"""
 local K_READY, K_DELAYED, K_LEASED, K_JOBS, K_META = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local K_DEAD, K_SIGNAL, K_SEQ, K_REASON = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local K_DEAD, K_SIGNAL, K_SEQ, K_REASON, K_PROGRESS = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local K_IDS = KEYS[11]
 
 local function f6(x)
   return string.format("%.6f", x)
@@ -65,30 +84,57 @@ local function number_arg(value, what)
 end
 
 local function parse(m)
-  local st, at, sq, sc, ex = string.match(m, "^(%a)|(%d+)|(%d+)|([^|]*)|(.*)$")
-  return {st = st, at = tonumber(at), sq = sq, sc = sc, ex = ex}
+  local st, at, sq, sc, ex, fl = string.match(m, "^(%a)|(%d+)|(%d+)|([^|]*)|([^|]*)|?(%a*)$")
+  return {st = st, at = tonumber(at), sq = sq, sc = sc, ex = ex, fl = fl}
 end
 
 local function pack(j)
-  return j.st .. "|" .. string.format("%d", j.at) .. "|" .. j.sq .. "|" .. j.sc .. "|" .. j.ex
+  local m = j.st .. "|" .. string.format("%d", j.at) .. "|" .. j.sq .. "|" .. j.sc .. "|" .. j.ex
+  if j.fl ~= "" then
+    return m .. "|" .. j.fl
+  end
+  return m
+end
+
+-- Whether the job's meta carries `flag` (c: cancel requested, p: has progress).
+local function has(j, flag)
+  return j.fl ~= "" and string.find(j.fl, flag, 1, true) ~= nil
 end
 
 local function next_seq()
   return string.format("%016d", redis.call("INCR", K_SEQ))
 end
 
+-- A job leaves its lease: drop the progress it reported, if any (the caller writes its meta).
+local function drop_progress(id, j)
+  if has(j, "p") then
+    redis.call("HDEL", K_PROGRESS, id)
+    j.fl = string.gsub(j.fl, "p", "")
+  end
+end
+
 -- Put a job (with its meta already parsed) back in ready under its own sequence number.
+-- A requested cancel stays with it (its next delivery says so); its progress does not.
 local function to_ready(id, j)
+  drop_progress(id, j)
   j.st = "q"
   j.ex = ""
   redis.call("HSET", K_META, id, pack(j))
   redis.call("ZADD", K_READY, j.sc, j.sq .. id)
 end
 
-local function forget(id)
+-- Drop a job for good (`j`: its parsed meta, or nil for a dead job): its id is free again.
+-- A leased job on its first attempt was never retried, so it has no reason to delete.
+local function forget(id, j)
   redis.call("HDEL", K_JOBS, id)
   redis.call("HDEL", K_META, id)
-  redis.call("HDEL", K_REASON, id)
+  redis.call("HDEL", K_IDS, id)
+  if j == nil or j.st ~= "l" or j.at > 1 then
+    redis.call("HDEL", K_REASON, id)
+  end
+  if j ~= nil and has(j, "p") then
+    redis.call("HDEL", K_PROGRESS, id)
+  end
 end
 
 -- The job if `token` holds an unexpired lease on it, else nil.
@@ -145,11 +191,11 @@ local function trim_dead(now, max_count, max_age)
       return
     end
     redis.call("ZREM", K_DEAD, id)
-    forget(id)
+    forget(id, nil)
   end
 end
 
--- Store a job's record (result or final error) and wake whoever waits for it.
+-- Store a job's record (result, final error or cancellation) and wake whoever waits for it.
 local function put_result(k, ttl_ms, record)
   if ttl_ms <= 0 then
     redis.call("DEL", KEYS[k])
@@ -181,7 +227,8 @@ end
 
 -- Apply checked settlements ARGV[first .. last]: 1 per applied one, 0 per refused one.
 --   id, token, outcome (a|r|d), delay, reason, result key index (0: none), ttl ms, record
--- KEYS[k], KEYS[k+1], KEYS[k+2]: a job's result, waiting marker and wake-up list.
+-- KEYS[k], KEYS[k+1], KEYS[k+2]: a job's result, waiting marker and wake-up list; the record is
+-- written whatever the outcome. A settled job's progress and requested cancel are done with.
 local function apply_settlements(now, first, last, max_count, max_age)
   local out = {}
   local died = false
@@ -193,29 +240,29 @@ local function apply_settlements(now, first, last, max_count, max_age)
     else
       out[#out + 1] = 1
       redis.call("ZREM", K_LEASED, id)
-      local k = tonumber(ARGV[i + 5])
       if outcome == "a" then
-        forget(id)
-        if k ~= 0 then
-          put_result(k, tonumber(ARGV[i + 6]), ARGV[i + 7])
-        end
-      elseif outcome == "r" then
-        j.st = "r"
-        j.ex = ""
-        redis.call("HSET", K_META, id, pack(j))
-        redis.call("HSET", K_REASON, id, ARGV[i + 4])
-        redis.call("ZADD", K_DELAYED, f6(now + tonumber(ARGV[i + 3])), id)
-        redis.call("ZADD", K_SIGNAL, 0, "due")
+        forget(id, j)
       else
-        j.st = "d"
-        j.ex = f6(now)
-        redis.call("HSET", K_META, id, pack(j))
+        drop_progress(id, j)
+        j.fl = ""
         redis.call("HSET", K_REASON, id, ARGV[i + 4])
-        redis.call("ZADD", K_DEAD, redis.call("INCR", K_SEQ), id)
-        died = true
-        if k ~= 0 then
-          put_result(k, tonumber(ARGV[i + 6]), ARGV[i + 7])
+        if outcome == "r" then
+          j.st = "r"
+          j.ex = ""
+          redis.call("HSET", K_META, id, pack(j))
+          redis.call("ZADD", K_DELAYED, f6(now + tonumber(ARGV[i + 3])), id)
+          redis.call("ZADD", K_SIGNAL, 0, "due")
+        else
+          j.st = "d"
+          j.ex = f6(now)
+          redis.call("HSET", K_META, id, pack(j))
+          redis.call("ZADD", K_DEAD, redis.call("INCR", K_SEQ), id)
+          died = true
         end
+      end
+      local k = tonumber(ARGV[i + 5])
+      if k ~= 0 then
+        put_result(k, tonumber(ARGV[i + 6]), ARGV[i + 7])
       end
     end
   end
@@ -226,7 +273,7 @@ local function apply_settlements(now, first, last, max_count, max_age)
 end
 
 -- Reap and promote (bounded), lease up to `limit` ready jobs, re-arm the wake-up signal.
--- Returns {now, next due time or "", then per job: id, body, token, attempts}.
+-- Returns {now, next due time or "", then per job: id, body, token, attempts, cancel (0|1)}.
 -- The earliest lease deadline and due time are read first: reaping and promoting run only when
 -- one of them has passed, and they give the next due time unless something moved.
 local function fetch(now, limit, lease, reap_limit, promote_limit)
@@ -261,6 +308,7 @@ local function fetch(now, limit, lease, reap_limit, promote_limit)
         out[#out + 1] = redis.call("HGET", K_JOBS, id)
         out[#out + 1] = j.ex
         out[#out + 1] = j.at
+        out[#out + 1] = has(j, "c") and 1 or 0
         got = got + 1
       end
     end
@@ -297,17 +345,28 @@ end
 """.replace("__NOTIFY_TTL_MS__", str(NOTIFY_TTL_MS))
 
 ENQUEUE = r"""
--- ARGV: clock, n, then n x (id, body, ready score, eta or "")
--- A batch costs a handful of calls, not a handful per job: one HMGET finds the ids already
--- held, one INCRBY numbers the new jobs (in order), and HSET/ZADD write them in chunks.
-local n = number_arg(ARGV[2], "count")
+-- ARGV: clock, queue, register (0|1), n, then n x (id, body, ready score, eta or "",
+--   result key index or 0)
+-- KEYS: the queue's keys and the id index, the queue registry, then the result key of each job
+-- whose old record it deletes when it adds the job (Message.clear_record).
+-- An id already in the index (in any queue, in any state) is left alone: 0 for it, 1 if added.
+-- With register 1 (the broker's first enqueue into the queue), a queue that gets a job is added
+-- to the registry, so stats() lists the queues that held a job.
+-- A batch costs a handful of calls, not a handful per job: one HMGET of the index finds the ids
+-- already held, one INCRBY numbers the new jobs (in order), and HSET/ZADD write them in chunks.
+local queue, register = ARGV[2], ARGV[3] == "1"
+local n = number_arg(ARGV[4], "count")
 local timed = false
 for i = 0, n - 1 do
-  local b = 3 + i * 4
+  local b = 5 + i * 5
   number_arg(ARGV[b + 2], "priority score")
   if ARGV[b + 3] ~= "" then
     number_arg(ARGV[b + 3], "eta")
     timed = true
+  end
+  local k = number_arg(ARGV[b + 4], "key index")
+  if k ~= 0 and KEYS[k] == nil then
+    error("worq: missing result key")
   end
 end
 local now = 0 -- the clock is read only when some job has an eta
@@ -316,12 +375,15 @@ if timed then
 end
 if n == 1 then
   -- One job (enqueue one by one): the direct calls, without the batch's tables.
-  local id, score, eta = ARGV[3], ARGV[5], ARGV[6]
-  if redis.call("HEXISTS", K_META, id) == 1 then
+  local id, score, eta = ARGV[5], ARGV[7], ARGV[8]
+  if redis.call("HSETNX", K_IDS, id, queue) == 0 then
     return {0}
   end
+  if register then
+    redis.call("SADD", KEYS[12], queue)
+  end
   local sq = next_seq()
-  redis.call("HSET", K_JOBS, id, ARGV[4])
+  redis.call("HSET", K_JOBS, id, ARGV[6])
   if eta ~= "" and tonumber(eta) > now then
     redis.call("HSET", K_META, id, "s|0|" .. sq .. "|" .. score .. "|")
     redis.call("ZADD", K_DELAYED, f6(tonumber(eta)), id)
@@ -330,6 +392,9 @@ if n == 1 then
     redis.call("HSET", K_META, id, "q|0|" .. sq .. "|" .. score .. "|")
     redis.call("ZADD", K_READY, score, sq .. id)
     redis.call("ZADD", K_SIGNAL, 0, "ready")
+  end
+  if ARGV[9] ~= "0" then
+    redis.call("DEL", KEYS[tonumber(ARGV[9])])
   end
   return {1}
 end
@@ -345,9 +410,9 @@ local seen = {}
 for i = 0, n - 1, CHUNK do
   local ids = {}
   for k = i, math.min(i + CHUNK, n) - 1 do
-    ids[#ids + 1] = ARGV[3 + k * 4]
+    ids[#ids + 1] = ARGV[5 + k * 5]
   end
-  local known = redis.call("HMGET", K_META, unpack(ids))
+  local known = redis.call("HMGET", K_IDS, unpack(ids))
   for k = 1, #ids do
     local id = ids[k]
     if known[k] or seen[id] then
@@ -362,13 +427,18 @@ end
 if #fresh == 0 then
   return out
 end
+if register then
+  redis.call("SADD", KEYS[12], queue)
+end
 local seq = redis.call("INCRBY", K_SEQ, #fresh) - #fresh
-local jobs, meta, ready, delayed = {}, {}, {}, {}
+local index, jobs, meta, ready, delayed, cleared = {}, {}, {}, {}, {}, {}
 for _, i in ipairs(fresh) do
-  local b = 3 + i * 4
+  local b = 5 + i * 5
   local id, score, eta = ARGV[b], ARGV[b + 2], ARGV[b + 3]
   seq = seq + 1
   local sq = string.format("%016d", seq)
+  index[#index + 1] = id
+  index[#index + 1] = queue
   jobs[#jobs + 1] = id
   jobs[#jobs + 1] = ARGV[b + 1]
   meta[#meta + 1] = id
@@ -381,11 +451,18 @@ for _, i in ipairs(fresh) do
     ready[#ready + 1] = score
     ready[#ready + 1] = sq .. id
   end
+  if ARGV[b + 4] ~= "0" then
+    cleared[#cleared + 1] = KEYS[tonumber(ARGV[b + 4])]
+  end
 end
+write("HSET", K_IDS, index)
 write("HSET", K_JOBS, jobs)
 write("HSET", K_META, meta)
 write("ZADD", K_READY, ready)
 write("ZADD", K_DELAYED, delayed)
+for i = 1, #cleared, CHUNK do
+  redis.call("DEL", unpack(cleared, i, math.min(i + CHUNK - 1, #cleared)))
+end
 if #ready > 0 then
   redis.call("ZADD", K_SIGNAL, 0, "ready")
 end
@@ -397,7 +474,7 @@ return out
 
 FETCH = r"""
 -- ARGV: clock, limit, lease seconds, reap limit, promote limit
--- Returns {now, next due time or "", then per job: id, body, token, attempts}.
+-- Returns {now, next due time or "", then per job: id, body, token, attempts, cancel (0|1)}.
 local now = clock(ARGV[1])
 local limit = number_arg(ARGV[2], "limit")
 local lease = number_arg(ARGV[3], "lease")
@@ -407,15 +484,32 @@ return fetch(now, limit, lease, reap_limit, promote_limit)
 """
 
 EXTEND = r"""
--- ARGV: clock, lease seconds, then pairs (id, token). Returns 1/0 per pair.
+-- ARGV: clock, lease seconds, then per lease 4 values: id, token, has progress (0|1), progress.
+-- Returns per lease 0 (lost), 1 (held) or 2 (held, and a cancel was requested). A held lease's
+-- progress is kept in the queue's progress hash until the job leaves its lease.
 local now = clock(ARGV[1])
 local lease = number_arg(ARGV[2], "lease")
+for i = 3, #ARGV, 4 do
+  local flag = ARGV[i + 2]
+  if flag ~= "0" and flag ~= "1" then
+    error("worq: bad progress flag " .. tostring(flag))
+  end
+end
 local until_ = f6(now + lease)
 local out = {}
-for i = 3, #ARGV, 2 do
-  if held(ARGV[i], ARGV[i + 1], now) then
-    redis.call("ZADD", K_LEASED, until_, ARGV[i])
-    out[#out + 1] = 1
+for i = 3, #ARGV, 4 do
+  local id = ARGV[i]
+  local j = held(id, ARGV[i + 1], now)
+  if j then
+    redis.call("ZADD", K_LEASED, until_, id)
+    if ARGV[i + 2] == "1" then
+      redis.call("HSET", K_PROGRESS, id, ARGV[i + 3])
+      if not has(j, "p") then
+        j.fl = j.fl .. "p"
+        redis.call("HSET", K_META, id, pack(j))
+      end
+    end
+    out[#out + 1] = has(j, "c") and 2 or 1
   else
     out[#out + 1] = 0
   end
@@ -482,27 +576,52 @@ end
 return n
 """
 
-JOB_STATE = r"""
--- ARGV: clock, id. Read-only: the state as if due jobs and expired leases were already moved.
+CANCEL = r"""
+-- KEYS: the queue's keys and the id index, then, to write a record, the job's result, waiting
+-- marker and wake-up list. ARGV: clock, id, queue, record ttl ms, record.
+-- A waiting job (queued, scheduled, retrying, or leased with an expired lease) is removed from
+-- every key and its id freed: "r", with the record written (and waiters woken). A running job
+-- is flagged: "q"; extend then answers 2 for its lease and a later delivery carries the flag.
+-- "n" for a dead or unknown job (nothing changes), and "m" when the index puts the job in
+-- another queue than ARGV[3] (the caller looks it up again).
 local now = clock(ARGV[1])
-local id = ARGV[2]
+local id, queue = ARGV[2], ARGV[3]
+local ttl = number_arg(ARGV[4], "ttl")
+local owner = redis.call("HGET", K_IDS, id)
+if not owner then
+  return "n"
+end
+if owner ~= queue then
+  return "m"
+end
 local m = redis.call("HGET", K_META, id)
 if not m then
-  return ""
+  return "n"
 end
-local st = parse(m).st
-if st == "l" then
+local j = parse(m)
+if j.st == "d" then
+  return "n"
+end
+if j.st == "l" then
   local deadline = redis.call("ZSCORE", K_LEASED, id)
-  if not deadline or tonumber(deadline) <= now then
+  if deadline and tonumber(deadline) > now then
+    if not has(j, "c") then
+      j.fl = j.fl .. "c"
+      redis.call("HSET", K_META, id, pack(j))
+    end
     return "q"
   end
-elseif st == "s" or st == "r" then
-  local due = redis.call("ZSCORE", K_DELAYED, id)
-  if not due or tonumber(due) <= now then
-    return "q"
-  end
+  redis.call("ZREM", K_LEASED, id)
+elseif j.st == "q" then
+  redis.call("ZREM", K_READY, j.sq .. id)
+else
+  redis.call("ZREM", K_DELAYED, id)
 end
-return st
+forget(id, j)
+if #KEYS > 11 then
+  put_result(12, ttl, ARGV[5])
+end
+return "r"
 """
 
 STATS = r"""
@@ -540,14 +659,17 @@ return out
 """
 
 REQUEUE_DEAD = r"""
--- ARGV: clock, "all" or "ids", then ids. Dead jobs go to the back of ready, attempts reset.
+-- ARGV: clock, dead max count, dead max age, "all" or "ids", then ids.
+-- Retention first (a job past it is gone, not requeued); then dead jobs go to the back of
+-- ready, attempts reset.
 local now = clock(ARGV[1])
+trim_dead(now, number_arg(ARGV[2], "dead max count"), number_arg(ARGV[3], "dead max age"))
 local ids
-if ARGV[2] == "all" then
+if ARGV[4] == "all" then
   ids = redis.call("ZRANGE", K_DEAD, 0, -1)
 else
   ids = {}
-  for i = 3, #ARGV do
+  for i = 5, #ARGV do
     ids[#ids + 1] = ARGV[i]
   end
 end
@@ -569,13 +691,51 @@ return n
 """
 
 PURGE_DEAD = r"""
--- ARGV: clock. Deletes every dead job; returns how many.
+-- ARGV: clock, dead max count, dead max age. Retention first, then deletes every dead job left
+-- (their ids are free again); returns how many that was.
+local now = clock(ARGV[1])
+trim_dead(now, number_arg(ARGV[2], "dead max count"), number_arg(ARGV[3], "dead max age"))
 local ids = redis.call("ZRANGE", K_DEAD, 0, -1)
 for _, id in ipairs(ids) do
-  forget(id)
+  forget(id, nil)
 end
 redis.call("DEL", K_DEAD)
 return #ids
+"""
+
+JOB_STATE = r"""
+-- KEYS: the id index. ARGV: clock, id, key prefix.
+-- Read-only: the job's queue from the index, then its state as if due jobs and expired leases
+-- were already moved. The one script that reads keys it is not given (the keys of the queue it
+-- finds, by name), so that a lookup by job id alone is one call.
+-- Returns false, or {queue, state, attempts, cancel requested (0|1), [progress while running]}.
+local now = clock(ARGV[1])
+local id = ARGV[2]
+local queue = redis.call("HGET", KEYS[1], id)
+if not queue then
+  return false
+end
+local base = ARGV[3] .. ":{" .. queue .. "}:"
+local m = redis.call("HGET", base .. "meta", id)
+if not m then
+  return false
+end
+local j = parse(m)
+local out = {queue, j.st, j.at, has(j, "c") and 1 or 0}
+if j.st == "l" then
+  local deadline = redis.call("ZSCORE", base .. "leased", id)
+  if not deadline or tonumber(deadline) <= now then
+    out[2] = "q"
+  elseif has(j, "p") then
+    out[5] = redis.call("HGET", base .. "progress", id)
+  end
+elseif j.st == "s" or j.st == "r" then
+  local due = redis.call("ZSCORE", base .. "delayed", id)
+  if not due or tonumber(due) <= now then
+    out[2] = "q"
+  end
+end
+return out
 """
 
 SAVE_RESULT = r"""
@@ -607,14 +767,17 @@ QUEUE_SCRIPTS: Final = {
     "settle_fetch": SETTLE_FETCH,
     "release": RELEASE,
     "reap": REAP,
-    "job_state": JOB_STATE,
+    "cancel": CANCEL,
     "stats": STATS,
     "dead_jobs": DEAD_JOBS,
     "requeue_dead": REQUEUE_DEAD,
     "purge_dead": PURGE_DEAD,
 }
-"""Scripts that take the nine keys of one queue (``settle`` and ``settle_fetch`` may add result
-keys after them)."""
+"""Scripts that take the ten keys of one queue and the id index (``enqueue``, ``settle``,
+``settle_fetch`` and ``cancel`` may add result keys after them)."""
+
+LOOKUP_SCRIPTS: Final = {"job_state": JOB_STATE}
+"""Scripts that take the id index alone and find the job's queue in it."""
 
 RESULT_SCRIPTS: Final = {"save_result": SAVE_RESULT, "arm_wait": ARM_WAIT}
 """Scripts that take the three keys of one job's result."""
@@ -632,9 +795,10 @@ def source(name: str) -> str:
 
     Only the helpers the body needs (directly or through other helpers) are included: Redis runs
     a script's whole chunk on every call, so each unused ``local function`` would cost a closure
-    per call.
+    per call. Only queue scripts get the queue's key locals (``K_READY`` ...); the others name
+    their keys themselves.
     """
-    body = QUEUE_SCRIPTS.get(name) or RESULT_SCRIPTS[name]
+    body = QUEUE_SCRIPTS.get(name) or LOOKUP_SCRIPTS.get(name) or RESULT_SCRIPTS[name]
     head, helpers = _helpers(_PRELUDE)
     needed: set[str] = set()
     text = body
@@ -643,4 +807,4 @@ def source(name: str) -> str:
             needed.add(helper)
             text += block
     kept = [block for helper, block in helpers if helper in needed]
-    return "\n\n".join([head, *kept, body])
+    return "\n\n".join([head, *kept, body] if name in QUEUE_SCRIPTS else [*kept, body])
