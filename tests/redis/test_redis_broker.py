@@ -556,17 +556,3 @@ def test_workers_register_expire_and_unregister(backend: Backend) -> None:
     broker.unregister_worker("w1")
     assert other.workers() == []
     assert backend.keys() == [], "an empty registry leaves no keys"
-
-
-def test_the_shareable_url_reaches_the_same_jobs(backend: Backend) -> None:
-    broker = backend.broker()
-    url = broker.shareable_url()
-    assert url is not None
-    assert f"prefix={backend.prefix}" in url
-    from_url = RedisBroker.from_url("redis://u:p%40ss@h:6380/4?prefix=a")
-    assert from_url.shareable_url() == "redis://u:p%40ss@h:6380/4?prefix=a"
-    if backend.kind == "redis":
-        twin = RedisBroker.from_url(url)
-        broker.enqueue([msg("q", job_id="shared")])
-        assert [d.id for d in twin.fetch(["q"], 1, lease=30, wait=0)] == ["shared"]
-        twin.close()

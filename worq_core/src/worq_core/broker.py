@@ -187,15 +187,6 @@ class Broker(ABC):
         """Every registered worker whose registration has not expired."""
         return []
 
-    def shareable_url(self) -> str | None:
-        """A URL from which another process can build an equivalent broker, or ``None``.
-
-        Used to renew leases from a separate process (:mod:`worq_core.lease_keeper`). Return
-        one only if ``type(self).from_url(url)`` reaches the same jobs (same server, database
-        and key prefix); the default ``None`` keeps lease renewal on a thread.
-        """
-        return None
-
     def stores_results_in(self, storage: Storage) -> bool:
         """Whether this broker can write records into ``storage`` atomically with settlements.
 

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Final, Self, TypeVar
 
@@ -470,31 +469,6 @@ class RedisBroker(Broker):
             and storage.prefix == self.prefix
             and server_identity(storage.client) == server_identity(self.client)
         )
-
-    @override
-    def shareable_url(self) -> str | None:
-        """This broker's URL with its key prefix, for the lease-keeper process.
-
-        ``None`` for a TLS client handed to us (its certificates cannot travel in a URL).
-        """
-        if self._owned:
-            url = self.url
-        else:
-            kw = self.client.get_connection_kwargs()
-            if kw.get("ssl") or "ssl_keyfile" in kw:
-                return None
-            user = urllib.parse.quote(kw.get("username") or "", safe="")
-            password = urllib.parse.quote(kw.get("password") or "", safe="")
-            auth = f"{user}:{password}@" if (user or password) else ""
-            if kw.get("path"):
-                url = f"unix://{auth}{kw['path']}?db={kw.get('db', 0)}"
-            else:
-                host = kw.get("host", "localhost")
-                url = f"redis://{auth}{host}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
-        base, _, query = url.partition("?")
-        params = [(k, v) for k, v in urllib.parse.parse_qsl(query) if k != "prefix"]
-        params.append(("prefix", self.prefix))
-        return f"{base}?{urllib.parse.urlencode(params)}"
 
     # -- worker registry -----------------------------------------------------------------------
 
