@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -10,6 +12,8 @@ from typing import ClassVar, Self
 from typing_extensions import override
 
 from worq_core import Storage
+
+_AsyncWaiter = tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]
 
 
 class MemoryStorage(Storage):
@@ -35,6 +39,8 @@ class MemoryStorage(Storage):
         self._records: dict[str, tuple[float, bytes]] = {}
         self._saves = 0
         self._changed = threading.Condition()
+        # The wait_async calls under way: per job id, each one's loop and the future save() sets.
+        self._async_waiters: dict[str, list[_AsyncWaiter]] = {}
 
     @override
     @classmethod
@@ -54,6 +60,10 @@ class MemoryStorage(Storage):
                 for job_id in [k for k, (exp, _) in self._records.items() if exp <= now]:
                     del self._records[job_id]
             self._changed.notify_all()
+            for job_id in records:
+                for loop, woken in self._async_waiters.pop(job_id, ()):
+                    with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                        loop.call_soon_threadsafe(_wake, woken)
 
     @override
     def delete(self, job_ids: Sequence[str]) -> None:
@@ -77,6 +87,31 @@ class MemoryStorage(Storage):
                 self._changed.wait(remaining)
             return data
 
+    @override
+    async def wait_async(self, job_id: str, timeout: float | None) -> bytes | None:
+        """:meth:`wait` on the event loop itself: a future that :meth:`save` sets; no thread."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            with self._changed:
+                data = self._get(job_id)
+                if data is not None or (deadline is not None and loop.time() >= deadline):
+                    return data
+                waiter = (loop, loop.create_future())
+                self._async_waiters.setdefault(job_id, []).append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter[1]
+            except TimeoutError:
+                pass  # one last look, then give up
+            finally:
+                with self._changed:
+                    waiters = self._async_waiters.get(job_id, [])
+                    if waiter in waiters:
+                        waiters.remove(waiter)
+                        if not waiters:
+                            del self._async_waiters[job_id]
+
     def _get(self, job_id: str) -> bytes | None:
         entry = self._records.get(job_id)
         if entry is None:
@@ -86,3 +121,8 @@ class MemoryStorage(Storage):
             del self._records[job_id]
             return None
         return data
+
+
+def _wake(woken: asyncio.Future[None]) -> None:
+    if not woken.done():
+        woken.set_result(None)
