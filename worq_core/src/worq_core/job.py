@@ -64,30 +64,33 @@ class Envelope:
         try:
             if value["v"] != ENVELOPE_VERSION:
                 raise ValueError(f"unsupported envelope version {value['v']!r}")
+            headers = value.get("h") or _NO_HEADERS
+            options = value.get("o") or _NO_HEADERS
             envelope = cls(
-                id=value["id"],
-                task=value["task"],
-                args=value["args"],
-                kwargs=value["kwargs"],
-                enqueued_at=value["at"],
-                headers=value.get("h") or _NO_HEADERS,
-                options=value.get("o") or _NO_HEADERS,
+                value["id"],
+                value["task"],
+                value["args"],
+                value["kwargs"],
+                value["at"],
+                headers,
+                options,
             )
             if not (
-                isinstance(envelope.id, str)
-                and isinstance(envelope.task, str)
-                and isinstance(envelope.args, list)
-                and isinstance(envelope.kwargs, dict)
-                and isinstance(envelope.headers, dict | MappingProxyType)
-                and isinstance(envelope.options, dict | MappingProxyType)
+                type(envelope.id) is str
+                and type(envelope.task) is str
+                and type(envelope.args) is list
+                and type(envelope.kwargs) is dict
             ):
                 raise ValueError("malformed job envelope")
-            if envelope.headers and not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in envelope.headers.items()
+            if headers is not _NO_HEADERS and not (
+                isinstance(headers, dict)
+                and all(type(k) is str and type(v) is str for k, v in headers.items())
             ):
-                raise ValueError("job headers must be strings")
-            if envelope.options:
-                check_options(envelope.options)
+                raise ValueError("job headers must be a mapping of strings to strings")
+            if options is not _NO_HEADERS:
+                if not isinstance(options, dict):
+                    raise ValueError("job options must be a mapping")
+                check_options(options)
         except (TypeError, KeyError, ValueError) as exc:
             raise DeserializationError(serializer.name, f"not a worq job: {exc!r}") from exc
         return envelope

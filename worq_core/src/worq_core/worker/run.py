@@ -15,22 +15,25 @@ if TYPE_CHECKING:
     from worq_core.task import Task
 
 
-class RunState(enum.Enum):
-    """Where a run is; it only moves along the transitions in :data:`NEXT`."""
+class RunState(enum.IntEnum):
+    """Where a run is; it only moves along the transitions in :data:`NEXT`.
 
-    TAKEN = "taken"
+    An ``IntEnum`` because transitions are checked on every job: its members hash as ints.
+    """
+
+    TAKEN = 1
     """Fetched and leased; being decoded and checked, or waiting for its executor."""
-    RUNNING = "running"
+    RUNNING = 2
     """Its task's code has started."""
-    DECIDED = "decided"
+    DECIDED = 3
     """Its outcome is chosen (by its own thread, the watchdog, or shutdown), not yet sent."""
-    PARKED = "parked"
+    PARKED = 4
     """Its settlement waits for its slot thread to send it with the next fetch."""
-    SENT = "sent"
+    SENT = 5
     """Its settlement is queued for, or on its way to, the broker."""
-    DROPPED = "dropped"
+    DROPPED = 6
     """Given up (lease lost, or the record could not be stored): its lease runs out."""
-    DONE = "done"
+    DONE = 7
     """The broker answered its settlement."""
 
 
@@ -46,6 +49,9 @@ NEXT: dict[RunState, frozenset[RunState]] = {
 
 #: States in which the worker still holds the lease and must renew it.
 HOLDING = frozenset({RunState.TAKEN, RunState.RUNNING, RunState.DECIDED, RunState.PARKED})
+
+
+_NO_RETRY_POLICY = RetryPolicy()  # until take() sets the task's (shared: a frozen value)
 
 
 class InvalidTransition(RuntimeError):
@@ -89,7 +95,7 @@ class Run:
         self.decision: Decision | None = None
         self.timeout: float | None = None
         self.max_retries = 0
-        self.retry = RetryPolicy()
+        self.retry = _NO_RETRY_POLICY
         self.deadline: float | None = None
         """When the watchdog fails the run (monotonic); set when its code starts."""
         self.holds_slot = False
@@ -100,7 +106,7 @@ class Run:
         self.future: Any = None
 
     def __repr__(self) -> str:
-        return f"<Run {self.delivery.id} {self.task_name} {self.state.value}>"
+        return f"<Run {self.delivery.id} {self.task_name} {self.state.name.lower()}>"
 
     @property
     def task_name(self) -> str:
@@ -119,5 +125,5 @@ class Run:
     def move(self, state: RunState) -> None:
         """Move to ``state``; raises :class:`InvalidTransition` if the machine forbids it."""
         if state not in NEXT[self.state]:
-            raise InvalidTransition(f"{self!r} cannot move to {state.value}")
+            raise InvalidTransition(f"{self!r} cannot move to {state.name.lower()}")
         self.state = state

@@ -71,6 +71,8 @@ class SettlePath:
         self.direct = False
         self.broker_stores_results = app.broker_stores_results
         self.checks_cancel = Capability.CANCEL in app.broker.capabilities
+        stack = app.middleware
+        self.plain = not stack.decides and not stack.after_settles
         # A single slot sends its own settlement with the fetch of its next job.
         self.pulls = worker.settings.concurrency == 1 and worker.settings.max_jobs is None
 
@@ -96,6 +98,16 @@ class SettlePath:
                 return False
             run.move(RunState.DECIDED)
         try:
+            if error is None and dead is None and self.plain and not run.cancelled:
+                # The common case, kept lean: no middleware reads a Decision, so none is made.
+                try:
+                    record = encode_success(worker.app.serializer, value)
+                except SerializationError as exc:
+                    dead = ErrorInfo.from_exception(exc)
+                else:
+                    worker.count("succeeded")
+                    self._send(run, Settlement(run.delivery, Outcome.ACK), record, pull)
+                    return True
             decision = (
                 Decision(JobStatus.DEAD, error=dead)
                 if dead is not None
