@@ -101,12 +101,12 @@ class SettlePath:
             if error is None and dead is None and self.plain and not run.cancelled:
                 # The common case, kept lean: no middleware reads a Decision, so none is made.
                 try:
-                    record = encode_success(worker.app.serializer, value)
+                    result = encode_success(worker.app.serializer, value)
                 except SerializationError as exc:
                     dead = ErrorInfo.from_exception(exc)
                 else:
                     worker.count("succeeded")
-                    self._send(run, Settlement(run.delivery, Outcome.ACK), record, pull)
+                    self._send(run, Settlement(run.delivery, Outcome.ACK), result, pull)
                     return True
             decision = (
                 Decision(JobStatus.DEAD, error=dead)
