@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 from worq_core.context import JobContext
 from worq_core.context import _current as _current_job
 from worq_core.errors import PayloadTooLarge, TaskError
-from worq_core.job import Envelope, Job
+from worq_core.job import _NO_HEADERS, Envelope, Job
 from worq_core.middleware import EnqueueRequest
 from worq_core.models import Message
 from worq_core.retry import RetryPolicy
@@ -211,6 +211,7 @@ class BoundTask(Generic[P, R]):
     def __init__(self, task: Task[P, R], send: SendOptions) -> None:
         self.task = task
         self.send = send
+        self._job_options = send.job_options() or _NO_HEADERS
 
     def options(self, **overrides: Any) -> BoundTask[P, R]:
         """Further overrides on top of these (headers are merged)."""
@@ -297,10 +298,9 @@ class BoundTask(Generic[P, R]):
             if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
                 raise TaskError(f"middleware set headers that are not all strings: {headers!r}")
         now = time.time()
-        options = (
-            send.job_options() if send.timeout or send.max_retries is not None or send.retry else {}
+        envelope = Envelope(
+            job_id, task.name, args, kwargs, now, headers or _NO_HEADERS, self._job_options
         )
-        envelope = Envelope(job_id, task.name, args, kwargs, now, headers or {}, options)
         body = envelope.encode(app.serializer)
         if len(body) > app.max_payload:
             raise PayloadTooLarge(app.serializer.name, len(body), app.max_payload)
