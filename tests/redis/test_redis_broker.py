@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from redis_support import Backend, counting_client, delete_prefix, keyslot, new_prefix
+from redis_support import Backend, Clock, counting_client, delete_prefix, keyslot, new_prefix
 
 from worq_core import (
     BrokerConnectionError,
@@ -30,16 +30,6 @@ from worq_core.registry import Registry
 from worq_core.serializers import MsgpackSerializer
 from worq_redis import RedisBroker, RedisSettings, RedisStorage, lua
 from worq_redis.connection import redact
-
-
-class Clock:
-    """A hand-driven clock for the scripts' time override."""
-
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def msg(queue: str, job_id: str | None = None, **kwargs: object) -> Message:

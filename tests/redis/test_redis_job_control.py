@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import redis
-from redis_support import Backend, new_prefix
+from redis_support import Backend, Clock, new_prefix
 
 from worq_core import BrokerError, JobStatus, StorageError
 from worq_core.models import (
@@ -29,16 +29,6 @@ from worq_core.models import (
 )
 from worq_redis import ClusterNotSupported, RedisBroker, RedisSettings, RedisStorage
 from worq_redis.connection import SCRIPTS, ids_key, queue_keys
-
-
-class Clock:
-    """A hand-driven clock for the scripts' time override."""
-
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def msg(queue: str, job_id: str, body: bytes = b"body", **kwargs: Any) -> Message:

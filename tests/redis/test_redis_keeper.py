@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from redis_support import delete_prefix, new_prefix
+from redis_support import children, delete_prefix, new_prefix
 
 from worq_core import JobStatus, Worq
 from worq_redis import RedisBroker
@@ -87,21 +87,6 @@ class KeeperRun:
             self.proc.communicate(timeout=15)
         delete_prefix(self.client, self.prefix)
         self.client.close()
-
-
-def children(pid: int) -> list[int]:
-    """Process ids whose parent is ``pid`` (from /proc; no process names involved)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from redis_support import RedisServer, delete_prefix, new_prefix
+from redis_support import RedisServer, children, delete_prefix, new_prefix
 
 from worq_core import JobFailed, JobStatus, Worq
 
@@ -57,21 +57,6 @@ class Runtime:
         self.procs.append(proc)
         return proc
 
-    def children(self, pid: int) -> list[int]:
-        """Process ids whose parent is ``pid`` (from /proc, no process names involved)."""
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(entry))
-        return found
-
     def ledger(self, name: str) -> list[bytes]:
         return list(self.client.lrange(f"{self.log}:{name}", 0, -1))
 
@@ -84,7 +69,7 @@ class Runtime:
     def cleanup(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
-                for child in self.children(proc.pid):
+                for child in children(proc.pid):
                     os.kill(child, signal.SIGKILL)
                 os.kill(proc.pid, signal.SIGKILL)
             proc.communicate(timeout=15)
@@ -129,7 +114,7 @@ def test_chaos_sigkill_a_worker_every_second_and_lose_nothing(runtime: Runtime) 
         assert time.monotonic() < deadline, "the jobs did not all run"
         assert supervisor.poll() is None, supervisor.communicate()[1][-3000:]
         time.sleep(1.0)  # the chaos schedule: one SIGKILL a second
-        workers = runtime.children(supervisor.pid)
+        workers = children(supervisor.pid)
         if workers and len(set(runtime.ledger("ledger"))) < total:
             os.kill(workers[kills % len(workers)], signal.SIGKILL)
             kills += 1

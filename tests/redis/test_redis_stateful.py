@@ -24,7 +24,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from redis_support import Backend, delete_prefix, new_prefix
+from redis_support import Backend, Clock, delete_prefix, new_prefix
 
 from worq_core.models import Delivery, Message, Outcome, Settlement
 from worq_memory import MemoryBroker, MemoryStorage
@@ -36,14 +36,6 @@ DEAD_MAX_AGE = 8.0
 RECORD_TTL = 3600.0  # records never expire during a run (Redis keeps real time for TTLs)
 STATE_SETS = {"q": "ready", "s": "delayed", "r": "delayed", "l": "leased", "d": "dead"}
 records = st.one_of(st.none(), st.binary(max_size=4))
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
