@@ -6,8 +6,7 @@ Each ``type: ignore[code]`` marks a line that must stay a type error; with
 
 from __future__ import annotations
 
-from worq_core import Job, JobStatus, Progress, RetryPolicy, Task, Worq, current_job
-from worq_core.task import AsyncTask
+from worq_core import AsyncTask, Job, JobStatus, Progress, RetryPolicy, Task, Worq, current_job
 
 app = Worq("memory://")
 

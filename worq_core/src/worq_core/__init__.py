@@ -63,12 +63,13 @@ from worq_core.registry import PluginLoadWarning, Registry, default_registry
 from worq_core.retry import RetryPolicy
 from worq_core.serializer import Serializer
 from worq_core.storage import Storage
-from worq_core.task import BoundTask, Task, TaskArgumentsError
+from worq_core.task import AsyncTask, BoundTask, Task, TaskArgumentsError
 from worq_core.worker import ExitReason, Service, Worker, WorkerSettings
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncTask",
     "BoundTask",
     "Broker",
     "BrokerConnectionError",
