@@ -157,7 +157,9 @@ class BrokerModel(RuleBasedStateMachine):
             return
         self.record(delivery.id, data, ttl)
         job = self.jobs[delivery.id]
-        job.token, job.progress, job.cancel_requested = "", None, False
+        job.token, job.progress = "", None
+        if outcome is not Outcome.RETRY:
+            job.cancel_requested = False
         if outcome is Outcome.ACK:
             del self.jobs[delivery.id]
         elif outcome is Outcome.RETRY:

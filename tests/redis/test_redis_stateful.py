@@ -253,7 +253,7 @@ class Machine(RuleBasedStateMachine):
                 assert attempts == self.memory._jobs[job_id].attempts
                 assert ("p" in flags) == (job_id in progress), (job_id, packed)
                 assert "p" not in flags or state == "l", "progress only while leased"
-                assert "c" not in flags or state in "lq", "a cancel request ends at settlement"
+                assert "c" not in flags or state in "lqr", "a cancel request ends unless retried"
                 assert job_id not in seen, f"{job_id} in queues {seen.get(job_id)} and {queue}"
                 seen[job_id] = queue
             for ids in members.values():

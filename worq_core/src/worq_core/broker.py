@@ -148,7 +148,9 @@ class Broker(ABC):
         app's storage) is written with ``ttl`` in the same step. A running job is flagged:
         :attr:`CancelOutcome.REQUESTED`; :meth:`extend` then answers
         :attr:`LeaseState.CANCELLING` for its lease, and a later delivery of it (after its
-        lease expired) has :attr:`Delivery.cancel_requested`. A dead or unknown job:
+        lease expired, a release, or a RETRY settlement: the flag outlives all three, and
+        ends only when the job is acknowledged or dead-lettered) has
+        :attr:`Delivery.cancel_requested`. A dead or unknown job:
         :attr:`CancelOutcome.NOT_FOUND`, nothing changes. The default raises
         :class:`~worq_core.errors.BrokerError`: worq-core checks the capability first.
         """

@@ -185,12 +185,11 @@ def _serve(
                 if message is None:
                     return
                 liveness.heard_from()
-                known = {d.token for d in held}
                 held = [Delivery(i, q, b"", t, a) for i, q, t, a in message[0]]
                 progress.update(message[1])
-                if not message[1] and known.issuperset(d.token for d in held):
-                    continue
-                # New leases, or progress to publish: renew now rather than at the next beat.
+                if not message[1]:
+                    continue  # a fresh lease runs a whole lease: the next beat renews it
+                # Progress to publish: renew now rather than at the next beat.
             next_beat = time.monotonic() + interval
             if not held or not liveness.making_progress():
                 renewed_at = time.monotonic()

@@ -57,7 +57,7 @@ class _Job:
     reason: str = ""
     died_at: float = 0.0
     progress: bytes | None = None  # only while RUNNING
-    cancel_requested: bool = False  # set by cancel() while RUNNING, dropped when settled
+    cancel_requested: bool = False  # set by cancel() while RUNNING, kept until it ends
 
 
 class MemoryBroker(Broker):
@@ -227,7 +227,8 @@ class MemoryBroker(Broker):
                 if settlement.record is not None and self.storage is not None:
                     self.storage.save({job.message.id: settlement.record}, settlement.ttl)
                 self._unlease(job)
-                job.cancel_requested = False
+                if settlement.outcome is not Outcome.RETRY:  # a retry keeps a cancel request
+                    job.cancel_requested = False
                 if settlement.outcome is Outcome.ACK:
                     self._forget(job)
                 elif settlement.outcome is Outcome.RETRY:

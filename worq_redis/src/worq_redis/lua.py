@@ -228,7 +228,8 @@ end
 -- Apply checked settlements ARGV[first .. last]: 1 per applied one, 0 per refused one.
 --   id, token, outcome (a|r|d), delay, reason, result key index (0: none), ttl ms, record
 -- KEYS[k], KEYS[k+1], KEYS[k+2]: a job's result, waiting marker and wake-up list; the record is
--- written whatever the outcome. A settled job's progress and requested cancel are done with.
+-- written whatever the outcome. A settled job's progress is done with, and so is a requested
+-- cancel unless the job is retried (its next delivery then carries the request).
 local function apply_settlements(now, first, last, max_count, max_age)
   local out = {}
   local died = false
@@ -244,7 +245,9 @@ local function apply_settlements(now, first, last, max_count, max_age)
         forget(id, j)
       else
         drop_progress(id, j)
-        j.fl = ""
+        if outcome ~= "r" then
+          j.fl = ""  -- a retry keeps a cancel request: its next delivery carries it
+        end
         redis.call("HSET", K_REASON, id, ARGV[i + 4])
         if outcome == "r" then
           j.st = "r"

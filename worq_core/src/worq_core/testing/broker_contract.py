@@ -643,7 +643,9 @@ class BrokerContract(BrokerCases):
         assert broker.settle([Settlement(untouched, Outcome.ACK)]) == [True]
 
     @requires(Capability.CANCEL)
-    def test_settling_a_job_drops_its_cancel_request(self, broker: Broker, queue: str) -> None:
+    def test_a_retry_keeps_a_cancel_request_for_the_next_delivery(
+        self, broker: Broker, queue: str
+    ) -> None:
         msg = message(queue)
         broker.enqueue([msg])
         first = fetch_one(broker, queue)
@@ -651,11 +653,24 @@ class BrokerContract(BrokerCases):
         assert broker.settle([Settlement(first, Outcome.RETRY, 0, "ValueError: x")]) == [True]
         state = broker.job_state(msg.id)
         assert state is not None
-        assert not state.cancel_requested
+        assert state.cancel_requested, "a retry must not forget that the job was cancelled"
         [second] = broker.fetch([queue], 1, lease=LEASE, wait=WAIT)
-        assert not second.cancel_requested
-        assert broker.extend([second], LEASE) == [LeaseState.HELD]
-        broker.settle([Settlement(second, Outcome.ACK)])
+        assert second.cancel_requested
+        assert broker.settle([Settlement(second, Outcome.ACK)]) == [True]
+        assert broker.job_state(msg.id) is None
+
+    @requires(Capability.CANCEL, Capability.DEAD_LETTER)
+    def test_dead_lettering_a_job_drops_its_cancel_request(
+        self, broker: Broker, queue: str
+    ) -> None:
+        msg = message(queue)
+        broker.enqueue([msg])
+        first = fetch_one(broker, queue)
+        broker.cancel(msg.id)
+        assert broker.settle([Settlement(first, Outcome.DEAD, 0, "ValueError: x")]) == [True]
+        state = broker.job_state(msg.id)
+        assert state is not None
+        assert (state.status, state.cancel_requested) == (JobStatus.DEAD, False)
 
     @requires(Capability.CANCEL)
     def test_a_cancelled_job_whose_lease_expires_is_delivered_again_with_cancel_requested(

@@ -826,3 +826,30 @@ class WorkerContract(BrokerCases):
             with pytest.raises(JobCancelled):
                 job.result(timeout=RESULT_WAIT)
         assert runs == [1]
+
+    @requires(Capability.CANCEL)
+    def test_a_cancelled_job_put_back_at_shutdown_never_runs_again(
+        self, app: Worq, queue: str
+    ) -> None:
+        started, release = threading.Event(), threading.Event()
+        runs: list[int] = []
+
+        @app.task(queue=queue, max_retries=3)
+        def ignores_cancel() -> None:
+            runs.append(1)
+            started.set()
+            release.wait(RESULT_WAIT)  # never looks at current_job().cancelled
+
+        job = ignores_cancel.enqueue()
+        worker = self.worker(app, queue, heartbeat=0.05, grace=0.2)
+        try:
+            with running(worker):
+                assert started.wait(RESULT_WAIT)
+                assert job.cancel() is True
+        finally:
+            release.set()
+        assert worker.exit_reason is ExitReason.ABORTED, "the grace period ran out"
+        self.worker(app, queue).run(burst=True)
+        with pytest.raises(JobCancelled):
+            job.result(timeout=RESULT_WAIT)
+        assert runs == [1], "put back as a retry, it still ended cancelled without a second run"

@@ -96,7 +96,6 @@ class Worker:
         self._loop: AsyncExecutor | None = None
         self._leases: LeaseService | None = None
         self._watchdog = Watchdog(self)
-        self._keeper_in_use = False
         self._parent = os.getppid()
         self._rng = random.Random()
 
@@ -219,7 +218,6 @@ class Worker:
             log.warning("leases renewed by a thread: the lease keeper failed to start: %s", exc)
             return thread
         log.info("leases renewed by a separate process")
-        self._keeper_in_use = True
         return KeeperRenewer(keeper)
 
     # -- fetching ----------------------------------------------------------------------------
@@ -282,19 +280,21 @@ class Worker:
                 log.info("broker reachable again")
                 backoff = 0.0
             settle.settled(settlements, applied)
+            if deliveries and self._stopping.is_set():
+                # A stop came while the fetch was blocked: these jobs were never started.
+                self._release(deliveries)
+                deliveries = []
             taken = [run for d in deliveries if (run := self.take(d)) is not None]
-            if taken and self._keeper_in_use:
-                self._hand_to_keeper()
+            if taken and self._leases is not None and self._leases.by_keeper:
+                self._leases.renew()  # before they start: one holding the GIL would starve it
             for run in taken:
                 self._launch(run)
 
-    def _hand_to_keeper(self) -> None:
-        """Tell the keeper of new leases before their jobs start.
-
-        A job holding the GIL from its first instruction would starve a later hand-over.
-        """
-        assert self._leases is not None
-        self._leases.renew()
+    def _release(self, deliveries: list[Delivery]) -> None:
+        try:
+            self.app.broker.release(deliveries)
+        except Exception as exc:  # noqa: BLE001 - their leases run out instead
+            log.warning("handing back %d unstarted jobs failed: %s", len(deliveries), exc)
 
     def _budget(self) -> int:
         """Jobs this worker may still fetch (``max_jobs``); called with the lock held."""
@@ -487,14 +487,14 @@ class Worker:
             return None
         if deliveries and self._stopping.is_set():
             # A stop came while the call was on its way: this job was never started.
-            self.app.broker.release(deliveries)
+            self._release(deliveries)
             deliveries = []
         # Take the next run on before the finished one leaves: a shutdown counting what is
         # pending must never see neither.
         following = self.take(deliveries[0], slot_of=run) if deliveries else None
         self.settle.settled([settlement], applied)
-        if following is not None and self._keeper_in_use:
-            self._hand_to_keeper()
+        if following is not None and self._leases is not None and self._leases.by_keeper:
+            self._leases.renew()
         return following
 
     async def _run_async(self, run: Run) -> None:
@@ -564,19 +564,19 @@ class Worker:
 
     # -- what services and the settle path call ----------------------------------------------
 
-    def decide(
-        self, run: Run, *, error: BaseException | None = None, info: ErrorInfo | None = None
-    ) -> bool:
-        """Decide a run from outside its thread (the watchdog); see :meth:`SettlePath.decide`."""
-        return self.settle.decide(run, error=error, info=info)
+    def time_out(self, run: Run, error: BaseException) -> bool:
+        """Fail a run past its deadline and give up on its code; ``False`` if it finished first.
 
-    def abandon(self, run: Run) -> None:
-        """Give up on a run whose code does not return: its slot goes to a fresh thread."""
-        with self.lock:
-            run.abandoned = True
+        The run is marked abandoned in the same step that decides it, so its thread, should
+        the code return now, retires instead of serving on beside its replacement.
+        """
+        info = ErrorInfo.from_exception(error)
+        if not self.settle.decide(run, error=error, info=info, abandon=True):
+            return False
         self._free_slot(run)
         if run.task is not None and not run.task.is_async:
             self._threads.grow()
+        return True
 
     def cancel_run(self, run: Run) -> None:
         """Tell a running job that it was cancelled (its lease renewal said so)."""

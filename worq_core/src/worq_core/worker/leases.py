@@ -117,6 +117,11 @@ class LeaseService(Service):
         if runner is not None:
             runner.wake(self, max(time.monotonic(), self.last_tick + PROGRESS_INTERVAL))
 
+    @property
+    def by_keeper(self) -> bool:
+        """Whether the lease-keeper process renews (it must hear of new leases at once)."""
+        return isinstance(self.renewer, KeeperRenewer)
+
     def renew(self) -> None:
         """Renew now (also called by the fetch loop before new jobs start, for the keeper)."""
         with self._lock:  # the service thread and the fetch loop may both renew
@@ -146,6 +151,7 @@ class LeaseService(Service):
             run.progress_sent = report
         if states is None:
             log.error("the lease keeper process is gone; renewing leases from a thread")
+            self.renewer.close()
             self.renewer = ThreadRenewer(worker.app.broker, worker.settings.lease)
             self._renew()
             return

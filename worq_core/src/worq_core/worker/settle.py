@@ -85,8 +85,11 @@ class SettlePath:
         info: ErrorInfo | None = None,
         dead: ErrorInfo | None = None,
         pull: bool = False,
+        abandon: bool = False,
     ) -> bool:
         """Choose the outcome, store the record and settle; at most once per run.
+
+        With ``abandon`` (a timeout) the run is also marked abandoned as it is decided.
 
         Returns whether this call decided (``False``: the watchdog or shutdown came first).
         Never raises: whatever goes wrong, the job is either settled or dropped so that its
@@ -97,6 +100,7 @@ class SettlePath:
             if run.state is not RunState.TAKEN and run.state is not RunState.RUNNING:
                 return False
             run.move(RunState.DECIDED)
+            run.abandoned = abandon
         try:
             if error is None and dead is None and self.plain and not run.cancelled:
                 # The common case, kept lean: no middleware reads a Decision, so none is made.
@@ -128,7 +132,12 @@ class SettlePath:
             self._send(run, settlement, record, pull)
         except Exception:
             log.exception("job %s: settling failed; its lease will run out", run.delivery.id)
-            self.drop(run)
+            with worker.lock:
+                state: RunState = run.state  # moved on since the check above
+            if (
+                state is RunState.DECIDED
+            ):  # once sent, the broker's answer (or the lease) settles it
+                self.drop(run)
         return True
 
     def _cancelled_meanwhile(self, run: Run, decision: Decision) -> Decision:

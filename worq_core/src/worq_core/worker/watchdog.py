@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 from typing_extensions import override
 
 from worq_core.errors import TaskTimeoutError
-from worq_core.job import ErrorInfo
 from worq_core.worker.run import RunState
 from worq_core.worker.services import Service
 from worq_core.worker.settings import ExitReason
@@ -46,7 +45,7 @@ class Watchdog(Service):
             assert run.task is not None
             assert run.timeout is not None
             exc = TaskTimeoutError(run.task.name, run.timeout)
-            if not worker.decide(run, error=exc, info=ErrorInfo.from_exception(exc)):
+            if not worker.time_out(run, exc):
                 continue  # it finished just in time
             worker.job_log(
                 logging.ERROR,
@@ -55,7 +54,6 @@ class Watchdog(Service):
                 run.timeout,
                 "task" if run.task.is_async else "thread",
             )
-            worker.abandon(run)
             if worker.settings.recycle_when_stuck:
                 worker.retire(ExitReason.STUCK)
         deadlines = [r.deadline for r in running if r.deadline is not None and r.deadline > now]
