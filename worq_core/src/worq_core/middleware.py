@@ -164,6 +164,3 @@ class MiddlewareStack:
             if not isinstance(decision, Decision):
                 raise TypeError(f"{hook!r} returned {decision!r}, not a Decision")
         return decision
-
-
-EMPTY_STACK = MiddlewareStack(())

@@ -52,9 +52,6 @@ QUEUE_KEY_SUFFIXES: Final = (
 
 ``KEYS[11]`` is the prefix's job-id index, and result keys (when a script takes any) follow it."""
 
-IDS_KEY_INDEX: Final = len(QUEUE_KEY_SUFFIXES) + 1
-"""Where a queue script finds the job-id index in ``KEYS``."""
-
 NOTIFY_TTL_MS: Final = 10_000
 """How long a result's wake-up list lives; waiters blocked at that moment are served at once."""
 

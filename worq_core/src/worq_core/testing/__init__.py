@@ -15,7 +15,12 @@ Install with ``pip install worq-core[testing]`` and subclass the contracts in yo
 :class:`BrokerContract` needs a ``broker`` fixture, :class:`StorageContract` a ``storage``
 fixture, :class:`SerializerContract` a ``serializer`` fixture, and :class:`WorkerContract` (whole
 jobs through a real worker) both ``broker`` and ``storage``. Cases that need a
-:class:`~worq_core.Capability` your broker does not declare are skipped.
+:class:`~worq_core.Capability` your broker does not declare are skipped; a broker with
+:attr:`~worq_core.Capability.RESULTS` also needs a ``storage`` fixture for BrokerContract (the
+storage it writes records into).
+
+For your own app's tests, :func:`in_memory` points an app at the memory broker and its
+:class:`Drainer` runs the queued jobs (see ``docs/testing.md``).
 
 The contract modules are imported lazily so that worq-core's pytest plugin can register them
 for assertion rewriting before they load.

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("worq.worker")
 
 _CANCELLED = ErrorInfo("worq.JobCancelled", "the job was cancelled")
-_FAILED = frozenset({JobStatus.RETRYING, JobStatus.DEAD})
 
 
 def verdict(run: Run, value: Any, error: BaseException | None, info: ErrorInfo | None) -> Decision:
@@ -117,7 +116,9 @@ class SettlePath:
                 if dead is not None
                 else verdict(run, value, error, info)
             )
-            if decision.status in _FAILED and self.checks_cancel and not run.cancelled:
+            # A retry needs no check: the broker keeps a cancel request across it, so the next
+            # delivery ends the job. Dead-lettering would drop the request, so ask first.
+            if decision.status is JobStatus.DEAD and self.checks_cancel and not run.cancelled:
                 decision = self._cancelled_meanwhile(run, decision)
             stack = worker.app.middleware
             if stack.decides and run.context is not None:
@@ -141,10 +142,10 @@ class SettlePath:
         return True
 
     def _cancelled_meanwhile(self, run: Run, decision: Decision) -> Decision:
-        """A failed run asks the broker whether it was cancelled since the last renewal.
+        """A run about to be dead-lettered asks whether it was cancelled since its last renewal.
 
-        One round trip, on the failure path only: a cancelled job must not be retried or
-        dead-lettered just because it failed before its worker heard of the cancellation.
+        One round trip, on that path only: a cancelled job must not be dead-lettered just
+        because it failed before its worker heard of the cancellation.
         """
         try:
             state = self.worker.app.broker.job_state(run.delivery.id)
