@@ -48,6 +48,7 @@ from worq_core.middleware import Decision, EnqueueRequest, Middleware
 from worq_core.models import (
     CancelOutcome,
     Capability,
+    ConcurrencyLimit,
     DeadJob,
     Delivery,
     JobState,
@@ -56,7 +57,10 @@ from worq_core.models import (
     Message,
     Outcome,
     QueueStats,
+    RateLimit,
     Settlement,
+    UniqueKey,
+    UniqueUntil,
     WorkerInfo,
 )
 from worq_core.registry import PluginLoadWarning, Registry, default_registry
@@ -76,6 +80,7 @@ __all__ = [
     "BrokerError",
     "CancelOutcome",
     "Capability",
+    "ConcurrencyLimit",
     "DeadJob",
     "Decision",
     "Delivery",
@@ -100,6 +105,7 @@ __all__ = [
     "PluginLoadWarning",
     "Progress",
     "QueueStats",
+    "RateLimit",
     "Registry",
     "Reject",
     "ResultTimeout",
@@ -116,6 +122,8 @@ __all__ = [
     "TaskArgumentsError",
     "TaskError",
     "TaskTimeoutError",
+    "UniqueKey",
+    "UniqueUntil",
     "UnknownPluginError",
     "UnknownTaskError",
     "UnsupportedError",

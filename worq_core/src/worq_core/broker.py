@@ -140,6 +140,44 @@ class Broker(ABC):
         """
         return self.job_state(job_id), storage.load(job_id)
 
+    def enqueue_unique(self, messages: Sequence[Message]) -> list[str | None]:
+        """:meth:`enqueue`, honouring :attr:`Message.unique`; only for :attr:`Capability.UNIQUE`.
+
+        All or nothing, in one atomic step like :meth:`enqueue`. Per message: ``None`` if it
+        was added; otherwise the id of the job that stands for it, and nothing is added: its
+        own id when that id is already held, else the id of the job holding its unique key in
+        its queue. A key is held from the enqueue that adds its job until that job reaches
+        :attr:`UniqueKey.until` (``STARTED``: its first fetch; ``DONE``: acknowledged,
+        dead-lettered or cancelled), then for :attr:`UniqueKey.hold_for` seconds more, and
+        never longer than the broker holds the job (a purged or trimmed job frees its key).
+        A message added in the batch holds its key for the messages after it. Messages
+        without ``unique`` are plain enqueues. The default raises
+        :class:`~worq_core.errors.BrokerError`: worq-core checks the capability first.
+        """
+        raise BrokerError(f"the {self.name} broker cannot enqueue unique jobs")
+
+    def fire_schedule(
+        self, schedule: str, tick: float, last: float | None, message: Message | None
+    ) -> bool:
+        """Fire one tick of a schedule; only for :attr:`Capability.SCHEDULES`.
+
+        A compare-and-set on the schedule's recorded last fire, in one atomic step with the
+        enqueue: if the record equals ``last`` (``None``: the schedule has no record yet), it
+        becomes ``tick`` and ``message`` (if not ``None``) is enqueued as
+        :meth:`enqueue_unique` would (a held id or unique key adds nothing, and the tick still
+        counts as fired); returns ``True``. Otherwise nothing changes and it returns ``False``.
+        Times are Unix seconds, compared exactly. The default raises
+        :class:`~worq_core.errors.BrokerError`: worq-core checks the capability first.
+        """
+        raise BrokerError(f"the {self.name} broker cannot keep schedules")
+
+    def schedule_fires(self, schedules: Sequence[str] | None = None) -> dict[str, float]:
+        """The recorded last fire of each of ``schedules`` that has one (``None``: all).
+
+        Only for :attr:`Capability.SCHEDULES`; the default knows none.
+        """
+        return {}
+
     def cancel(self, job_id: str, record: bytes | None = None, ttl: float = 0.0) -> CancelOutcome:
         """Cancel a job, atomically, wherever it is; only for :attr:`Capability.CANCEL`.
 

@@ -54,6 +54,16 @@ class Capability(enum.StrEnum):
     RESULTS = "results"
     """Writes ``Settlement.record`` (and drops a replaced one, ``Message.clear_record``)
     itself, atomically with the state change, for a storage it :meth:`Broker.stores_results_in`."""
+    SCHEDULES = "schedules"
+    """Keeps periodic schedules' last fire times and implements :meth:`Broker.fire_schedule`:
+    recording a tick and enqueueing its job is one atomic step, so one tick fires once however
+    many workers run the scheduler."""
+    UNIQUE = "unique"
+    """Honours :attr:`Message.unique` in :meth:`Broker.enqueue_unique`: a second job with the
+    key of one still held is not added, and the holder's id is returned instead."""
+    LIMITS = "limits"
+    """Honours :attr:`Message.rate` and :attr:`Message.concurrency` at fetch: a job over its
+    limit is set aside (not delivered, not blocking the jobs behind it) until it is allowed."""
 
 
 class LeaseState(enum.StrEnum):
@@ -78,6 +88,58 @@ class CancelOutcome(enum.StrEnum):
     """The broker does not hold the job, or it is dead: nothing changed."""
 
 
+class UniqueUntil(enum.StrEnum):
+    """When a unique job lets go of its key (see :class:`UniqueKey`)."""
+
+    STARTED = "started"
+    """When it is first fetched: an equal job may be queued while it runs."""
+    DONE = "done"
+    """When it is acknowledged, dead-lettered or cancelled: no equal job while it runs."""
+
+
+@dataclass(frozen=True, slots=True)
+class UniqueKey:
+    """A unique job's key, for a broker with :attr:`Capability.UNIQUE`.
+
+    While the job holding ``key`` in its queue is held by the broker and has not reached
+    ``until``, another message with the same key in the same queue is not added. From that
+    moment the key stays taken for ``hold_for`` more seconds (still answering with the
+    holder's id), then it is free.
+    """
+
+    key: str
+    until: UniqueUntil = UniqueUntil.DONE
+    hold_for: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most ``burst`` jobs of ``key`` at once, then one per ``interval`` seconds (GCRA).
+
+    Counted per queue, across every worker, at fetch, by a broker with
+    :attr:`Capability.LIMITS`. A job over the limit gets the next free slot: it waits
+    (SCHEDULED) until then, and the slot is its own when it comes due. Over any window of
+    ``w`` seconds at most ``burst + w / interval`` jobs of the key start.
+    """
+
+    key: str
+    interval: float
+    burst: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrencyLimit:
+    """At most ``limit`` jobs of ``key`` leased at once, per queue, across every worker.
+
+    A permit is tied to the job's lease: it comes back when the job is settled or released,
+    and when its lease expires (a dead worker). A job with no permit free is set aside until
+    one is given back, then goes to the front of its queue.
+    """
+
+    key: str
+    limit: int
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """A job on its way into a broker: opaque bytes plus what the broker needs to route them."""
@@ -93,6 +155,12 @@ class Message:
     :meth:`Broker.stores_results_in` the app's storage deletes that record in the same atomic
     step that adds the job (and only if it adds it); any other broker ignores the flag, and
     worq-core clears a stale record itself."""
+    unique: UniqueKey | None = None
+    """Only through :meth:`Broker.enqueue_unique`, on a broker with :attr:`Capability.UNIQUE`."""
+    rate: RateLimit | None = None
+    """Only for a broker with :attr:`Capability.LIMITS`."""
+    concurrency: ConcurrencyLimit | None = None
+    """Only for a broker with :attr:`Capability.LIMITS`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +233,7 @@ class QueueStats:
     queue: str
     ready: int
     delayed: int
+    """Scheduled and retrying jobs not yet due, and jobs set aside by their limits."""
     running: int
     dead: int
 
