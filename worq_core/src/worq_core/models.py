@@ -232,8 +232,9 @@ class QueueStats:
 
     queue: str
     ready: int
+    """Jobs due and waiting for a worker, including jobs waiting for a concurrency permit."""
     delayed: int
-    """Scheduled and retrying jobs not yet due, and jobs set aside by their limits."""
+    """Scheduled and retrying jobs not yet due, including jobs waiting for their rate slot."""
     running: int
     dead: int
 
