@@ -66,3 +66,10 @@ def bench_seam(session: nox.Session) -> None:
     """What middleware stacks cost per job; --baseline-python PATH compares an older tree."""
     install_worq(session)
     session.run("python", "bench/seam_bench.py", *session.posargs)
+
+
+@nox.session(name="bench-limits")
+def bench_limits(session: nox.Session) -> None:
+    """Unlimited jobs' throughput with rate- and concurrency-limited jobs in the same queue."""
+    install_worq(session)
+    session.run("python", "bench/limits_bench.py", *session.posargs)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import uuid
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from typing import Any, ClassVar
 
 import redis
 
+from worq_core import Worq
 from worq_redis import RedisBroker, RedisSettings, RedisStorage
 
 DB = int(os.environ.get("WORQ_TEST_REDIS_DB", "9"))
@@ -220,3 +223,67 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] != "Z":
             found.append(int(entry))
     return found
+
+
+class Runtime:
+    """One test's broker URL, ledger and `worq worker` processes of the app in ``module``.
+
+    ``module`` (a file next to this one) reads ``WORQ_RUNTIME_URL`` (the broker URL with its
+    ``?prefix=``) and reports to the test through Redis lists under ``WORQ_RUNTIME_LOG``.
+    """
+
+    def __init__(self, base_url: str, module: str = "runtime_app") -> None:
+        self.module = module
+        self.prefix = new_prefix()
+        self.base_url = base_url
+        self.url = f"{base_url}?prefix={self.prefix}"
+        self.log = f"{self.prefix}:log"
+        self.client = redis.Redis.from_url(base_url)
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def app(self) -> Worq:
+        """The producer's side of the app module (same URL and prefix)."""
+        os.environ["WORQ_RUNTIME_URL"] = self.url
+        os.environ["WORQ_RUNTIME_LOG"] = self.log
+        sys.modules.pop(self.module, None)
+        app: Worq = importlib.import_module(self.module).app
+        return app
+
+    def worker(self, *options: str) -> subprocess.Popen[str]:
+        env = dict(os.environ, WORQ_RUNTIME_URL=self.url, WORQ_RUNTIME_LOG=self.log)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worq_core", "worker", f"{self.module}:app", *options],
+            cwd=Path(__file__).parent,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def ledger(self, name: str) -> list[bytes]:
+        return list(self.client.lrange(f"{self.log}:{name}", 0, -1))
+
+    def wait_for(self, name: str, timeout: float = 20.0) -> bytes:
+        """The next entry of list ``name`` (blocking, with a deadline)."""
+        got = self.client.blpop([f"{self.log}:{name}"], timeout=timeout)
+        assert got is not None, f"nothing arrived on {name} within {timeout}s"
+        return got[1]
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                for child in children(proc.pid):
+                    os.kill(child, signal.SIGKILL)
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=15)
+        delete_prefix(self.client, self.prefix)
+        self.client.close()
+
+
+def stop(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
+    """SIGTERM a worker (or supervisor) by pid; returns its log once it exited."""
+    os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=timeout)
+    return stderr

@@ -9,72 +9,17 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from redis_support import RedisServer, children, delete_prefix, new_prefix
+from redis_support import RedisServer, Runtime, children, stop
 
 from worq_core import JobFailed, JobStatus, Worq
 
 HERE = Path(__file__).parent
-
-
-class Runtime:
-    """One test's broker URL, ledger and `worq worker` processes."""
-
-    def __init__(self, base_url: str) -> None:
-        self.prefix = new_prefix()
-        self.base_url = base_url
-        self.url = f"{base_url}?prefix={self.prefix}"
-        self.log = f"{self.prefix}:log"
-        self.client = redis.Redis.from_url(base_url)
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def app(self) -> Worq:
-        """The producer's side of runtime_app (same URL and prefix)."""
-        os.environ["WORQ_RUNTIME_URL"] = self.url
-        os.environ["WORQ_RUNTIME_LOG"] = self.log
-        sys.modules.pop("runtime_app", None)
-        import runtime_app
-
-        return runtime_app.app
-
-    def worker(self, *options: str) -> subprocess.Popen[str]:
-        env = dict(os.environ, WORQ_RUNTIME_URL=self.url, WORQ_RUNTIME_LOG=self.log)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worq_core", "worker", "runtime_app:app", *options],
-            cwd=HERE,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def ledger(self, name: str) -> list[bytes]:
-        return list(self.client.lrange(f"{self.log}:{name}", 0, -1))
-
-    def wait_for(self, name: str, timeout: float = 20.0) -> bytes:
-        """The next entry of list ``name`` (blocking, with a deadline)."""
-        got = self.client.blpop([f"{self.log}:{name}"], timeout=timeout)
-        assert got is not None, f"nothing arrived on {name} within {timeout}s"
-        return got[1]
-
-    def cleanup(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                for child in children(proc.pid):
-                    os.kill(child, signal.SIGKILL)
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.communicate(timeout=15)
-        delete_prefix(self.client, self.prefix)
-        self.client.close()
 
 
 @pytest.fixture
@@ -82,13 +27,6 @@ def runtime(real_redis_url: str) -> Iterator[Runtime]:
     rt = Runtime(real_redis_url)
     yield rt
     rt.cleanup()
-
-
-def stop(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
-    """SIGTERM a worker (or supervisor) by pid; returns its log once it exited."""
-    os.kill(proc.pid, signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=timeout)
-    return stderr
 
 
 @pytest.mark.timeout(180)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
+from zoneinfo import ZoneInfo
 
 from worq_core.broker import Broker
 from worq_core.errors import TaskError, UnknownTaskError, UnsupportedError
 from worq_core.job import Job, encode_cancelled
+from worq_core.limits import KeyFunction, TaskLimits
 from worq_core.middleware import Middleware, MiddlewareStack
-from worq_core.models import CancelOutcome, Capability
+from worq_core.models import CancelOutcome, Capability, UniqueUntil
 from worq_core.registry import Registry, default_registry
 from worq_core.retry import RetryPolicy
+from worq_core.scheduling import Missed, Schedule, make_schedule
 from worq_core.serializer import Serializer
 from worq_core.storage import Storage
 from worq_core.task import AsyncTask, SendOptions, Task, TaskConfig
@@ -68,6 +73,8 @@ class Worq:
         if max_payload < 1:
             raise ValueError("max_payload must be positive")
         self.tasks: dict[str, Task[Any, Any]] = {}
+        self.schedules: dict[str, Schedule] = {}
+        """Every periodic schedule, by name (see :meth:`periodic` and :meth:`schedule`)."""
         self.result_ttl = result_ttl
         self.max_payload = max_payload
         self._middleware_spec = tuple(middleware)
@@ -169,6 +176,14 @@ class Worq:
         timeout: float | None = None,
         retry_on: tuple[type[BaseException], ...] = (),
         dont_retry_on: tuple[type[BaseException], ...] = (),
+        unique: bool | str | UniqueUntil = False,
+        unique_for: float = 0.0,
+        unique_key: KeyFunction | None = None,
+        rate_limit: str | None = None,
+        rate_burst: int | None = None,
+        rate_key: KeyFunction | None = None,
+        concurrency: int | None = None,
+        concurrency_key: KeyFunction | None = None,
     ) -> TaskDecorator: ...
 
     def task(
@@ -184,6 +199,14 @@ class Worq:
         timeout: float | None = None,
         retry_on: tuple[type[BaseException], ...] = (),
         dont_retry_on: tuple[type[BaseException], ...] = (),
+        unique: bool | str | UniqueUntil = False,
+        unique_for: float = 0.0,
+        unique_key: KeyFunction | None = None,
+        rate_limit: str | None = None,
+        rate_burst: int | None = None,
+        rate_key: KeyFunction | None = None,
+        concurrency: int | None = None,
+        concurrency_key: KeyFunction | None = None,
     ) -> Any:
         """Register a function (sync or ``async def``) as a task; usable bare or with options.
 
@@ -192,11 +215,32 @@ class Worq:
         With ``retry_on`` only those exceptions are retried; ``dont_retry_on`` exceptions
         dead-letter at once. A task may also raise :class:`~worq_core.Retry` (retry after a
         delay of its choosing) or :class:`~worq_core.Reject` (dead-letter now).
+
+        Enforced by the broker across every worker (see ``docs/scheduling.md``): ``unique``
+        (``True`` = ``"until_done"``, or ``"until_started"``) adds no job while an equal one
+        (same ``unique_key(*args, **kwargs)``, by default the same arguments) is held, and
+        returns that job's handle instead, for ``unique_for`` seconds more after it lets go.
+        ``rate_limit`` (``"100/m"``, ``"20/s"``, ``"5/10s"``) starts at most that many jobs per
+        period, ``rate_burst`` at once after a quiet spell (default: the count), separately
+        per ``rate_key(*args, **kwargs)`` if given. ``concurrency`` caps the jobs running at
+        once, per ``concurrency_key(*args, **kwargs)`` if given. Limits count per queue.
         """
 
         def register(function: Callable[..., Any]) -> Task[Any, Any]:
+            task_name = name or f"{function.__module__}.{function.__qualname__}"
+            limits = TaskLimits.declare(
+                task_name,
+                unique=unique,
+                unique_for=unique_for,
+                unique_key=unique_key,
+                rate_limit=rate_limit,
+                rate_burst=rate_burst,
+                rate_key=rate_key,
+                concurrency=concurrency,
+                concurrency_key=concurrency_key,
+            )
             config = TaskConfig(
-                name=name or f"{function.__module__}.{function.__qualname__}",
+                name=task_name,
                 queue=queue,
                 priority=priority,
                 max_retries=max_retries,
@@ -204,6 +248,7 @@ class Worq:
                 timeout=timeout,
                 retry_on=tuple(retry_on),
                 dont_retry_on=tuple(dont_retry_on),
+                limits=limits,
             )
             if config.name in self.tasks:
                 raise TaskError(f"a task named {config.name!r} is already registered")
@@ -213,6 +258,85 @@ class Worq:
             return task
 
         return register(fn) if fn is not None else register
+
+    def periodic(
+        self,
+        *,
+        cron: str | None = None,
+        every: timedelta | float | None = None,
+        tz: str | ZoneInfo | None = None,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        missed: Missed | str = Missed.ONCE,
+        grace: float = 60.0,
+        **task_options: Any,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a function as a task and run it on a schedule: ``@app.periodic(cron=...)``.
+
+        ``cron`` takes five fields, or six with seconds first, read in ``tz`` (a zone name,
+        default UTC); ``every`` is a fixed interval instead. ``args`` and ``kwargs`` are fixed
+        for the schedule. ``missed`` says what happens to ticks that passed while no worker
+        ran: ``"once"`` (default) fires one job for them, ``"skip"`` none. Other keywords go
+        to :meth:`task`. The function stays a task: enqueue it or add more schedules with
+        :meth:`schedule`. Every worker runs the scheduler; each tick fires once across them.
+        """
+
+        def register(function: Callable[P, R]) -> Task[P, R]:
+            task: Task[P, R] = self.task(**task_options)(function)
+            self.schedule(
+                task,
+                cron=cron,
+                every=every,
+                tz=tz,
+                args=args,
+                kwargs=kwargs,
+                name=name,
+                missed=missed,
+                grace=grace,
+            )
+            return task
+
+        return register
+
+    def schedule(
+        self,
+        task: Task[Any, Any] | str,
+        *,
+        cron: str | None = None,
+        every: timedelta | float | None = None,
+        tz: str | ZoneInfo | None = None,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        missed: Missed | str = Missed.ONCE,
+        grace: float = 60.0,
+        queue: str | None = None,
+    ) -> Schedule:
+        """Run a registered task on a schedule (see :meth:`periodic`); returns the schedule.
+
+        ``name`` defaults to the task's name (with a hash of ``args``/``kwargs`` when given,
+        and the trigger when that is taken); names are unique within the app.
+        """
+        target = self.get_task(task) if isinstance(task, str) else task
+        made = make_schedule(
+            target,
+            cron=cron,
+            every=every,
+            tz=tz,
+            args=args,
+            kwargs=kwargs,
+            name=name,
+            missed=missed,
+            grace=grace,
+            queue=queue,
+        )
+        if name is None and made.name in self.schedules:
+            made = dataclasses.replace(made, name=f"{made.name} {made.trigger.describe()}")
+        if made.name in self.schedules:
+            raise TaskError(f"a schedule named {made.name!r} is already registered")
+        self.schedules[made.name] = made
+        return made
 
     def get_task(self, name: str) -> Task[Any, Any]:
         """The task registered as ``name``; raises :class:`UnknownTaskError`."""

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -49,6 +50,7 @@ from worq_core.registry import PluginLoadWarning, default_registry
 from worq_core.supervisor import REPLACE_ME, Supervisor
 from worq_core.validation import check_queue
 from worq_core.worker import WorkerSettings
+from worq_core.worker.scheduler import iso
 
 _WEIGHT = re.compile(r":\d+$")
 
@@ -400,6 +402,13 @@ def worker_logging(level: str, fmt: str) -> Iterator[None]:
     show_default=True,
     help="json: one JSON object per line (time, level, logger, message; job_id, task, queue).",
 )
+@click.option(
+    "--scheduler/--no-scheduler",
+    default=True,
+    show_default=True,
+    help="Fire the app's periodic schedules from this worker too (safe in every worker: "
+    "each tick fires once across all of them).",
+)
 @click.option("--supervised", is_flag=True, hidden=True)
 @click.pass_obj
 def worker(
@@ -415,6 +424,7 @@ def worker(
     max_memory_per_process: int | None,
     log_level: str,
     log_format: str,
+    scheduler: bool,
     supervised: bool,
 ) -> None:
     """Run a worker until SIGTERM/SIGINT, or until idle with --burst.
@@ -438,6 +448,7 @@ def worker(
         max_memory_per_process,
         log_level,
         log_format,
+        scheduler,
     )
     shared = Capability.SHARED in app.broker.capabilities
     for option, given in (
@@ -470,6 +481,7 @@ def worker(
         broker_factory=functools.partial(app_broker, app_spec, broker),
         recycle_when_stuck=supervised,
         stop_when_orphaned=supervised,
+        scheduler=scheduler,
     )
     # The app belongs to the user's module, which may still use it: the CLI does not close it.
     with worker_logging(log_level, log_format):
@@ -509,6 +521,7 @@ def _child_command(
     max_memory: int | None,
     log_level: str,
     log_format: str,
+    scheduler: bool,
 ) -> list[str]:
     """The command line of one supervised worker process with these options."""
     command = [sys.executable, "-m", "worq_core", "worker", app_spec]
@@ -524,6 +537,8 @@ def _child_command(
         command += ["--max-jobs-per-process", str(max_jobs)]
     if max_memory is not None:
         command += ["--max-memory-per-process", str(max_memory)]
+    if not scheduler:
+        command.append("--no-scheduler")
     return command
 
 
@@ -654,6 +669,46 @@ def stats(state: CliState, app_spec: str, queues: str | None) -> None:
             f"{info.running}/{info.concurrency}",
         )
     console.print(listing)
+
+
+# -- schedule ----------------------------------------------------------------------------------
+
+
+@main.command()
+@app_argument
+@click.pass_obj
+def schedule(state: CliState, app_spec: str) -> None:
+    """List the app's periodic schedules with their last and next fire times.
+
+    The last fire is the tick the broker recorded (fired by any worker); the next is the
+    trigger's first tick after now, or after the last fire if that is later. Times are UTC.
+    """
+    app = _app(state, app_spec)
+    schedules = list(app.schedules.values())
+    console = _console()
+    if not schedules:
+        console.print("no schedules")
+        return
+    broker = app.broker
+    if Capability.SCHEDULES not in broker.capabilities:
+        raise CliError(f"the {broker.name} broker cannot keep schedules")
+    records = broker.schedule_fires([s.key for s in schedules])
+    now = time.time()
+    table = Table(title=f"schedules on {broker.name} broker {broker.url}", title_justify="left")
+    for column in ("schedule", "task", "trigger", "missed", "last fire", "next fire"):
+        table.add_column(column, no_wrap=column in ("last fire", "next fire"))
+    for item in schedules:
+        last = records.get(item.key)
+        upcoming = item.trigger.next_after(now if last is None else max(now, last))
+        table.add_row(
+            item.name,
+            item.task.name,
+            item.trigger.describe(),
+            item.missed.value,
+            "never" if last is None else iso(last),
+            iso(upcoming),
+        )
+    console.print(table)
 
 
 # -- job ---------------------------------------------------------------------------------------

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from worq_core.context import JobContext
 from worq_core.context import _current as _current_job
-from worq_core.errors import PayloadTooLarge, TaskError
+from worq_core.errors import PayloadTooLarge, TaskError, UnsupportedError
 from worq_core.job import _NO_HEADERS, Envelope, Job
+from worq_core.limits import TaskLimits, unique_key_for, unique_until
 from worq_core.middleware import EnqueueRequest
-from worq_core.models import Message
+from worq_core.models import Capability, Message, UniqueUntil
 from worq_core.retry import RetryPolicy
 from worq_core.validation import check_job_id, check_queue
 
@@ -50,6 +51,8 @@ class TaskConfig:
     """Only these exceptions are retried (all are, when empty); others dead-letter at once."""
     dont_retry_on: tuple[type[BaseException], ...] = ()
     """These exceptions dead-letter at once, whatever retries are left."""
+    limits: TaskLimits | None = None
+    """Its unique key and its global rate and concurrency limits, if it declares any."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,9 @@ class SendOptions:
     timeout: float | None = None
     max_retries: int | None = None
     retry: RetryPolicy | None = None
+    unique: UniqueUntil | None = None
+    unique_key: str | None = None
+    unique_for: float | None = None
 
     def job_options(self) -> dict[str, Any]:
         """The overrides that travel with the job, for the worker."""
@@ -133,6 +139,9 @@ class Task(Generic[P, R]):
         timeout: float | None = None,
         max_retries: int | None = None,
         retry: RetryPolicy | None = None,
+        unique: bool | str | UniqueUntil | None = None,
+        unique_key: str | None = None,
+        unique_for: float | None = None,
     ) -> BoundTask[P, R]:
         """Override options for the next enqueue: ``add.options(delay=30).enqueue(1, 2)``.
 
@@ -140,7 +149,10 @@ class Task(Generic[P, R]):
         enqueue idempotent: while a job with that id is still held (in any queue of the app),
         no second one is added. ``headers`` are string pairs the task reads from
         ``current_job().headers``. ``timeout``, ``max_retries`` and ``retry`` override the
-        task's own for this job.
+        task's own for this job. ``unique`` (``True``, ``"until_started"`` or
+        ``"until_done"``), ``unique_key`` and ``unique_for`` (seconds) make this one job
+        unique, or change the task's own unique settings: while an equal job is held, the
+        enqueue adds nothing and returns that job's handle (see ``docs/scheduling.md``).
         """
         if delay is not None and eta is not None:
             raise TaskError("give delay or eta, not both")
@@ -158,6 +170,10 @@ class Task(Generic[P, R]):
             raise TaskError("timeout must be positive")
         if max_retries is not None and max_retries < 0:
             raise TaskError("max_retries must be >= 0")
+        if unique_for is not None and unique_for < 0:
+            raise TaskError("unique_for must not be negative")
+        if unique_key is not None and not (isinstance(unique_key, str) and unique_key):
+            raise TaskError("unique_key must be a non-empty string")
         send = SendOptions(
             queue,
             priority,
@@ -168,6 +184,9 @@ class Task(Generic[P, R]):
             timeout,
             max_retries,
             retry,
+            unique_until(unique),
+            unique_key,
+            unique_for,
         )
         return BoundTask(self, send)
 
@@ -223,33 +242,41 @@ class BoundTask(Generic[P, R]):
         )
 
     def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
-        """Send one job with these options."""
+        """Send one job with these options.
+
+        A unique job whose key is held returns the handle of the job that holds it.
+        """
         message, job = self._prepare(list(args), dict(kwargs), self.send.job_id)
-        self._send(message)
-        return job
+        return self._standing(job, self._send(message))
 
     async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """:meth:`enqueue` for asyncio code; the broker call runs on a thread."""
         message, job = self._prepare(list(args), dict(kwargs), self.send.job_id)
-        await asyncio.to_thread(self._send, message)
-        return job
+        return self._standing(job, await asyncio.to_thread(self._send, message))
 
-    def _send(self, message: Message) -> None:
+    def _standing(self, job: Job[R], holder: str | None) -> Job[R]:
+        """``job``, or a handle on ``holder``: the equal job that stands for it."""
+        if holder is None or holder == job.id:
+            return job
+        return Job(job.app, holder, job.queue, job.task_name)
+
+    def _send(self, message: Message) -> str | None:
+        """Send one message; ``None`` if it was added, else the id of the job standing for it."""
         app = self.task.app
-        if not message.clear_record:
-            app.broker.enqueue([message])
-            return
-        if app.broker_stores_results:
-            app.broker.enqueue([message])  # drops an old record of the id in the same step
-            return
+        sent_at = time.time()
+        if message.unique is not None:
+            [holder] = app.broker.enqueue_unique([message])
+        else:
+            holder = None if app.broker.enqueue([message]) == [True] else message.id
+        if not message.clear_record or holder is not None or app.broker_stores_results:
+            return holder  # a broker that stores results dropped an old record in the same step
         # A separate storage: an earlier run of this id may have left a record, which must not
         # answer for the new run. It is deleted only if the id was added (a job still held
         # keeps its record) and only if it is older than this enqueue (never the new run's).
-        sent_at = time.time()
-        if app.broker.enqueue([message]) == [True]:
-            old = app.storage.load(message.id)
-            if old is not None and _record_time(old, app) < sent_at:
-                app.storage.delete([message.id])
+        old = app.storage.load(message.id)
+        if old is not None and _record_time(old, app) < sent_at:
+            app.storage.delete([message.id])
+        return holder
 
     def enqueue_many(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[Job[R]]:
         """Send many jobs in one broker batch, all or nothing."""
@@ -265,8 +292,14 @@ class BoundTask(Generic[P, R]):
                 raise TaskArgumentsError(
                     self.task.name, "each enqueue_many item is a tuple of args or a dict of kwargs"
                 )
-        if prepared:
-            self.task.app.broker.enqueue([message for message, _ in prepared])
+        if not prepared:
+            return []
+        messages = [message for message, _ in prepared]
+        broker = self.task.app.broker
+        if any(message.unique is not None for message in messages):
+            holders = broker.enqueue_unique(messages)
+            return [self._standing(job, h) for (_, job), h in zip(prepared, holders, strict=True)]
+        broker.enqueue(messages)
         return [job for _, job in prepared]
 
     def _prepare(
@@ -306,8 +339,40 @@ class BoundTask(Generic[P, R]):
             raise PayloadTooLarge(app.serializer.name, len(body), app.max_payload)
         eta = send.eta if send.eta is not None else (now + send.delay if send.delay else None)
         priority = config.priority if send.priority is None else send.priority
-        message = Message(job_id, queue, body, priority, eta, clear_record=fixed)
+        limits = config.limits
+        if limits is None and send.unique is None and send.unique_key is None:
+            message = Message(job_id, queue, body, priority, eta, clear_record=fixed)
+        else:
+            message = self._limited(
+                Message(job_id, queue, body, priority, eta, clear_record=fixed), args, kwargs
+            )
         return message, Job(app, job_id, queue, task.name)
+
+    def _limited(self, message: Message, args: list[Any], kwargs: dict[str, Any]) -> Message:
+        """``message`` with the unique key and limits of this call, checked against the broker."""
+        task, send = self.task, self.send
+        limits = task.config.limits
+        unique = unique_key_for(
+            task.name,
+            limits,
+            args,
+            kwargs,
+            mode=send.unique,
+            key=send.unique_key,
+            hold_for=send.unique_for,
+        )
+        rate = limits.rate(task.name, args, kwargs) if limits is not None else None
+        concurrency = (
+            limits.concurrency_limit(task.name, args, kwargs) if limits is not None else None
+        )
+        broker = task.app.broker
+        if unique is not None and Capability.UNIQUE not in broker.capabilities:
+            raise UnsupportedError(broker.name, Capability.UNIQUE.value, "a unique job")
+        if (rate or concurrency) and Capability.LIMITS not in broker.capabilities:
+            raise UnsupportedError(
+                broker.name, Capability.LIMITS.value, "a rate or concurrency limit"
+            )
+        return dataclasses.replace(message, unique=unique, rate=rate, concurrency=concurrency)
 
 
 def _new_job_id() -> str:

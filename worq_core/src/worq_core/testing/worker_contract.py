@@ -853,3 +853,98 @@ class WorkerContract(BrokerCases):
         with pytest.raises(JobCancelled):
             job.result(timeout=RESULT_WAIT)
         assert runs == [1], "put back as a retry, it still ended cancelled without a second run"
+
+    # -- limits, unique jobs and schedules, through real workers -----------------------------
+
+    @requires(Capability.LIMITS)
+    def test_a_limited_task_does_not_hold_up_the_unlimited_jobs_behind_it(
+        self, app: Worq, queue: str
+    ) -> None:
+        release = threading.Event()
+        lock = threading.Lock()
+        running_now: list[int] = []
+        most = [0]
+
+        @app.task(queue=queue, concurrency=1)
+        def limited(n: int) -> int:
+            with lock:
+                running_now.append(n)
+                most[0] = max(most[0], len(running_now))
+            release.wait(RESULT_WAIT)
+            with lock:
+                running_now.remove(n)
+            return n
+
+        @app.task(queue=queue)
+        def unlimited(n: int) -> int:
+            return n
+
+        # Limited jobs at the head of the queue, unlimited ones behind them.
+        held = limited.enqueue_many([(i,) for i in range(3)])
+        free = unlimited.enqueue_many([(i,) for i in range(6)])
+        with running(self.worker(app, queue, concurrency=3)):
+            # One limited job runs; the other two are set aside without taking a slot, so the
+            # two free slots run every unlimited job while the first limited one still runs.
+            assert [job.result(timeout=RESULT_WAIT) for job in free] == list(range(6))
+            assert not release.is_set()
+            with lock:
+                assert len(running_now) == 1
+            release.set()
+            assert sorted(job.result(timeout=RESULT_WAIT) for job in held) == [0, 1, 2]
+        assert most[0] == 1
+
+    @requires(Capability.LIMITS)
+    def test_a_rate_limited_task_starts_no_faster_than_its_rate(
+        self, app: Worq, queue: str
+    ) -> None:
+        started: list[float] = []
+
+        @app.task(queue=queue, rate_limit="5/s", rate_burst=2)
+        def call(n: int) -> None:
+            started.append(time.time())
+
+        jobs = call.enqueue_many([(i,) for i in range(5)])
+        with running(self.worker(app, queue, concurrency=4)):
+            for job in jobs:
+                job.result(timeout=RESULT_WAIT)
+        started.sort()
+        # A burst of two at once, then one every 0.2 s: five jobs take at least 0.6 s.
+        assert started[-1] - started[0] >= 0.6 - CLOCK_SLACK
+        for n in range(2, 5):
+            assert started[n] - started[0] >= (n - 1) * 0.2 - CLOCK_SLACK
+
+    @requires(Capability.UNIQUE)
+    def test_an_equal_job_sent_while_one_runs_gets_the_running_jobs_handle(
+        self, app: Worq, queue: str
+    ) -> None:
+        started, release = threading.Event(), threading.Event()
+
+        @app.task(queue=queue, unique=True)
+        def rebuild(index: str) -> str:
+            started.set()
+            release.wait(RESULT_WAIT)
+            return index
+
+        first = rebuild.enqueue("users")
+        with running(self.worker(app, queue)):
+            assert started.wait(RESULT_WAIT)
+            assert rebuild.enqueue("users").id == first.id
+            release.set()
+            assert first.result(timeout=RESULT_WAIT) == "users"
+            eventually(lambda: rebuild.enqueue("users").id != first.id, what="the key to free")
+
+    @requires(Capability.SCHEDULES)
+    def test_two_workers_fire_each_tick_of_a_schedule_once(self, app: Worq, queue: str) -> None:
+        fired: list[str] = []
+        lock = threading.Lock()
+
+        @app.periodic(every=0.2, queue=queue, name=unique("beat"))
+        def beat() -> None:
+            with lock:
+                fired.append(current_job().headers["worq-tick"])
+
+        with running(self.worker(app, queue)), running(self.worker(app, queue)):
+            eventually(lambda: len(fired) >= 5, timeout=RESULT_WAIT, what="five ticks")
+        ticks = [float(t) for t in fired]
+        assert len(set(ticks)) == len(ticks), f"a tick fired twice: {sorted(ticks)}"
+        assert all(round(t / 0.2, 6) == round(t / 0.2) for t in ticks)

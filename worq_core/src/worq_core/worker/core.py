@@ -41,6 +41,7 @@ from worq_core.signals import on_stop_signals
 from worq_core.worker.executors import AsyncExecutor, ThreadExecutor
 from worq_core.worker.leases import KeeperRenewer, LeaseService, Renewer, ThreadRenewer
 from worq_core.worker.run import HOLDING, Run, RunState
+from worq_core.worker.scheduler import Scheduler
 from worq_core.worker.services import Service, ServiceRunner
 from worq_core.worker.settings import (
     ExitReason,
@@ -121,6 +122,7 @@ class Worker:
         self._loop.start()
         self._leases = LeaseService(self, self._renewer())
         services: list[Service] = [self._leases, self._watchdog, Registration(self), Limits(self)]
+        services += self._scheduler()
         for middleware in stack.middlewares:
             services.extend(middleware.services(self))
         self.services = ServiceRunner(services)
@@ -195,6 +197,20 @@ class Worker:
                 getattr(middleware, hook)(self)
             except Exception:
                 log.exception("middleware %r failed in %s", middleware, hook)
+
+    def _scheduler(self) -> list[Service]:
+        schedules = list(self.app.schedules.values())
+        if not schedules or not self.settings.scheduler:
+            return []
+        broker = self.app.broker
+        if Capability.SCHEDULES not in broker.capabilities:
+            log.warning(
+                "%d schedules not run: the %s broker cannot keep schedules",
+                len(schedules),
+                broker.name,
+            )
+            return []
+        return [Scheduler(broker, schedules)]
 
     def _renewer(self) -> Renewer:
         settings, broker = self.settings, self.app.broker

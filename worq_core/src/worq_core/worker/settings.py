@@ -54,6 +54,9 @@ class WorkerSettings:
     stop_when_orphaned: bool = False
     """Stop gracefully if the parent process dies (set for a supervisor's children, so a
     SIGKILLed supervisor leaves no workers behind)."""
+    scheduler: bool = True
+    """Run the app's periodic schedules (:mod:`worq_core.worker.scheduler`) in this worker.
+    Safe in every worker at once: each tick fires once across all of them."""
     broker_factory: Callable[[], Broker] | None = None
     """How the lease-keeper process builds exactly this app's broker: a picklable callable
     (``worq worker`` passes one that imports ``MODULE:ATTR``). Without it the keeper is not
