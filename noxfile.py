@@ -36,7 +36,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def types(session: nox.Session) -> None:
     """mypy --strict over the three distributions (settings in pyproject.toml)."""
-    install_worq(session, "mypy>=1.10", *TEST_DEPS)
+    install_worq(session, "mypy>=1.10", "types-croniter", *TEST_DEPS)
     session.run("mypy", "--strict")
 
 

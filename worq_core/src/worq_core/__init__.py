@@ -32,6 +32,7 @@ from worq_core.errors import (
     Reject,
     ResultTimeout,
     Retry,
+    ScheduleError,
     SerializationError,
     StorageConnectionError,
     StorageError,
@@ -65,6 +66,7 @@ from worq_core.models import (
 )
 from worq_core.registry import PluginLoadWarning, Registry, default_registry
 from worq_core.retry import RetryPolicy
+from worq_core.scheduling import Missed, Schedule
 from worq_core.serializer import Serializer
 from worq_core.storage import Storage
 from worq_core.task import AsyncTask, BoundTask, Task, TaskArgumentsError
@@ -99,6 +101,7 @@ __all__ = [
     "LeaseState",
     "Message",
     "Middleware",
+    "Missed",
     "Outcome",
     "PayloadTooLarge",
     "PluginError",
@@ -111,6 +114,8 @@ __all__ = [
     "ResultTimeout",
     "Retry",
     "RetryPolicy",
+    "Schedule",
+    "ScheduleError",
     "SerializationError",
     "Serializer",
     "Service",

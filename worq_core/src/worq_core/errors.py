@@ -110,6 +110,13 @@ class TaskError(WorqError):
     """A task was declared or called incorrectly."""
 
 
+class ScheduleError(TaskError, ValueError):
+    """A schedule was declared wrongly, or a trigger was asked for a tick it cannot have.
+
+    For example a bad cron expression, an unknown time zone, or a non-positive interval.
+    """
+
+
 class UnknownTaskError(TaskError, LookupError):
     """A job names a task that the worker's app does not register."""
 

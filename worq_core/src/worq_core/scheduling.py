@@ -86,7 +86,9 @@ def make_schedule(
     queue: str | None,
 ) -> Schedule:
     """Check a schedule's declaration and build it (raises :class:`ScheduleError`)."""
+    # Imported here, not at the top: croniter (and dateutil) load only in apps with schedules.
     from worq_core.triggers import CronTrigger, EveryTrigger, ScheduleError
+
     if (cron is None) == (every is None):
         raise ScheduleError(f"schedule of {task.name!r}: give cron= or every=, exactly one")
     trigger: Trigger
