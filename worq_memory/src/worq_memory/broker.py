@@ -16,6 +16,7 @@ from typing_extensions import override
 from worq_core import Broker, BrokerError, Capability, JobStatus, Storage
 from worq_core.models import (
     CancelOutcome,
+    ConcurrencyLimit,
     DeadJob,
     Delivery,
     JobState,
@@ -23,7 +24,9 @@ from worq_core.models import (
     Message,
     Outcome,
     QueueStats,
+    RateLimit,
     Settlement,
+    UniqueUntil,
     WorkerInfo,
 )
 from worq_memory.storage import MemoryStorage
@@ -32,6 +35,7 @@ Clock = Callable[[], float]
 _WAITING = (JobStatus.SCHEDULED, JobStatus.RETRYING)
 _UNCOUNTED = (JobStatus.UNKNOWN, JobStatus.DEAD)  # dead jobs are counted by ``_Queue.dead``
 _SLACK = 64  # stale heap entries tolerated beyond the live ones before a heap is rebuilt
+_SET_ASIDE = 100  # jobs one pass of fetch may set aside per queue before it looks again
 
 
 @dataclass(slots=True, eq=False)
@@ -42,6 +46,36 @@ class _Queue:
     leased: dict[str, _Job] = field(default_factory=dict)
     dead: OrderedDict[str, _Job] = field(default_factory=OrderedDict)  # oldest first
     counts: dict[JobStatus, int] = field(default_factory=dict)
+    keys: dict[str, _Hold] = field(default_factory=dict)  # unique keys taken, by key
+    tats: dict[str, float] = field(default_factory=dict)  # rate key -> theoretical arrival time
+    permits: dict[str, _Permits] = field(default_factory=dict)  # by concurrency key
+    prune_at: int = _SLACK  # prune lapsed ``keys`` and idle ``tats`` once they outgrow this
+
+
+@dataclass(slots=True, eq=False)
+class _Hold:
+    """A unique key taken: by ``job`` until it lets go, then until ``until`` (``hold_for``)."""
+
+    holder: str
+    job: _Job | None
+    until: float = 0.0
+
+
+@dataclass(slots=True, eq=False)
+class _Permits:
+    """One concurrency key of a queue: leases holding a permit, and the jobs waiting for one.
+
+    A permit given back wakes the oldest parked job: it goes back to ready and the permit is
+    reserved for it (``woken``) until a fetch reaches it, so no other job of the key takes it
+    first and parked jobs come back in the order they were parked.
+    """
+
+    leased: int = 0
+    woken: int = 0
+    parked: dict[str, _Job] = field(default_factory=dict)  # oldest first
+
+    def free(self, limit: ConcurrencyLimit) -> bool:
+        return self.leased + self.woken < limit.limit
 
 
 @dataclass(slots=True, eq=False)
@@ -58,6 +92,10 @@ class _Job:
     died_at: float = 0.0
     progress: bytes | None = None  # only while RUNNING
     cancel_requested: bool = False  # set by cancel() while RUNNING, kept until it ends
+    granted: bool = False  # its rate slot is counted for this run (until a RETRY settlement)
+    permit: bool = False  # holds a concurrency permit (while RUNNING)
+    parked: bool = False  # QUEUED but waiting for a permit, out of ``ready``
+    woken: bool = False  # back in ``ready`` with a permit reserved for it
 
 
 class MemoryBroker(Broker):
@@ -74,6 +112,13 @@ class MemoryBroker(Broker):
         app = Worq(broker=MemoryBroker(storage=storage), storage=storage)
 
     Without one (``memory://``), worq-core saves records in the app's storage itself.
+
+    Unique keys, rate and concurrency limits are kept per queue (:attr:`Capability.UNIQUE`,
+    :attr:`Capability.LIMITS`). A fetch that pops a job over its limit sets it aside and goes on
+    to the jobs behind it: a job waiting for its rate slot is SCHEDULED until then, in the
+    delayed heap like any eta; a job waiting for a concurrency permit is parked (QUEUED, out of
+    the ready heap) until a permit is given back. Schedules' last fires are a dict
+    (:attr:`Capability.SCHEDULES`).
     """
 
     name: ClassVar[str] = "memory"
@@ -87,6 +132,9 @@ class MemoryBroker(Broker):
             Capability.CANCEL,
             Capability.PROGRESS,
             Capability.RESULTS,
+            Capability.SCHEDULES,
+            Capability.UNIQUE,
+            Capability.LIMITS,
         }
     )
 
@@ -111,6 +159,7 @@ class MemoryBroker(Broker):
         self._tokens = itertools.count(1)
         self._changed = threading.Condition()
         self._workers: dict[str, tuple[float, WorkerInfo]] = {}  # id -> (expires, info)
+        self._schedules: dict[str, float] = {}  # schedule -> its last fire
 
     @override
     @classmethod
@@ -125,34 +174,34 @@ class MemoryBroker(Broker):
 
     @override
     def enqueue(self, messages: Sequence[Message]) -> list[bool]:
-        added = []
-        cleared = []
+        return [holder is None for holder in self.enqueue_unique(messages)]
+
+    @override
+    def enqueue_unique(self, messages: Sequence[Message]) -> list[str | None]:
         with self._changed:
-            now = self.clock()
-            for message in messages:
-                held = self._jobs.get(message.id)
-                if held is not None and held.state is JobStatus.DEAD:
-                    self._trim_dead(held.queue, now)  # a dead job past its age frees its id
-                    held = self._jobs.get(message.id)
-                if held is not None:
-                    added.append(False)
-                    continue
-                queue = self._queues.get(message.queue)
-                if queue is None:
-                    queue = self._queues[message.queue] = _Queue(message.queue)
-                job = _Job(message, queue, next(self._seq))
-                self._jobs[message.id] = job
-                if message.eta is not None and message.eta > now:
-                    self._to_delayed(job, message.eta, JobStatus.SCHEDULED)
-                else:
-                    self._to_ready(job)
-                if message.clear_record:
-                    cleared.append(message.id)
-                added.append(True)
-            if cleared and self.storage is not None:
-                self.storage.delete(cleared)
+            holders = self._add(messages, self.clock())
             self._changed.notify_all()
-        return added
+        return holders
+
+    @override
+    def fire_schedule(
+        self, schedule: str, tick: float, last: float | None, message: Message | None
+    ) -> bool:
+        with self._changed:
+            if self._schedules.get(schedule) != last:
+                return False
+            self._schedules[schedule] = tick
+            if message is not None:
+                self._add([message], self.clock())  # a held id or key: the tick still fired
+                self._changed.notify_all()
+            return True
+
+    @override
+    def schedule_fires(self, schedules: Sequence[str] | None = None) -> dict[str, float]:
+        with self._changed:
+            if schedules is None:
+                return dict(self._schedules)
+            return {s: self._schedules[s] for s in schedules if s in self._schedules}
 
     # -- worker side ---------------------------------------------------------------------------
 
@@ -161,6 +210,7 @@ class MemoryBroker(Broker):
         self, queues: Sequence[str], limit: int, *, lease: float, wait: float
     ) -> list[Delivery]:
         deadline = time.monotonic() + wait
+        more = False
         with self._changed:
             while True:
                 now = self.clock()
@@ -170,7 +220,11 @@ class MemoryBroker(Broker):
                     if queue is None:
                         continue
                     self._promote(queue, now)
+                    set_aside = 0
                     while queue.ready and len(deliveries) < limit:
+                        if set_aside >= _SET_ASIDE:
+                            more = True  # bounded work under the lock: look again below
+                            break
                         _, seq, job_id = heapq.heappop(queue.ready)
                         job = self._jobs.get(job_id)
                         if (
@@ -180,12 +234,22 @@ class MemoryBroker(Broker):
                             or job.queue is not queue
                         ):
                             continue  # a stale heap entry
-                        deliveries.append(self._lease(job, now + lease))
+                        message = job.message
+                        if (
+                            message.rate is not None or message.concurrency is not None
+                        ) and not self._admit(job, now):
+                            set_aside += 1  # and on to the jobs behind it
+                            continue
+                        deliveries.append(self._lease(job, now, now + lease))
                 if deliveries or limit <= 0:
                     return deliveries
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []
+                if more:
+                    more = False
+                    self._changed.wait(0)  # let other callers in, then go on popping
+                    continue
                 next_due = self._next_due(queues)
                 if next_due is not None:
                     remaining = min(remaining, max(next_due - now, 0.001))
@@ -229,10 +293,12 @@ class MemoryBroker(Broker):
                 self._unlease(job)
                 if settlement.outcome is not Outcome.RETRY:  # a retry keeps a cancel request
                     job.cancel_requested = False
+                    self._let_go(job, now)  # and its unique key
                 if settlement.outcome is Outcome.ACK:
                     self._forget(job)
                 elif settlement.outcome is Outcome.RETRY:
                     job.reason = settlement.reason
+                    job.granted = False  # the next run counts against its rate again
                     self._to_delayed(job, now + settlement.delay, JobStatus.RETRYING)
                 else:
                     job.reason = settlement.reason
@@ -272,16 +338,20 @@ class MemoryBroker(Broker):
         with self._changed:
             if record is not None and self.storage is None:
                 raise BrokerError("this memory broker has no storage to write records into")
-            job = self._current(job_id, self.clock())
+            now = self.clock()
+            job = self._current(job_id, now)
             if job is None or job.state is JobStatus.DEAD:
                 return CancelOutcome.NOT_FOUND
             if job.state is JobStatus.RUNNING:
                 job.cancel_requested = True
                 return CancelOutcome.REQUESTED
+            self._let_go(job, now)
             self._forget(job)
             self._compact(job.queue)
             if record is not None and self.storage is not None:
                 self.storage.save({job_id: record}, ttl)
+            if self._unpark(job):  # the permit reserved for it went to the next parked job
+                self._changed.notify_all()
             return CancelOutcome.REMOVED
 
     @override
@@ -334,6 +404,7 @@ class MemoryBroker(Broker):
                 job = q.dead.pop(job_id)
                 job.attempts = 0
                 job.reason = ""
+                job.granted = False  # a new run; its unique key is not taken again
                 self._to_ready(job)
             self._changed.notify_all()
             return len(ids)
@@ -370,6 +441,162 @@ class MemoryBroker(Broker):
             return sorted((info for _, info in self._workers.values()), key=lambda i: i.started)
 
     # -- internals (called with the lock held) -------------------------------------------------
+
+    def _add(self, messages: Sequence[Message], now: float) -> list[str | None]:
+        """Add each message unless its id or unique key is held: ``None``, or the holder's id."""
+        holders: list[str | None] = []
+        cleared = []
+        for message in messages:
+            held = self._jobs.get(message.id)
+            if held is not None and held.state is JobStatus.DEAD:
+                self._trim_dead(held.queue, now)  # a dead job past its age frees its id
+                held = self._jobs.get(message.id)
+            if held is not None:
+                holders.append(message.id)
+                continue
+            queue = self._queues.get(message.queue)
+            unique = message.unique
+            if unique is not None and queue is not None:
+                holder = self._holder(queue, unique.key, now)
+                if holder is not None:
+                    holders.append(holder)
+                    continue
+            if queue is None:
+                queue = self._queues[message.queue] = _Queue(message.queue)
+            job = _Job(message, queue, next(self._seq))
+            self._jobs[message.id] = job
+            if unique is not None:
+                queue.keys[unique.key] = _Hold(message.id, job)
+                self._prune(queue, now)
+            if message.eta is not None and message.eta > now:
+                self._to_delayed(job, message.eta, JobStatus.SCHEDULED)
+            else:
+                self._to_ready(job)
+            if message.clear_record:
+                cleared.append(message.id)
+            holders.append(None)
+        if cleared and self.storage is not None:
+            self.storage.delete(cleared)
+        return holders
+
+    def _holds(self, hold: _Hold, now: float) -> bool:
+        """Whether ``hold`` still takes its key: its job is still held, or ``hold_for`` runs."""
+        if hold.job is not None:
+            return self._jobs.get(hold.holder) is hold.job  # a purged or trimmed job lets go
+        return now < hold.until
+
+    def _holder(self, queue: _Queue, key: str, now: float) -> str | None:
+        """The id of the job that takes ``key`` in ``queue``, if the key is taken."""
+        hold = queue.keys.get(key)
+        if hold is None:
+            return None
+        if self._holds(hold, now):
+            return hold.holder
+        del queue.keys[key]
+        return None
+
+    def _let_go(self, job: _Job, now: float) -> None:
+        """``job`` reached its unique key's ``until``: the key stays taken ``hold_for`` more."""
+        unique = job.message.unique
+        if unique is None:
+            return
+        hold = job.queue.keys.get(unique.key)
+        if hold is None or hold.job is not job:
+            return  # it let go already (or never took it: requeued from the dead letters)
+        if unique.hold_for > 0:
+            hold.job = None
+            hold.until = now + unique.hold_for
+        else:
+            del job.queue.keys[unique.key]
+
+    def _prune(self, queue: _Queue, now: float) -> None:
+        """Drop lapsed unique keys and idle rate states once they pile up (amortised O(1))."""
+        if len(queue.keys) + len(queue.tats) <= queue.prune_at:
+            return
+        queue.keys = {k: h for k, h in queue.keys.items() if self._holds(h, now)}
+        queue.tats = {k: tat for k, tat in queue.tats.items() if tat > now}
+        queue.prune_at = 2 * (len(queue.keys) + len(queue.tats)) + _SLACK
+
+    def _admit(self, job: _Job, now: float) -> bool:
+        """Whether a limited job just popped from ready may be leased; if not, set it aside.
+
+        The concurrency permit is checked first: without one the job is parked. Then its rate
+        slot is reserved (once per run): a slot in the future sets it aside until then.
+        """
+        message, queue = job.message, job.queue
+        concurrency = message.concurrency
+        permits = None
+        if concurrency is not None:
+            permits = queue.permits.get(concurrency.key)
+            if permits is None:
+                permits = queue.permits[concurrency.key] = _Permits()
+            if job.woken:  # the permit reserved for it is its own now
+                job.woken = False
+                permits.woken -= 1
+            if not permits.free(concurrency):
+                job.parked = True
+                permits.parked[message.id] = job
+                return False
+        rate = message.rate
+        if rate is not None and not job.granted:
+            job.granted = True
+            start = self._reserve(queue, rate, now)
+            if start > now:
+                self._to_delayed(job, start, JobStatus.SCHEDULED)
+                if concurrency is not None:
+                    self._wake(queue, concurrency.key)  # it takes no permit yet
+                return False
+        if permits is not None:
+            permits.leased += 1
+            job.permit = True
+        return True
+
+    def _reserve(self, queue: _Queue, rate: RateLimit, now: float) -> float:
+        """Count one job against ``rate`` (GCRA); returns when its slot starts."""
+        tat = max(queue.tats.get(rate.key, now), now)  # a TAT in the past means idle
+        queue.tats[rate.key] = tat + rate.interval
+        self._prune(queue, now)
+        return max(now, tat - (rate.burst - 1) * rate.interval)
+
+    def _wake(self, queue: _Queue, key: str) -> bool:
+        """Hand ``key``'s free permits to its oldest parked jobs; whether any went back to ready.
+
+        A woken job goes back to ready under its own sequence number (as a released job does),
+        ahead of every job that was behind it, with the permit reserved for it.
+        """
+        permits = queue.permits.get(key)
+        if permits is None:
+            return False
+        woke = False
+        while permits.parked:
+            job = next(iter(permits.parked.values()))
+            concurrency = job.message.concurrency
+            assert concurrency is not None  # only jobs with a limit are parked
+            if not permits.free(concurrency):
+                break
+            del permits.parked[job.message.id]
+            job.parked = False
+            job.woken = True
+            permits.woken += 1
+            heapq.heappush(queue.ready, (-job.message.priority, job.seq, job.message.id))
+            woke = True
+        if not (permits.leased or permits.woken or permits.parked):
+            del queue.permits[key]
+        return woke
+
+    def _unpark(self, job: _Job) -> bool:
+        """Take a waiting job out of its key's permits (it is cancelled); whether one woke."""
+        concurrency = job.message.concurrency
+        if concurrency is None or not (job.parked or job.woken):
+            return False
+        permits = job.queue.permits[concurrency.key]
+        if job.parked:
+            del permits.parked[job.message.id]
+            job.parked = False
+        else:
+            permits.woken -= 1
+            job.woken = False
+        return self._wake(job.queue, concurrency.key)
 
     def _current(self, job_id: str, now: float) -> _Job | None:
         """The job as it stands at ``now``: due jobs and expired leases queued, old dead gone."""
@@ -427,13 +654,15 @@ class MemoryBroker(Broker):
             del queue.dead[oldest_id]
             del self._jobs[oldest_id]
 
-    def _lease(self, job: _Job, until: float) -> Delivery:
+    def _lease(self, job: _Job, now: float, until: float) -> Delivery:
         job.attempts += 1
         job.token = str(next(self._tokens))
         job.lease_until = until
         self._set_state(job, JobStatus.RUNNING)
         job.queue.leased[job.message.id] = job
         message = job.message
+        if message.unique is not None and message.unique.until is UniqueUntil.STARTED:
+            self._let_go(job, now)
         return Delivery(
             message.id,
             message.queue,
@@ -444,10 +673,16 @@ class MemoryBroker(Broker):
         )
 
     def _unlease(self, job: _Job) -> None:
-        """Take a running job off its lease; its state is set by the caller."""
+        """Take a running job off its lease, giving back its permit; the caller sets its state."""
         del job.queue.leased[job.message.id]
         job.token = ""
         job.progress = None
+        if job.permit:
+            job.permit = False
+            concurrency = job.message.concurrency
+            assert concurrency is not None  # only jobs with a limit take a permit
+            job.queue.permits[concurrency.key].leased -= 1
+            self._wake(job.queue, concurrency.key)
 
     def _held(self, delivery: Delivery, now: float) -> _Job | None:
         """The job if ``delivery``'s token still holds an unexpired lease on it."""
