@@ -26,6 +26,7 @@ from worq_core.models import (
     Outcome,
     QueueStats,
     Settlement,
+    UniqueUntil,
     WorkerInfo,
 )
 from worq_redis.connection import (
@@ -45,6 +46,7 @@ from worq_redis.connection import (
     registry_key,
     result_keys,
     run_transaction,
+    schedules_key,
     server_identity,
     translate_errors,
 )
@@ -58,6 +60,7 @@ _STATES = {
     b"r": JobStatus.RETRYING,
     b"l": JobStatus.RUNNING,
     b"d": JobStatus.DEAD,
+    b"w": JobStatus.QUEUED,  # parked: waiting for a concurrency permit
 }
 _OUTCOMES = {Outcome.ACK: "a", Outcome.RETRY: "r", Outcome.DEAD: "d"}
 _LEASES = (LeaseState.LOST, LeaseState.HELD, LeaseState.CANCELLING)  # extend's 0, 1, 2
@@ -69,6 +72,7 @@ _CANCELS = {
 _ENQUEUE, _FETCH, _SETTLE = SCRIPTS["enqueue"], SCRIPTS["fetch"], SCRIPTS["settle"]
 _SETTLE_FETCH, _EXTEND = SCRIPTS["settle_fetch"], SCRIPTS["extend"]
 _JOB_STATE, _CANCEL = SCRIPTS["job_state"], SCRIPTS["cancel"]
+_FIRE_SCHEDULE, _SCHEDULE_CAS = SCRIPTS["fire_schedule"], SCRIPTS["schedule_cas"]
 _CANCEL_LOOKUPS: Final = 16
 """How often :meth:`RedisBroker.cancel` looks a job's queue up again when the job keeps moving
 to another queue between the lookup and the script (acked and enqueued elsewhere each time)."""
@@ -76,6 +80,41 @@ to another queue between the lookup and the script (acked and enqueued elsewhere
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _specs(message: Message) -> tuple[bytes, bytes] | None:
+    """The unique spec and limits record the scripts take for ``message``; ``None`` for neither.
+
+    Unique: ``mode|hold ms|key`` (mode ``s`` until started, ``d`` until done). Limits:
+    ``permits|interval|burst|bytes of ckey|`` then the concurrency key and the rate key
+    (``permits`` 0: no concurrency limit; ``interval`` empty: no rate limit).
+    """
+    u, c, r = message.unique, message.concurrency, message.rate
+    if u is None and c is None and r is None:
+        return None
+    uspec = b""
+    if u is not None:
+        mode = b"s" if u.until == UniqueUntil.STARTED else b"d"
+        hold = max(1, round(u.hold_for * 1000)) if u.hold_for > 0 else 0
+        uspec = b"%s|%d|%s" % (mode, hold, u.key.encode())
+    lspec = b""
+    if c is not None or r is not None:
+        ckey = c.key.encode() if c is not None else b""
+        rkey = r.key.encode() if r is not None else b""
+        interval = repr(float(r.interval)).encode() if r is not None else b""
+        burst = r.burst if r is not None else 0
+        permits = c.limit if c is not None else 0
+        lspec = b"%d|%s|%d|%d|%s%s" % (permits, interval, burst, len(ckey), ckey, rkey)
+    return uspec, lspec
+
+
+def _holder(reply: Any, own: str) -> str | None:
+    """An enqueue reply as :meth:`Broker.enqueue_unique` answers it."""
+    if reply == 1:
+        return None
+    if reply == 0:
+        return own
+    return _text(reply)
 
 
 def _job_state(reply: Any) -> JobState | None:
@@ -131,6 +170,9 @@ class RedisBroker(Broker):
             Capability.CANCEL,
             Capability.PROGRESS,
             Capability.RESULTS,
+            Capability.UNIQUE,
+            Capability.LIMITS,
+            Capability.SCHEDULES,
         }
     )
 
@@ -152,6 +194,7 @@ class RedisBroker(Broker):
         self._lock = threading.Lock()
         self._ids = ids_key(self.prefix)
         self._registry = registry_key(self.prefix)
+        self._schedules = schedules_key(self.prefix)
         self._ids_head: tuple[Arg, ...] = (1, self._ids)
         self._lane = Lane(self.client)
         s = self.settings
@@ -177,9 +220,25 @@ class RedisBroker(Broker):
         one step, against the prefix's id index). A message with ``clear_record`` that is added
         has its old record deleted by the same script. A batch that needs several calls runs
         them in one ``MULTI``/``EXEC`` transaction (an id sent twice counts once, the first
-        time). Raises :class:`BrokerConnectionError` within about ``connect_timeout`` or
-        ``socket_timeout`` (times ``retries + 1``) when Redis cannot be reached.
+        time). A message with :attr:`Message.unique` is added only if its key is free, as
+        :meth:`enqueue_unique` adds it. Raises :class:`BrokerConnectionError` within about
+        ``connect_timeout`` or ``socket_timeout`` (times ``retries + 1``) when Redis cannot be
+        reached.
         """
+        return [reply == 1 for reply in self._add(messages)]
+
+    @override
+    def enqueue_unique(self, messages: Sequence[Message]) -> list[str | None]:
+        """:meth:`enqueue`, answering per message ``None`` (added) or the id that stands for it.
+
+        The same scripts as :meth:`enqueue`: a unique job's key is ``u:<key>`` under its
+        queue's hash tag, holding the holder's id, checked and taken in the step that adds it.
+        """
+        replies = self._add(messages)
+        return [_holder(reply, m.id) for reply, m in zip(replies, messages, strict=True)]
+
+    def _add(self, messages: Sequence[Message]) -> list[Any]:
+        """Enqueue; per message the script's answer: 1 added, 0 id held, or the key's holder."""
         if len(messages) == 1 and messages[0].queue in self._known:
             # The common case, kept lean: one EVALSHA on the lane (the queue's keys are cached).
             m = messages[0]
@@ -188,7 +247,7 @@ class RedisBroker(Broker):
             if m.clear_record:
                 clear = len(head)  # the result key goes last: KEYS[numkeys + 1]
                 head = (clear, *head[1:], result_keys(self.prefix, m.id)[0])
-            fast = (
+            fast: tuple[Arg, ...] = (
                 "" if self.clock is None else clock_arg(self.clock),
                 m.queue,
                 0,
@@ -199,14 +258,16 @@ class RedisBroker(Broker):
                 "" if m.eta is None else repr(float(m.eta)),
                 clear,
             )
+            if m.unique is not None or m.rate is not None or m.concurrency is not None:
+                fast += _specs(m) or ()
             try:
                 flags = self._lane.script(_ENQUEUE, head, fast)
             except RedisError as exc:
                 raise self._error(exc) from exc
-            return [bool(flags[0])]
+            return [flags[0]]
         if not messages:
             return []
-        added = [False] * len(messages)
+        replies: list[Any] = [0] * len(messages)
         first: dict[str, int] = {}
         for index, message in enumerate(messages):
             first.setdefault(message.id, index)
@@ -222,7 +283,8 @@ class RedisBroker(Broker):
                 part = items[start : start + chunk]
                 args: list[Arg] = [clock, queue, register, len(part)]
                 extra_keys: list[str] = []
-                for _, (_, message) in part:
+                specs: list[Arg] | None = None  # only once some message has specs
+                for done, (_, (_, message)) in enumerate(part):
                     clear = 0
                     if message.clear_record:
                         extra_keys.append(result_keys(self.prefix, message.id)[0])
@@ -234,7 +296,12 @@ class RedisBroker(Broker):
                         "" if message.eta is None else repr(float(message.eta)),
                         clear,
                     ]
-                calls.append((_ENQUEUE, [*keys, *extra_keys], args))
+                    spec = _specs(message)
+                    if spec is not None and specs is None:
+                        specs = [b""] * (2 * done)  # the plain messages before this one
+                    if specs is not None:
+                        specs += spec or (b"", b"")
+                calls.append((_ENQUEUE, [*keys, *extra_keys], args + (specs or [])))
                 order.append((queue, [index for _, (index, _) in part]))
         with self._errors():
             if len(calls) == 1:
@@ -242,12 +309,78 @@ class RedisBroker(Broker):
             else:
                 results = run_transaction(self.client, calls)
         for (queue, indexes), result in zip(order, results, strict=True):
-            for index, flag in zip(indexes, result, strict=True):
-                added[index] = bool(flag)
-            if queue not in self._known and any(result):
+            for index, reply in zip(indexes, result, strict=True):
+                replies[index] = reply
+            if queue not in self._known and any(reply == 1 for reply in result):
                 with self._lock:  # registered by the script that added a job to it
                     self._known.add(queue)
-        return added
+        for index, message in enumerate(messages):
+            earlier = first[message.id]
+            if earlier != index:  # an id sent twice: held by the first if that was added
+                replies[index] = 0 if replies[earlier] == 1 else replies[earlier]
+        return replies
+
+    # -- schedules ---------------------------------------------------------------------------
+
+    @override
+    def fire_schedule(
+        self, schedule: str, tick: float, last: float | None, message: Message | None
+    ) -> bool:
+        """One script: the compare-and-set on ``<prefix>:schedules`` and the job's enqueue.
+
+        The record is the ``repr`` of the tick, compared as text (so exactly). With a message,
+        the script runs on that queue's keys (plus the schedules hash) and adds the job as
+        ``enqueue`` does; without one it is a script on the hash alone.
+        """
+        tick_arg = repr(float(tick))
+        last_arg = "" if last is None else repr(float(last))
+        clock = clock_arg(self.clock)
+        with self._errors():
+            if message is None:
+                values = (clock, schedule, tick_arg, last_arg)
+                return bool(self._lane.script(_SCHEDULE_CAS, (1, self._schedules), values))
+            m, queue = message, message.queue
+            keys = [*self._queue_keys(queue), self._registry, self._schedules]
+            clear = 0
+            if m.clear_record:
+                keys.append(result_keys(self.prefix, m.id)[0])
+                clear = len(keys)
+            uspec, lspec = _specs(m) or (b"", b"")
+            args: list[Arg] = [
+                clock,
+                queue,
+                0 if queue in self._known else 1,
+                schedule,
+                tick_arg,
+                last_arg,
+                m.id,
+                m.body,
+                str(-m.priority),
+                "" if m.eta is None else repr(float(m.eta)),
+                clear,
+                uspec,
+                lspec,
+            ]
+            applied, added = self._lane.script(_FIRE_SCHEDULE, (len(keys), *keys), args)
+        if added == 1 and queue not in self._known:
+            with self._lock:
+                self._known.add(queue)
+        return bool(applied)
+
+    @override
+    def schedule_fires(self, schedules: Sequence[str] | None = None) -> dict[str, float]:
+        """The records in ``<prefix>:schedules``: one ``HGETALL``, or one ``HMGET`` of the names."""
+        with self._errors():
+            if schedules is None:
+                reply = self._lane.command("HGETALL", self._schedules)
+                if isinstance(reply, dict):  # RESP3
+                    return {_text(k): float(v) for k, v in reply.items()}
+                return {_text(reply[i]): float(reply[i + 1]) for i in range(0, len(reply), 2)}
+            names = list(schedules)
+            if not names:
+                return {}
+            values = self._lane.command("HMGET", self._schedules, *names)
+        return {n: float(v) for n, v in zip(names, values, strict=True) if v is not None}
 
     # -- worker side -------------------------------------------------------------------------
 

@@ -187,7 +187,9 @@ def queue_keys(prefix: str, queue: str) -> tuple[str, ...]:
     """The keys every queue script of ``queue`` takes, in order.
 
     The ten keys of the queue itself, all under the hash tag ``{queue}`` (one Cluster slot), then
-    the prefix's job-id index (:func:`ids_key`), which every queue of the prefix shares.
+    the prefix's job-id index (:func:`ids_key`), which every queue of the prefix shares. The
+    queue's keys for unique jobs and limits (``lua.DERIVED_KEY_SUFFIXES``, and one per unique,
+    rate and concurrency key) are built by the scripts from the same base.
     """
     if not queue or queue.startswith("}"):
         raise ValueError(f"invalid queue name {queue!r}: empty, or starts with '}}'")
@@ -210,6 +212,15 @@ def result_keys(prefix: str, job_id: str) -> tuple[str, str, str]:
     """A job's result, waiting marker and wake-up list, under the hash tag ``{job_id}``."""
     base = f"{prefix}:res:{{{job_id}}}"
     return base, base + ":waiting", base + ":done"
+
+
+def schedules_key(prefix: str) -> str:
+    """The schedules of ``prefix``: a HASH of schedule name -> ``repr`` of its last fire time.
+
+    Like the id index it is shared by every queue (``fire_schedule`` takes it next to the keys of
+    the queue its job goes to), so it is outside every queue's Cluster slot.
+    """
+    return f"{prefix}:schedules"
 
 
 def registry_key(prefix: str) -> str:
@@ -237,7 +248,12 @@ class Script:
 
 SCRIPTS: Final = {
     name: Script.named(name)
-    for name in [*lua.QUEUE_SCRIPTS, *lua.LOOKUP_SCRIPTS, *lua.RESULT_SCRIPTS]
+    for name in [
+        *lua.QUEUE_SCRIPTS,
+        *lua.LOOKUP_SCRIPTS,
+        *lua.SCHEDULE_SCRIPTS,
+        *lua.RESULT_SCRIPTS,
+    ]
 }
 
 Call = tuple[Script, Sequence[KeyArg], Sequence[Arg]]

@@ -1,11 +1,18 @@
 """The Lua scripts behind every state change of a worq-redis queue.
 
-Every queue script is atomic and takes all the keys it touches in ``KEYS``: the ten keys of one
+Every queue script is atomic and takes the keys it touches in ``KEYS``: the ten keys of one
 queue, in the order of :data:`QUEUE_KEY_SUFFIXES`, then the prefix's job-id index (``KEYS[11]``,
 shared by every queue, see :func:`worq_redis.connection.ids_key`), then per-job result keys where
-it writes or deletes records. It validates its arguments before its first write, so a script that
-fails changes nothing. The one exception is ``job_state``, a read-only lookup by job id alone: it
-takes the index and reads the keys of the queue it finds there.
+it writes or deletes records (``enqueue`` and ``fire_schedule`` put the queue registry at
+``KEYS[12]`` first, and ``fire_schedule`` the schedules hash at ``KEYS[13]``). The keys of
+unique jobs and limits (:data:`DERIVED_KEY_SUFFIXES` and the per-key ``u:``, ``r:``, ``c:``,
+``w:`` keys) are built by name from the queue's base, the name of ``KEYS[1]`` without
+``ready`` (``qkey()``): their number depends on the jobs, and they share the queue's hash tag,
+so a script still touches one slot besides the index. A plain job's script calls pass exactly
+the keys they passed before those keys existed. Every script validates its arguments before its
+first write, so a script that fails changes nothing. The one exception is ``job_state``, a
+read-only lookup by job id alone: it takes the index and reads the keys of the queue it finds
+there.
 
 ``ARGV[1]`` of every script is the clock: empty for Redis ``TIME`` (the normal case), or a Unix
 time in seconds that tests pass to drive time by hand.
@@ -13,14 +20,22 @@ time in seconds that tests pass to drive time by hand.
 A job's small state lives in the queue's ``meta`` hash as ``state|attempts|seq|score|extra``,
 followed by ``|flags`` when it has any:
 
-* ``state``: ``q`` queued, ``s`` scheduled, ``r`` retrying, ``l`` leased (running), ``d`` dead;
+* ``state``: ``q`` queued, ``s`` scheduled (or waiting for its rate slot), ``r`` retrying, ``l``
+  leased (running), ``d`` dead, ``w`` parked (waiting for a concurrency permit);
 * ``attempts``: fetches so far (a release takes its fetch back);
 * ``seq``: a 16-digit sequence number from enqueue (or requeue), so FIFO holds within a priority;
 * ``score``: the job's ``ready`` score, minus its priority;
 * ``extra``: the lease token when leased, the time it died when dead, else empty;
 * ``flags``: ``c`` when a cancel was requested while it ran (until it is settled), ``p`` while
-  the queue's ``progress`` hash holds its progress (only while leased). Jobs without flags keep
-  the five-field form, so the hot path writes exactly what it wrote before flags existed.
+  the queue's ``progress`` hash holds its progress (only while leased), ``u`` / ``U`` while it
+  holds a unique key until done / until started (its record is in the ``unique`` hash), ``L``
+  when it has limits (its record is in the ``limits`` hash), ``g`` while the rate slot it
+  reserved is granted (set aside until the slot, cleared at its lease), ``k`` when it was woken
+  from parking and a permit is reserved for it in ``c:<key>`` (cleared at its lease, or when
+  its rate sets it aside and the permit goes on; should it ever be parked again, it goes back
+  to the front of the line).
+  Jobs without flags keep the five-field form, so the hot path writes exactly what it wrote
+  before flags existed, and takes exactly the code path it took before.
 
 A queued job's member in ``ready`` is ``seq .. id``: equal scores sort by member, so the
 sequence number keeps FIFO order within a priority level without limiting the priority range.
@@ -51,6 +66,23 @@ QUEUE_KEY_SUFFIXES: Final = (
 """The keys of one queue, as they are passed to every queue script (``KEYS[1]`` .. ``KEYS[10]``).
 
 ``KEYS[11]`` is the prefix's job-id index, and result keys (when a script takes any) follow it."""
+
+DERIVED_KEY_SUFFIXES: Final = ("unique", "limits", "aside")
+"""Further keys of one queue, which the scripts build by name from the queue's base (so they
+share its hash tag) rather than take in ``KEYS``; they exist only while unique or limited jobs
+use them:
+
+* ``unique``: HASH job id -> ``mode|hold ms|key`` (mode ``s`` until started, ``d`` until done),
+  for the unique jobs that have not let go of their key;
+* ``limits``: HASH job id -> ``permits|interval|burst|bytes of ckey|ckey rkey``, for jobs with
+  limits (``permits`` 0: no concurrency limit; ``interval`` empty: no rate limit);
+* ``aside``: HASH parked job id -> its concurrency key.
+
+With them, per key (the user's key after the colon): ``u:<key>`` STRING, the id of the job
+holding a unique key (no TTL while it holds it; PX hold_for after it let go); ``r:<key>``
+STRING, a rate key's theoretical arrival time, expiring when it falls behind the clock;
+``c:<key>`` SET, the jobs holding a concurrency permit (counted while their lease is unexpired);
+``w:<key>`` LIST, the jobs parked for a permit, oldest first."""
 
 NOTIFY_TTL_MS: Final = 10_000
 """How long a result's wake-up list lives; waiters blocked at that moment are served at once."""
@@ -93,9 +125,16 @@ local function pack(j)
   return m
 end
 
--- Whether the job's meta carries `flag` (c: cancel requested, p: has progress).
+-- Whether the job's meta carries `flag` (see the module docstring: c, p, u, U, L, g, k).
 local function has(j, flag)
   return j.fl ~= "" and string.find(j.fl, flag, 1, true) ~= nil
+end
+
+-- The name of a key of this queue that scripts build rather than take in KEYS (the `unique`,
+-- `limits` and `aside` hashes, and the per-key `u:`, `r:`, `c:` and `w:` keys): the queue's
+-- base (`<prefix>:{<queue>}:`, from K_READY) and `suffix`, so it shares the queue's slot.
+local function qkey(suffix)
+  return string.sub(K_READY, 1, -6) .. suffix
 end
 
 local function next_seq()
@@ -120,7 +159,184 @@ local function to_ready(id, j)
   redis.call("ZADD", K_READY, j.sc, j.sq .. id)
 end
 
--- Drop a job for good (`j`: its parsed meta, or nil for a dead job): its id is free again.
+-- A unique job (flag u or U) lets go of its key: free at once, or, with a hold_for, still
+-- answering its id for that many milliseconds (the key's TTL). Only if the job still holds it.
+-- Its record and flag go (the caller writes its meta, if it keeps one).
+local function unique_release(id, j)
+  local record = redis.call("HGET", qkey("unique"), id)
+  if record then
+    local hold, ukey = string.match(record, "^%a|(%d+)|(.*)$")
+    local key = qkey("u:" .. ukey)
+    if redis.call("GET", key) == id then
+      if hold ~= "0" then
+        redis.call("PEXPIRE", key, hold)
+      else
+        redis.call("DEL", key)
+      end
+    end
+    redis.call("HDEL", qkey("unique"), id)
+  end
+  j.fl = string.gsub(j.fl, "[uU]", "")
+end
+
+-- The id of the job holding unique key `ukey` in this queue, or nil when it is free. A key is
+-- held while its holder has not let go of it (the holder is in the id index, in this queue,
+-- with its unique record for this key), then for its hold_for (a key with a TTL). A key whose
+-- holder is gone, or that a path forgot to let go of, is free: a key never gets stuck.
+local function unique_holder(queue, ukey)
+  local key = qkey("u:" .. ukey)
+  local holder = redis.call("GET", key)
+  if not holder then
+    return nil
+  end
+  if redis.call("PTTL", key) ~= -1 then
+    return holder
+  end
+  if redis.call("HGET", K_IDS, holder) ~= queue then
+    return nil
+  end
+  local record = redis.call("HGET", qkey("unique"), holder)
+  if record and string.match(record, "^%a|%d+|(.*)$") == ukey then
+    return holder
+  end
+  return nil
+end
+
+-- Check a job's unique spec and limits record (as add_job takes them) before any write.
+local function check_specs(uspec, lspec)
+  if uspec ~= "" and not string.match(uspec, "^[sd]|%d+|") then
+    error("worq: bad unique key " .. uspec)
+  end
+  if lspec ~= "" then
+    local permits, interval, burst, n, rest =
+      string.match(lspec, "^(%d+)|([^|]*)|(%d+)|(%d+)|(.*)$")
+    local ok = permits ~= nil and #rest >= tonumber(n)
+    if ok and interval ~= "" then
+      local iv = tonumber(interval)
+      ok = iv ~= nil and iv > 0 and iv < math.huge and tonumber(burst) >= 1
+    elseif ok then
+      ok = tonumber(permits) >= 1
+    end
+    if not ok then
+      error("worq: bad limits " .. lspec)
+    end
+  end
+end
+
+-- Add one job unless its id is held anywhere (0) or, for a unique job, its key is held in this
+-- queue (then the holder's id); 1 when added. `uspec`: "" or the unique record
+-- "mode|hold ms|key" (mode s: until started, d: until done); `lspec`: "" or the limits record
+-- (see limits_of). `clear`: the index of the result key to delete, or "0". With `register`,
+-- an added job adds its queue to the registry (KEYS[12]). A job without either spec makes
+-- exactly the calls it made before unique jobs and limits existed.
+local function add_job(now, queue, register, id, body, score, eta, clear, uspec, lspec)
+  local fl = ""
+  if uspec == "" then
+    if redis.call("HSETNX", K_IDS, id, queue) == 0 then
+      return 0
+    end
+  else
+    if redis.call("HEXISTS", K_IDS, id) == 1 then
+      return 0
+    end
+    local mode, ukey = string.match(uspec, "^(%a)|%d+|(.*)$")
+    local holder = unique_holder(queue, ukey)
+    if holder then
+      return holder
+    end
+    redis.call("HSET", K_IDS, id, queue)
+    redis.call("SET", qkey("u:" .. ukey), id)
+    redis.call("HSET", qkey("unique"), id, uspec)
+    fl = mode == "s" and "U" or "u"
+  end
+  if lspec ~= "" then
+    redis.call("HSET", qkey("limits"), id, lspec)
+    fl = fl .. "L"
+  end
+  if fl ~= "" then
+    fl = "|" .. fl
+  end
+  if register then
+    redis.call("SADD", KEYS[12], queue)
+  end
+  local sq = next_seq()
+  redis.call("HSET", K_JOBS, id, body)
+  if eta ~= "" and tonumber(eta) > now then
+    redis.call("HSET", K_META, id, "s|0|" .. sq .. "|" .. score .. "|" .. fl)
+    redis.call("ZADD", K_DELAYED, f6(tonumber(eta)), id)
+    redis.call("ZADD", K_SIGNAL, 0, "due")
+  else
+    redis.call("HSET", K_META, id, "q|0|" .. sq .. "|" .. score .. "|" .. fl)
+    redis.call("ZADD", K_READY, score, sq .. id)
+    redis.call("ZADD", K_SIGNAL, 0, "ready")
+  end
+  if clear ~= "0" then
+    redis.call("DEL", KEYS[tonumber(clear)])
+  end
+  return 1
+end
+
+-- A job's limits record (flag L) as {cl = permits (0: none), iv = rate interval (0: none),
+-- burst, ck = concurrency key, rk = rate key}, or nil. Stored as
+-- "permits|interval or empty|burst|bytes of ckey|" .. ckey .. rkey.
+local function limits_of(id)
+  local record = redis.call("HGET", qkey("limits"), id)
+  if not record then
+    return nil
+  end
+  local cl, iv, burst, n, rest = string.match(record, "^(%d+)|([^|]*)|(%d+)|(%d+)|(.*)$")
+  n = tonumber(n)
+  return {
+    cl = tonumber(cl),
+    iv = tonumber(iv) or 0,
+    burst = tonumber(burst),
+    ck = string.sub(rest, 1, n),
+    rk = string.sub(rest, n + 1),
+  }
+end
+
+-- A permit of concurrency key `ck` came back: the oldest job parked for it goes back to ready
+-- at its own score and sequence number (the front of its priority level), with the permit
+-- reserved for it (it joins `c:<ck>`, flagged k) until a fetch reaches it, so no other job of
+-- the key takes it first. Stale entries (a job no longer parked) are skipped.
+local function wake(ck)
+  local list = qkey("w:" .. ck)
+  while true do
+    local id = redis.call("LPOP", list)
+    if not id then
+      return
+    end
+    redis.call("HDEL", qkey("aside"), id)
+    local m = redis.call("HGET", K_META, id)
+    if m then
+      local j = parse(m)
+      if j.st == "w" then
+        if not has(j, "k") then
+          j.fl = j.fl .. "k"
+        end
+        redis.call("SADD", qkey("c:" .. ck), id)
+        to_ready(id, j)
+        redis.call("ZADD", K_SIGNAL, 0, "ready")
+        return
+      end
+    end
+  end
+end
+
+-- A job with limits (flag L) leaves its lease (settled, released, reaped, cancelled), or a
+-- woken job its reservation (cancelled, or set aside for its rate): the permit it holds, if
+-- any, comes back and wakes the oldest job parked for its key.
+local function leave_lease(id, j)
+  if has(j, "L") then
+    local lim = limits_of(id)
+    if lim and lim.cl > 0 and redis.call("SREM", qkey("c:" .. lim.ck), id) == 1 then
+      wake(lim.ck)
+    end
+  end
+end
+
+-- Drop a job for good (`j`: its parsed meta, or nil for a dead job): its id is free again,
+-- and so is its unique key (whatever its mode); its limits record goes.
 -- A leased job on its first attempt was never retried, so it has no reason to delete.
 local function forget(id, j)
   redis.call("HDEL", K_JOBS, id)
@@ -129,8 +345,18 @@ local function forget(id, j)
   if j == nil or j.st ~= "l" or j.at > 1 then
     redis.call("HDEL", K_REASON, id)
   end
-  if j ~= nil and has(j, "p") then
-    redis.call("HDEL", K_PROGRESS, id)
+  if j == nil then
+    redis.call("HDEL", qkey("limits"), id) -- a dead job keeps its limits (for requeue_dead)
+  elseif j.fl ~= "" then
+    if has(j, "p") then
+      redis.call("HDEL", K_PROGRESS, id)
+    end
+    if has(j, "u") or has(j, "U") then
+      unique_release(id, j)
+    end
+    if has(j, "L") then
+      redis.call("HDEL", qkey("limits"), id)
+    end
   end
 end
 
@@ -151,14 +377,19 @@ local function held(id, token, now)
   return j
 end
 
--- Move up to `limit` jobs whose score in the ZSET `key` has passed `now` back to ready.
+-- Move up to `limit` jobs whose score in the ZSET `key` has passed `now` back to ready; an
+-- expired lease (`key` is K_LEASED) gives its permit back.
 local function due_to_ready(key, now, limit)
   local ids = redis.call("ZRANGEBYSCORE", key, "-inf", f6(now), "LIMIT", 0, limit)
   for _, id in ipairs(ids) do
     redis.call("ZREM", key, id)
     local m = redis.call("HGET", K_META, id)
     if m then
-      to_ready(id, parse(m))
+      local j = parse(m)
+      if key == K_LEASED then
+        leave_lease(id, j)
+      end
+      to_ready(id, j)
     end
   end
   return #ids
@@ -183,12 +414,13 @@ local function trim_dead(now, max_count, max_age)
     end
     local id = oldest[1]
     local m = redis.call("HGET", K_META, id)
-    local died = m and tonumber(parse(m).ex) or 0
+    local j = m and parse(m) or nil
+    local died = j and tonumber(j.ex) or 0
     if redis.call("ZCARD", K_DEAD) <= max_count and now - died <= max_age then
       return
     end
     redis.call("ZREM", K_DEAD, id)
-    forget(id, nil)
+    forget(id, j)
   end
 end
 
@@ -238,12 +470,18 @@ local function apply_settlements(now, first, last, max_count, max_age)
     else
       out[#out + 1] = 1
       redis.call("ZREM", K_LEASED, id)
+      leave_lease(id, j)
       if outcome == "a" then
         forget(id, j)
       else
         drop_progress(id, j)
         if outcome ~= "r" then
-          j.fl = ""  -- a retry keeps a cancel request: its next delivery carries it
+          -- A retry keeps a cancel request (its next delivery carries it) and its unique key;
+          -- a dead job lets go of its key and keeps only its limits (for requeue_dead).
+          if has(j, "u") then
+            unique_release(id, j)
+          end
+          j.fl = has(j, "L") and "L" or ""
         end
         redis.call("HSET", K_REASON, id, ARGV[i + 4])
         if outcome == "r" then
@@ -272,6 +510,92 @@ local function apply_settlements(now, first, last, max_count, max_age)
   return out
 end
 
+-- Whether concurrency key `ck` (of `cl` permits) has one free. Its holders count while their
+-- lease is unexpired, and woken jobs while they wait in ready (queued, flag k); any other (a
+-- lease that expired, a holder gone behind the scripts' backs) is dropped, which wakes a
+-- parked job like any permit given back.
+local function permit_free(ck, cl, now)
+  local set = qkey("c:" .. ck)
+  if redis.call("SCARD", set) < cl then
+    return true
+  end
+  local live = 0
+  for _, holder in ipairs(redis.call("SMEMBERS", set)) do
+    local deadline = redis.call("ZSCORE", K_LEASED, holder)
+    local counts = deadline and tonumber(deadline) > now
+    if not deadline then
+      local m = redis.call("HGET", K_META, holder)
+      counts = m and string.match(m, "^q|") and has(parse(m), "k")
+    end
+    if counts then
+      live = live + 1
+    else
+      redis.call("SREM", set, holder)
+      wake(ck)
+    end
+  end
+  return live < cl
+end
+
+-- GCRA with reservation on rate key `rk`: when the caller's slot starts (`now` or later), and
+-- the key's theoretical arrival time (TAT) moves on by one interval, booked even when the slot
+-- is later. The TAT key expires once it falls behind the clock (an idle key, the same as none);
+-- under a test's clock (ARGV[1]) it is kept 10 minutes longer, since expiry runs on real time.
+local function rate_slot(rk, iv, burst, now)
+  local key = qkey("r:" .. rk)
+  local tat = tonumber(redis.call("GET", key) or "") or now
+  local start = math.max(now, tat - (burst - 1) * iv)
+  tat = math.max(tat, now) + iv
+  local ttl = math.ceil((tat - now) * 1000)
+  if ARGV[1] ~= "" then
+    ttl = ttl + 600000
+  end
+  redis.call("SET", key, string.format("%.17g", tat), "PX", string.format("%d", ttl))
+  return start
+end
+
+-- A popped job with limits (flag L) asks to be leased at `now`: its concurrency permit first
+-- (a woken job's is reserved for it), then its rate (skipped once by a job whose slot was
+-- granted, flag g). Returns nil when it may go (its permit taken); else it is set aside, its
+-- meta written, and it returns 0 when parked (state w, in `w:<ckey>` and `aside`) until a
+-- permit comes back, or the time its rate slot starts, when scheduled (state s, flag g) until
+-- then (a permit reserved for it goes on to the next parked job).
+local function admit(id, j, now)
+  local lim = limits_of(id)
+  if lim == nil then
+    return nil
+  end
+  local reserved = lim.cl > 0
+    and has(j, "k")
+    and redis.call("SISMEMBER", qkey("c:" .. lim.ck), id) == 1
+  if lim.cl > 0 and not reserved and not permit_free(lim.ck, lim.cl, now) then
+    j.st = "w"
+    j.ex = ""
+    redis.call("HSET", K_META, id, pack(j))
+    redis.call(has(j, "k") and "LPUSH" or "RPUSH", qkey("w:" .. lim.ck), id)
+    redis.call("HSET", qkey("aside"), id, lim.ck)
+    return 0
+  end
+  if lim.iv > 0 and not has(j, "g") then
+    local start = rate_slot(lim.rk, lim.iv, lim.burst, now)
+    if start > now then
+      if reserved then
+        leave_lease(id, j)
+      end
+      j.st = "s"
+      j.ex = ""
+      j.fl = string.gsub(j.fl, "k", "") .. "g"
+      redis.call("HSET", K_META, id, pack(j))
+      redis.call("ZADD", K_DELAYED, f6(start), id)
+      return start
+    end
+  end
+  if lim.cl > 0 then
+    redis.call("SADD", qkey("c:" .. lim.ck), id)
+  end
+  return nil
+end
+
 -- Reap and promote (bounded), lease up to `limit` ready jobs, re-arm the wake-up signal.
 -- Returns {now, next due time or "", then per job: id, body, token, attempts, cancel (0|1)}.
 -- The earliest lease deadline and due time are read first: reaping and promoting run only when
@@ -291,27 +615,58 @@ local function fetch(now, limit, lease, reap_limit, promote_limit)
   local got = 0
   local until_ = f6(now + lease)
   local ready_left = true
-  if limit > 0 then
-    local popped = redis.call("ZPOPMIN", K_READY, limit)
-    ready_left = #popped >= 2 * limit -- fewer than asked: ready is empty now
+  local want, asides, timed = limit, 0, false
+  while want > 0 do
+    local popped = redis.call("ZPOPMIN", K_READY, want)
+    ready_left = #popped >= 2 * want -- fewer than asked: ready is empty now
+    local set = 0
     for i = 1, #popped, 2 do
       local id = string.sub(popped[i], 17)
       local m = redis.call("HGET", K_META, id)
       if m then
         local j = parse(m)
-        j.at = j.at + 1
-        j.st = "l"
-        j.ex = string.format("%d", redis.call("INCR", K_SEQ))
-        redis.call("HSET", K_META, id, pack(j))
-        redis.call("ZADD", K_LEASED, until_, id)
-        out[#out + 1] = id
-        out[#out + 1] = redis.call("HGET", K_JOBS, id)
-        out[#out + 1] = j.ex
-        out[#out + 1] = j.at
-        out[#out + 1] = has(j, "c") and 1 or 0
-        got = got + 1
+        local aside = nil
+        if j.fl ~= "" and has(j, "L") then
+          aside = admit(id, j, now)
+        end
+        if aside then
+          set = set + 1
+          timed = timed or aside > 0
+        else
+          j.at = j.at + 1
+          j.st = "l"
+          j.ex = string.format("%d", redis.call("INCR", K_SEQ))
+          if j.fl ~= "" then
+            if has(j, "U") then
+              unique_release(id, j) -- until started: its first lease lets go of the key
+            end
+            j.fl = string.gsub(j.fl, "[gk]", "") -- a granted slot, a reserved permit: used up
+          end
+          redis.call("HSET", K_META, id, pack(j))
+          redis.call("ZADD", K_LEASED, until_, id)
+          out[#out + 1] = id
+          out[#out + 1] = redis.call("HGET", K_JOBS, id)
+          out[#out + 1] = j.ex
+          out[#out + 1] = j.at
+          out[#out + 1] = has(j, "c") and 1 or 0
+          got = got + 1
+        end
       end
     end
+    -- Jobs set aside leave free slots: pop again (they may also have woken parked jobs), so
+    -- the jobs behind them are not held up, up to 100 set-asides per call.
+    asides = asides + set
+    want = 0
+    if set > 0 and asides < 100 then
+      want = math.min(limit - got, 100 - asides)
+    end
+  end
+  if asides > 0 then
+    ready_left = true -- a set-aside may have woken a parked job: look at ready itself
+  end
+  if timed then
+    redis.call("ZADD", K_SIGNAL, 0, "due") -- a new earliest due time: blocked workers look again
+    d = nil
   end
   if ready_left and redis.call("ZCARD", K_READY) > 0 then
     redis.call("ZADD", K_SIGNAL, 0, "ready")
@@ -346,16 +701,26 @@ end
 
 ENQUEUE = r"""
 -- ARGV: clock, queue, register (0|1), n, then n x (id, body, ready score, eta or "",
---   result key index or 0)
+--   result key index or 0), then, only when some job is unique or limited, n x (unique spec,
+--   limits record), "" for none (see add_job).
 -- KEYS: the queue's keys and the id index, the queue registry, then the result key of each job
 -- whose old record it deletes when it adds the job (Message.clear_record).
--- An id already in the index (in any queue, in any state) is left alone: 0 for it, 1 if added.
+-- Per job: 1 if added; 0 when its id is already in the index (in any queue, in any state); the
+-- holder's id when its unique key is held in this queue. Jobs are added in order, so a unique
+-- job added holds its key for the jobs after it.
 -- With register 1 (the broker's first enqueue into the queue), a queue that gets a job is added
 -- to the registry, so stats() lists the queues that held a job.
--- A batch costs a handful of calls, not a handful per job: one HMGET of the index finds the ids
--- already held, one INCRBY numbers the new jobs (in order), and HSET/ZADD write them in chunks.
+-- A batch of plain jobs costs a handful of calls, not a handful per job: one HMGET of the index
+-- finds the ids already held, one INCRBY numbers the new jobs (in order), and HSET/ZADD write
+-- them in chunks. A batch with unique or limited jobs adds them one by one (add_job).
 local queue, register = ARGV[2], ARGV[3] == "1"
 local n = number_arg(ARGV[4], "count")
+local specs = 0 -- where the unique specs and limits records start, when there are any
+if #ARGV == 4 + 7 * n and n > 0 then
+  specs = 5 + 5 * n
+elseif #ARGV ~= 4 + 5 * n then
+  error("worq: bad argument count")
+end
 local timed = false
 for i = 0, n - 1 do
   local b = 5 + i * 5
@@ -368,35 +733,33 @@ for i = 0, n - 1 do
   if k ~= 0 and KEYS[k] == nil then
     error("worq: missing result key")
   end
+  if specs > 0 then
+    check_specs(ARGV[specs + 2 * i], ARGV[specs + 2 * i + 1])
+  end
 end
 local now = 0 -- the clock is read only when some job has an eta
 if timed then
   now = clock(ARGV[1])
 end
-if n == 1 then
-  -- One job (enqueue one by one): the direct calls, without the batch's tables.
-  local id, score, eta = ARGV[5], ARGV[7], ARGV[8]
-  if redis.call("HSETNX", K_IDS, id, queue) == 0 then
-    return {0}
+if n == 1 or specs > 0 then
+  -- One job (enqueue one by one), or jobs with unique keys or limits: one add_job each, in
+  -- order (one plain job makes the direct calls, without the batch's tables).
+  local out = {}
+  for i = 0, n - 1 do
+    local b = 5 + i * 5
+    local uspec, lspec = "", ""
+    if specs > 0 then
+      uspec, lspec = ARGV[specs + 2 * i], ARGV[specs + 2 * i + 1]
+    end
+    out[i + 1] = add_job(
+      now, queue, register, ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4],
+      uspec, lspec
+    )
+    if out[i + 1] == 1 then
+      register = false
+    end
   end
-  if register then
-    redis.call("SADD", KEYS[12], queue)
-  end
-  local sq = next_seq()
-  redis.call("HSET", K_JOBS, id, ARGV[6])
-  if eta ~= "" and tonumber(eta) > now then
-    redis.call("HSET", K_META, id, "s|0|" .. sq .. "|" .. score .. "|")
-    redis.call("ZADD", K_DELAYED, f6(tonumber(eta)), id)
-    redis.call("ZADD", K_SIGNAL, 0, "due")
-  else
-    redis.call("HSET", K_META, id, "q|0|" .. sq .. "|" .. score .. "|")
-    redis.call("ZADD", K_READY, score, sq .. id)
-    redis.call("ZADD", K_SIGNAL, 0, "ready")
-  end
-  if ARGV[9] ~= "0" then
-    redis.call("DEL", KEYS[tonumber(ARGV[9])])
-  end
-  return {1}
+  return out
 end
 local CHUNK = 1000
 local function write(command, key, values)
@@ -555,6 +918,7 @@ for i = 2, #ARGV, 2 do
   local j = held(id, ARGV[i + 1], now)
   if j then
     redis.call("ZREM", K_LEASED, id)
+    leave_lease(id, j)
     j.at = j.at - 1
     to_ready(id, j)
     any = true
@@ -579,8 +943,9 @@ return n
 CANCEL = r"""
 -- KEYS: the queue's keys and the id index, then, to write a record, the job's result, waiting
 -- marker and wake-up list. ARGV: clock, id, queue, record ttl ms, record.
--- A waiting job (queued, scheduled, retrying, or leased with an expired lease) is removed from
--- every key and its id freed: "r", with the record written (and waiters woken). A running job
+-- A waiting job (queued, scheduled, retrying, set aside by its limits, or leased with an
+-- expired lease) is removed from every key and its id (and unique key) freed: "r", with the
+-- record written (and waiters woken). A running job
 -- is flagged: "q"; extend then answers 2 for its lease and a later delivery carries the flag.
 -- "n" for a dead or unknown job (nothing changes), and "m" when the index puts the job in
 -- another queue than ARGV[3] (the caller looks it up again).
@@ -612,10 +977,20 @@ if j.st == "l" then
     return "q"
   end
   redis.call("ZREM", K_LEASED, id)
+  leave_lease(id, j)
 elseif j.st == "q" then
   redis.call("ZREM", K_READY, j.sq .. id)
+  if has(j, "k") then
+    leave_lease(id, j) -- woken: the permit reserved for it goes on to the next parked job
+  end
+elseif j.st == "w" then
+  local ck = redis.call("HGET", qkey("aside"), id)
+  if ck then
+    redis.call("LREM", qkey("w:" .. ck), 0, id)
+    redis.call("HDEL", qkey("aside"), id)
+  end
 else
-  redis.call("ZREM", K_DELAYED, id)
+  redis.call("ZREM", K_DELAYED, id) -- scheduled, retrying, or waiting for its rate slot
 end
 forget(id, j)
 if #KEYS > 11 then
@@ -626,12 +1001,13 @@ return "r"
 
 STATS = r"""
 -- ARGV: clock, dead max count, dead max age. Returns {ready, delayed, running, dead}.
+-- Parked jobs (waiting for a permit) count as ready, jobs waiting for their rate slot as delayed.
 local now = clock(ARGV[1])
 trim_dead(now, number_arg(ARGV[2], "dead max count"), number_arg(ARGV[3], "dead max age"))
 local due = redis.call("ZCOUNT", K_DELAYED, "-inf", f6(now))
 local expired = redis.call("ZCOUNT", K_LEASED, "-inf", f6(now))
 return {
-  redis.call("ZCARD", K_READY) + due + expired,
+  redis.call("ZCARD", K_READY) + due + expired + redis.call("HLEN", qkey("aside")),
   redis.call("ZCARD", K_DELAYED) - due,
   redis.call("ZCARD", K_LEASED) - expired,
   redis.call("ZCARD", K_DEAD),
@@ -738,6 +1114,50 @@ end
 return out
 """
 
+FIRE_SCHEDULE = r"""
+-- KEYS: the queue's keys and the id index, the queue registry, the schedules hash, then the
+-- result key the job's clear_record deletes, if any.
+-- ARGV: clock, queue, register (0|1), schedule, tick, last fire ("": no record yet), then the
+-- job: id, body, ready score, eta or "", result key index or 0, unique spec, limits record.
+-- A compare-and-set on the schedule's record (text, repr of a float, compared exactly): {0, 0}
+-- when it is not `last`; else it becomes `tick` and the job is added as enqueue adds it (a held
+-- id or unique key adds nothing, and the tick still counts): {1, enqueue's answer}.
+local queue, register = ARGV[2], ARGV[3] == "1"
+local schedule, tick, last = ARGV[4], ARGV[5], ARGV[6]
+number_arg(tick, "tick")
+number_arg(ARGV[9], "priority score")
+local eta = ARGV[10]
+local now = 0
+if eta ~= "" then
+  number_arg(eta, "eta")
+  now = clock(ARGV[1])
+end
+local k = number_arg(ARGV[11], "key index")
+if k ~= 0 and KEYS[k] == nil then
+  error("worq: missing result key")
+end
+check_specs(ARGV[12], ARGV[13])
+if (redis.call("HGET", KEYS[13], schedule) or "") ~= last then
+  return {0, 0}
+end
+redis.call("HSET", KEYS[13], schedule, tick)
+return {
+  1,
+  add_job(now, queue, register, ARGV[7], ARGV[8], ARGV[9], eta, ARGV[11], ARGV[12], ARGV[13]),
+}
+"""
+
+SCHEDULE_CAS = r"""
+-- KEYS: the schedules hash. ARGV: clock, schedule, tick, last fire ("": no record yet).
+-- fire_schedule without a job: the compare-and-set alone, 1 when applied.
+number_arg(ARGV[3], "tick")
+if (redis.call("HGET", KEYS[1], ARGV[2]) or "") ~= ARGV[4] then
+  return 0
+end
+redis.call("HSET", KEYS[1], ARGV[2], ARGV[3])
+return 1
+"""
+
 SAVE_RESULT = r"""
 -- KEYS: result, waiting marker, wake-up list. ARGV: clock, ttl ms, record.
 local ttl = number_arg(ARGV[2], "ttl")
@@ -772,9 +1192,15 @@ QUEUE_SCRIPTS: Final = {
     "dead_jobs": DEAD_JOBS,
     "requeue_dead": REQUEUE_DEAD,
     "purge_dead": PURGE_DEAD,
+    "fire_schedule": FIRE_SCHEDULE,
 }
 """Scripts that take the ten keys of one queue and the id index (``enqueue``, ``settle``,
-``settle_fetch`` and ``cancel`` may add result keys after them)."""
+``settle_fetch`` and ``cancel`` may add result keys after them; ``enqueue`` and
+``fire_schedule`` take the queue registry as ``KEYS[12]``, and ``fire_schedule`` the schedules
+hash as ``KEYS[13]``)."""
+
+SCHEDULE_SCRIPTS: Final = {"schedule_cas": SCHEDULE_CAS}
+"""Scripts that take the prefix's schedules hash alone."""
 
 LOOKUP_SCRIPTS: Final = {"job_state": JOB_STATE}
 """Scripts that take the id index alone and find the job's queue in it."""
@@ -798,7 +1224,12 @@ def source(name: str) -> str:
     per call. Only queue scripts get the queue's key locals (``K_READY`` ...); the others name
     their keys themselves.
     """
-    body = QUEUE_SCRIPTS.get(name) or LOOKUP_SCRIPTS.get(name) or RESULT_SCRIPTS[name]
+    body = (
+        QUEUE_SCRIPTS.get(name)
+        or LOOKUP_SCRIPTS.get(name)
+        or SCHEDULE_SCRIPTS.get(name)
+        or RESULT_SCRIPTS[name]
+    )
     head, helpers = _helpers(_PRELUDE)
     needed: set[str] = set()
     text = body
