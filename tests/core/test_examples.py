@@ -25,3 +25,21 @@ def test_the_basic_example_runs_every_kind_of_job() -> None:
         "retried, succeeded on attempt 3",
         "dead-lettered: ValueError this one always fails (dead)",
     ]
+
+
+def test_the_scheduling_example_keeps_its_promises() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "scheduling" / "app.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "unique: same job",
+        "rebuilt users",
+        "crawl: at most 2 at once",
+        "call_api: 5 calls over 0.4 s or more",
+        "beat: each tick fired once",
+        "schedules: __main__.beat, __main__.morning_report",
+    ]

@@ -218,12 +218,13 @@ class Worq:
 
         Enforced by the broker across every worker (see ``docs/scheduling.md``): ``unique``
         (``True`` = ``"until_done"``, or ``"until_started"``) adds no job while an equal one
-        (same ``unique_key(*args, **kwargs)``, by default the same arguments) is held, and
-        returns that job's handle instead, for ``unique_for`` seconds more after it lets go.
-        ``rate_limit`` (``"100/m"``, ``"20/s"``, ``"5/10s"``) starts at most that many jobs per
-        period, ``rate_burst`` at once after a quiet spell (default: the count), separately
-        per ``rate_key(*args, **kwargs)`` if given. ``concurrency`` caps the jobs running at
-        once, per ``concurrency_key(*args, **kwargs)`` if given. Limits count per queue.
+        (same ``unique_key``, by default the same arguments) is held, and returns that job's
+        handle instead, for ``unique_for`` seconds more after it lets go. ``rate_limit``
+        (``"100/m"``, ``"20/s"``, ``"5/10s"``) starts at most that many jobs per period,
+        ``rate_burst`` at once after a quiet spell (default: the count), separately per
+        ``rate_key`` if given. ``concurrency`` caps the jobs running at once, per
+        ``concurrency_key`` if given. Limits count per queue. The key functions are called
+        with the job's arguments by parameter name: ``rate_key=lambda user_id, **_: user_id``.
         """
 
         def register(function: Callable[..., Any]) -> Task[Any, Any]:
@@ -284,17 +285,22 @@ class Worq:
 
         def register(function: Callable[P, R]) -> Task[P, R]:
             task: Task[P, R] = self.task(**task_options)(function)
-            self.schedule(
-                task,
-                cron=cron,
-                every=every,
-                tz=tz,
-                args=args,
-                kwargs=kwargs,
-                name=name,
-                missed=missed,
-                grace=grace,
-            )
+            try:
+                self.schedule(
+                    task,
+                    cron=cron,
+                    every=every,
+                    tz=tz,
+                    args=args,
+                    kwargs=kwargs,
+                    name=name,
+                    missed=missed,
+                    grace=grace,
+                )
+            except BaseException:
+                # A declaration that fails leaves nothing behind: fix it and declare again.
+                del self.tasks[task.name]
+                raise
             return task
 
         return register

@@ -9,6 +9,7 @@ needs: :class:`~worq_core.models.UniqueKey`, :class:`~worq_core.models.RateLimit
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from worq_core.errors import TaskError
 from worq_core.models import ConcurrencyLimit, RateLimit, UniqueKey, UniqueUntil
 
 KeyFunction = Callable[..., Any]
-"""Called with a job's arguments (as the task is); its ``str()`` becomes part of the key."""
+"""Called with a job's arguments by parameter name; its ``str()`` becomes part of the key."""
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*(?:\.\d+)?)\s*([smhd])\s*$")
@@ -140,21 +141,24 @@ class TaskLimits:
             concurrency_key,
         )
 
-    def rate(self, task: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> RateLimit | None:
-        """The rate limit this call counts against."""
+    @property
+    def has_key_functions(self) -> bool:
+        """Whether any key is computed from the arguments (so they are needed by name)."""
+        return any(f is not None for f in (self.unique_key, self.rate_key, self.concurrency_key))
+
+    def rate(self, task: str, named: Mapping[str, Any]) -> RateLimit | None:
+        """The rate limit a call with arguments ``named`` (by parameter) counts against."""
         if not self.rate_count:
             return None
-        key = _keyed(task, self.rate_key, args, kwargs)
+        key = _keyed(task, self.rate_key, named)
         burst = self.rate_burst if self.rate_burst is not None else self.rate_count
         return RateLimit(key, self.rate_period / self.rate_count, burst)
 
-    def concurrency_limit(
-        self, task: str, args: Sequence[Any], kwargs: Mapping[str, Any]
-    ) -> ConcurrencyLimit | None:
-        """The concurrency limit this call counts against."""
+    def concurrency_limit(self, task: str, named: Mapping[str, Any]) -> ConcurrencyLimit | None:
+        """The concurrency limit a call with arguments ``named`` counts against."""
         if self.concurrency is None:
             return None
-        return ConcurrencyLimit(_keyed(task, self.concurrency_key, args, kwargs), self.concurrency)
+        return ConcurrencyLimit(_keyed(task, self.concurrency_key, named), self.concurrency)
 
 
 def unique_key_for(
@@ -162,6 +166,7 @@ def unique_key_for(
     declared: TaskLimits | None,
     args: Sequence[Any],
     kwargs: Mapping[str, Any],
+    named: Mapping[str, Any],
     *,
     mode: UniqueUntil | None,
     key: str | None,
@@ -169,7 +174,8 @@ def unique_key_for(
 ) -> UniqueKey | None:
     """The unique key of one call: ``options()`` first, then the task's declaration.
 
-    The default key is the task's name and :func:`argument_hash` of the arguments.
+    The default key is the task's name and :func:`argument_hash` of the arguments as sent;
+    a declared ``unique_key`` function is called with ``named``.
     """
     if mode is None and declared is not None:
         mode = declared.unique
@@ -179,7 +185,7 @@ def unique_key_for(
         mode = UniqueUntil.DONE
     if key is None:
         if declared is not None and declared.unique_key is not None:
-            key = f"{task}:{declared.unique_key(*args, **kwargs)}"
+            key = f"{task}:{declared.unique_key(**named)}"
         else:
             key = f"{task}:{argument_hash(args, kwargs)}"
     if hold_for is None:
@@ -187,9 +193,26 @@ def unique_key_for(
     return UniqueKey(key, mode, hold_for)
 
 
-def _keyed(
-    task: str, function: KeyFunction | None, args: Sequence[Any], kwargs: Mapping[str, Any]
-) -> str:
+def named_arguments(
+    signature: inspect.Signature, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A call's arguments by parameter name, defaults filled in and ``**kwargs`` spread out.
+
+    Key functions are called with these as keyword arguments, so ``lambda user_id, **_:
+    user_id`` picks one argument however the caller passed it.
+    """
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    named: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    return named
+
+
+def _keyed(task: str, function: KeyFunction | None, named: Mapping[str, Any]) -> str:
     if function is None:
         return task
-    return f"{task}:{function(*args, **kwargs)}"
+    return f"{task}:{function(**named)}"

@@ -15,7 +15,7 @@ from worq_core.context import JobContext
 from worq_core.context import _current as _current_job
 from worq_core.errors import PayloadTooLarge, TaskError, UnsupportedError
 from worq_core.job import _NO_HEADERS, Envelope, Job
-from worq_core.limits import TaskLimits, unique_key_for, unique_until
+from worq_core.limits import TaskLimits, named_arguments, unique_key_for, unique_until
 from worq_core.middleware import EnqueueRequest
 from worq_core.models import Capability, Message, UniqueUntil
 from worq_core.retry import RetryPolicy
@@ -352,19 +352,23 @@ class BoundTask(Generic[P, R]):
         """``message`` with the unique key and limits of this call, checked against the broker."""
         task, send = self.task, self.send
         limits = task.config.limits
+        named = (
+            named_arguments(task._signature, args, kwargs)
+            if limits is not None and limits.has_key_functions
+            else {}
+        )
         unique = unique_key_for(
             task.name,
             limits,
             args,
             kwargs,
+            named,
             mode=send.unique,
             key=send.unique_key,
             hold_for=send.unique_for,
         )
-        rate = limits.rate(task.name, args, kwargs) if limits is not None else None
-        concurrency = (
-            limits.concurrency_limit(task.name, args, kwargs) if limits is not None else None
-        )
+        rate = limits.rate(task.name, named) if limits is not None else None
+        concurrency = limits.concurrency_limit(task.name, named) if limits is not None else None
         broker = task.app.broker
         if unique is not None and Capability.UNIQUE not in broker.capabilities:
             raise UnsupportedError(broker.name, Capability.UNIQUE.value, "a unique job")
