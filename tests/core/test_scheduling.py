@@ -324,6 +324,28 @@ def test_a_unique_key_function_picks_what_counts(app: Worq) -> None:
     assert notify.enqueue(2, "a").id != notify.enqueue(1, "a").id
 
 
+def test_the_default_key_reads_the_arguments_by_name(app: Worq) -> None:
+    @app.task(unique=True)
+    def rebuild(index: str, full: bool = False) -> None: ...
+
+    first = rebuild.enqueue("users")
+    assert rebuild.enqueue(index="users").id == first.id
+    assert rebuild.enqueue("users", False).id == first.id
+    assert rebuild.enqueue("users", full=True).id != first.id
+    assert app.broker.stats(["default"])[0].ready == 2
+
+
+def test_options_unique_false_sends_one_job_without_the_tasks_key(app: Worq) -> None:
+    @app.task(unique=True)
+    def sync(account: int) -> None: ...
+
+    first = sync.enqueue(1)
+    assert sync.options(unique=False).enqueue(1).id != first.id
+    assert sync.enqueue(1).id == first.id  # the key is still the first job's
+    with pytest.raises(TaskError):
+        sync.options(unique=False, unique_key="x")
+
+
 def test_the_default_key_is_a_stable_hash_of_the_arguments() -> None:
     assert argument_hash([1, {"a": 1, "b": 2}], {"x": [1]}) == argument_hash(
         [1, {"b": 2, "a": 1}], {"x": [1]}

@@ -68,17 +68,6 @@ def test_a_job_requeued_from_the_dead_letters_is_counted_against_its_rate_again(
     assert broker.job_state("j") == JobState("q", JobStatus.SCHEDULED)
 
 
-def test_a_released_or_lapsed_job_is_counted_against_its_rate_once_per_run() -> None:
-    clock = Clock()
-    broker = MemoryBroker(clock=clock)
-    broker.enqueue([msg("j", rate=RateLimit("r", interval=60))])
-    [delivery] = broker.fetch(["q"], 1, lease=30, wait=0)
-    broker.release([delivery])
-    [delivery] = broker.fetch(["q"], 1, lease=5, wait=0)
-    clock.now += 6
-    assert fetch_ids(broker) == ["j"], "a dead worker's job is not counted twice"
-
-
 def test_a_released_job_gives_its_permit_to_the_oldest_parked_job() -> None:
     broker = MemoryBroker()
     limit = ConcurrencyLimit("c", 1)

@@ -32,7 +32,7 @@ from worq_core.models import (
     UniqueKey,
     UniqueUntil,
 )
-from worq_redis import RedisBroker, lua
+from worq_redis import RedisBroker, RedisSettings, lua
 from worq_redis.connection import ids_key, schedules_key
 
 LIVE = {"queues", "seq", "signal"}
@@ -299,6 +299,33 @@ def test_a_worker_blocked_on_parked_jobs_sleeps_until_a_permit_comes_back(
         other.close()
     finally:
         client.close()
+
+
+def test_a_permit_of_an_unreaped_expired_lease_goes_to_one_job_only(
+    backend: Backend, clock: Clock
+) -> None:
+    # reap_batch=1 leaves an expired lease unreaped at the next fetch (as a worker that died
+    # holding more than reap_batch leases does): the fetch that prunes it from the permit set
+    # wakes the parked job, and must not also hand the same permit to the job it is admitting.
+    broker = backend.broker(RedisSettings(reap_batch=1), clock=clock)
+    one = ConcurrencyLimit("k", 1)
+    broker.enqueue([msg("p", "plain")])
+    assert [d.id for d in broker.fetch(["p"], 1, lease=10, wait=0)] == ["plain"]
+    broker.enqueue([msg("p", "a", concurrency=one)])
+    assert [d.id for d in broker.fetch(["p"], 1, lease=10, wait=0)] == ["a"]
+    broker.enqueue([msg("p", "parked", concurrency=one)])
+    assert broker.fetch(["p"], 1, lease=10, wait=0) == []
+    broker.enqueue([msg("p", "late", concurrency=one)])
+    clock.now += 20  # both leases expired; one fetch reaps one of them
+    leased = [d.id for d in broker.fetch(["p"], 2, lease=100, wait=0)]
+    leased += [d.id for d in broker.fetch(["p"], 2, lease=100, wait=0)]
+    running = [
+        job
+        for job in ("a", "parked", "late")
+        if broker.job_state(job).status is JobStatus.RUNNING  # type: ignore[union-attr]
+    ]
+    assert len(running) == 1, (leased, running)
+    assert "parked" in running, "the permit went to the job that waited longest"
 
 
 def test_a_rate_set_aside_gives_the_fetch_its_due_time(backend: Backend, clock: Clock) -> None:

@@ -13,7 +13,7 @@ import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import msgpack
 
@@ -141,11 +141,6 @@ class TaskLimits:
             concurrency_key,
         )
 
-    @property
-    def has_key_functions(self) -> bool:
-        """Whether any key is computed from the arguments (so they are needed by name)."""
-        return any(f is not None for f in (self.unique_key, self.rate_key, self.concurrency_key))
-
     def rate(self, task: str, named: Mapping[str, Any]) -> RateLimit | None:
         """The rate limit a call with arguments ``named`` (by parameter) counts against."""
         if not self.rate_count:
@@ -164,19 +159,21 @@ class TaskLimits:
 def unique_key_for(
     task: str,
     declared: TaskLimits | None,
-    args: Sequence[Any],
-    kwargs: Mapping[str, Any],
     named: Mapping[str, Any],
     *,
-    mode: UniqueUntil | None,
+    mode: UniqueUntil | Literal[False] | None,
     key: str | None,
     hold_for: float | None,
 ) -> UniqueKey | None:
     """The unique key of one call: ``options()`` first, then the task's declaration.
 
-    The default key is the task's name and :func:`argument_hash` of the arguments as sent;
-    a declared ``unique_key`` function is called with ``named``.
+    ``named`` is the call's arguments by parameter name (:func:`named_arguments`). The default
+    key is the task's name and :func:`argument_hash` of them, so ``f("a")``, ``f(x="a")`` and
+    a default left out or written out make one key; a ``unique_key`` function is called with
+    them.
     """
+    if mode is False:  # options(unique=False): this job goes without the task's key
+        return None
     if mode is None and declared is not None:
         mode = declared.unique
     if mode is None and key is None and hold_for is None:
@@ -187,7 +184,7 @@ def unique_key_for(
         if declared is not None and declared.unique_key is not None:
             key = f"{task}:{declared.unique_key(**named)}"
         else:
-            key = f"{task}:{argument_hash(args, kwargs)}"
+            key = f"{task}:{argument_hash((), named)}"
     if hold_for is None:
         hold_for = declared.unique_for if declared is not None else 0.0
     return UniqueKey(key, mode, hold_for)

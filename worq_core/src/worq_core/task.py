@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
 
 from worq_core.context import JobContext
 from worq_core.context import _current as _current_job
@@ -68,7 +68,8 @@ class SendOptions:
     timeout: float | None = None
     max_retries: int | None = None
     retry: RetryPolicy | None = None
-    unique: UniqueUntil | None = None
+    unique: UniqueUntil | Literal[False] | None = None
+    """The unique mode for this job; ``False``: none, whatever the task declares."""
     unique_key: str | None = None
     unique_for: float | None = None
 
@@ -153,6 +154,7 @@ class Task(Generic[P, R]):
         ``"until_done"``), ``unique_key`` and ``unique_for`` (seconds) make this one job
         unique, or change the task's own unique settings: while an equal job is held, the
         enqueue adds nothing and returns that job's handle (see ``docs/scheduling.md``).
+        ``unique=False`` sends this one job without the task's unique key.
         """
         if delay is not None and eta is not None:
             raise TaskError("give delay or eta, not both")
@@ -174,6 +176,8 @@ class Task(Generic[P, R]):
             raise TaskError("unique_for must not be negative")
         if unique_key is not None and not (isinstance(unique_key, str) and unique_key):
             raise TaskError("unique_key must be a non-empty string")
+        if unique is False and (unique_key is not None or unique_for is not None):
+            raise TaskError("unique=False sends the job without a key: drop unique_key/unique_for")
         send = SendOptions(
             queue,
             priority,
@@ -184,7 +188,7 @@ class Task(Generic[P, R]):
             timeout,
             max_retries,
             retry,
-            unique_until(unique),
+            False if unique is False else unique_until(unique),
             unique_key,
             unique_for,
         )
@@ -352,16 +356,10 @@ class BoundTask(Generic[P, R]):
         """``message`` with the unique key and limits of this call, checked against the broker."""
         task, send = self.task, self.send
         limits = task.config.limits
-        named = (
-            named_arguments(task._signature, args, kwargs)
-            if limits is not None and limits.has_key_functions
-            else {}
-        )
+        named = named_arguments(task._signature, args, kwargs)
         unique = unique_key_for(
             task.name,
             limits,
-            args,
-            kwargs,
             named,
             mode=send.unique,
             key=send.unique_key,

@@ -92,7 +92,7 @@ class _Job:
     died_at: float = 0.0
     progress: bytes | None = None  # only while RUNNING
     cancel_requested: bool = False  # set by cancel() while RUNNING, kept until it ends
-    granted: bool = False  # its rate slot is counted for this run (until a RETRY settlement)
+    granted: bool = False  # its rate slot is counted for this run (until a retry or expiry)
     permit: bool = False  # holds a concurrency permit (while RUNNING)
     parked: bool = False  # QUEUED but waiting for a permit, out of ``ready``
     woken: bool = False  # back in ``ready`` with a permit reserved for it
@@ -315,7 +315,7 @@ class MemoryBroker(Broker):
                 if job is None:
                     continue
                 self._unlease(job)  # a cancel request stays: the next delivery carries it
-                job.attempts -= 1
+                job.attempts -= 1  # and it never ran, so it keeps its rate slot (granted)
                 self._to_ready(job, keep_seq=True)
             self._changed.notify_all()
 
@@ -700,6 +700,7 @@ class MemoryBroker(Broker):
         """Return expired leases to the queue and move due delayed jobs to ready."""
         for job in [j for j in queue.leased.values() if j.lease_until <= now]:
             self._unlease(job)
+            job.granted = False  # it may have run: its redelivery counts against its rate again
             self._to_ready(job, keep_seq=True)
         while queue.delayed and queue.delayed[0][0] <= now:
             due_at, seq, job_id = heapq.heappop(queue.delayed)

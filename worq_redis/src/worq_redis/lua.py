@@ -30,7 +30,8 @@ followed by ``|flags`` when it has any:
   the queue's ``progress`` hash holds its progress (only while leased), ``u`` / ``U`` while it
   holds a unique key until done / until started (its record is in the ``unique`` hash), ``L``
   when it has limits (its record is in the ``limits`` hash), ``g`` while the rate slot it
-  reserved is granted (set aside until the slot, cleared at its lease), ``k`` when it was woken
+  reserved is granted (set aside until the slot, or handed back unstarted by ``release``;
+  cleared at its lease), ``k`` when it was woken
   from parking and a permit is reserved for it in ``c:<key>`` (cleared at its lease, or when
   its rate sets it aside and the permit goes on; should it ever be parked again, it goes back
   to the front of the line).
@@ -512,8 +513,9 @@ end
 
 -- Whether concurrency key `ck` (of `cl` permits) has one free. Its holders count while their
 -- lease is unexpired, and woken jobs while they wait in ready (queued, flag k); any other (a
--- lease that expired, a holder gone behind the scripts' backs) is dropped, which wakes a
--- parked job like any permit given back.
+-- lease that expired but is not reaped yet, a holder gone behind the scripts' backs) is
+-- dropped, which wakes a parked job like any permit given back: the permit goes to that job,
+-- so the answer is the set's size afterwards, woken jobs included.
 local function permit_free(ck, cl, now)
   local set = qkey("c:" .. ck)
   if redis.call("SCARD", set) < cl then
@@ -527,14 +529,12 @@ local function permit_free(ck, cl, now)
       local m = redis.call("HGET", K_META, holder)
       counts = m and string.match(m, "^q|") and has(parse(m), "k")
     end
-    if counts then
-      live = live + 1
-    else
+    if not counts then
       redis.call("SREM", set, holder)
       wake(ck)
     end
   end
-  return live < cl
+  return redis.call("SCARD", set) < cl
 end
 
 -- GCRA with reservation on rate key `rk`: when the caller's slot starts (`now` or later), and
@@ -615,7 +615,7 @@ local function fetch(now, limit, lease, reap_limit, promote_limit)
   local got = 0
   local until_ = f6(now + lease)
   local ready_left = true
-  local want, asides, timed = limit, 0, false
+  local want, asides, timed, limited = limit, 0, false, false
   while want > 0 do
     local popped = redis.call("ZPOPMIN", K_READY, want)
     ready_left = #popped >= 2 * want -- fewer than asked: ready is empty now
@@ -628,6 +628,7 @@ local function fetch(now, limit, lease, reap_limit, promote_limit)
         local aside = nil
         if j.fl ~= "" and has(j, "L") then
           aside = admit(id, j, now)
+          limited = true
         end
         if aside then
           set = set + 1
@@ -661,8 +662,8 @@ local function fetch(now, limit, lease, reap_limit, promote_limit)
       want = math.min(limit - got, 100 - asides)
     end
   end
-  if asides > 0 then
-    ready_left = true -- a set-aside may have woken a parked job: look at ready itself
+  if limited then
+    ready_left = true -- admitting a job may have woken a parked one: look at ready itself
   end
   if timed then
     redis.call("ZADD", K_SIGNAL, 0, "due") -- a new earliest due time: blocked workers look again
@@ -920,6 +921,9 @@ for i = 2, #ARGV, 2 do
     redis.call("ZREM", K_LEASED, id)
     leave_lease(id, j)
     j.at = j.at - 1
+    if has(j, "L") and not has(j, "g") then
+      j.fl = j.fl .. "g" -- it never ran: the rate slot it took stays granted to it
+    end
     to_ready(id, j)
     any = true
   end

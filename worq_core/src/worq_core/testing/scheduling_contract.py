@@ -418,6 +418,22 @@ class SchedulingBrokerContract(BrokerCases):
         assert broker.job_state(msg.id) == JobState(queue, JobStatus.SCHEDULED, attempts=1)
 
     @requires(Capability.LIMITS)
+    def test_a_released_job_keeps_its_rate_slot_and_a_lapsed_one_is_counted_again(
+        self, broker: Broker, queue: str
+    ) -> None:
+        # Released: handed back unstarted (a stopping worker's prefetched job), so it keeps the
+        # slot it took. Lapsed: its worker died, maybe mid-run, so the next run counts.
+        msg = job(queue, rate=RateLimit("calls", FOREVER))
+        broker.enqueue([msg])
+        [delivery] = fetch_all(broker, queue)
+        broker.release([delivery])
+        [again] = fetch_all(broker, queue, lease=SHORT_LEASE)
+        assert again.id == msg.id, "a released job is not counted against its rate twice"
+        time.sleep(SHORT_LEASE + CLOCK_SLACK)
+        assert fetch_all(broker, queue) == []
+        assert status(broker, msg.id) is JobStatus.SCHEDULED, "its redelivery waits for a slot"
+
+    @requires(Capability.LIMITS)
     def test_rate_limits_are_counted_per_key_and_per_queue(
         self, broker: Broker, queue: str
     ) -> None:
