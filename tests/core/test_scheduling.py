@@ -235,22 +235,34 @@ def test_declaring_a_bad_schedule_fails_at_import_time(app: Worq) -> None:
         app.periodic(cron="* * * * *", tz="Mars/Olympus", name="zone")(f)
 
 
-def test_schedule_lists_last_and_next_fire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_schedule_lists_last_and_next_tick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "sched_app.py").write_text(
         "from worq_core import Worq\n"
         "app = Worq()\n"
         "@app.periodic(cron='*/5 * * * *', tz='Europe/Berlin', name='report')\n"
         "def report():\n"
         "    pass\n"
-        "@app.periodic(every=30.0, missed='skip')\n"
+        "@app.periodic(every=30.0, missed='skip', name='beat')\n"
         "def beat():\n"
         "    pass\n"
+        "@app.periodic(every=60.0, name='seen')\n"
+        "def seen():\n"
+        "    pass\n"
+        "# what schedulers would have recorded: a tick of beat, and when one first saw 'seen'\n"
+        "app.broker.fire_schedule(app.schedules['beat'].key, 1800000000.0, None, None)\n"
+        "app.broker.fire_schedule(app.schedules['seen'].key, 1800000001.5, None, None)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    result = CliRunner().invoke(main, ["schedule", "sched_app:app"], terminal_width=200)
+    result = CliRunner().invoke(main, ["schedule", "sched_app:app"], terminal_width=250)
     assert result.exit_code == 0, result.output
-    for text in ("report", "Europe/Berlin", "never", "skip", "every 30s"):
-        assert text in result.output
+    rows = {line.split()[1]: line for line in result.output.splitlines() if "sched_app" in line}
+    assert "cron */5 * * * * (Europe/Berlin)" in rows["report"]
+    assert "never seen" in rows["report"]
+    assert "every 30s" in rows["beat"]
+    assert "skip" in rows["beat"]
+    assert "2027-01-15T08:00:00.000+00:00" in rows["beat"]  # its last tick
+    assert "2027-01-15T08:00:30.000+00:00" in rows["beat"]  # and the one after it
+    assert "none yet (seen 2027-01-15T08:00:01.500+00:00)" in rows["seen"]
 
 
 # -- unique jobs -------------------------------------------------------------------------------

@@ -678,10 +678,12 @@ def stats(state: CliState, app_spec: str, queues: str | None) -> None:
 @app_argument
 @click.pass_obj
 def schedule(state: CliState, app_spec: str) -> None:
-    """List the app's periodic schedules with their last and next fire times.
+    """List the app's periodic schedules with their last and next ticks.
 
-    The last fire is the tick the broker recorded (fired by any worker); the next is the
-    trigger's first tick after now, or after the last fire if that is later. Times are UTC.
+    The last tick is the one the broker recorded (fired by any worker, or passed over as
+    missed under missed="skip"); "none yet" with the time a scheduler first saw the schedule
+    when no tick has come since. The next is the trigger's first tick after now, or after the
+    last tick if that is later. Times are UTC.
     """
     app = _app(state, app_spec)
     schedules = list(app.schedules.values())
@@ -695,17 +697,23 @@ def schedule(state: CliState, app_spec: str) -> None:
     records = broker.schedule_fires([s.key for s in schedules])
     now = time.time()
     table = Table(title=f"schedules on {broker.name} broker {broker.url}", title_justify="left")
-    for column in ("schedule", "task", "trigger", "missed", "last fire", "next fire"):
-        table.add_column(column, no_wrap=column in ("last fire", "next fire"))
+    for column in ("schedule", "task", "trigger", "missed", "last tick", "next tick"):
+        table.add_column(column, no_wrap=column in ("last tick", "next tick"))
     for item in schedules:
         last = records.get(item.key)
         upcoming = item.trigger.next_after(now if last is None else max(now, last))
+        if last is None:
+            shown = "never seen"
+        elif item.trigger.last_at(last) == last:
+            shown = iso(last)
+        else:  # the scheduler's first record is the moment it saw the schedule, not a tick
+            shown = f"none yet (seen {iso(last)})"
         table.add_row(
             item.name,
             item.task.name,
             item.trigger.describe(),
             item.missed.value,
-            "never" if last is None else iso(last),
+            shown,
             iso(upcoming),
         )
     console.print(table)
