@@ -2,10 +2,12 @@
 an independent reference.
 
 The reference knows only the small cron grammar the property tests generate, parses it itself
-(no croniter or cronsim), enumerates matching local wall times, and maps each one to an instant
-with the rules of :mod:`worq_core.triggers` written out directly: a wall time that exists maps
-to its first occurrence; one that does not (a DST gap) maps to the end of the gap, taken from
-a table of transitions found by scanning the zone's UTC offset.
+(no croniter or cronsim), enumerates matching local wall times, and maps each one to instants
+with the rules of :mod:`worq_core.triggers` written out directly, from a table of transitions
+found by scanning the zone's UTC offset. For a fixed-time expression a wall time that exists
+maps to its first occurrence, and one that does not (a DST gap) to the end of the gap; for a
+wildcard one (minute or hour starting with ``*``) a wall time maps to every occurrence it has,
+none in a gap.
 """
 
 from __future__ import annotations
@@ -308,7 +310,8 @@ def test_a_half_past_two_job_fires_once_on_the_fall_back_day() -> None:
 def test_quarter_hours_across_the_spring_gap() -> None:
     trigger = CronTrigger("*/15 * * * *", "Europe/Berlin")
     day = local_day(trigger, "Europe/Berlin", date(2026, 3, 29))
-    # 02:00, 02:15, 02:30 and 02:45 do not exist: they collapse into 03:00, itself a tick.
+    # 02:00, 02:15, 02:30 and 02:45 do not exist: a wildcard job skips the hour that did not
+    # happen, and goes on at 03:00.
     assert len(day) == 96 - 4
     assert day[6:10] == [
         "2026-03-29T01:30:00+01:00",
@@ -323,22 +326,50 @@ def test_quarter_hours_across_the_spring_gap() -> None:
 def test_quarter_hours_across_the_autumn_fold() -> None:
     trigger = CronTrigger("*/15 * * * *", "Europe/Berlin")
     day = local_day(trigger, "Europe/Berlin", date(2026, 10, 25))
-    assert len(day) == 96  # the day has 25 hours, but the repeated hour fires only once
-    assert day[8:14] == [
+    assert len(day) == 100  # a wildcard job follows real time: the day has 25 hours
+    assert day[8:17] == [
         "2026-10-25T02:00:00+02:00",
         "2026-10-25T02:15:00+02:00",
         "2026-10-25T02:30:00+02:00",
         "2026-10-25T02:45:00+02:00",
+        "2026-10-25T02:00:00+01:00",
+        "2026-10-25T02:15:00+01:00",
+        "2026-10-25T02:30:00+01:00",
+        "2026-10-25T02:45:00+01:00",
         "2026-10-25T03:00:00+01:00",
-        "2026-10-25T03:15:00+01:00",
     ]
-    # During the second pass of 02:00-03:00 no tick is due: the last was 02:45 CEST.
+    during = at(BERLIN, 2026, 10, 25, 2, 20, fold=1)
+    assert trigger.last_at(during) == at(BERLIN, 2026, 10, 25, 2, 15, fold=1)
+    assert trigger.next_after(during) == at(BERLIN, 2026, 10, 25, 2, 30, fold=1)
+    assert trigger.next_after(at(BERLIN, 2026, 10, 25, 2, 45, fold=0)) == at(
+        BERLIN, 2026, 10, 25, 2, 0, fold=1
+    )
+
+
+def test_fixed_times_in_the_repeated_hour_fire_once() -> None:
+    # Minute and hour both fixed: each wall time fires once, in the fold's first pass.
+    trigger = CronTrigger("0,15,30,45 2 * * *", "Europe/Berlin")
+    assert local_day(trigger, "Europe/Berlin", date(2026, 10, 25)) == [
+        "2026-10-25T02:00:00+02:00",
+        "2026-10-25T02:15:00+02:00",
+        "2026-10-25T02:30:00+02:00",
+        "2026-10-25T02:45:00+02:00",
+    ]
     during = at(BERLIN, 2026, 10, 25, 2, 20, fold=1)
     assert trigger.last_at(during) == at(BERLIN, 2026, 10, 25, 2, 45, fold=0)
-    assert trigger.next_after(during) == at(BERLIN, 2026, 10, 25, 3)
-    assert trigger.next_after(at(BERLIN, 2026, 10, 25, 2, 45, fold=0)) == at(
-        BERLIN, 2026, 10, 25, 3
-    )
+    assert trigger.next_after(during) == at(BERLIN, 2026, 10, 26, 2)
+    # In the gap they collapse into its end, once.
+    assert local_day(trigger, "Europe/Berlin", date(2026, 3, 29)) == ["2026-03-29T03:00:00+02:00"]
+
+
+def test_which_expressions_follow_real_time() -> None:
+    assert CronTrigger("*/5 * * * *").wildcard
+    assert CronTrigger("0 * * * *").wildcard
+    assert CronTrigger("*/10 30 2 * * *").wildcard is False  # seconds do not count
+    assert CronTrigger("@hourly").wildcard
+    assert not CronTrigger("@daily").wildcard
+    assert not CronTrigger("30 2 * * *").wildcard
+    assert not CronTrigger("0 9-17 * * mon-fri").wildcard
 
 
 def test_per_second_ticks_across_the_gap_and_the_fold() -> None:
@@ -352,13 +383,9 @@ def test_per_second_ticks_across_the_gap_and_the_fold() -> None:
         gap_end + 40,
     ]
     fold_start = utc(2026, 10, 25, 1)  # 03:00 CEST becomes 02:00 CET
-    assert ticks_between(trigger, fold_start - 40, fold_start + 3600 + 41) == [
-        fold_start - 40,
-        fold_start - 20,
-        fold_start + 3600,  # 03:00 CET; the repeated hour's ticks fired in its first pass
-        fold_start + 3620,
-        fold_start + 3640,
-    ]
+    ticks = ticks_between(trigger, fold_start - 40, fold_start + 3600 + 41)
+    # Every 20 s of real time, through both passes of the repeated hour.
+    assert ticks == [fold_start + n for n in range(-40, 3641, 20)]
 
 
 def test_new_york() -> None:
@@ -371,7 +398,7 @@ def test_new_york() -> None:
     assert local_day(one_thirty, zone, date(2026, 11, 1)) == ["2026-11-01T01:30:00-04:00"]
     quarters = CronTrigger("*/15 * * * *", zone)
     assert len(local_day(quarters, zone, date(2026, 3, 8))) == 92
-    assert len(local_day(quarters, zone, date(2026, 11, 1))) == 96
+    assert len(local_day(quarters, zone, date(2026, 11, 1))) == 100
 
 
 def test_lord_howe_shifts_by_half_an_hour() -> None:
@@ -384,14 +411,16 @@ def test_lord_howe_shifts_by_half_an_hour() -> None:
     assert local_day(fold, zone, date(2026, 4, 5)) == ["2026-04-05T01:45:00+11:00"]
     quarters = CronTrigger("*/15 * * * *", zone)
     spring = local_day(quarters, zone, date(2026, 10, 4))
-    assert len(spring) == 96 - 2  # 02:00 and 02:15 collapse into 02:30
+    assert len(spring) == 96 - 2  # 02:00 and 02:15 do not exist
     assert "2026-10-04T01:45:00+10:30" in spring
     assert "2026-10-04T02:30:00+11:00" in spring
     autumn = local_day(quarters, zone, date(2026, 4, 5))
-    assert len(autumn) == 96
-    assert autumn[6:9] == [
+    assert len(autumn) == 98  # 01:30 and 01:45 happen twice
+    assert autumn[6:11] == [
         "2026-04-05T01:30:00+11:00",
         "2026-04-05T01:45:00+11:00",
+        "2026-04-05T01:30:00+10:30",
+        "2026-04-05T01:45:00+10:30",
         "2026-04-05T02:00:00+10:30",
     ]
 
@@ -404,7 +433,7 @@ def test_a_southern_hemisphere_zone() -> None:
     assert local_day(daily, zone, date(2026, 4, 5)) == ["2026-04-05T02:30:00+11:00"]
     assert local_day(daily, zone, date(2026, 10, 4)) == ["2026-10-04T03:00:00+11:00"]
     quarters = CronTrigger("*/15 * * * *", zone)
-    assert len(local_day(quarters, zone, date(2026, 4, 5))) == 96
+    assert len(local_day(quarters, zone, date(2026, 4, 5))) == 100
     assert len(local_day(quarters, zone, date(2026, 10, 4))) == 92
 
 
@@ -475,23 +504,42 @@ def periods(key: str) -> tuple[list[int], list[int]]:
     return starts, offsets
 
 
-def reference_instant(key: str, wall: int) -> int:
-    """The rules, for a wall time in seconds: it fires at its first occurrence, if any, else at
-    the end of the gap it falls in."""
+def occurrences(key: str, wall: int) -> list[int]:
+    """Every instant whose local wall clock reads ``wall`` (seconds): none in a gap, two in a
+    fold."""
     starts, offsets = periods(key)
     assert SCAN_FROM + 86400 < wall < SCAN_UNTIL - 86400, "outside the table"
-    occurrences = []
+    found = []
     for offset in set(offsets):
         instant = wall - offset
         # An occurrence: the instant reads ``wall`` because its period has this offset.
         if offsets[bisect.bisect_right(starts, instant) - 1] == offset:
-            occurrences.append(instant)
-    if occurrences:
-        return min(occurrences)
+            found.append(instant)
+    return sorted(found)
+
+
+def reference_instants(key: str, wall: int, wildcard: bool) -> list[int]:
+    """The rules, for a matching wall time in seconds. Wildcard: every occurrence. Fixed: its
+    first occurrence, if any, else the end of the gap it falls in."""
+    found = occurrences(key, wall)
+    if wildcard or found:
+        return found if wildcard else found[:1]
     for instant, before, after in transitions(key):
         if instant + before <= wall < instant + after:
-            return instant
+            return [instant]
     raise AssertionError(f"wall second {wall} in {key} does not occur, yet lies in no gap")
+
+
+def largest_shift(key: str, t: float, reach: int) -> int:
+    """The largest offset change within ``reach`` seconds of ``t``; 0 if there is none."""
+    return max(
+        (
+            abs(after - before)
+            for instant, before, after in transitions(key)
+            if abs(instant - t) <= reach
+        ),
+        default=0,
+    )
 
 
 RANGES = {
@@ -535,6 +583,8 @@ class Spec:
     weekdays: frozenset[int]
     either_day: bool
     """Both day fields are restricted (written other than "*"): either may match (POSIX)."""
+    wildcard: bool
+    """The minute or the hour field starts with "*": ticks follow real time across DST."""
 
     @classmethod
     def of(cls, expression: str) -> Spec:
@@ -550,6 +600,7 @@ class Spec:
             parse(month, "month"),
             parse(weekday, "weekday"),
             either_day=day != "*" and weekday != "*",
+            wildcard=minute.startswith("*") or hour.startswith("*"),
         )
 
     def matches_day(self, day: date) -> bool:
@@ -581,21 +632,29 @@ class Spec:
 def reference(
     expression: str, key: str, t: float, spans: list[timedelta]
 ) -> tuple[float, float] | None:
-    """(first tick after t, last tick at or before t), or None if no window straddles t.
+    """(first tick after t, last tick at or before t), or None if no window settles them.
 
-    The instants of the walls within a window around t's wall clock reading are sorted. Walls
-    before (after) the window fire no later (no earlier) than the window's first (last) wall,
-    so once the window's ticks straddle t, ticks outside it cannot be either answer.
+    The instants of the walls within a window around t's wall clock reading are sorted. For a
+    fixed-time expression walls map to instants in order, so walls before (after) the window
+    fire no later (no earlier) than the window's first (last) wall, and once the window's
+    ticks straddle t, ticks outside it cannot be either answer. A wildcard expression's fold
+    reads walls twice, so a wall outside the window may fire up to the fold's shift closer to
+    t than the window's edge: answers must lie that much inside it.
     """
     spec = Spec.of(expression)
     reading = math.floor(t) + offset_at(ZoneInfo(key), math.floor(t))
     for span in spans:
         width = int(span.total_seconds())
         walls = spec.walls(reading - width, reading + width)
-        instants = sorted({reference_instant(key, wall) for wall in walls})
-        if instants and instants[0] <= t < instants[-1]:
-            following = next(i for i in instants if i > t)
-            latest = [i for i in instants if i <= t][-1]
+        instants = sorted(
+            {i for wall in walls for i in reference_instants(key, wall, spec.wildcard)}
+        )
+        if not (instants and instants[0] <= t < instants[-1]):
+            continue
+        following = next(i for i in instants if i > t)
+        latest = [i for i in instants if i <= t][-1]
+        margin = largest_shift(key, t, width + 86400) if spec.wildcard else 0
+        if following - t < width - margin and t - latest < width - margin:
             return float(following), float(latest)
     return None
 
@@ -670,7 +729,12 @@ def check_against_reference(expression: str, key: str, t: float, spans: list[tim
 
 
 FIVE_FIELD_SPANS = [timedelta(hours=2), timedelta(days=2), timedelta(days=20), timedelta(days=200)]
-SIX_FIELD_SPANS = [timedelta(minutes=3), timedelta(hours=1), timedelta(hours=13)]
+SIX_FIELD_SPANS = [
+    timedelta(minutes=3),
+    timedelta(hours=1, minutes=5),
+    timedelta(hours=3),
+    timedelta(hours=13),
+]
 
 
 @settings(max_examples=300, deadline=None)

@@ -15,18 +15,23 @@ as POSIX cron has it. An equal range (``5-5``) is that one value, and a reversed
 random and hashed fields (``R``, ``H``) are refused, since workers must agree on the ticks.
 This module adds the time-zone rules.
 
-Cron ticks and time zones (zoneinfo; no zone means UTC):
+Cron ticks and time zones (zoneinfo; no zone means UTC). A tick is a local wall-clock time that
+matches the expression. Around DST transitions expressions behave as in Debian's cron, which
+tells two kinds apart:
 
-* a tick is a local wall-clock time that matches the expression;
-* a wall time that does not exist (the spring-forward gap, e.g. 02:30 in Europe/Berlin on the
-  last Sunday of March) fires once, at the first instant after the gap (03:00 local); several
-  gap ticks collapse to that one instant;
-* a wall time that occurs twice (the autumn fold) fires once, at its first occurrence
-  (``fold=0``).
-
-So a 02:30 daily job fires exactly once on both transition days. Under these rules the map from
-wall time to instant never goes backwards, which is what lets the triggers search in wall time
-(croniter, on naive datetimes) and map the result to an instant afterwards.
+* **Fixed-time** expressions (neither the minute nor the hour field starts with ``*``, as
+  ``30 2 * * *`` or ``@daily``): a wall time that does not exist (the spring-forward gap, e.g.
+  02:30 in Europe/Berlin on the last Sunday of March) fires once, at the first instant after
+  the gap (03:00 local), and several gap ticks collapse to that one instant; a wall time that
+  occurs twice (the autumn fold) fires once, at its first occurrence (``fold=0``). So a 02:30
+  daily job fires exactly once on both transition days. This map from wall time to instant
+  never goes backwards, which lets the trigger search in wall time (croniter, on naive
+  datetimes) and map the result to an instant afterwards.
+* **Wildcard** expressions (the minute or the hour field starts with ``*``, as ``*/5 * * * *``,
+  ``0 * * * *`` or ``@hourly``) follow real time: they fire at every instant whose wall clock
+  reading matches, so in both passes of a fold (a job every five minutes keeps running every
+  five minutes through the repeated hour) and never for wall times that do not exist (the gap
+  is an hour that did not happen).
 
 :class:`EveryTrigger` ticks at ``anchor + k * interval`` for ``k = 0, 1, 2, ...``.
 """
@@ -119,10 +124,11 @@ class CronTrigger(Trigger):
 
     ``expression`` has five fields, six with the seconds first, or is a macro such as
     ``@daily``; ``tz`` is a zone key or a :class:`~zoneinfo.ZoneInfo` (``None`` means UTC).
-    A wall time skipped by a DST gap fires at the first instant after the gap (several such
-    ticks fire once); a wall time repeated by a DST fold fires at its first occurrence.
-    Raises :class:`ScheduleError` for a bad expression, one that never matches, or an
-    unknown zone.
+    Around DST transitions a fixed-time expression fires a wall time skipped by a gap at the
+    first instant after the gap (several such ticks fire once) and a repeated wall time at its
+    first occurrence; a wildcard expression (minute or hour starting with ``*``) fires at every
+    instant whose wall clock matches (see the module docstring). Raises
+    :class:`ScheduleError` for a bad expression, one that never matches, or an unknown zone.
     """
 
     def __init__(self, expression: str, tz: str | ZoneInfo | None = None) -> None:
@@ -146,6 +152,13 @@ class CronTrigger(Trigger):
                 )
         if self.expression.startswith("@") and self.expression.lower() not in _MACROS:
             raise self._bad(f"unknown macro; the known ones are {', '.join(_MACROS)}")
+        if self.expression.startswith("@"):
+            self.wildcard = self.expression.lower() == "@hourly"
+        else:
+            minute, hour = fields[-5], fields[-4]
+            self.wildcard = minute.startswith("*") or hour.startswith("*")
+        """Whether it follows real time across DST transitions (minute or hour starts with
+        ``*``), rather than firing each wall time once."""
         text = self.expression if self.expression.startswith("@") else _single_values(fields)
         try:
             self._cron = _day_or_fixed(croniter(text, 0.0, second_at_beginning=True))
@@ -171,6 +184,8 @@ class CronTrigger(Trigger):
     def next_after(self, t: float) -> float:
         """Unix time of the first tick strictly after ``t`` (DST rules as in the class)."""
         try:
+            if self.wildcard:
+                return float(self._next_real(math.floor(t)))
             return self._instant(self._next_wall(self._wall_bound(t)))
         except (CroniterBadDateError, OverflowError, ValueError, OSError) as exc:
             raise ScheduleError(f"{self.describe()}: no tick after {t!r} ({exc})") from exc
@@ -181,6 +196,8 @@ class CronTrigger(Trigger):
         ``None`` only if there is none within the dates Python can represent.
         """
         try:
+            if self.wildcard:
+                return float(self._last_real(math.floor(t)))
             return self._instant(self._prev_wall(self._wall_bound(t)))
         except (CroniterBadDateError, OverflowError, ValueError, OSError):
             return None
@@ -221,15 +238,80 @@ class CronTrigger(Trigger):
 
     def _instant(self, wall: int) -> float:
         """The instant a matching wall time fires at: the rules of the module docstring."""
-        naive = _NAIVE_EPOCH + timedelta(seconds=wall)
-        first = _offset_of(naive.replace(tzinfo=self.zone, fold=0))
-        second = _offset_of(naive.replace(tzinfo=self.zone, fold=1))
+        first, second = self._offsets(wall)
         if first >= second:
             # Unambiguous, or a fold: fold=0 is the first occurrence, at the earlier offset.
             return float(wall - first)
         # A gap: fold=0 reads the wall with the offset from before the gap, fold=1 with the
         # one after, so the gap's end (the first instant after it) lies between the two.
         return float(self._transition(wall - second, wall - first))
+
+    def _offsets(self, wall: int) -> tuple[int, int]:
+        """The offsets ``wall`` reads with at ``fold=0`` and ``fold=1``.
+
+        Equal: it occurs once. The first larger: a fold, it occurs twice (first pass at the
+        first offset). The first smaller: a gap, it does not occur.
+        """
+        naive = _NAIVE_EPOCH + timedelta(seconds=wall)
+        return (
+            _offset_of(naive.replace(tzinfo=self.zone, fold=0)),
+            _offset_of(naive.replace(tzinfo=self.zone, fold=1)),
+        )
+
+    def _reading(self, second: int) -> tuple[int, int, int]:
+        """The wall clock at instant ``second``, its offset, and the other pass's offset.
+
+        The third is the offset of the same wall time's other occurrence in a fold (the
+        second pass's while in the first pass, and the other way round), else the offset.
+        """
+        local = datetime.fromtimestamp(second, self.zone)
+        offset = _offset_of(local)
+        return second + offset, offset, _offset_of(local.replace(fold=1 - local.fold))
+
+    def _next_real(self, second: int) -> int:
+        """Wildcard mode: the first instant after ``second`` whose wall clock matches."""
+        wall, offset, other = self._reading(second)
+        best: int | None = None
+        if other < offset:
+            # In a fold's first pass: the second pass, later, reads its walls again.
+            shift = offset - other
+            second_pass = self._transition(second, second + shift)
+            start = self._next_wall(second_pass + other - 1)
+            if start < second_pass + offset:  # a matching wall within the fold
+                best = start - other
+        while True:
+            wall = self._next_wall(wall)
+            first, again = self._offsets(wall)
+            if first < again:  # in a gap: go on from its last wall
+                wall = self._transition(wall - again, wall - first) + again - 1
+                continue
+            instants = [i for i in (wall - first, wall - again) if i > second]
+            if instants:
+                found = min(instants)
+                return found if best is None else min(found, best)
+
+    def _last_real(self, second: int) -> int:
+        """Wildcard mode: the latest instant at or before ``second`` whose wall clock matches."""
+        wall, offset, other = self._reading(second)
+        best: int | None = None
+        if other > offset:
+            # In a fold's second pass: the first pass, earlier, read the walls after this one.
+            shift = other - offset
+            second_pass = self._transition(second - shift, second)
+            end = self._prev_wall(second_pass + other - 1)
+            if end > wall:
+                best = end - other
+        wall += 1  # _prev_wall is at or before; the loop steps strictly before
+        while True:
+            wall = self._prev_wall(wall - 1)
+            first, again = self._offsets(wall)
+            if first < again:  # in a gap: go on from the wall before it
+                wall = self._transition(wall - again, wall - first) + first
+                continue
+            instants = [i for i in (wall - first, wall - again) if i <= second]
+            if instants:
+                found = max(instants)
+                return found if best is None else max(found, best)
 
     def _wall_bound(self, t: float) -> int:
         """The wall time W with: a tick's instant is at or before ``t`` iff its wall <= W.
