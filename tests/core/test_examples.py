@@ -9,15 +9,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_basic_example_runs_every_kind_of_job() -> None:
+def run_example(name: str) -> list[str]:
+    """Run ``examples/<name>/app.py`` as a user would; its output lines."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "basic" / "app.py")],
+        [sys.executable, str(ROOT / "examples" / name / "app.py")],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [
+    return done.stdout.splitlines()
+
+
+def test_the_basic_example_runs_every_kind_of_job() -> None:
+    assert run_example("basic") == [
         "add: 5",
         "enqueue_many: [0, 2, 4, 6, 8]",
         "async: HELLO",
@@ -28,14 +33,7 @@ def test_the_basic_example_runs_every_kind_of_job() -> None:
 
 
 def test_the_scheduling_example_keeps_its_promises() -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "scheduling" / "app.py")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [
+    assert run_example("scheduling") == [
         "unique: same job",
         "rebuilt users",
         "crawl: at most 2 at once",
