@@ -41,3 +41,12 @@ def test_the_scheduling_example_keeps_its_promises() -> None:
         "beat: each tick fired once",
         "schedules: __main__.beat, __main__.morning_report",
     ]
+
+
+def test_the_workflows_example_passes_results_along() -> None:
+    assert run_example("workflows") == [
+        "chain: stored 24 bytes",
+        "group: [0, 1, 4, 9, 16]",
+        "chord: sum of squares: 285",
+        "chord status: succeeded",
+    ]

@@ -17,6 +17,18 @@ Quick start::
 
 from worq_core.app import Worq
 from worq_core.broker import Broker
+from worq_core.canvas import (
+    Chain,
+    Chord,
+    Group,
+    Signature,
+    Workflow,
+    WorkflowError,
+    WorkflowStatus,
+    chain,
+    chord,
+    group,
+)
 from worq_core.context import JobContext, Progress, current_job
 from worq_core.errors import (
     BrokerConnectionError,
@@ -52,6 +64,9 @@ from worq_core.models import (
     ConcurrencyLimit,
     DeadJob,
     Delivery,
+    GroupMember,
+    GroupSpec,
+    GroupState,
     JobState,
     JobStatus,
     LeaseState,
@@ -82,6 +97,8 @@ __all__ = [
     "BrokerError",
     "CancelOutcome",
     "Capability",
+    "Chain",
+    "Chord",
     "ConcurrencyLimit",
     "DeadJob",
     "Decision",
@@ -91,6 +108,10 @@ __all__ = [
     "EnqueueRejected",
     "EnqueueRequest",
     "ExitReason",
+    "Group",
+    "GroupMember",
+    "GroupSpec",
+    "GroupState",
     "InvalidNameError",
     "Job",
     "JobCancelled",
@@ -120,6 +141,7 @@ __all__ = [
     "Serializer",
     "Service",
     "Settlement",
+    "Signature",
     "Storage",
     "StorageConnectionError",
     "StorageError",
@@ -135,10 +157,16 @@ __all__ = [
     "Worker",
     "WorkerInfo",
     "WorkerSettings",
+    "Workflow",
+    "WorkflowError",
+    "WorkflowStatus",
     "Worq",
     "WorqError",
     "__version__",
+    "chain",
+    "chord",
     "current_job",
     "default_registry",
+    "group",
     "hookimpl",
 ]

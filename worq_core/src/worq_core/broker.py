@@ -12,6 +12,8 @@ from worq_core.models import (
     Capability,
     DeadJob,
     Delivery,
+    GroupSpec,
+    GroupState,
     JobState,
     LeaseState,
     Message,
@@ -177,6 +179,26 @@ class Broker(ABC):
         Only for :attr:`Capability.SCHEDULES`; the default knows none.
         """
         return {}
+
+    def open_group(self, group: GroupSpec, members: Sequence[Message]) -> list[bool]:
+        """Record ``group`` and enqueue ``members`` in one step (:attr:`Capability.WORKFLOWS`).
+
+        Returns :meth:`enqueue`'s answer per member. Each member carries its
+        :attr:`Message.member` in this group, at distinct indexes; a group may be opened with
+        fewer members than its size when the others are enqueued later (by a
+        :attr:`Settlement.then`, or as another group's callback). From then on the broker counts
+        each index once, at its member's first terminal settlement (ack: done; dead: failed;
+        removal by :meth:`cancel`: failed, no output), in the same step, and the step that
+        counts the last index enqueues ``group.callback`` (unless a member failed and not
+        ``group.run_on_failure``). A group of size 0 is complete at once. A group id already
+        recorded raises :class:`ValueError` and adds nothing. The default raises
+        :class:`~worq_core.errors.BrokerError`: worq-core checks the capability first.
+        """
+        raise BrokerError(f"the {self.name} broker cannot run workflows")
+
+    def group_state(self, group_id: str) -> GroupState | None:
+        """A group's state; ``None`` if unknown or released (the default knows none)."""
+        return None
 
     def cancel(self, job_id: str, record: bytes | None = None, ttl: float = 0.0) -> CancelOutcome:
         """Cancel a job, atomically, wherever it is; only for :attr:`Capability.CANCEL`.

@@ -29,8 +29,10 @@ class Envelope:
 
     ``headers`` are string pairs for middleware and users (trace ids, tenants, workflow links);
     ``options`` are per-enqueue overrides of the task's ``timeout``, ``max_retries`` and
-    ``retry`` (as ``[base, factor, max_delay, jitter]``). An envelope without them (an older
-    producer's) decodes with none.
+    ``retry`` (as ``[base, factor, max_delay, jitter]``). ``workflow`` holds a workflow
+    step's links (:mod:`worq_core.canvas`): what to send when it succeeds, and where its
+    arguments and its output go. An envelope without them (an older producer's) decodes with
+    none.
     """
 
     id: str
@@ -40,6 +42,7 @@ class Envelope:
     enqueued_at: float
     headers: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
+    workflow: Mapping[str, Any] = field(default_factory=dict)
 
     def encode(self, serializer: Serializer) -> bytes:
         """Serialize; raises :class:`~worq_core.errors.SerializationError` for unsupported args."""
@@ -55,6 +58,8 @@ class Envelope:
             data["h"] = dict(self.headers)
         if self.options:
             data["o"] = dict(self.options)
+        if self.workflow:
+            data["w"] = dict(self.workflow)
         return serializer.dumps(data)
 
     @classmethod
@@ -66,6 +71,7 @@ class Envelope:
                 raise ValueError(f"unsupported envelope version {value['v']!r}")
             headers = value.get("h") or _NO_HEADERS
             options = value.get("o") or _NO_HEADERS
+            workflow = value.get("w") or _NO_HEADERS
             envelope = cls(
                 value["id"],
                 value["task"],
@@ -74,6 +80,7 @@ class Envelope:
                 value["at"],
                 headers,
                 options,
+                workflow,
             )
             if not (
                 type(envelope.id) is str
@@ -91,6 +98,8 @@ class Envelope:
                 if not isinstance(options, dict):
                     raise ValueError("job options must be a mapping")
                 check_options(options)
+            if workflow is not _NO_HEADERS and not isinstance(workflow, dict):
+                raise ValueError("job workflow links must be a mapping")
         except (TypeError, KeyError, ValueError) as exc:
             raise DeserializationError(serializer.name, f"not a worq job: {exc!r}") from exc
         return envelope

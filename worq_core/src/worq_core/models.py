@@ -64,6 +64,10 @@ class Capability(enum.StrEnum):
     LIMITS = "limits"
     """Honours :attr:`Message.rate` and :attr:`Message.concurrency` at fetch: a job over its
     limit is set aside (not delivered, not blocking the jobs behind it) until it is allowed."""
+    WORKFLOWS = "workflows"
+    """Enqueues :attr:`Settlement.then` with the settlement, and counts group members as they
+    settle (:meth:`Broker.open_group`): the step that settles a group's last member enqueues
+    its callback. Chains, groups and chords are built on it."""
 
 
 class LeaseState(enum.StrEnum):
@@ -161,6 +165,54 @@ class Message:
     """Only for a broker with :attr:`Capability.LIMITS`."""
     concurrency: ConcurrencyLimit | None = None
     """Only for a broker with :attr:`Capability.LIMITS`."""
+    member: GroupMember | None = None
+    """Its place in a group (:meth:`Broker.open_group`): its terminal settlement is counted
+    there. Only for a broker with :attr:`Capability.WORKFLOWS`."""
+    closes: str | None = None
+    """A group id: this job's terminal settlement (ack or dead), or its removal by
+    :meth:`Broker.cancel`, releases that group's state. Only for :attr:`Capability.WORKFLOWS`."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMember:
+    """A message's place in a group: which group, at which index (``0 <= index < size``)."""
+
+    group: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSpec:
+    """A group as :meth:`Broker.open_group` records it."""
+
+    id: str
+    size: int
+    callback: Message | None = None
+    """Enqueued by the step that counts the group's last member."""
+    run_on_failure: bool = False
+    """Enqueue the callback even when a member ended dead or cancelled."""
+    ttl: float = 86400.0
+    """Seconds the state of a complete group is kept, unless a job's ``closes`` releases it
+    first."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupState:
+    """A group's progress, from :meth:`Broker.group_state`."""
+
+    id: str
+    size: int
+    outputs: tuple[bytes | None, ...]
+    """Per index, the :attr:`Settlement.output` its member finished with; ``None`` before."""
+    finished: frozenset[int]
+    """The indexes counted: acknowledged, dead, or removed by cancel."""
+    failed: frozenset[int]
+    """The finished indexes that ended dead or were cancelled."""
+    callback_id: str | None
+    complete: bool
+    """Every index is finished."""
+    callback_sent: bool
+    """The callback was enqueued (complete, and no failure or ``run_on_failure``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +276,11 @@ class Settlement:
     reason: str = ""
     record: bytes | None = None
     ttl: float = 0.0
+    then: tuple[Message, ...] = ()
+    """Enqueued in the same atomic step, only if the settlement applies (as :meth:`Broker.enqueue`
+    would: a held id adds nothing). Only for :attr:`Capability.WORKFLOWS`."""
+    output: bytes | None = None
+    """For a group member's ack or dead settlement: kept at its index in the group."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from worq_core.validation import check_job_id, check_queue
 
 if TYPE_CHECKING:
     from worq_core.app import Worq
+    from worq_core.canvas import Signature
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -194,6 +195,15 @@ class Task(Generic[P, R]):
         )
         return BoundTask(self, send)
 
+    def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
+        """A signature of this call, for a workflow: ``chain(fetch.s(url), parse.s())``.
+
+        Nothing is sent. Its arguments are checked when the workflow is enqueued; in a chain,
+        every step but the first gets the previous step's result as its first argument, so its
+        own arguments here leave that one out (why they are not typed like the task's).
+        """
+        return BoundTask(self, SendOptions()).s(*args, **kwargs)
+
     def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """Send one job and return its :class:`Job`.
 
@@ -306,6 +316,66 @@ class BoundTask(Generic[P, R]):
         broker.enqueue(messages)
         return [job for _, job in prepared]
 
+    def _headers(
+        self, job_id: str, queue: str, args: list[Any], kwargs: dict[str, Any]
+    ) -> Mapping[str, str] | None:
+        """The job's headers: these options', then what the app's enqueue middleware set."""
+        headers = self.send.headers
+        hooks = self.task.app.middleware.enqueue
+        if hooks:
+            request = EnqueueRequest(
+                self.task.name, job_id, queue, args, kwargs, dict(headers or {})
+            )
+            for hook in hooks:
+                hook(request)
+            headers = request.headers
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+                raise TaskError(f"middleware set headers that are not all strings: {headers!r}")
+        return headers
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
+        """A signature of this call with these options, for a workflow (:mod:`worq_core.canvas`)."""
+        from worq_core.canvas import Signature
+
+        return Signature(self, args, dict(kwargs))
+
+    def _step_spec(
+        self, args: list[Any], kwargs: dict[str, Any], *, pass_result: bool
+    ) -> dict[str, Any]:
+        """A workflow step as its links carry it; checks the arguments as :meth:`enqueue` does.
+
+        With ``pass_result`` the step will receive the previous step's result first.
+        """
+        task = self.task
+        try:
+            task._signature.bind(*([None] if pass_result else []), *args, **kwargs)
+        except TypeError as exc:
+            raise TaskArgumentsError(task.name, str(exc)) from exc
+        send = self.send
+        if send.unique is not None or send.unique_key is not None or task.config.limits:
+            raise TaskError(
+                f"task {task.name!r}: unique keys and limits do not apply to workflow steps yet"
+            )
+        if send.delay is not None or send.eta is not None:
+            raise TaskError(f"task {task.name!r}: a workflow step cannot be delayed yet")
+        job_id = send.job_id or _new_job_id()
+        queue = send.queue or task.config.queue
+        spec: dict[str, Any] = {
+            "id": job_id,
+            "task": task.name,
+            "args": args,
+            "kwargs": kwargs,
+            "queue": queue,
+            "p": task.config.priority if send.priority is None else send.priority,
+            "pass": pass_result,
+        }
+        headers = self._headers(job_id, queue, args, kwargs)
+        if headers:
+            spec["h"] = dict(headers)
+        if self._job_options:
+            spec["o"] = dict(self._job_options)
+        return spec
+
     def _prepare(
         self, args: list[Any], kwargs: dict[str, Any], job_id: str | None
     ) -> tuple[Message, Job[R]]:
@@ -325,15 +395,7 @@ class BoundTask(Generic[P, R]):
             job_id = _new_job_id()
         send, config = self.send, task.config
         queue = send.queue or config.queue
-        headers = send.headers
-        hooks = app.middleware.enqueue
-        if hooks:
-            request = EnqueueRequest(task.name, job_id, queue, args, kwargs, dict(headers or {}))
-            for hook in hooks:
-                hook(request)
-            headers = request.headers
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
-                raise TaskError(f"middleware set headers that are not all strings: {headers!r}")
+        headers = self._headers(job_id, queue, args, kwargs)
         now = time.time()
         envelope = Envelope(
             job_id, task.name, args, kwargs, now, headers or _NO_HEADERS, self._job_options

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -19,6 +20,8 @@ from worq_core.models import (
     ConcurrencyLimit,
     DeadJob,
     Delivery,
+    GroupSpec,
+    GroupState,
     JobState,
     LeaseState,
     Message,
@@ -79,6 +82,18 @@ class _Permits:
 
 
 @dataclass(slots=True, eq=False)
+class _Group:
+    """A group's progress (:meth:`MemoryBroker.open_group`); ``expires`` is set once complete."""
+
+    spec: GroupSpec
+    outputs: list[bytes | None]
+    finished: set[int] = field(default_factory=set)
+    failed: set[int] = field(default_factory=set)
+    callback_sent: bool = False
+    expires: float = math.inf
+
+
+@dataclass(slots=True, eq=False)
 class _Job:
     message: Message
     queue: _Queue
@@ -119,6 +134,10 @@ class MemoryBroker(Broker):
     delayed heap like any eta; a job waiting for a concurrency permit is parked (QUEUED, out of
     the ready heap) until a permit is given back. Schedules' last fires are a dict
     (:attr:`Capability.SCHEDULES`).
+
+    Groups (:attr:`Capability.WORKFLOWS`) are a dict by id, counted under the same lock as the
+    settlement or cancellation that ends a member; a complete group's expiry is checked lazily
+    (when groups are opened, completed or read), and a released group leaves nothing behind.
     """
 
     name: ClassVar[str] = "memory"
@@ -135,6 +154,7 @@ class MemoryBroker(Broker):
             Capability.SCHEDULES,
             Capability.UNIQUE,
             Capability.LIMITS,
+            Capability.WORKFLOWS,
         }
     )
 
@@ -160,6 +180,9 @@ class MemoryBroker(Broker):
         self._changed = threading.Condition()
         self._workers: dict[str, tuple[float, WorkerInfo]] = {}  # id -> (expires, info)
         self._schedules: dict[str, float] = {}  # schedule -> its last fire
+        self._groups: dict[str, _Group] = {}  # recorded and not yet released nor expired
+        self._expiring: list[tuple[float, str]] = []  # (expires, id) of complete groups; a heap
+        self._complete = 0  # complete groups in ``_groups``, to bound stale ``_expiring`` entries
 
     @override
     @classmethod
@@ -202,6 +225,49 @@ class MemoryBroker(Broker):
             if schedules is None:
                 return dict(self._schedules)
             return {s: self._schedules[s] for s in schedules if s in self._schedules}
+
+    @override
+    def open_group(self, group: GroupSpec, members: Sequence[Message]) -> list[bool]:
+        if group.size < 0:
+            raise ValueError(f"group {group.id!r} has a negative size")
+        indexes = set()
+        for message in members:
+            member = message.member
+            if member is None or member.group != group.id:
+                raise ValueError(f"job {message.id!r} is not a member of group {group.id!r}")
+            if not 0 <= member.index < group.size or member.index in indexes:
+                raise ValueError(f"job {message.id!r} has a bad index in group {group.id!r}")
+            indexes.add(member.index)
+        with self._changed:
+            now = self.clock()
+            self._expire_groups(now)
+            if group.id in self._groups:
+                raise ValueError(f"group {group.id!r} is already recorded")
+            holders = self._add(members, now)
+            recorded = self._groups[group.id] = _Group(group, [None] * group.size)
+            if group.size == 0:
+                self._complete_group(recorded, now)
+            self._changed.notify_all()
+        return [holder is None for holder in holders]
+
+    @override
+    def group_state(self, group_id: str) -> GroupState | None:
+        with self._changed:
+            self._expire_groups(self.clock())
+            group = self._groups.get(group_id)
+            if group is None:
+                return None
+            spec = group.spec
+            return GroupState(
+                spec.id,
+                spec.size,
+                tuple(group.outputs),
+                frozenset(group.finished),
+                frozenset(group.failed),
+                None if spec.callback is None else spec.callback.id,
+                complete=len(group.finished) == spec.size,
+                callback_sent=group.callback_sent,
+            )
 
     # -- worker side ---------------------------------------------------------------------------
 
@@ -303,6 +369,15 @@ class MemoryBroker(Broker):
                 else:
                     job.reason = settlement.reason
                     self._to_dead(job, now)
+                message = job.message
+                if settlement.outcome is not Outcome.RETRY and (
+                    message.member is not None or message.closes is not None
+                ):
+                    self._end_member(
+                        message, settlement.outcome is Outcome.DEAD, settlement.output, now
+                    )
+                if settlement.then:
+                    self._add(settlement.then, now)
             self._changed.notify_all()
             return applied
 
@@ -350,7 +425,12 @@ class MemoryBroker(Broker):
             self._compact(job.queue)
             if record is not None and self.storage is not None:
                 self.storage.save({job_id: record}, ttl)
-            if self._unpark(job):  # the permit reserved for it went to the next parked job
+            woke = self._unpark(job)  # the permit reserved for it went to the next parked job
+            message = job.message
+            if message.member is not None or message.closes is not None:
+                self._end_member(message, True, None, now)
+                woke = True  # it may have sent a group's callback
+            if woke:
                 self._changed.notify_all()
             return CancelOutcome.REMOVED
 
@@ -597,6 +677,59 @@ class MemoryBroker(Broker):
             permits.woken -= 1
             job.woken = False
         return self._wake(job.queue, concurrency.key)
+
+    def _end_member(self, message: Message, failed: bool, output: bytes | None, now: float) -> None:
+        """Count a job with ``member`` or ``closes`` that ended: acked, dead, or cancelled.
+
+        Its index is counted once (later ends change nothing); the one that completes its group
+        sends the group's callback. Then the group it ``closes`` is released.
+        """
+        member = message.member
+        if member is not None:
+            group = self._groups.get(member.group)
+            if (
+                group is not None
+                and 0 <= member.index < group.spec.size
+                and member.index not in group.finished
+            ):
+                group.finished.add(member.index)
+                group.outputs[member.index] = output
+                if failed:
+                    group.failed.add(member.index)
+                if len(group.finished) == group.spec.size:
+                    self._complete_group(group, now)
+        if message.closes is not None:
+            released = self._groups.pop(message.closes, None)
+            if released is not None and released.expires != math.inf:
+                self._complete -= 1
+
+    def _complete_group(self, group: _Group, now: float) -> None:
+        """Every index of ``group`` is counted: send its callback, and start its ttl."""
+        spec = group.spec
+        group.expires = now + spec.ttl
+        self._complete += 1
+        heapq.heappush(self._expiring, (group.expires, spec.id))
+        if spec.callback is not None and (not group.failed or spec.run_on_failure):
+            group.callback_sent = True
+            self._add([spec.callback], now)
+        self._expire_groups(now)
+
+    def _expire_groups(self, now: float) -> None:
+        """Drop complete groups past their ttl; rebuild the heap once stale entries pile up."""
+        expiring = self._expiring
+        while expiring and expiring[0][0] <= now:
+            expires, group_id = heapq.heappop(expiring)
+            group = self._groups.get(group_id)
+            if group is not None and group.expires == expires:  # not released (nor reopened)
+                del self._groups[group_id]
+                self._complete -= 1
+        if len(expiring) > 2 * self._complete + _SLACK:
+            self._expiring = [
+                (g.expires, group_id)
+                for group_id, g in self._groups.items()
+                if g.expires != math.inf
+            ]
+            heapq.heapify(self._expiring)
 
     def _current(self, job_id: str, now: float) -> _Job | None:
         """The job as it stands at ``now``: due jobs and expired leases queued, old dead gone."""

@@ -31,6 +31,7 @@ from worq_core.testing.support import (
     requires,
     unique,
 )
+from worq_core.testing.workflow_contract import WorkflowBrokerContract
 
 LEASE = 30.0
 SHORT_LEASE = 0.3
@@ -73,7 +74,7 @@ def fetch_one(broker: Broker, queue: str, lease: float = LEASE) -> Delivery:
     return delivery
 
 
-class BrokerContract(SchedulingBrokerContract):
+class BrokerContract(SchedulingBrokerContract, WorkflowBrokerContract):
     """Subclass and provide a ``broker`` fixture yielding a fresh broker.
 
     Every case uses queues (and job ids) of its own, so a broker shared between cases also

@@ -10,9 +10,11 @@ import pytest
 
 pytest.register_assert_rewrite(
     "worq_core.testing.broker_contract",
+    "worq_core.testing.scheduling_contract",
     "worq_core.testing.serializer_contract",
     "worq_core.testing.storage_contract",
     "worq_core.testing.worker_contract",
+    "worq_core.testing.workflow_contract",
     "worq_core.testing.support",
 )
 

@@ -30,6 +30,7 @@ import traceback
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from worq_core.canvas import chord_arguments
 from worq_core.context import JobContext
 from worq_core.context import _current as _current_job
 from worq_core.errors import JobCancelled, TaskTimeoutError, UnknownTaskError, WorqError
@@ -356,6 +357,16 @@ class Worker:
             self.settle.decide(run, dead=ErrorInfo.from_exception(unknown))
             return None
         run.task = task
+        if envelope.workflow and "chord" in envelope.workflow:
+            try:
+                envelope = run.envelope = chord_arguments(self.app, envelope)
+            except Exception as exc:  # noqa: BLE001 - a failed member, or the group is gone
+                run.context = JobContext(
+                    delivery.id, task.name, delivery.queue, delivery.attempts, 0, envelope.headers
+                )
+                self.job_log(logging.ERROR, run, "chord callback not run: %s; dead-lettered", exc)
+                self.settle.decide(run, dead=ErrorInfo.from_exception(exc))
+                return None
         config, overrides = task.config, envelope.options
         run.timeout = overrides.get("timeout", config.timeout) if overrides else config.timeout
         run.max_retries = (

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
+from worq_core.canvas import links
 from worq_core.errors import Reject, Retry, SerializationError, WorqError
 from worq_core.job import ErrorInfo, encode_cancelled, encode_failure, encode_success
 from worq_core.middleware import Decision
@@ -109,7 +110,8 @@ class SettlePath:
                     dead = ErrorInfo.from_exception(exc)
                 else:
                     worker.count("succeeded")
-                    self._send(run, Settlement(run.delivery, Outcome.ACK), result, pull)
+                    settlement = Settlement(run.delivery, Outcome.ACK)
+                    self._send(run, settlement, result, pull, value, succeeded=True)
                     return True
             decision = (
                 Decision(JobStatus.DEAD, error=dead)
@@ -130,7 +132,9 @@ class SettlePath:
                         run.delivery.id,
                     )
             settlement, record = self._settlement(run, decision)
-            self._send(run, settlement, record, pull)
+            succeeded = run.decision is not None and run.decision.status is JobStatus.SUCCEEDED
+            value = run.decision.value if succeeded and run.decision is not None else None
+            self._send(run, settlement, record, pull, value, succeeded=succeeded)
         except Exception:
             log.exception("job %s: settling failed; its lease will run out", run.delivery.id)
             with worker.lock:
@@ -210,8 +214,21 @@ class SettlePath:
             worker.held.pop(run.delivery.token, None)
             worker.lock.notify_all()
 
-    def _send(self, run: Run, settlement: Settlement, record: bytes | None, pull: bool) -> None:
+    def _send(
+        self,
+        run: Run,
+        settlement: Settlement,
+        record: bytes | None,
+        pull: bool,
+        value: Any = None,
+        *,
+        succeeded: bool = False,
+    ) -> None:
         """Store the record, then settle with the next fetch.
+
+        A workflow step's settlement carries its links (:func:`worq_core.canvas.links`): the
+        next steps' messages when it ``succeeded`` with ``value``, and its record as its output
+        in its group.
 
         With ``pull`` (a slot thread that will fetch its own next job) the settlement is
         parked on the run; otherwise it goes with the fetch loop's next fetch, or right here
@@ -220,6 +237,8 @@ class SettlePath:
         worker = self.worker
         app = worker.app
         job_id = settlement.delivery.id
+        if run.envelope is not None and run.envelope.workflow:
+            settlement = links(app, run.envelope, settlement, record, value, succeeded=succeeded)
         if run.lost:
             # Another run owns the job now: its result, not ours, belongs in the storage.
             worker.job_log(

@@ -1,0 +1,617 @@
+"""Workflows: signatures, chains, groups and chords, on the broker's WORKFLOWS capability.
+
+``add.s(1, 2)`` is a :class:`Signature`: a task, its arguments and options, nothing sent.
+:func:`chain` runs steps one after another, each receiving the previous step's result as its
+first argument; :func:`group` runs its members in parallel; :func:`chord` is a group followed
+by a callback that receives the list of the members' results. They nest.
+
+Nothing here polls or holds state in a process. A workflow is compiled, when it is enqueued,
+into messages whose envelopes carry their links (``Envelope.workflow``):
+
+* ``next``: the steps to send when this job succeeds. The worker builds their messages (the
+  result prepended to their arguments) and hands them to the broker in the settlement that
+  acknowledges this job (:attr:`Settlement.then`): one atomic step, so a kill between the two
+  can neither lose the next step nor send it twice.
+* ``member``: the job ends a member of a group; its settlement carries its record as
+  :attr:`Settlement.output`, and the broker counts it in the same step
+  (:meth:`Broker.open_group`). The step that counts the last member enqueues the group's
+  callback, which the group's record holds from the moment the workflow was enqueued.
+* ``chord``: the job is a chord's callback; before it runs, the worker reads the members'
+  outputs (:meth:`Broker.group_state`) and prepends their results as one list. The callback's
+  message ``closes`` the group, so the outputs are kept exactly until the callback finished,
+  whatever the result TTL, and then released.
+
+Every group is recorded before any message is sent, so no member can settle into a group that
+does not exist yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from worq_core.errors import JobCancelled, TaskError, UnsupportedError, WorqError
+from worq_core.job import Envelope, Job, decode_record
+from worq_core.models import (
+    Capability,
+    GroupMember,
+    GroupSpec,
+    JobStatus,
+    Message,
+    Outcome,
+    Settlement,
+)
+
+if TYPE_CHECKING:
+    from worq_core.app import Worq
+    from worq_core.task import BoundTask
+
+R = TypeVar("R")
+
+
+CHORD_STATE_TTL = 7 * 86400.0
+"""How long a chord's group state outlives its completion if its callback never settles."""
+
+
+class WorkflowError(WorqError):
+    """A workflow step cannot go on: for instance a chord's group state is gone."""
+
+
+__all__ = [
+    "Chain",
+    "Chord",
+    "Group",
+    "Signature",
+    "Workflow",
+    "WorkflowError",
+    "WorkflowStatus",
+    "chain",
+    "chord",
+    "group",
+]
+
+
+@dataclass(frozen=True)
+class Signature(Generic[R]):
+    """A task call that has not been sent: made by ``task.s(...)``.
+
+    In a chain, every step but the first receives the previous step's result as its first
+    argument, before ``args``. ``enqueue()`` sends it as a one-step workflow.
+    """
+
+    bound: BoundTask[Any, R]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The task's name."""
+        return self.bound.task.name
+
+    def enqueue(self) -> Workflow:
+        """Send it; see :func:`enqueue`."""
+        return enqueue(self)
+
+    def __or__(self, other: Node) -> Chain:
+        return chain(self, other)
+
+    def __repr__(self) -> str:
+        arguments = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"{self.name}.s({', '.join(arguments)})"
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Steps run one after another; each receives the previous one's result first."""
+
+    steps: tuple[Node, ...]
+
+    def enqueue(self) -> Workflow:
+        """Send it; see :func:`enqueue`."""
+        return enqueue(self)
+
+    def __or__(self, other: Node) -> Chain:
+        return chain(self, other)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Members run in parallel; the group's result is the list of theirs, in order."""
+
+    members: tuple[Node, ...]
+
+    def enqueue(self) -> Workflow:
+        """Send it; see :func:`enqueue`."""
+        return enqueue(self)
+
+    def __or__(self, other: Node) -> Chain:
+        return chain(self, other)
+
+
+@dataclass(frozen=True)
+class Chord:
+    """A group, then a callback run once with the list of the members' results.
+
+    With ``run_on_failure`` the callback also runs when a member ended dead or cancelled, and
+    finds that member's error (:class:`~worq_core.JobFailed` or :class:`~worq_core.JobCancelled`)
+    in its place in the list; without it (the default) the chord stops there and the workflow
+    has failed with that member's error.
+    """
+
+    header: Group
+    callback: Node
+    run_on_failure: bool = False
+
+    def enqueue(self) -> Workflow:
+        """Send it; see :func:`enqueue`."""
+        return enqueue(self)
+
+    def __or__(self, other: Node) -> Chain:
+        return chain(self, other)
+
+
+Node = Signature[Any] | Chain | Group | Chord
+"""Anything a workflow is made of."""
+
+
+def chain(*steps: Node) -> Chain:
+    """Run ``steps`` in order; each receives the previous step's result as its first argument.
+
+    Nested chains are flattened. The chain's result is its last step's.
+    """
+    flat: list[Node] = []
+    for step in steps:
+        flat.extend(step.steps if isinstance(step, Chain) else [_check(step)])
+    if not flat:
+        raise TaskError("a chain needs at least one step")
+    return Chain(tuple(flat))
+
+
+def group(*members: Node | Iterable[Node]) -> Group:
+    """Run ``members`` in parallel: ``group(a.s(1), a.s(2))`` or ``group(a.s(i) for i in ids)``.
+
+    The group's result is the list of the members' results, in order.
+    """
+    flat: list[Node] = []
+    for member in members:
+        if isinstance(member, Signature | Chain | Group | Chord):
+            flat.append(member)
+        else:
+            flat.extend(_check(m) for m in member)
+    return Group(tuple(flat))
+
+
+def chord(header: Group | Iterable[Node], callback: Node, *, run_on_failure: bool = False) -> Chord:
+    """Run ``header``'s members, then ``callback`` once with the list of their results."""
+    members = header if isinstance(header, Group) else group(header)
+    return Chord(members, _check(callback), run_on_failure)
+
+
+def _check(node: Any) -> Node:
+    if not isinstance(node, Signature | Chain | Group | Chord):
+        raise TaskError(f"a workflow is made of task.s(...) signatures, not {node!r}")
+    return node
+
+
+# -- handles -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkflowStatus:
+    """Where a workflow stands: its status, and the step it is at (0-based, in chain order)."""
+
+    status: JobStatus
+    step: int
+    task: str
+    """The name of the task at that step (for a group, its members' tasks joined by ``|``)."""
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What the handle knows of a compiled node: its jobs' ids, in the node's structure."""
+
+    kind: str  # "task", "chain", "group"
+    id: str = ""  # a task's job id, or a group's id
+    name: str = ""
+    parts: tuple[_Shape, ...] = ()
+    callback: _Shape | None = None  # a chord's
+    lenient: bool = False  # a chord with run_on_failure: a failed member fails nothing
+
+    def failing(self) -> list[str]:
+        """The ids whose failure fails the workflow at this step."""
+        if self.kind == "group":
+            return [] if self.lenient else _members(self)
+        return self.last()
+
+    def last(self) -> list[str]:
+        """The ids whose results make this node's result (a group: one per member)."""
+        if self.kind == "task":
+            return [self.id]
+        if self.kind == "chain":
+            return self.parts[-1].last()
+        if self.callback is not None:
+            return self.callback.last()
+        return [i for part in self.parts for i in part.last()[-1:]]
+
+    def steps(self) -> list[_Shape]:
+        if self.kind == "chain":
+            return [s for part in self.parts for s in part.steps()]
+        if self.kind == "group" and self.callback is not None:
+            return [dataclasses.replace(self, callback=None), *self.callback.steps()]
+        return [self]
+
+    def ids(self) -> list[str]:
+        own = [self.id] if self.kind == "task" else []
+        inner = [i for part in self.parts for i in part.ids()]
+        return own + inner + (self.callback.ids() if self.callback is not None else [])
+
+
+class Workflow:
+    """The handle of an enqueued workflow."""
+
+    def __init__(self, app: Worq, shape: _Shape, root: str) -> None:
+        self.app = app
+        self._shape = shape
+        self.id = root
+        """The workflow's id (its first job's id, or its group's)."""
+
+    def __repr__(self) -> str:
+        return f"<Workflow {self.id}>"
+
+    @property
+    def job_ids(self) -> list[str]:
+        """Every job of the workflow, sent or not yet, in order."""
+        return self._shape.ids()
+
+    def _jobs(self, ids: Sequence[str]) -> list[Job[Any]]:
+        return [Job(self.app, job_id) for job_id in ids]
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the workflow's result: its last step's (a group's: the list of results).
+
+        Raises the failing step's :class:`~worq_core.JobFailed` when a step ended dead.
+        """
+        jobs = self._jobs(self._shape.last())
+        if self._shape.kind == "group" and self._shape.callback is None:
+            return [job.result(timeout) for job in jobs]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._raise_failed()
+        last = self._shape.steps()[-1]
+        if last.kind == "group":
+            return [job.result(_left(deadline)) for job in self._jobs(_members(last))]
+        return self._wait_last(jobs[0], deadline)
+
+    def _wait_last(self, job: Job[Any], deadline: float | None) -> Any:
+        # The last step may never be sent (an earlier one died): wait in short rounds, and
+        # give up with the earlier step's error as soon as one has failed.
+        while True:
+            left = _left(deadline)
+            try:
+                return job.result(0.5 if left is None else min(0.5, left))
+            except TimeoutError:
+                self._raise_failed()
+                if left is not None and left <= 0.5:
+                    raise
+
+    def _raise_failed(self) -> None:
+        """Raise the error of an earlier step that failed: it stopped the workflow."""
+        for shape in self._shape.steps()[:-1]:
+            for job in self._jobs(shape.failing()):
+                if job.status() in (JobStatus.DEAD, JobStatus.CANCELLED):
+                    job.result(0)  # raises its error
+
+    def results(self, timeout: float | None = None) -> list[Any]:
+        """A group's members' results in order, a failed member's error in its place."""
+        if self._shape.kind != "group":
+            raise TaskError("results() is for a group; use result()")
+        out: list[Any] = []
+        for job in self._jobs(_members(self._shape)):
+            try:
+                out.append(job.result(timeout))
+            except (TimeoutError, TaskError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - JobFailed / JobCancelled, kept in place
+                out.append(exc)
+        return out
+
+    def status(self) -> WorkflowStatus:
+        """Which step the workflow is at, and how it stands."""
+        steps = self._shape.steps()
+        for index, shape in enumerate(steps):
+            ids = _members(shape) if shape.kind == "group" else shape.last()
+            states = [job.status() for job in self._jobs(ids)]
+            name = shape.name
+            failed = {JobStatus.DEAD, JobStatus.CANCELLED}
+            if shape.lenient:
+                states = [JobStatus.SUCCEEDED if s in failed else s for s in states]
+            if any(s in failed for s in states):
+                worst = JobStatus.DEAD if JobStatus.DEAD in states else JobStatus.CANCELLED
+                return WorkflowStatus(worst, index, name)
+            if not all(s is JobStatus.SUCCEEDED for s in states):
+                running = JobStatus.RUNNING in states
+                return WorkflowStatus(
+                    JobStatus.RUNNING if running or index else JobStatus.QUEUED, index, name
+                )
+        return WorkflowStatus(JobStatus.SUCCEEDED, len(steps) - 1, steps[-1].name)
+
+    def cancel(self) -> int:
+        """Cancel every job of the workflow that has not run; returns how many were reached."""
+        return sum(1 for job in self._jobs(self.job_ids) if job.cancel())
+
+
+def _members(shape: _Shape) -> list[str]:
+    return [i for part in shape.parts for i in part.last()[-1:]]
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+# -- compiling and sending ---------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """What enqueueing a workflow does: groups to record, then messages to send."""
+
+    app: Worq
+    groups: list[GroupSpec] = field(default_factory=list)
+    first: list[Message] = field(default_factory=list)
+
+    def step(
+        self,
+        node: Signature[Any],
+        *,
+        pass_result: bool,
+        member: GroupMember | None,
+        after: list[dict[str, Any]],
+    ) -> tuple[dict[str, Any], _Shape]:
+        bound = node.bound
+        spec = bound._step_spec(list(node.args), dict(node.kwargs), pass_result=pass_result)
+        links: dict[str, Any] = {}
+        if after:
+            links["next"] = after
+        if member is not None:
+            links["member"] = [member.group, member.index]
+        spec["w"] = links
+        return spec, _Shape("task", spec["id"], node.name)
+
+    def compile(
+        self,
+        node: Node,
+        *,
+        pass_result: bool,
+        member: GroupMember | None,
+        after: list[dict[str, Any]],
+    ) -> tuple[list[dict[str, Any]], _Shape]:
+        """The specs that start ``node`` (sent together), and its shape.
+
+        ``after`` is what runs when the node finished: a list of specs (for a group, at most
+        one: its callback).
+        """
+        if isinstance(node, Signature):
+            spec, shape = self.step(node, pass_result=pass_result, member=member, after=after)
+            return [spec], shape
+        if isinstance(node, Chain):
+            entries, shapes = after, []
+            steps = node.steps
+            for position in range(len(steps) - 1, -1, -1):
+                entries, shape = self.compile(
+                    steps[position],
+                    pass_result=pass_result if position == 0 else True,
+                    member=member if position == len(steps) - 1 else None,
+                    after=entries,
+                )
+                shapes.append(shape)
+            return entries, _Shape("chain", parts=tuple(reversed(shapes)))
+        if isinstance(node, Chord):
+            return self.group(node.header, pass_result, member, after, node.callback, node)
+        return self.group(node, pass_result, member, after, None, None)
+
+    def group(
+        self,
+        node: Group,
+        pass_result: bool,
+        member: GroupMember | None,
+        after: list[dict[str, Any]],
+        callback: Node | None,
+        chord_: Chord | None,
+    ) -> tuple[list[dict[str, Any]], _Shape]:
+        gid = _new_id()
+        callback_shape: _Shape | None = None
+        tail = after
+        if callback is not None:
+            tail, callback_shape = self.compile(
+                callback, pass_result=True, member=member, after=after
+            )
+        elif member is not None:
+            raise TaskError(
+                "a group that is a member of another group needs a callback: make it a chord"
+            )
+        if len(tail) > 1:
+            raise TaskError("after a group comes one task (a chord's callback), not a group")
+        callback_message = None
+        if tail:
+            [spec] = tail
+            spec["w"]["chord"] = gid
+            if chord_ is not None and chord_.run_on_failure:
+                spec["w"]["all"] = True
+            callback_message = self.message(spec, closes=gid)
+        entries: list[dict[str, Any]] = []
+        shapes = []
+        for index, part in enumerate(node.members):
+            specs, shape = self.compile(
+                part, pass_result=pass_result, member=GroupMember(gid, index), after=[]
+            )
+            entries.extend(specs)
+            shapes.append(shape)
+        self.groups.append(
+            GroupSpec(
+                gid,
+                len(node.members),
+                callback_message,
+                run_on_failure=chord_.run_on_failure if chord_ is not None else False,
+                # A callback's outputs stay until the callback releases them (closes); the TTL
+                # only bounds a state whose callback never settles. A plain group's outputs
+                # are read by nobody (its handle reads the members' records).
+                ttl=CHORD_STATE_TTL if callback_message is not None else 0.0,
+            )
+        )
+        name = "|".join(sorted({s.name for s in shapes if s.name})) or "group"
+        lenient = chord_ is not None and chord_.run_on_failure
+        shape = _Shape("group", gid, name, tuple(shapes), callback_shape, lenient)
+        if callback_shape is not None:
+            return entries, dataclasses.replace(shape, name=name)
+        return entries, shape
+
+    def message(self, spec: dict[str, Any], *, closes: str | None = None) -> Message:
+        """The message of a step spec sent as it stands (its arguments complete)."""
+        return build_message(self.app, spec, None, prepend=False, closes=closes)
+
+
+def build_message(
+    app: Worq,
+    spec: dict[str, Any],
+    value: Any,
+    *,
+    prepend: bool,
+    closes: str | None = None,
+) -> Message:
+    """A step's message: its spec's envelope, with ``value`` first in its arguments if asked.
+
+    Called where a workflow is enqueued and, for later steps, in the worker that settles the
+    step before (with that step's result).
+    """
+    args = list(spec["args"])
+    if prepend and spec.get("pass"):
+        args.insert(0, value)
+    links = dict(spec.get("w") or {})
+    member = links.get("member")
+    envelope = Envelope(
+        spec["id"],
+        spec["task"],
+        args,
+        dict(spec["kwargs"]),
+        time.time(),
+        spec.get("h") or {},
+        spec.get("o") or {},
+        links,
+    )
+    return Message(
+        spec["id"],
+        spec["queue"],
+        envelope.encode(app.serializer),
+        spec.get("p", 0),
+        member=GroupMember(member[0], member[1]) if member else None,
+        closes=closes if closes is not None else spec.get("closes"),
+    )
+
+
+def links(
+    app: Worq,
+    envelope: Envelope,
+    settlement: Settlement,
+    record: bytes | None,
+    value: Any,
+    *,
+    succeeded: bool,
+) -> Settlement:
+    """A workflow step's settlement with its links: what the worker hands the broker.
+
+    A step that succeeded sends its next steps (``value`` first in their arguments) with its
+    acknowledgement; any other verdict sends none, which stops a chain there. A group
+    member's acknowledgement or dead-lettering carries its record as its output.
+    """
+    workflow = envelope.workflow
+    then: tuple[Message, ...] = ()
+    if succeeded and workflow.get("next"):
+        then = tuple(build_message(app, spec, value, prepend=True) for spec in workflow["next"])
+    output = record if workflow.get("member") and settlement.outcome is not Outcome.RETRY else None
+    if not then and output is None:
+        return settlement
+    return dataclasses.replace(settlement, then=then, output=output)
+
+
+def chord_arguments(app: Worq, envelope: Envelope) -> Envelope:
+    """A chord callback's envelope with the list of its group's results first in its arguments.
+
+    A failed member's place holds its error (:class:`~worq_core.JobFailed` or
+    :class:`~worq_core.JobCancelled`); a callback of a chord without ``run_on_failure`` that
+    finds one raises it (the broker only sends such a callback when no member failed, but a
+    member cancelled while running acknowledges). Raises :class:`WorkflowError` when the
+    group's state is gone.
+    """
+    gid = envelope.workflow["chord"]
+    state = app.broker.group_state(gid)
+    if state is None:
+        raise WorkflowError(f"chord callback {envelope.id}: the state of group {gid} is gone")
+    results: list[Any] = []
+    for index, output in enumerate(state.outputs):
+        if output is None:
+            results.append(JobCancelled(f"{gid}[{index}]"))
+            continue
+        _, item = decode_record(f"{gid}[{index}]", output, app.serializer)
+        results.append(item)
+    if not envelope.workflow.get("all"):
+        failed = [item for item in results if isinstance(item, Exception)]
+        if failed:
+            raise failed[0]
+    return dataclasses.replace(envelope, args=[results, *envelope.args])
+
+
+def enqueue(node: Node) -> Workflow:
+    """Send a workflow: its groups are recorded first, then its first jobs in one batch.
+
+    Needs a broker with :attr:`Capability.WORKFLOWS`; raises
+    :class:`~worq_core.UnsupportedError` otherwise, before anything is sent.
+    """
+    app = _app_of(node)
+    broker = app.broker
+    if Capability.WORKFLOWS not in broker.capabilities:
+        raise UnsupportedError(broker.name, Capability.WORKFLOWS.value, "a workflow")
+    plan = _Plan(app)
+    entries, shape = plan.compile(node, pass_result=False, member=None, after=[])
+    messages = [plan.message(spec) for spec in entries]
+    by_group: dict[str, list[Message]] = {}
+    loose: list[Message] = []
+    for message in messages:
+        if message.member is not None:
+            by_group.setdefault(message.member.group, []).append(message)
+        else:
+            loose.append(message)
+    # Every group is recorded before a job that could settle into it is sent. plan.groups
+    # lists a group after the groups inside it and after the groups of later chain steps, so
+    # the reversed list records outer and later groups first; groups whose members are sent
+    # now come last, each with its members in the same step.
+    ordered = list(reversed(plan.groups))
+    later = [g for g in ordered if g.id not in by_group]
+    for spec in later + [g for g in ordered if g.id in by_group]:
+        broker.open_group(spec, by_group.get(spec.id, []))
+    if loose:
+        broker.enqueue(loose)
+    return Workflow(app, shape, shape.id or _first_id(shape))
+
+
+def _first_id(shape: _Shape) -> str:
+    ids = shape.ids()
+    return ids[0] if ids else ""
+
+
+def _app_of(node: Node) -> Worq:
+    if isinstance(node, Signature):
+        return node.bound.task.app
+    if isinstance(node, Chain):
+        return _app_of(node.steps[0])
+    if isinstance(node, Chord):
+        return _app_of(node.header)
+    if not node.members:
+        raise TaskError("an empty group has no app to send it with")
+    return _app_of(node.members[0])
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
