@@ -73,3 +73,10 @@ def bench_limits(session: nox.Session) -> None:
     """Unlimited jobs' throughput with rate- and concurrency-limited jobs in the same queue."""
     install_worq(session)
     session.run("python", "bench/limits_bench.py", *session.posargs)
+
+
+@nox.session(name="bench-workflows")
+def bench_workflows(session: nox.Session) -> None:
+    """What groups, chords and their counting cost against plain jobs, on the local Redis."""
+    install_worq(session)
+    session.run("python", "bench/workflow_bench.py", *session.posargs)

@@ -20,6 +20,8 @@ from worq_core.models import (
     CancelOutcome,
     DeadJob,
     Delivery,
+    GroupSpec,
+    GroupState,
     JobState,
     LeaseState,
     Message,
@@ -40,6 +42,7 @@ from worq_redis.connection import (
     clock_arg,
     command,
     connect,
+    group_key,
     ids_key,
     queue_keys,
     redact,
@@ -73,6 +76,9 @@ _ENQUEUE, _FETCH, _SETTLE = SCRIPTS["enqueue"], SCRIPTS["fetch"], SCRIPTS["settl
 _SETTLE_FETCH, _EXTEND = SCRIPTS["settle_fetch"], SCRIPTS["extend"]
 _JOB_STATE, _CANCEL = SCRIPTS["job_state"], SCRIPTS["cancel"]
 _FIRE_SCHEDULE, _SCHEDULE_CAS = SCRIPTS["fire_schedule"], SCRIPTS["schedule_cas"]
+_OPEN_GROUP = SCRIPTS["open_group"]
+_NO_MESSAGE: Final[tuple[Arg, ...]] = ("",) * 10
+"""The ten message values of ``open_group`` for a group without a callback."""
 _CANCEL_LOOKUPS: Final = 16
 """How often :meth:`RedisBroker.cancel` looks a job's queue up again when the job keeps moving
 to another queue between the lookup and the script (acked and enqueued elsewhere each time)."""
@@ -106,6 +112,41 @@ def _specs(message: Message) -> tuple[bytes, bytes] | None:
         permits = c.limit if c is not None else 0
         lspec = b"%d|%s|%d|%d|%s%s" % (permits, interval, burst, len(ckey), ckey, rkey)
     return uspec, lspec
+
+
+def _wspec(message: Message) -> bytes:
+    """The workflow record the scripts keep for ``message`` (``b""`` for none).
+
+    ``index or empty|bytes of group id|`` then the group id and the id of the group it closes.
+    """
+    member, closes = message.member, message.closes
+    if member is None and not closes:
+        return b""
+    gid = member.group.encode() if member is not None else b""
+    index = b"%d" % member.index if member is not None else b""
+    return b"%s|%d|%s%s" % (index, len(gid), gid, (closes or "").encode())
+
+
+def _message_values(message: Message, register: bool) -> tuple[Arg, ...]:
+    """The ten values a script takes for a message it enqueues by name (``check_message``).
+
+    Raises ``ValueError`` for a bad queue name, as an enqueue into it would.
+    """
+    m = message
+    queue_keys("-", m.queue)
+    uspec, lspec = _specs(m) or (b"", b"")
+    return (
+        m.queue,
+        1 if register else 0,
+        m.id,
+        m.body,
+        str(-m.priority),
+        "" if m.eta is None else repr(float(m.eta)),
+        1 if m.clear_record else 0,
+        uspec,
+        lspec,
+        _wspec(m),
+    )
 
 
 def _holder(reply: Any, own: str) -> str | None:
@@ -173,6 +214,7 @@ class RedisBroker(Broker):
             Capability.UNIQUE,
             Capability.LIMITS,
             Capability.SCHEDULES,
+            Capability.WORKFLOWS,
         }
     )
 
@@ -258,7 +300,9 @@ class RedisBroker(Broker):
                 "" if m.eta is None else repr(float(m.eta)),
                 clear,
             )
-            if m.unique is not None or m.rate is not None or m.concurrency is not None:
+            if m.member is not None or m.closes:
+                fast += (*(_specs(m) or (b"", b"")), _wspec(m))
+            elif m.unique is not None or m.rate is not None or m.concurrency is not None:
                 fast += _specs(m) or ()
             try:
                 flags = self._lane.script(_ENQUEUE, head, fast)
@@ -284,6 +328,7 @@ class RedisBroker(Broker):
                 args: list[Arg] = [clock, queue, register, len(part)]
                 extra_keys: list[str] = []
                 specs: list[Arg] | None = None  # only once some message has specs
+                width = 3 if any(m.member is not None or m.closes for _, (_, m) in part) else 2
                 for done, (_, (_, message)) in enumerate(part):
                     clear = 0
                     if message.clear_record:
@@ -296,9 +341,11 @@ class RedisBroker(Broker):
                         "" if message.eta is None else repr(float(message.eta)),
                         clear,
                     ]
-                    spec = _specs(message)
+                    spec: tuple[bytes, ...] | None = _specs(message)
+                    if width == 3:
+                        spec = (*(spec or (b"", b"")), _wspec(message))
                     if spec is not None and specs is None:
-                        specs = [b""] * (2 * done)  # the plain messages before this one
+                        specs = [b""] * (width * done)  # the plain messages before this one
                     if specs is not None:
                         specs += spec or (b"", b"")
                 calls.append((_ENQUEUE, [*keys, *extra_keys], args + (specs or [])))
@@ -382,6 +429,84 @@ class RedisBroker(Broker):
             values = self._lane.command("HMGET", self._schedules, *names)
         return {n: float(v) for n, v in zip(names, values, strict=True) if v is not None}
 
+    # -- workflows ---------------------------------------------------------------------------
+
+    @override
+    def open_group(self, group: GroupSpec, members: Sequence[Message]) -> list[bool]:
+        """One ``open_group`` script: record the group in ``<prefix>:grp:{<id>}`` and add members.
+
+        Each member (and later the callback) goes to its own queue, whose keys the script builds
+        by name. A group already recorded raises :class:`ValueError` and adds nothing.
+        """
+        if group.size < 0:
+            raise ValueError(f"group {group.id!r}: size must be >= 0")
+        seen: set[int] = set()
+        for m in members:
+            if m.member is None or m.member.group != group.id:
+                raise ValueError(f"message {m.id!r} is not a member of group {group.id!r}")
+            index = m.member.index
+            if not 0 <= index < group.size or index in seen:
+                raise ValueError(f"group {group.id!r}: bad or repeated member index {index}")
+            seen.add(index)
+        cb = group.callback
+        home = members[0].queue if members else cb.queue if cb is not None else "-"
+        keys = (*self._queue_keys(home), self._registry, group_key(self.prefix, group.id))
+        args: list[Arg] = [
+            clock_arg(self.clock),
+            group.size,
+            max(1, round(group.ttl * 1000)),
+            1 if group.run_on_failure else 0,
+            0 if cb is None else 1,
+            *(_NO_MESSAGE if cb is None else _message_values(cb, cb.queue not in self._known)),
+            len(members),
+        ]
+        for m in members:
+            args += _message_values(m, m.queue not in self._known)
+        with self._errors():
+            reply = self._lane.script(_OPEN_GROUP, (len(keys), *keys), args)
+        if reply is None:
+            raise ValueError(f"group {group.id!r} is already recorded")
+        added = [flag == 1 for flag in reply]
+        with self._lock:
+            self._known.update(m.queue for m, ok in zip(members, added, strict=True) if ok)
+        return added
+
+    @override
+    def group_state(self, group_id: str) -> GroupState | None:
+        """The group's hash, one ``HGETALL``; ``None`` once released or expired (or unknown)."""
+        with self._errors():
+            reply = self._lane.command("HGETALL", group_key(self.prefix, group_id))
+        if isinstance(reply, dict):  # RESP3
+            fields = {bytes(k): bytes(v) for k, v in reply.items()}
+        else:
+            fields = {bytes(reply[i]): bytes(reply[i + 1]) for i in range(0, len(reply), 2)}
+        if b"size" not in fields:
+            return None
+        size = int(fields[b"size"])
+        outputs: list[bytes | None] = [None] * size
+        finished: set[int] = set()
+        failed: set[int] = set()
+        for index in range(size):
+            value = fields.get(b"i:%d" % index)
+            if value is None:
+                continue
+            finished.add(index)
+            if value[:1] != b"a":
+                failed.add(index)
+            if value[1:2] == b"=":
+                outputs[index] = value[2:]
+        callback = fields.get(b"ci")
+        return GroupState(
+            id=group_id,
+            size=size,
+            outputs=tuple(outputs),
+            finished=frozenset(finished),
+            failed=frozenset(failed),
+            callback_id=None if callback is None else callback.decode(),
+            complete=len(finished) == size,
+            callback_sent=fields.get(b"sent") == b"1",
+        )
+
     # -- worker side -------------------------------------------------------------------------
 
     @override
@@ -425,9 +550,12 @@ class RedisBroker(Broker):
             others = [(i, s) for i, s in enumerate(settlements) if s.delivery.queue != first]
         keys = self._queue_keys(first)
         args: list[Arg] = [clock, *self._retention, len(mine)]
-        all_keys = self._settle_args(mine, keys, args) if mine else keys
+        blocks: list[Arg] = []
+        all_keys = self._settle_args(mine, keys, args, blocks) if mine else keys
         head: tuple[Arg, ...] = (len(all_keys), *all_keys) if mine else self._heads[first]
         args += (limit, lease_arg, *self._fetch_tail)
+        if blocks:
+            args += blocks
         try:
             if not others:
                 flags, reply = self._lane.script(_SETTLE_FETCH, head, args)
@@ -772,23 +900,36 @@ class RedisBroker(Broker):
         return float(reply[1]) - float(reply[0])
 
     def _settle_args(
-        self, settlements: Iterable[Settlement], queue_keys: Sequence[str], args: list[Arg]
+        self,
+        settlements: Iterable[Settlement],
+        queue_keys: Sequence[str],
+        args: list[Arg],
+        blocks: list[Arg],
     ) -> Sequence[str]:
         """Append the script values of ``settlements`` (one queue's) to ``args``.
 
-        Returns the script's keys: the queue's keys, then the result keys of each job whose
-        record the script writes (every settlement with a ``record``).
+        A settlement with ``then`` messages or an ``output`` has its outcome in capitals and its
+        workflow block appended to ``blocks`` (output flag, output, count, then ten values per
+        message), which the caller puts after the settlements. Returns the script's keys: the
+        queue's keys, then the result keys of each job whose record the script writes (every
+        settlement with a ``record``).
         """
         extra_keys: list[str] = []
         for s in settlements:
             delivery, outcome = s.delivery, s.outcome
+            code = _OUTCOMES[outcome]
+            if s.then or s.output is not None:
+                code = code.upper()
+                blocks += (0, b"", len(s.then)) if s.output is None else (1, s.output, len(s.then))
+                for m in s.then:
+                    blocks += _message_values(m, m.queue not in self._known)
             if s.record is not None:
                 index = len(queue_keys) + 1 + len(extra_keys)
                 extra_keys += result_keys(self.prefix, delivery.id)
                 args += (
                     delivery.id,
                     delivery.token,
-                    _OUTCOMES[outcome],
+                    code,
                     repr(float(s.delay)),
                     s.reason,
                     index,
@@ -799,7 +940,7 @@ class RedisBroker(Broker):
                 args += (
                     delivery.id,
                     delivery.token,
-                    _OUTCOMES[outcome],
+                    code,
                     repr(float(s.delay)),
                     s.reason,
                     0,
@@ -816,6 +957,14 @@ class RedisBroker(Broker):
         groups = list(_by_queue(settlements, lambda s: s.delivery.queue).items())
         for queue, items in groups:
             args: list[Arg] = [clock, *self._retention]
-            keys = self._settle_args((s for _, s in items), self._queue_keys(queue), args)
+            blocks: list[Arg] = []
+            keys = self._settle_args((s for _, s in items), self._queue_keys(queue), args, blocks)
+            if blocks:
+                start = len(args) + 1  # ARGV index of the first block
+                args += blocks
+                if (len(args) + 1 - 3) % 8 == 0:
+                    args.append(b"")  # so the script sees the values after the first 3 are no
+                    # multiple of 8, which says the last one is where the blocks start
+                args.append(start)
             calls.append((_SETTLE, keys, args))
         return calls, groups

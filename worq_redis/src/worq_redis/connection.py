@@ -223,6 +223,16 @@ def schedules_key(prefix: str) -> str:
     return f"{prefix}:schedules"
 
 
+def group_key(prefix: str, group_id: str) -> str:
+    """A workflow group's state: a HASH under the hash tag ``{group_id}`` (see ``docs/redis.md``).
+
+    It holds the group's size, ttl, callback and each counted index's status and output. The
+    settle and cancel scripts build its name the same way (``group_key`` in :mod:`worq_redis.lua`)
+    from the prefix of the keys they were given, so it is outside their queue's Cluster slot.
+    """
+    return f"{prefix}:grp:{{{group_id}}}"
+
+
 def registry_key(prefix: str) -> str:
     """The set of queue names the brokers under ``prefix`` have seen."""
     return f"{prefix}:queues"

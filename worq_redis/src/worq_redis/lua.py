@@ -92,6 +92,7 @@ _PRELUDE = r"""
 local K_READY, K_DELAYED, K_LEASED, K_JOBS, K_META = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local K_DEAD, K_SIGNAL, K_SEQ, K_REASON, K_PROGRESS = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local K_IDS = KEYS[11]
+local K_REG = false -- the queue registry by name while in_queue() names another queue's keys
 
 local function f6(x)
   return string.format("%.6f", x)
@@ -227,10 +228,11 @@ end
 -- Add one job unless its id is held anywhere (0) or, for a unique job, its key is held in this
 -- queue (then the holder's id); 1 when added. `uspec`: "" or the unique record
 -- "mode|hold ms|key" (mode s: until started, d: until done); `lspec`: "" or the limits record
--- (see limits_of). `clear`: the index of the result key to delete, or "0". With `register`,
--- an added job adds its queue to the registry (KEYS[12]). A job without either spec makes
--- exactly the calls it made before unique jobs and limits existed.
-local function add_job(now, queue, register, id, body, score, eta, clear, uspec, lspec)
+-- (see limits_of); `wspec`: nil, "" or the workflow record (see workflow_of), kept in `wf`
+-- (flag W). `clear`: the index of the result key to delete, or "0". With `register`, an added
+-- job adds its queue to the registry (KEYS[12], or K_REG by name inside in_queue). A job
+-- without any spec makes exactly the calls it made before unique jobs and limits existed.
+local function add_job(now, queue, register, id, body, score, eta, clear, uspec, lspec, wspec)
   local fl = ""
   if uspec == "" then
     if redis.call("HSETNX", K_IDS, id, queue) == 0 then
@@ -254,11 +256,15 @@ local function add_job(now, queue, register, id, body, score, eta, clear, uspec,
     redis.call("HSET", qkey("limits"), id, lspec)
     fl = fl .. "L"
   end
+  if wspec ~= nil and wspec ~= "" then
+    redis.call("HSET", qkey("wf"), id, wspec)
+    fl = fl .. "W"
+  end
   if fl ~= "" then
     fl = "|" .. fl
   end
   if register then
-    redis.call("SADD", KEYS[12], queue)
+    redis.call("SADD", K_REG or KEYS[12], queue)
   end
   local sq = next_seq()
   redis.call("HSET", K_JOBS, id, body)
@@ -358,6 +364,9 @@ local function forget(id, j)
     if has(j, "L") then
       redis.call("HDEL", qkey("limits"), id)
     end
+    if has(j, "W") then
+      redis.call("HDEL", qkey("wf"), id)
+    end
   end
 end
 
@@ -439,12 +448,160 @@ local function put_result(k, ttl_ms, record)
   end
 end
 
--- Check settlement values ARGV[first .. last] (8 per settlement) before any write.
-local function check_settlements(first, last)
+-- The key prefix, from the name of K_READY (`<prefix>:{<queue>}:ready`; a prefix has no braces).
+local function key_prefix()
+  return string.match(K_READY, "^(.-):{")
+end
+
+-- A workflow group's key, built by name: `<prefix>:grp:{<gid>}` (its own hash tag).
+local function group_key(gid)
+  return key_prefix() .. ":grp:{" .. gid .. "}"
+end
+
+-- Run fn() with the queue locals (K_READY .. K_PROGRESS, and K_REG for the registry) naming the
+-- keys of queue `queue`, built by name as job_state builds them, so the queue helpers (add_job,
+-- qkey ...) work on that queue; restored afterwards. For `then` messages and group callbacks,
+-- which may go to other queues than the script's own.
+local function in_queue(queue, fn)
+  local saved = {
+    K_READY, K_DELAYED, K_LEASED, K_JOBS, K_META, K_DEAD, K_SIGNAL, K_SEQ, K_REASON, K_PROGRESS,
+    K_REG,
+  }
+  local prefix = key_prefix()
+  local b = prefix .. ":{" .. queue .. "}:"
+  K_READY, K_DELAYED, K_LEASED = b .. "ready", b .. "delayed", b .. "leased"
+  K_JOBS, K_META, K_DEAD, K_SIGNAL = b .. "jobs", b .. "meta", b .. "dead", b .. "signal"
+  K_SEQ, K_REASON, K_PROGRESS = b .. "seq", b .. "reason", b .. "progress"
+  K_REG = prefix .. ":queues"
+  local out = fn()
+  K_READY, K_DELAYED, K_LEASED, K_JOBS, K_META = saved[1], saved[2], saved[3], saved[4], saved[5]
+  K_DEAD, K_SIGNAL, K_SEQ, K_REASON, K_PROGRESS = saved[6], saved[7], saved[8], saved[9], saved[10]
+  K_REG = saved[11]
+  return out
+end
+
+-- Check a workflow record "index or empty|bytes of gid|" .. gid .. closes, or "".
+local function check_wspec(w)
+  if w == nil then
+    error("worq: missing workflow record")
+  end
+  if w ~= "" then
+    local n, rest = string.match(w, "^%d*|(%d+)|(.*)$")
+    if n == nil or #rest < tonumber(n) then
+      error("worq: bad workflow record " .. w)
+    end
+  end
+end
+
+-- Check the 10 values of a message at ARGV[q]: queue, register (0|1), id, body, ready score,
+-- eta or "", clear record (0|1), unique spec, limits record, workflow record.
+local function check_message(q)
+  if ARGV[q] == nil or ARGV[q] == "" then
+    error("worq: missing message")
+  end
+  number_arg(ARGV[q + 4], "priority score")
+  if ARGV[q + 5] ~= "" then
+    number_arg(ARGV[q + 5], "eta")
+  end
+  check_specs(ARGV[q + 7], ARGV[q + 8])
+  check_wspec(ARGV[q + 9])
+end
+
+-- A job's workflow record (flag W, kept in `wf`) as {index (nil: not a member), group, closes
+-- ("": none)}.
+local function workflow_of(record)
+  local index, n, rest = string.match(record, "^(%d*)|(%d+)|(.*)$")
+  n = tonumber(n)
+  return {index = tonumber(index), group = string.sub(rest, 1, n), closes = string.sub(rest, n + 1)}
+end
+
+-- Enqueue message `m` (the 10 values check_message checks) into its own queue, as enqueue adds
+-- a job: 1 added, 0 id held, or the holder of its unique key.
+local function send(now, m)
+  local queue, id = m[1], m[3]
+  local added = in_queue(queue, function()
+    return add_job(now, queue, m[2] == "1", id, m[4], m[5], m[6], "0", m[8], m[9], m[10])
+  end)
+  if added == 1 and m[7] == "1" then
+    redis.call("DEL", key_prefix() .. ":res:{" .. id .. "}")
+  end
+  return added
+end
+
+-- The step that counted a group's last index: mark it complete, enqueue its callback unless a
+-- member failed and not run-on-failure, and let the state expire after its ttl.
+local function group_complete(now, gkey)
+  local g = redis.call(
+    "HMGET", gkey, "ttl", "rof", "nf", "cq", "cr", "ci", "cb", "cs", "ce", "cc", "cu", "cl", "cw"
+  )
+  local sent = g[6] and (not g[3] or g[2] == "1")
+  redis.call("HSET", gkey, "done", "1", "sent", sent and "1" or "0")
+  if sent then
+    send(now, {g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13]})
+  end
+  redis.call("PEXPIRE", gkey, g[1])
+end
+
+-- Count index `index` of group `gid` once, with status a (acknowledged), d (dead) or c
+-- (cancelled) and its output (nil: none). An unknown or released group: nothing.
+local function group_count(now, gid, index, status, output)
+  local gkey = group_key(gid)
+  local size = tonumber(redis.call("HGET", gkey, "size"))
+  if size == nil or index >= size then
+    return
+  end
+  local value = output and (status .. "=" .. output) or (status .. "-")
+  if redis.call("HSETNX", gkey, "i:" .. index, value) == 0 then
+    return -- counted before
+  end
+  if status ~= "a" then
+    redis.call("HINCRBY", gkey, "nf", 1)
+  end
+  if redis.call("HINCRBY", gkey, "n", 1) == size then
+    group_complete(now, gkey)
+  end
+end
+
+-- A job with a workflow record ended (acknowledged, dead, removed by cancel): count it in its
+-- group, then release the group it closes.
+local function workflow_end(now, record, status, output)
+  local w = workflow_of(record)
+  if w.index then
+    group_count(now, w.group, w.index, status, output)
+  end
+  if w.closes ~= "" then
+    redis.call("DEL", group_key(w.closes))
+  end
+end
+
+-- Check the workflow block of a settlement at ARGV[p]: output flag (0|1), output, count of
+-- `then` messages, then 10 values per message; returns where the next block starts.
+local function check_block(p)
+  local flag = ARGV[p]
+  if flag ~= "0" and flag ~= "1" then
+    error("worq: bad output flag " .. tostring(flag))
+  end
+  local c = number_arg(ARGV[p + 2], "then count")
+  for q = p + 3, p + 2 + 10 * c, 10 do
+    check_message(q)
+  end
+  return p + 3 + 10 * c
+end
+
+-- Check settlement values ARGV[first .. last] (8 per settlement) before any write. An outcome
+-- in capitals (A, R, D) has a workflow block (output, `then` messages), in order from ARGV[extras]
+-- on: returns their positions by settlement, or nil when there are none.
+local function check_settlements(first, last, extras)
+  local blocks = nil
   for i = first, last, 8 do
     local outcome = ARGV[i + 2]
     if outcome ~= "a" and outcome ~= "r" and outcome ~= "d" then
-      error("worq: bad outcome " .. tostring(outcome))
+      if (outcome ~= "A" and outcome ~= "R" and outcome ~= "D") or extras == nil then
+        error("worq: bad outcome " .. tostring(outcome))
+      end
+      blocks = blocks or {}
+      blocks[i] = extras
+      extras = check_block(extras)
     end
     number_arg(ARGV[i + 3], "delay")
     local k = number_arg(ARGV[i + 5], "key index")
@@ -453,6 +610,7 @@ local function check_settlements(first, last)
     end
     number_arg(ARGV[i + 6], "ttl")
   end
+  return blocks
 end
 
 -- Apply checked settlements ARGV[first .. last]: 1 per applied one, 0 per refused one.
@@ -460,16 +618,28 @@ end
 -- KEYS[k], KEYS[k+1], KEYS[k+2]: a job's result, waiting marker and wake-up list; the record is
 -- written whatever the outcome. A settled job's progress is done with, and so is a requested
 -- cancel unless the job is retried (its next delivery then carries the request).
-local function apply_settlements(now, first, last, max_count, max_age)
+-- `blocks` (from check_settlements): a settlement's workflow block; when it applies, a member's
+-- ack or dead counts in its group and releases the group it closes, and its `then` messages
+-- are enqueued, all in this step.
+local function apply_settlements(now, first, last, max_count, max_age, blocks)
   local out = {}
   local died = false
   for i = first, last, 8 do
     local id, outcome = ARGV[i], ARGV[i + 2]
+    local block = nil
+    if blocks then
+      block = blocks[i]
+      outcome = string.lower(outcome)
+    end
     local j = held(id, ARGV[i + 1], now)
     if j == nil then
       out[#out + 1] = 0
     else
       out[#out + 1] = 1
+      local wf = nil
+      if j.fl ~= "" and has(j, "W") and outcome ~= "r" then
+        wf = redis.call("HGET", qkey("wf"), id)
+      end
       redis.call("ZREM", K_LEASED, id)
       leave_lease(id, j)
       if outcome == "a" then
@@ -483,6 +653,11 @@ local function apply_settlements(now, first, last, max_count, max_age)
             unique_release(id, j)
           end
           j.fl = has(j, "L") and "L" or ""
+          if wf then
+            -- counted (and its group released) below, once and for all: a requeued dead job
+            -- changes nothing in a group, so it needs no workflow record any more
+            redis.call("HDEL", qkey("wf"), id)
+          end
         end
         redis.call("HSET", K_REASON, id, ARGV[i + 4])
         if outcome == "r" then
@@ -502,6 +677,18 @@ local function apply_settlements(now, first, last, max_count, max_age)
       local k = tonumber(ARGV[i + 5])
       if k ~= 0 then
         put_result(k, tonumber(ARGV[i + 6]), ARGV[i + 7])
+      end
+      if wf then
+        local output = nil
+        if block and ARGV[block] == "1" then
+          output = ARGV[block + 1]
+        end
+        workflow_end(now, wf, outcome, output)
+      end
+      if block then
+        for q = block + 3, block + 2 + 10 * tonumber(ARGV[block + 2]), 10 do
+          send(now, {unpack(ARGV, q, q + 9)})
+        end
       end
     end
   end
@@ -703,7 +890,8 @@ end
 ENQUEUE = r"""
 -- ARGV: clock, queue, register (0|1), n, then n x (id, body, ready score, eta or "",
 --   result key index or 0), then, only when some job is unique or limited, n x (unique spec,
---   limits record), "" for none (see add_job).
+--   limits record), "" for none (see add_job), or, when some job has a workflow record, n x
+--   (unique spec, limits record, workflow record).
 -- KEYS: the queue's keys and the id index, the queue registry, then the result key of each job
 -- whose old record it deletes when it adds the job (Message.clear_record).
 -- Per job: 1 if added; 0 when its id is already in the index (in any queue, in any state); the
@@ -717,8 +905,11 @@ ENQUEUE = r"""
 local queue, register = ARGV[2], ARGV[3] == "1"
 local n = number_arg(ARGV[4], "count")
 local specs = 0 -- where the unique specs and limits records start, when there are any
+local width = 2 -- specs per job: 3 with workflow records
 if #ARGV == 4 + 7 * n and n > 0 then
   specs = 5 + 5 * n
+elseif #ARGV == 4 + 8 * n and n > 0 then
+  specs, width = 5 + 5 * n, 3
 elseif #ARGV ~= 4 + 5 * n then
   error("worq: bad argument count")
 end
@@ -735,7 +926,10 @@ for i = 0, n - 1 do
     error("worq: missing result key")
   end
   if specs > 0 then
-    check_specs(ARGV[specs + 2 * i], ARGV[specs + 2 * i + 1])
+    check_specs(ARGV[specs + width * i], ARGV[specs + width * i + 1])
+    if width == 3 then
+      check_wspec(ARGV[specs + 3 * i + 2])
+    end
   end
 end
 local now = 0 -- the clock is read only when some job has an eta
@@ -748,13 +942,16 @@ if n == 1 or specs > 0 then
   local out = {}
   for i = 0, n - 1 do
     local b = 5 + i * 5
-    local uspec, lspec = "", ""
+    local uspec, lspec, wspec = "", "", nil
     if specs > 0 then
-      uspec, lspec = ARGV[specs + 2 * i], ARGV[specs + 2 * i + 1]
+      uspec, lspec = ARGV[specs + width * i], ARGV[specs + width * i + 1]
+      if width == 3 then
+        wspec = ARGV[specs + 3 * i + 2]
+      end
     end
     out[i + 1] = add_job(
       now, queue, register, ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4],
-      uspec, lspec
+      uspec, lspec, wspec
     )
     if out[i + 1] == 1 then
       register = false
@@ -885,17 +1082,26 @@ SETTLE = r"""
 -- ARGV: clock, dead max count, dead max age, then per settlement 8 values:
 --   id, token, outcome (a|r|d), delay, reason, result key index (0: none), ttl ms, record
 -- KEYS[k], KEYS[k+1], KEYS[k+2]: a job's result, waiting marker and wake-up list.
+-- With workflow blocks (outcomes in capitals), they follow the settlements, and the last value
+-- is where they start (padded so that the count of values after the first three is no multiple
+-- of 8): a plain call sends exactly what it always sent.
 local now = clock(ARGV[1])
 local max_count = number_arg(ARGV[2], "dead max count")
 local max_age = number_arg(ARGV[3], "dead max age")
-check_settlements(4, #ARGV)
-return apply_settlements(now, 4, #ARGV, max_count, max_age)
+local last, extras = #ARGV, nil
+if (#ARGV - 3) % 8 ~= 0 then
+  extras = number_arg(ARGV[#ARGV], "workflow blocks")
+  last = extras - 1
+end
+local blocks = check_settlements(4, last, extras)
+return apply_settlements(now, 4, last, max_count, max_age, blocks)
 """
 
 SETTLE_FETCH = r"""
 -- A worker's steady state in one call: settle, then fetch from the same queue.
 -- ARGV: clock, dead max count, dead max age, n, then n settlements of 8 values (as in settle),
---   then limit, lease seconds, reap limit, promote limit (as in fetch).
+--   then limit, lease seconds, reap limit, promote limit (as in fetch), then the settlements'
+--   workflow blocks, if any (as in settle).
 -- Returns {settle flags, fetch reply}. Everything is checked before the first write.
 local now = clock(ARGV[1])
 local max_count = number_arg(ARGV[2], "dead max count")
@@ -905,8 +1111,8 @@ local limit = number_arg(ARGV[last + 1], "limit")
 local lease = number_arg(ARGV[last + 2], "lease")
 local reap_limit = number_arg(ARGV[last + 3], "reap limit")
 local promote_limit = number_arg(ARGV[last + 4], "promote limit")
-check_settlements(5, last)
-local flags = apply_settlements(now, 5, last, max_count, max_age)
+local blocks = check_settlements(5, last, #ARGV > last + 4 and last + 5 or nil)
+local flags = apply_settlements(now, 5, last, max_count, max_age, blocks)
 return {flags, fetch(now, limit, lease, reap_limit, promote_limit)}
 """
 
@@ -996,11 +1202,65 @@ elseif j.st == "w" then
 else
   redis.call("ZREM", K_DELAYED, id) -- scheduled, retrying, or waiting for its rate slot
 end
+local wf = nil
+if j.fl ~= "" and has(j, "W") then
+  wf = redis.call("HGET", qkey("wf"), id)
+end
 forget(id, j)
 if #KEYS > 11 then
   put_result(12, ttl, ARGV[5])
 end
+if wf then
+  workflow_end(now, wf, "c", nil) -- a removed member counts as failed; its closes releases
+end
 return "r"
+"""
+
+OPEN_GROUP = r"""
+-- KEYS: the keys of the first member's queue (any queue's will do: every message goes to its
+-- own queue, whose keys are built by name) and the id index, the queue registry, the group's key
+-- `<prefix>:grp:{<gid>}`.
+-- ARGV: clock, size, ttl ms, run on failure (0|1), has callback (0|1), the callback's 10 message
+-- values (see check_message; empty when none), then n, then the members, 10 values each.
+-- false when the group is already recorded (nothing changes); else the group is recorded (its
+-- size, ttl, run-on-failure, and the callback to send) and each member added as enqueue adds a
+-- job: per member 1 added, 0 id held, or its unique key's holder. A group of size 0 is complete
+-- at once (its callback is sent, its ttl starts).
+local gkey = KEYS[13]
+local size = number_arg(ARGV[2], "size")
+local ttl = number_arg(ARGV[3], "ttl")
+local cb = ARGV[5] == "1"
+if cb then
+  check_message(6)
+end
+local n = number_arg(ARGV[16], "count")
+if #ARGV ~= 16 + 10 * n then
+  error("worq: bad argument count")
+end
+for q = 17, 16 + 10 * n, 10 do
+  check_message(q)
+end
+if redis.call("EXISTS", gkey) == 1 then
+  return false
+end
+local now = clock(ARGV[1])
+local fields = {"size", ARGV[2], "ttl", string.format("%d", math.max(1, ttl)), "rof", ARGV[4]}
+if cb then
+  local names = {"cq", "cr", "ci", "cb", "cs", "ce", "cc", "cu", "cl", "cw"}
+  for k = 1, 10 do
+    fields[#fields + 1] = names[k]
+    fields[#fields + 1] = ARGV[5 + k]
+  end
+end
+redis.call("HSET", gkey, unpack(fields))
+local out = {}
+for q = 17, 16 + 10 * n, 10 do
+  out[#out + 1] = send(now, {unpack(ARGV, q, q + 9)})
+end
+if size == 0 then
+  group_complete(now, gkey)
+end
+return out
 """
 
 STATS = r"""
@@ -1197,6 +1457,7 @@ QUEUE_SCRIPTS: Final = {
     "requeue_dead": REQUEUE_DEAD,
     "purge_dead": PURGE_DEAD,
     "fire_schedule": FIRE_SCHEDULE,
+    "open_group": OPEN_GROUP,
 }
 """Scripts that take the ten keys of one queue and the id index (``enqueue``, ``settle``,
 ``settle_fetch`` and ``cancel`` may add result keys after them; ``enqueue`` and
