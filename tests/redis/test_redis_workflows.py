@@ -83,8 +83,8 @@ def broker(backend: Backend) -> Iterator[RedisBroker]:
 def test_thousands_of_chords_leave_only_the_idle_keys(
     backend: Backend, broker: RedisBroker
 ) -> None:
-    """2,000 chords (300 on fakeredis): members acked, callbacks (in another queue) close them."""
-    count = 2000 if backend.kind == "redis" else 300
+    """10,000 chords (300 on fakeredis): members acked, callbacks (in another queue) close them."""
+    count = 10_000 if backend.kind == "redis" else 300
     for n in range(count):
         gid = f"g{n}"
         callback = msg("sums", f"cb{n}", closes=gid)

@@ -1,0 +1,94 @@
+"""Workflows across real `worq worker` processes on real Redis, with workers SIGKILLed.
+
+A chord's callback runs exactly once with every result however often workers die, and a chain
+goes on when its worker is killed right after each step settled (the moment between a step's
+acknowledgement and its next step's start).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+from redis_support import Runtime, children, stop
+
+from worq_core import chain, chord
+
+
+@pytest.fixture
+def runtime(real_redis_url: str) -> Iterator[Runtime]:
+    rt = Runtime(real_redis_url, module="workflow_app")
+    yield rt
+    rt.cleanup()
+
+
+@pytest.mark.timeout(180)
+def test_a_chords_callback_runs_once_with_every_result_while_workers_are_killed(
+    runtime: Runtime,
+) -> None:
+    size = 1000
+    app = runtime.app()
+    flow = chord(
+        (app.tasks["member"].s(i) for i in range(size)), app.tasks["collect"].s()
+    ).enqueue()
+    supervisor = runtime.worker(
+        "--processes", "3", "--concurrency", "4", "--queues", "wf", "--lease", "2"
+    )
+    kills = 0
+    deadline = time.monotonic() + 120
+    while not runtime.ledger("callback"):
+        assert time.monotonic() < deadline, "the callback never ran"
+        assert supervisor.poll() is None, supervisor.communicate()[1][-3000:]
+        time.sleep(0.5)  # one SIGKILL every half second, whatever the workers are doing
+        workers = children(supervisor.pid)
+        if workers and not runtime.ledger("callback"):
+            os.kill(workers[kills % len(workers)], signal.SIGKILL)
+            kills += 1
+    assert flow.result(timeout=30) == size
+    time.sleep(3.0)  # a duplicate callback would have its lease run out and run by now
+    log = stop(supervisor)
+    assert supervisor.returncode == 0, log[-3000:]
+    callbacks = runtime.ledger("callback")
+    assert len(callbacks) == 1, "the callback ran exactly once"
+    assert json.loads(callbacks[0]) == list(range(size)), "with every result, in order"
+    runs = [int(n) for n in runtime.ledger("member")]
+    assert set(runs) == set(range(size))
+    assert app.broker.group_state(flow.id) is None, "the callback released the group"
+    print(
+        f"\nchord: {size} members, {kills} SIGKILLs, {len(runs) - size} member re-runs, 1 callback"
+    )
+    assert kills >= 1
+
+
+@pytest.mark.timeout(400)
+def test_a_chain_goes_on_when_its_worker_is_killed_in_every_step(runtime: Runtime) -> None:
+    steps = 50
+    app = runtime.app()
+    step = app.tasks["step"]
+    flow = chain(step.s(0), *[step.s() for _ in range(steps - 1)]).enqueue()
+    deadline = time.monotonic() + 300
+    running = runtime.worker("--queues", "wf", "--lease", "1")
+    for n in range(steps):
+        # Step n has started in `running` (it waits for the test). A second worker is started,
+        # `running` is SIGKILLed, and step n may finish: its lease runs out, the second worker
+        # runs it again, and that run's ack sends step n + 1 in the same broker step.
+        while str(n).encode() not in runtime.ledger("step"):
+            assert time.monotonic() < deadline, f"step {n} never started"
+            assert running.poll() is None, running.communicate()[1][-3000:]
+            time.sleep(0.01)
+        standby = runtime.worker("--queues", "wf", "--lease", "1")
+        os.kill(running.pid, signal.SIGKILL)
+        running.communicate(timeout=10)
+        runtime.client.set(f"{runtime.log}:go:{n}", 1)
+        running = standby
+    assert flow.result(timeout=60) == steps
+    log = stop(running)
+    assert running.returncode == 0, log[-3000:]
+    ran = [int(n) for n in runtime.ledger("step")]
+    assert sorted(set(ran)) == list(range(steps)), "no step was skipped"
+    assert all(ran.count(n) == 2 for n in range(steps)), "each step: the killed run, then one"
+    print(f"\nchain: {steps} steps, {steps} SIGKILLs, every step run twice, result {steps}")
