@@ -259,3 +259,113 @@ def test_a_broker_without_workflows_refuses_them(tasks: dict[str, Any]) -> None:
     with pytest.raises(UnsupportedError):
         chain(step.s(1), step.s()).enqueue()
     app.close()
+
+
+def test_a_failure_inside_a_member_chain_fails_the_group(app: Worq, tasks: dict[str, Any]) -> None:
+    add, explode, double = tasks["add"], tasks["explode"], tasks["double"]
+    flow = group(chain(explode.s(1), double.s()), chain(add.s(1, 1), double.s())).enqueue()
+    drain(app)
+    with pytest.raises(JobFailed, match="no 1"):
+        flow.result(timeout=5)
+    assert flow.status().status is JobStatus.DEAD
+
+
+def test_a_strict_chord_with_a_failed_member_chain_fails_and_lets_go(
+    app: Worq, tasks: dict[str, Any]
+) -> None:
+    add, explode, double, total = tasks["add"], tasks["explode"], tasks["double"], tasks["total"]
+    flow = chord([chain(explode.s(1), double.s()), add.s(1, 2)], total.s()).enqueue()
+    drain(app)
+    assert "total" not in [name for name, _ in tasks["calls"]]
+    with pytest.raises(JobFailed):
+        flow.result(timeout=5)
+    assert app.broker.group_state(flow.id) is None, "the dead callback released the group"
+
+
+def test_a_lenient_chord_sees_a_failed_member_chain_in_its_place(
+    app: Worq, tasks: dict[str, Any]
+) -> None:
+    explode, double, listing = tasks["explode"], tasks["double"], tasks["listing"]
+    flow = chord(
+        [chain(explode.s(1), double.s()), double.s(3)], listing.s(), run_on_failure=True
+    ).enqueue()
+    drain(app)
+    assert flow.result(timeout=5) == ["JobFailed", "int"]
+
+
+def test_a_step_that_dies_later_ends_the_wait_for_a_group_after_it(
+    app: Worq, tasks: dict[str, Any]
+) -> None:
+    explode, double = tasks["explode"], tasks["double"]
+    flow = chain(explode.s(1), group(double.s(), double.s())).enqueue()
+    waiter = threading.Thread(target=drain, args=(app,))
+    waiter.start()
+    with pytest.raises(JobFailed, match="no 1"):
+        flow.result(timeout=10)
+    waiter.join(10)
+
+
+def test_cancelling_while_a_step_runs_stops_the_steps_after_it(app: Worq) -> None:
+    from worq_core.testing.support import running
+
+    started, release = threading.Event(), threading.Event()
+    ran: list[int] = []
+
+    @app.task
+    def slow(x: int) -> int:
+        started.set()
+        release.wait(5)
+        return x
+
+    @app.task
+    def after(x: int) -> int:
+        ran.append(x)
+        return x
+
+    settings = WorkerSettings(concurrency=2, handle_signals=False, scheduler=False)
+    with running(app.worker(settings=settings)):
+        flow = chain(slow.s(1), after.s(), after.s()).enqueue()
+        assert started.wait(5)
+        flow.cancel()
+        release.set()  # it finishes before it hears of the cancel, and sends the next step
+        with pytest.raises(JobCancelled):
+            flow.result(timeout=10)
+    assert ran == [], "the step it sent ended cancelled, and sent nothing"
+
+
+def test_an_empty_group_cannot_follow_a_step(app: Worq, tasks: dict[str, Any]) -> None:
+    double, total = tasks["double"], tasks["total"]
+    with pytest.raises(TaskError):
+        chain(double.s(1), group(), total.s()).enqueue()
+
+
+def test_a_chain_with_a_fixed_job_id_runs_afresh(app: Worq, tasks: dict[str, Any]) -> None:
+    add, double = tasks["add"], tasks["double"]
+    first = chain(add.s(1, 1), double.options(job_id="report").s()).enqueue()
+    drain(app)
+    assert first.result(timeout=5) == 4
+    again = chain(add.s(2, 2), double.options(job_id="report").s()).enqueue()
+    drain(app)
+    assert again.result(timeout=5) == 8
+
+
+def test_a_chord_callback_that_cannot_reach_the_broker_runs_later(
+    app: Worq, tasks: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worq_core import BrokerConnectionError
+
+    double, total = tasks["double"], tasks["total"]
+    flow = chord([double.s(1), double.s(2)], total.s()).enqueue()
+    real = app.broker.group_state
+    failures = [1]
+
+    def flaky(group_id: str) -> Any:
+        if failures:
+            failures.pop()
+            raise BrokerConnectionError("memory", "down for a moment")
+        return real(group_id)
+
+    monkeypatch.setattr(app.broker, "group_state", flaky)
+    settings = WorkerSettings(concurrency=2, lease=0.5, handle_signals=False, scheduler=False)
+    app.worker(settings=settings).run(burst=True)
+    assert flow.result(timeout=5) == 6

@@ -34,8 +34,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from worq_core.errors import JobCancelled, TaskError, UnsupportedError, WorqError
-from worq_core.job import Envelope, Job, decode_record
+from worq_core.errors import (
+    JobCancelled,
+    PayloadTooLarge,
+    ResultTimeout,
+    TaskError,
+    UnsupportedError,
+    WorqError,
+)
+from worq_core.job import Envelope, Job, decode_record, encode_cancelled
 from worq_core.models import (
     Capability,
     GroupMember,
@@ -275,27 +282,32 @@ class Workflow:
 
         Raises the failing step's :class:`~worq_core.JobFailed` when a step ended dead.
         """
-        jobs = self._jobs(self._shape.last())
-        if self._shape.kind == "group" and self._shape.callback is None:
-            return [job.result(timeout) for job in jobs]
         deadline = None if timeout is None else time.monotonic() + timeout
         self._raise_failed()
         last = self._shape.steps()[-1]
         if last.kind == "group":
-            return [job.result(_left(deadline)) for job in self._jobs(_members(last))]
-        return self._wait_last(jobs[0], deadline)
+            return [self._wait_member(part, deadline, timeout) for part in last.parts]
+        return self._wait_member(last, deadline, timeout)
 
-    def _wait_last(self, job: Job[Any], deadline: float | None) -> Any:
-        # The last step may never be sent (an earlier one died): wait in short rounds, and
-        # give up with the earlier step's error as soon as one has failed.
+    def _wait_member(self, shape: _Shape, deadline: float | None, timeout: float | None) -> Any:
+        """The result of ``shape``'s last job, which may never be sent (an earlier one died).
+
+        Waits in short rounds, and gives up with the error of an earlier step of the workflow,
+        or of ``shape`` itself (a member chain), as soon as one has failed.
+        """
+        job: Job[Any] = Job(self.app, shape.last()[-1])
+        earlier = self._jobs([i for i in shape.ids() if i != job.id])
         while True:
             left = _left(deadline)
             try:
                 return job.result(0.5 if left is None else min(0.5, left))
             except TimeoutError:
                 self._raise_failed()
+                for step in earlier:
+                    if step.status() in (JobStatus.DEAD, JobStatus.CANCELLED):
+                        step.result(0)  # raises its error
                 if left is not None and left <= 0.5:
-                    raise
+                    raise ResultTimeout(job.id, timeout) from None
 
     def _raise_failed(self) -> None:
         """Raise the error of an earlier step that failed: it stopped the workflow."""
@@ -308,10 +320,11 @@ class Workflow:
         """A group's members' results in order, a failed member's error in its place."""
         if self._shape.kind != "group":
             raise TaskError("results() is for a group; use result()")
+        deadline = None if timeout is None else time.monotonic() + timeout
         out: list[Any] = []
-        for job in self._jobs(_members(self._shape)):
+        for part in self._shape.parts:
             try:
-                out.append(job.result(timeout))
+                out.append(self._wait_member(part, deadline, timeout))
             except (TimeoutError, TaskError):
                 raise
             except Exception as exc:  # noqa: BLE001 - JobFailed / JobCancelled, kept in place
@@ -326,6 +339,10 @@ class Workflow:
             states = [job.status() for job in self._jobs(ids)]
             name = shape.name
             failed = {JobStatus.DEAD, JobStatus.CANCELLED}
+            if shape.kind == "group" and not shape.lenient:
+                # A member chain that failed early never reaches the last step counted above.
+                inner = [i for part in shape.parts for i in part.ids() if i not in ids]
+                states += [s for s in (job.status() for job in self._jobs(inner)) if s in failed]
             if shape.lenient:
                 states = [JobStatus.SUCCEEDED if s in failed else s for s in states]
             if any(s in failed for s in states):
@@ -339,8 +356,21 @@ class Workflow:
         return WorkflowStatus(JobStatus.SUCCEEDED, len(steps) - 1, steps[-1].name)
 
     def cancel(self) -> int:
-        """Cancel every job of the workflow that has not run; returns how many were reached."""
-        return sum(1 for job in self._jobs(self.job_ids) if job.cancel())
+        """Cancel the workflow; returns how many of its jobs were reached.
+
+        What waits is removed, what runs is asked to stop, and the steps not sent yet are
+        marked cancelled, so they end cancelled when an earlier step that was already running
+        sends them.
+        """
+        reached = 0
+        storage, serializer = self.app.storage, self.app.serializer
+        for job in self._jobs(self.job_ids):
+            if job.cancel():
+                reached += 1
+            elif storage.load(job.id) is None:
+                storage.save({job.id: encode_cancelled(serializer)}, self.app.result_ttl)
+                reached += 1
+        return reached
 
 
 def _members(shape: _Shape) -> list[str]:
@@ -369,6 +399,7 @@ class _Plan:
         pass_result: bool,
         member: GroupMember | None,
         after: list[dict[str, Any]],
+        owner: GroupMember | None = None,
     ) -> tuple[dict[str, Any], _Shape]:
         bound = node.bound
         spec = bound._step_spec(list(node.args), dict(node.kwargs), pass_result=pass_result)
@@ -377,6 +408,9 @@ class _Plan:
             links["next"] = after
         if member is not None:
             links["member"] = [member.group, member.index]
+        if owner is not None:
+            # An earlier step of a group member's chain: should it fail, the member fails.
+            links["owner"] = [owner.group, owner.index]
         spec["w"] = links
         return spec, _Shape("task", spec["id"], node.name)
 
@@ -387,30 +421,36 @@ class _Plan:
         pass_result: bool,
         member: GroupMember | None,
         after: list[dict[str, Any]],
+        owner: GroupMember | None = None,
     ) -> tuple[list[dict[str, Any]], _Shape]:
         """The specs that start ``node`` (sent together), and its shape.
 
         ``after`` is what runs when the node finished: a list of specs (for a group, at most
-        one: its callback).
+        one: its callback). ``member`` is the group place the node's end counts in; ``owner``
+        the place of the member chain the node is an earlier part of.
         """
         if isinstance(node, Signature):
-            spec, shape = self.step(node, pass_result=pass_result, member=member, after=after)
+            spec, shape = self.step(
+                node, pass_result=pass_result, member=member, after=after, owner=owner
+            )
             return [spec], shape
         if isinstance(node, Chain):
             entries, shapes = after, []
             steps = node.steps
             for position in range(len(steps) - 1, -1, -1):
+                last = position == len(steps) - 1
                 entries, shape = self.compile(
                     steps[position],
                     pass_result=pass_result if position == 0 else True,
-                    member=member if position == len(steps) - 1 else None,
+                    member=member if last else None,
                     after=entries,
+                    owner=owner if last else (member or owner),
                 )
                 shapes.append(shape)
             return entries, _Shape("chain", parts=tuple(reversed(shapes)))
         if isinstance(node, Chord):
-            return self.group(node.header, pass_result, member, after, node.callback, node)
-        return self.group(node, pass_result, member, after, None, None)
+            return self.group(node.header, pass_result, member, after, node.callback, node, owner)
+        return self.group(node, pass_result, member, after, None, None, owner)
 
     def group(
         self,
@@ -420,13 +460,16 @@ class _Plan:
         after: list[dict[str, Any]],
         callback: Node | None,
         chord_: Chord | None,
+        owner: GroupMember | None = None,
     ) -> tuple[list[dict[str, Any]], _Shape]:
+        if not node.members and pass_result:
+            raise TaskError("an empty group cannot follow a step: it would finish before it")
         gid = _new_id()
         callback_shape: _Shape | None = None
         tail = after
         if callback is not None:
             tail, callback_shape = self.compile(
-                callback, pass_result=True, member=member, after=after
+                callback, pass_result=True, member=member, after=after, owner=owner
             )
         elif member is not None:
             raise TaskError(
@@ -454,7 +497,10 @@ class _Plan:
                 gid,
                 len(node.members),
                 callback_message,
-                run_on_failure=chord_.run_on_failure if chord_ is not None else False,
+                # The callback is always sent: a strict chord's callback, finding a failed
+                # member, ends dead in the worker (chord_arguments) and so releases the
+                # group and fails whatever it is a member of, instead of leaving them waiting.
+                run_on_failure=True,
                 # A callback's outputs stay until the callback releases them (closes); the TTL
                 # only bounds a state whose callback never settles. A plain group's outputs
                 # are read by nobody (its handle reads the members' records).
@@ -469,8 +515,15 @@ class _Plan:
         return entries, shape
 
     def message(self, spec: dict[str, Any], *, closes: str | None = None) -> Message:
-        """The message of a step spec sent as it stands (its arguments complete)."""
-        return build_message(self.app, spec, None, prepend=False, closes=closes)
+        """The message of a step spec sent as it stands (its arguments complete).
+
+        Checked against the app's ``max_payload`` here, where the producer can be told; the
+        steps sent later carry their predecessor's result and are not checked again.
+        """
+        message = build_message(self.app, spec, None, prepend=False, closes=closes)
+        if len(message.body) > self.app.max_payload:
+            raise PayloadTooLarge(self.app.serializer.name, len(message.body), self.app.max_payload)
+        return message
 
 
 def build_message(
@@ -508,6 +561,7 @@ def build_message(
         spec.get("p", 0),
         member=GroupMember(member[0], member[1]) if member else None,
         closes=closes if closes is not None else spec.get("closes"),
+        clear_record=bool(spec.get("fixed")),
     )
 
 
@@ -530,10 +584,38 @@ def links(
     then: tuple[Message, ...] = ()
     if succeeded and workflow.get("next"):
         then = tuple(build_message(app, spec, value, prepend=True) for spec in workflow["next"])
+    elif workflow.get("owner") and not succeeded and settlement.outcome is not Outcome.RETRY:
+        # The chain this step is part of will not reach its last step, which is the one its
+        # group counts: send that place a marker that ends dead, counting the member failed.
+        then = (failed_marker(app, envelope, settlement),)
     output = record if workflow.get("member") and settlement.outcome is not Outcome.RETRY else None
     if not then and output is None:
         return settlement
     return dataclasses.replace(settlement, then=then, output=output)
+
+
+FAILED_MARKER_TASK = "worq.workflow.member_failed"
+"""The task name of the marker a failed step of a member chain sends; a worker dead-letters
+it at once (any worker: one without this code would, as an unknown task), so its group counts
+the member failed."""
+
+
+def failed_marker(app: Worq, envelope: Envelope, settlement: Settlement) -> Message:
+    """The marker that fails the group place a member chain's failed step was working for."""
+    group_id, index = envelope.workflow["owner"]
+    marker_id = _new_id()
+    why = settlement.reason or "cancelled"
+    body = Envelope(
+        marker_id,
+        FAILED_MARKER_TASK,
+        [f"step {envelope.id} ({envelope.task}) of the member chain failed: {why}"],
+        {},
+        time.time(),
+        {},
+        {},
+        {"member": [group_id, index]},
+    ).encode(app.serializer)
+    return Message(marker_id, settlement.delivery.queue, body, member=GroupMember(group_id, index))
 
 
 def chord_arguments(app: Worq, envelope: Envelope) -> Envelope:

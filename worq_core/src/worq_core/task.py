@@ -369,6 +369,8 @@ class BoundTask(Generic[P, R]):
             "p": task.config.priority if send.priority is None else send.priority,
             "pass": pass_result,
         }
+        if send.job_id:
+            spec["fixed"] = True  # a caller's id: an earlier run's record is cleared on enqueue
         headers = self._headers(job_id, queue, args, kwargs)
         if headers:
             spec["h"] = dict(headers)
