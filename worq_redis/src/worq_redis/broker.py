@@ -376,8 +376,9 @@ class RedisBroker(Broker):
         """One script: the compare-and-set on ``<prefix>:schedules`` and the job's enqueue.
 
         The record is the ``repr`` of the tick, compared as text (so exactly). With a message,
-        the script runs on that queue's keys (plus the schedules hash) and adds the job as
-        ``enqueue`` does; without one it is a script on the hash alone.
+        the script runs on that queue's keys (plus the schedules hash) and sends the job as a
+        workflow's messages are sent (the same ten values, added as ``enqueue`` adds a job);
+        without one it is a script on the hash alone.
         """
         tick_arg = repr(float(tick))
         last_arg = "" if last is None else repr(float(last))
@@ -388,26 +389,13 @@ class RedisBroker(Broker):
                 return bool(self._lane.script(_SCHEDULE_CAS, (1, self._schedules), values))
             m, queue = message, message.queue
             keys = [*self._queue_keys(queue), self._registry, self._schedules]
-            clear = 0
-            if m.clear_record:
-                keys.append(result_keys(self.prefix, m.id)[0])
-                clear = len(keys)
-            uspec, lspec = _specs(m) or (b"", b"")
-            args: list[Arg] = [
+            args = (
                 clock,
-                queue,
-                0 if queue in self._known else 1,
                 schedule,
                 tick_arg,
                 last_arg,
-                m.id,
-                m.body,
-                str(-m.priority),
-                "" if m.eta is None else repr(float(m.eta)),
-                clear,
-                uspec,
-                lspec,
-            ]
+                *_message_values(m, queue not in self._known),
+            )
             applied, added = self._lane.script(_FIRE_SCHEDULE, (len(keys), *keys), args)
         if added == 1 and queue not in self._known:
             with self._lock:

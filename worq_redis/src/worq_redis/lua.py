@@ -4,7 +4,8 @@ Every queue script is atomic and takes the keys it touches in ``KEYS``: the ten 
 queue, in the order of :data:`QUEUE_KEY_SUFFIXES`, then the prefix's job-id index (``KEYS[11]``,
 shared by every queue, see :func:`worq_redis.connection.ids_key`), then per-job result keys where
 it writes or deletes records (``enqueue`` and ``fire_schedule`` put the queue registry at
-``KEYS[12]`` first, and ``fire_schedule`` the schedules hash at ``KEYS[13]``). The keys of
+``KEYS[12]`` first, and ``fire_schedule`` the schedules hash at ``KEYS[13]``, sending its job
+as workflow messages are sent, by name). The keys of
 unique jobs and limits (:data:`DERIVED_KEY_SUFFIXES` and the per-key ``u:``, ``r:``, ``c:``,
 ``w:`` keys) are built by name from the queue's base, the name of ``KEYS[1]`` without
 ``ready`` (``qkey()``): their number depends on the jobs, and they share the queue's hash tag,
@@ -1379,36 +1380,24 @@ return out
 """
 
 FIRE_SCHEDULE = r"""
--- KEYS: the queue's keys and the id index, the queue registry, the schedules hash, then the
--- result key the job's clear_record deletes, if any.
--- ARGV: clock, queue, register (0|1), schedule, tick, last fire ("": no record yet), then the
--- job: id, body, ready score, eta or "", result key index or 0, unique spec, limits record.
+-- KEYS: the keys of the job's queue and the id index, the queue registry, the schedules hash.
+-- ARGV: clock, schedule, tick, last fire ("": no record yet), then the job's 10 message values
+-- (see check_message).
 -- A compare-and-set on the schedule's record (text, repr of a float, compared exactly): {0, 0}
--- when it is not `last`; else it becomes `tick` and the job is added as enqueue adds it (a held
+-- when it is not `last`; else it becomes `tick` and the job is sent as enqueue adds it (a held
 -- id or unique key adds nothing, and the tick still counts): {1, enqueue's answer}.
-local queue, register = ARGV[2], ARGV[3] == "1"
-local schedule, tick, last = ARGV[4], ARGV[5], ARGV[6]
+local schedule, tick, last = ARGV[2], ARGV[3], ARGV[4]
 number_arg(tick, "tick")
-number_arg(ARGV[9], "priority score")
-local eta = ARGV[10]
-local now = 0
-if eta ~= "" then
-  number_arg(eta, "eta")
-  now = clock(ARGV[1])
-end
-local k = number_arg(ARGV[11], "key index")
-if k ~= 0 and KEYS[k] == nil then
-  error("worq: missing result key")
-end
-check_specs(ARGV[12], ARGV[13])
+check_message(5)
 if (redis.call("HGET", KEYS[13], schedule) or "") ~= last then
   return {0, 0}
 end
 redis.call("HSET", KEYS[13], schedule, tick)
-return {
-  1,
-  add_job(now, queue, register, ARGV[7], ARGV[8], ARGV[9], eta, ARGV[11], ARGV[12], ARGV[13]),
-}
+local now = 0 -- the clock is read only when the job has an eta, as enqueue reads it
+if ARGV[10] ~= "" then
+  now = clock(ARGV[1])
+end
+return {1, send(now, {unpack(ARGV, 5, 14)})}
 """
 
 SCHEDULE_CAS = r"""
