@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from redis_support import BACKENDS, URL, Backend, delete_prefix, new_prefix
+from redis_support import BACKENDS, URL, Backend, Runtime, delete_prefix, new_prefix
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +59,15 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
 def real_backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     """Real Redis only (Lua timing, blocking and persistence behaviour that fakes cannot show)."""
     yield from make_backend("redis", request)
+
+
+@pytest.fixture
+def runtime(real_redis_url: str, request: pytest.FixtureRequest) -> Iterator[Runtime]:
+    """Real `worq worker` processes of the app the test module names in ``RUNTIME_APP``.
+
+    A module without it runs ``runtime_app``; the processes are stopped and the keys deleted
+    afterwards.
+    """
+    rt = Runtime(real_redis_url, module=getattr(request.module, "RUNTIME_APP", "runtime_app"))
+    yield rt
+    rt.cleanup()

@@ -199,6 +199,21 @@ class RedisServer:
         self.process = None
 
 
+IDLE_SUFFIXES = {"queues", "seq", "signal"}
+"""Key suffixes a drained queue may keep: the registry, the sequence counter, a wake-up."""
+
+
+def queue_base(backend: Backend, queue: str) -> str:
+    """The common start of the names of ``queue``'s keys under the backend's prefix."""
+    return f"{backend.prefix}:{{{queue}}}:"
+
+
+def leftovers(backend: Backend) -> set[str]:
+    """Keys of the backend's prefix other than the ones an idle queue keeps."""
+    names = backend.keys()
+    return {k for k in names if k.rsplit(":", 1)[-1] not in IDLE_SUFFIXES}
+
+
 class Clock:
     """A hand-driven clock for the scripts' time override."""
 

@@ -10,7 +10,6 @@ import functools
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,6 @@ from redis_support import RedisServer, Runtime, children, stop
 from worq_core import JobFailed, JobStatus, Worq
 
 HERE = Path(__file__).parent
-
-
-@pytest.fixture
-def runtime(real_redis_url: str) -> Iterator[Runtime]:
-    rt = Runtime(real_redis_url)
-    yield rt
-    rt.cleanup()
 
 
 @pytest.mark.timeout(180)

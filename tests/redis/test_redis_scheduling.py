@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import redis
-from redis_support import Backend, Clock, counting_client, keyslot
+from redis_support import Backend, Clock, counting_client, keyslot, leftovers, queue_base
 
 from worq_core.models import (
     CancelOutcome,
@@ -35,22 +35,9 @@ from worq_core.models import (
 from worq_redis import RedisBroker, RedisSettings, lua
 from worq_redis.connection import ids_key, schedules_key
 
-LIVE = {"queues", "seq", "signal"}
-"""Key suffixes a drained queue may keep: the registry, the sequence counter, a wake-up."""
-
 
 def msg(queue: str, job_id: str, **kwargs: Any) -> Message:
     return Message(job_id, queue, b"body", **kwargs)
-
-
-def base(backend: Backend, queue: str) -> str:
-    return f"{backend.prefix}:{{{queue}}}:"
-
-
-def leftovers(backend: Backend) -> set[str]:
-    """Keys of the prefix other than the ones an idle queue keeps."""
-    names = backend.keys()
-    return {k for k in names if k.rsplit(":", 1)[-1] not in LIVE}
 
 
 def ack_all(broker: RedisBroker, deliveries: list[Delivery]) -> None:
@@ -77,7 +64,7 @@ def broker(backend: Backend) -> Iterator[RedisBroker]:
 def test_unique_keys_are_gone_once_released_and_held_ones_name_their_holder(
     backend: Backend, broker: RedisBroker
 ) -> None:
-    b = base(backend, "u")
+    b = queue_base(backend, "u")
     done, started = UniqueKey("done"), UniqueKey("started", UniqueUntil.STARTED)
     assert broker.enqueue_unique([msg("u", "d1", unique=done), msg("u", "s1", unique=started)]) == [
         None,
@@ -100,7 +87,7 @@ def test_a_released_key_with_hold_for_expires_by_itself(
     key = UniqueKey("k", hold_for=0.3)
     broker.enqueue_unique([msg("h", "h1", unique=key)])
     ack_all(broker, broker.fetch(["h"], 1, lease=30, wait=0))
-    k = base(backend, "h") + "u:k"
+    k = queue_base(backend, "h") + "u:k"
     assert backend.client.get(k) == b"h1"
     assert 0 < backend.client.pttl(k) <= 300
     assert broker.enqueue_unique([msg("h", "h2", unique=key)]) == ["h1"]
@@ -116,7 +103,7 @@ def test_rate_keys_expire_once_their_tat_falls_behind_and_permit_keys_empty(
     permits = ConcurrencyLimit("db", 2)
     sent = [msg("r", f"r{n}", rate=rate, concurrency=permits) for n in range(6)]
     broker.enqueue(sent)
-    b = base(backend, "r")
+    b = queue_base(backend, "r")
     finished = 0
     deadline = time.monotonic() + 10
     while finished < len(sent):
@@ -149,7 +136,7 @@ def test_keys_do_not_grow_with_the_number_of_jobs(backend: Backend, broker: Redi
         )
         while got := broker.fetch(["g"], 8, lease=30, wait=0):
             ack_all(broker, got)
-    assert backend.client.hlen(base(backend, "g") + "meta") == 0
+    assert backend.client.hlen(queue_base(backend, "g") + "meta") == 0
     time.sleep(0.05)
     assert leftovers(backend) == set()
 
@@ -184,13 +171,13 @@ def test_a_key_whose_holder_was_removed_behind_the_scripts_back_is_free(
     assert broker.enqueue_unique([msg("x", "x2", unique=key)]) == ["x1"]
     backend.client.hdel(ids_key(backend.prefix), "x1")  # say, a hand-made cleanup
     assert broker.enqueue_unique([msg("x", "x3", unique=key)]) == [None]
-    assert backend.client.get(base(backend, "x") + "u:stuck") == b"x3"
+    assert backend.client.get(queue_base(backend, "x") + "u:stuck") == b"x3"
     # A key whose holder's unique record is gone (a path that forgot to release) is free too.
-    backend.client.hdel(base(backend, "x") + "unique", "x3")
+    backend.client.hdel(queue_base(backend, "x") + "unique", "x3")
     assert broker.enqueue_unique([msg("x", "x4", unique=key)]) == [None]
     # And one whose holder id was reused by a plain job in the same queue.
     ack_all(broker, broker.fetch(["x"], 10, lease=30, wait=0))
-    backend.client.set(base(backend, "x") + "u:stuck", "x5")
+    backend.client.set(queue_base(backend, "x") + "u:stuck", "x5")
     broker.enqueue([msg("x", "x5")])
     assert broker.enqueue_unique([msg("x", "x6", unique=key)]) == [None]
 
@@ -252,11 +239,11 @@ def test_a_fetch_that_only_sets_jobs_aside_leaves_no_ready_signal(
     permits = ConcurrencyLimit("one", 1)
     broker.enqueue([msg("w", f"w{n}", concurrency=permits) for n in range(5)])
     [running] = broker.fetch(["w"], 1, lease=30, wait=0)
-    signal = base(backend, "w") + "signal"
+    signal = queue_base(backend, "w") + "signal"
     assert broker.fetch(["w"], 4, lease=30, wait=0) == []
     assert backend.client.zscore(signal, "ready") is None, "parked jobs left ready empty"
-    assert backend.client.zcard(base(backend, "w") + "ready") == 0
-    assert backend.client.lrange(base(backend, "w") + "w:one", 0, -1) == [
+    assert backend.client.zcard(queue_base(backend, "w") + "ready") == 0
+    assert backend.client.lrange(queue_base(backend, "w") + "w:one", 0, -1) == [
         b"w1",
         b"w2",
         b"w3",
@@ -265,7 +252,7 @@ def test_a_fetch_that_only_sets_jobs_aside_leaves_no_ready_signal(
     assert broker.job_state("w1").status is JobStatus.QUEUED  # type: ignore[union-attr]
     ack_all(broker, [running])
     assert backend.client.zscore(signal, "ready") is not None, "the woken job signals"
-    assert backend.client.smembers(base(backend, "w") + "c:one") == {b"w1"}, "reserved for it"
+    assert backend.client.smembers(queue_base(backend, "w") + "c:one") == {b"w1"}, "reserved for it"
     assert [d.id for d in broker.fetch(["w"], 4, lease=30, wait=0)] == ["w1"]
 
 
@@ -335,14 +322,14 @@ def test_a_rate_set_aside_gives_the_fetch_its_due_time(backend: Backend, clock: 
     [first] = broker.fetch(["t"], 2, lease=300, wait=0)
     assert first.id == "t1"
     assert broker.job_state("t2").status is JobStatus.SCHEDULED  # type: ignore[union-attr]
-    meta = backend.client.hget(base(backend, "t") + "meta", "t2")
+    meta = backend.client.hget(queue_base(backend, "t") + "meta", "t2")
     assert meta is not None
     assert meta.decode().endswith("|Lg"), meta
-    assert backend.client.zscore(base(backend, "t") + "delayed", "t2") == clock.now + 10
+    assert backend.client.zscore(queue_base(backend, "t") + "delayed", "t2") == clock.now + 10
     clock.now += 10
     [second] = broker.fetch(["t"], 2, lease=300, wait=0)
     assert second.id == "t2", "its granted slot is not counted again"
-    meta = backend.client.hget(base(backend, "t") + "meta", "t2")
+    meta = backend.client.hget(queue_base(backend, "t") + "meta", "t2")
     assert meta is not None
     assert meta.decode().endswith("|L"), "g is used up at its lease"
 
@@ -365,7 +352,7 @@ def test_cancelling_set_aside_jobs_leaves_nothing_behind(
     assert (stats.ready, stats.delayed) == (1, 1)
     assert broker.cancel("c2") is CancelOutcome.REMOVED
     assert broker.cancel("c4") is CancelOutcome.REMOVED
-    b = base(backend, "c")
+    b = queue_base(backend, "c")
     assert not backend.client.exists(b + "w:c", b + "aside")
     assert set(backend.client.hkeys(b + "limits")) == {b"c1", b"c3"}
     ack_all(broker, running)
@@ -391,7 +378,7 @@ def test_plain_jobs_keep_five_field_meta_and_make_no_derived_keys(
 ) -> None:
     broker.enqueue([msg("p", "p1")])
     broker.enqueue([msg("p", f"b{n}") for n in range(3)])
-    b = base(backend, "p")
+    b = queue_base(backend, "p")
     metas = [v.decode() for v in backend.client.hvals(b + "meta")]
     assert all(len(m.split("|")) == 5 for m in metas), metas
     deliveries = broker.fetch(["p"], 4, lease=30, wait=0)

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,11 +20,8 @@ from redis_support import Runtime, stop
 HERE = Path(__file__).parent
 
 
-@pytest.fixture
-def runtime(real_redis_url: str) -> Iterator[Runtime]:
-    rt = Runtime(real_redis_url, module="scheduling_app")
-    yield rt
-    rt.cleanup()
+RUNTIME_APP = "scheduling_app"
+"""The app module the ``runtime`` fixture runs."""
 
 
 @pytest.mark.timeout(120)

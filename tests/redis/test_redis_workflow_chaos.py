@@ -11,19 +11,14 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 from redis_support import Runtime, children, stop
 
 from worq_core import chain, chord
 
-
-@pytest.fixture
-def runtime(real_redis_url: str) -> Iterator[Runtime]:
-    rt = Runtime(real_redis_url, module="workflow_app")
-    yield rt
-    rt.cleanup()
+RUNTIME_APP = "workflow_app"
+"""The app module the ``runtime`` fixture runs."""
 
 
 @pytest.mark.timeout(180)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import redis
-from redis_support import Backend, counting_client
+from redis_support import Backend, counting_client, leftovers, queue_base
 
 from worq_core.models import (
     Delivery,
@@ -33,9 +33,6 @@ from worq_redis import RedisBroker
 from worq_redis import broker as broker_module
 from worq_redis.connection import SCRIPTS, Script, group_key, registry_key, result_keys
 
-LIVE = {"queues", "seq", "signal"}
-"""Key suffixes a drained queue may keep: the registry, the sequence counter, a wake-up."""
-
 
 def msg(queue: str, job_id: str, **kwargs: Any) -> Message:
     return Message(job_id, queue, b"body", **kwargs)
@@ -43,16 +40,6 @@ def msg(queue: str, job_id: str, **kwargs: Any) -> Message:
 
 def member(queue: str, job_id: str, gid: str, index: int, **kwargs: Any) -> Message:
     return Message(job_id, queue, b"body", member=GroupMember(gid, index), **kwargs)
-
-
-def base(backend: Backend, queue: str) -> str:
-    return f"{backend.prefix}:{{{queue}}}:"
-
-
-def leftovers(backend: Backend) -> set[str]:
-    """Keys of the prefix other than the ones an idle queue keeps."""
-    names = backend.keys()
-    return {k for k in names if k.rsplit(":", 1)[-1] not in LIVE}
 
 
 def drain(broker: RedisBroker, queue: str, output: bytes | None = None) -> int:
@@ -92,15 +79,15 @@ def test_thousands_of_chords_leave_only_the_idle_keys(
         members = [member("parts", f"m{n}.{i}", gid, i) for i in range(2)]
         assert broker.open_group(spec, members) == [True, True]
     assert backend.client.exists(group_key(backend.prefix, "g0"))
-    assert backend.client.hlen(base(backend, "parts") + "wf") == 2 * count
+    assert backend.client.hlen(queue_base(backend, "parts") + "wf") == 2 * count
     assert drain(broker, "parts", output=b"part") == 2 * count
     state = broker.group_state(f"g{count - 1}")
     assert state is not None
     assert state.complete
     assert state.callback_sent
     assert state.outputs == (b"part", b"part")
-    assert not backend.client.exists(base(backend, "parts") + "wf"), "acked: records gone"
-    assert backend.client.hlen(base(backend, "sums") + "wf") == count, "the callbacks' closes"
+    assert not backend.client.exists(queue_base(backend, "parts") + "wf"), "acked: records gone"
+    assert backend.client.hlen(queue_base(backend, "sums") + "wf") == count, "the callbacks' closes"
     assert drain(broker, "sums") == count
     assert broker.group_state("g0") is None
     assert leftovers(backend) == set(), "only the registry, the counters and the wake-ups"
@@ -145,12 +132,12 @@ def test_the_callback_goes_to_its_own_queue_and_counts_in_an_outer_group(
     inner = GroupSpec("inner", 2, callback=inner_cb)
     assert broker.open_group(inner, [member("parts", f"p{i}", "inner", i) for i in range(2)])
     assert drain(broker, "parts", output=b"x") == 2
-    sums = base(backend, "sums")
+    sums = queue_base(backend, "sums")
     assert backend.client.hget(sums + "meta", "inner-cb").endswith(b"|W")
     assert backend.client.hget(sums + "wf", "inner-cb") == b"0|5|outerinner"
     assert backend.client.hget(f"{backend.prefix}:ids", "inner-cb") == b"sums"
     assert backend.client.sismember(registry_key(backend.prefix), "sums")
-    assert not backend.client.exists(base(backend, "parts") + "ready")
+    assert not backend.client.exists(queue_base(backend, "parts") + "ready")
     delivery = fetch_one(broker, "sums")
     assert broker.settle([Settlement(delivery, Outcome.ACK, output=b"sum")]) == [True]
     assert broker.group_state("inner") is None, "released by the callback's closes"
@@ -182,9 +169,9 @@ def test_then_messages_land_in_other_queues_with_their_records_and_keys(
     )
     assert applied == [True]
     assert not backend.client.exists(old), "clear_record: deleted by the same script"
-    assert backend.client.zscore(base(backend, "b") + "ready", b"0000000000000001step2") == -3
-    assert backend.client.get(base(backend, "c") + "u:k") == b"step3"
-    assert backend.client.hget(base(backend, "c") + "wf", "step4") == b"0|6|nobody"
+    assert backend.client.zscore(queue_base(backend, "b") + "ready", b"0000000000000001step2") == -3
+    assert backend.client.get(queue_base(backend, "c") + "u:k") == b"step3"
+    assert backend.client.hget(queue_base(backend, "c") + "wf", "step4") == b"0|6|nobody"
     assert {b"b", b"c"} <= backend.client.smembers(registry_key(backend.prefix))
     assert drain(broker, "b") == 1
     assert drain(broker, "c") == 2
@@ -198,9 +185,9 @@ def test_enqueue_keeps_workflow_records_one_by_one_and_in_batches(
     assert broker.enqueue([member("q", "one", "g", 0)]) == [True]
     batch = [msg("q", "plain"), member("q", "two", "g", 1), msg("q", "u", unique=UniqueKey("k"))]
     assert broker.enqueue([*batch, msg("q", "closer", closes="g")]) == [True] * 4
-    records = backend.client.hgetall(base(backend, "q") + "wf")
+    records = backend.client.hgetall(queue_base(backend, "q") + "wf")
     assert records == {b"one": b"0|1|g", b"two": b"1|1|g", b"closer": b"|0|g"}
-    assert backend.client.hget(base(backend, "q") + "meta", "plain").count(b"|") == 4
+    assert backend.client.hget(queue_base(backend, "q") + "meta", "plain").count(b"|") == 4
     assert drain(broker, "q", output=b"o") == 5
     assert broker.group_state("g") is None, "released by the closer"
     assert leftovers(backend) == set()
@@ -212,10 +199,10 @@ def test_a_dead_member_is_counted_once_and_keeps_no_record(
     broker.open_group(GroupSpec("g", 2), [member("q", "m0", "g", 0), member("q", "m1", "g", 1)])
     delivery = fetch_one(broker, "q")
     assert broker.settle([Settlement(delivery, Outcome.DEAD, reason="boom", output=b"e")])
-    meta = backend.client.hget(base(backend, "q") + "meta", delivery.id)
+    meta = backend.client.hget(queue_base(backend, "q") + "meta", delivery.id)
     assert meta is not None
     assert not meta.endswith(b"W"), "no W flag once dead"
-    assert not backend.client.hexists(base(backend, "q") + "wf", delivery.id)
+    assert not backend.client.hexists(queue_base(backend, "q") + "wf", delivery.id)
     assert broker.requeue_dead("q") == 1
     assert drain(broker, "q", output=b"ok") == 2
     state = broker.group_state("g")
@@ -347,6 +334,8 @@ def test_plain_jobs_keep_five_field_meta_and_make_no_workflow_keys(
     broker.settle(
         [Settlement(deliveries[0], Outcome.RETRY), Settlement(deliveries[1], Outcome.DEAD)]
     )
-    assert all(len(v.split(b"|")) == 5 for v in backend.client.hvals(base(backend, "p") + "meta"))
+    assert all(
+        len(v.split(b"|")) == 5 for v in backend.client.hvals(queue_base(backend, "p") + "meta")
+    )
     names = backend.keys()
     assert not any(k.endswith(":wf") or ":grp:" in k for k in names)

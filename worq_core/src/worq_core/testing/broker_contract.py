@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 
 import pytest
 
@@ -27,15 +26,16 @@ from worq_core.storage import Storage
 from worq_core.testing.scheduling_contract import SchedulingBrokerContract
 from worq_core.testing.support import (
     CLOCK_SLACK,
+    LEASE,
+    SHORT_LEASE,
+    WAIT,
     eventually,
+    ids,
     requires,
+    status,
     unique,
 )
 from worq_core.testing.workflow_contract import WorkflowBrokerContract
-
-LEASE = 30.0
-SHORT_LEASE = 0.3
-WAIT = 5.0
 
 
 def message(
@@ -49,17 +49,6 @@ def message(
 ) -> Message:
     """A message with a fresh id."""
     return Message(job_id or uuid.uuid4().hex, queue, body, priority, eta, clear_record)
-
-
-def ids(deliveries: Sequence[Delivery]) -> list[str]:
-    """The job ids of ``deliveries``, in order."""
-    return [d.id for d in deliveries]
-
-
-def status(broker: Broker, job_id: str) -> JobStatus | None:
-    """The job's status in ``broker``, or ``None`` when the broker does not hold it."""
-    state = broker.job_state(job_id)
-    return None if state is None else state.status
 
 
 def progress(broker: Broker, job_id: str) -> bytes | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 
 import pytest
 
@@ -30,11 +29,20 @@ from worq_core.models import (
     UniqueKey,
     UniqueUntil,
 )
-from worq_core.testing.support import CLOCK_SLACK, BrokerCases, eventually, requires, unique
+from worq_core.testing.support import (
+    CLOCK_SLACK,
+    LEASE,
+    SHORT_LEASE,
+    WAIT,
+    BrokerCases,
+    eventually,
+    fetch_all,
+    ids,
+    requires,
+    status,
+    unique,
+)
 
-LEASE = 30.0
-SHORT_LEASE = 0.3
-WAIT = 5.0
 INTERVAL = 0.2
 """A rate interval short enough to wait for, long enough to measure against the clock."""
 FOREVER = 3600.0
@@ -62,22 +70,6 @@ def job(
         rate=rate,
         concurrency=concurrency,
     )
-
-
-def ids(deliveries: Sequence[Delivery]) -> list[str]:
-    """The job ids of ``deliveries``, in order."""
-    return [d.id for d in deliveries]
-
-
-def status(broker: Broker, job_id: str) -> JobStatus | None:
-    """The job's status in ``broker``, or ``None`` when the broker does not hold it."""
-    state = broker.job_state(job_id)
-    return None if state is None else state.status
-
-
-def fetch_all(broker: Broker, queue: str, lease: float = LEASE) -> list[Delivery]:
-    """Lease every job of ``queue`` that may be delivered now."""
-    return broker.fetch([queue], 100, lease=lease, wait=0)
 
 
 def counts(broker: Broker, queue: str) -> tuple[int, int, int]:

@@ -6,16 +6,38 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
 from worq_core.broker import Broker
-from worq_core.models import Capability
+from worq_core.models import Capability, Delivery, JobStatus
 from worq_core.worker import Worker
 
 #: Slack for comparing the test's clock with the broker's (a server may keep its own time).
 CLOCK_SLACK = 0.05
+#: The lease of a delivery that no case lets run out.
+LEASE = 30.0
+#: A lease short enough for a case to wait out.
+SHORT_LEASE = 0.3
+#: How long a case waits for what must arrive.
+WAIT = 5.0
+
+
+def ids(deliveries: Sequence[Delivery]) -> list[str]:
+    """The job ids of ``deliveries``, in order."""
+    return [d.id for d in deliveries]
+
+
+def status(broker: Broker, job_id: str) -> JobStatus | None:
+    """The job's status in ``broker``, or ``None`` when the broker does not hold it."""
+    state = broker.job_state(job_id)
+    return None if state is None else state.status
+
+
+def fetch_all(broker: Broker, queue: str, lease: float = LEASE) -> list[Delivery]:
+    """Lease every job of ``queue`` that may be delivered now (up to 100)."""
+    return broker.fetch([queue], 100, lease=lease, wait=0)
 
 
 def requires(*capabilities: Capability) -> pytest.MarkDecorator:

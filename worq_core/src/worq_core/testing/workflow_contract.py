@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 
 import pytest
 
@@ -31,11 +30,20 @@ from worq_core.models import (
     Outcome,
     Settlement,
 )
-from worq_core.testing.support import CLOCK_SLACK, BrokerCases, eventually, requires, unique
+from worq_core.testing.support import (
+    CLOCK_SLACK,
+    LEASE,
+    SHORT_LEASE,
+    WAIT,
+    BrokerCases,
+    eventually,
+    fetch_all,
+    ids,
+    requires,
+    status,
+    unique,
+)
 
-LEASE = 30.0
-SHORT_LEASE = 0.3
-WAIT = 5.0
 TTL = 0.3
 """A complete group's ttl short enough to wait for."""
 
@@ -55,22 +63,6 @@ def job(
 def members(queue: str, group: str, size: int) -> list[Message]:
     """One message per index of ``group``, in index order."""
     return [job(queue, f"member {i}".encode(), member=GroupMember(group, i)) for i in range(size)]
-
-
-def ids(deliveries: Sequence[Delivery]) -> list[str]:
-    """The job ids of ``deliveries``, in order."""
-    return [d.id for d in deliveries]
-
-
-def status(broker: Broker, job_id: str) -> JobStatus | None:
-    """The job's status in ``broker``, or ``None`` when the broker does not hold it."""
-    state = broker.job_state(job_id)
-    return None if state is None else state.status
-
-
-def fetch_all(broker: Broker, queue: str, lease: float = LEASE) -> list[Delivery]:
-    """Lease every job of ``queue`` that may be delivered now."""
-    return broker.fetch([queue], 100, lease=lease, wait=0)
 
 
 def fetch_by_id(broker: Broker, queue: str) -> dict[str, Delivery]:
