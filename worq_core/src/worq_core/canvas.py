@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from worq_core.errors import (
     JobCancelled,
@@ -82,8 +82,19 @@ __all__ = [
 ]
 
 
+class _Composable:
+    """What every workflow part can do: be sent, and be chained with ``|``."""
+
+    def enqueue(self) -> Workflow:
+        """Send it; see :func:`enqueue`."""
+        return enqueue(cast("Node", self))
+
+    def __or__(self, other: Node) -> Chain:
+        return chain(cast("Node", self), other)
+
+
 @dataclass(frozen=True)
-class Signature(Generic[R]):
+class Signature(_Composable, Generic[R]):
     """A task call that has not been sent: made by ``task.s(...)``.
 
     In a chain, every step but the first receives the previous step's result as its first
@@ -99,48 +110,27 @@ class Signature(Generic[R]):
         """The task's name."""
         return self.bound.task.name
 
-    def enqueue(self) -> Workflow:
-        """Send it; see :func:`enqueue`."""
-        return enqueue(self)
-
-    def __or__(self, other: Node) -> Chain:
-        return chain(self, other)
-
     def __repr__(self) -> str:
         arguments = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
         return f"{self.name}.s({', '.join(arguments)})"
 
 
 @dataclass(frozen=True)
-class Chain:
+class Chain(_Composable):
     """Steps run one after another; each receives the previous one's result first."""
 
     steps: tuple[Node, ...]
 
-    def enqueue(self) -> Workflow:
-        """Send it; see :func:`enqueue`."""
-        return enqueue(self)
-
-    def __or__(self, other: Node) -> Chain:
-        return chain(self, other)
-
 
 @dataclass(frozen=True)
-class Group:
+class Group(_Composable):
     """Members run in parallel; the group's result is the list of theirs, in order."""
 
     members: tuple[Node, ...]
 
-    def enqueue(self) -> Workflow:
-        """Send it; see :func:`enqueue`."""
-        return enqueue(self)
-
-    def __or__(self, other: Node) -> Chain:
-        return chain(self, other)
-
 
 @dataclass(frozen=True)
-class Chord:
+class Chord(_Composable):
     """A group, then a callback run once with the list of the members' results.
 
     With ``run_on_failure`` the callback also runs when a member ended dead or cancelled, and
@@ -152,13 +142,6 @@ class Chord:
     header: Group
     callback: Node
     run_on_failure: bool = False
-
-    def enqueue(self) -> Workflow:
-        """Send it; see :func:`enqueue`."""
-        return enqueue(self)
-
-    def __or__(self, other: Node) -> Chain:
-        return chain(self, other)
 
 
 Node = Signature[Any] | Chain | Group | Chord
@@ -390,7 +373,6 @@ class _Plan:
 
     app: Worq
     groups: list[GroupSpec] = field(default_factory=list)
-    first: list[Message] = field(default_factory=list)
 
     def step(
         self,
