@@ -369,3 +369,33 @@ def test_a_chord_callback_that_cannot_reach_the_broker_runs_later(
     settings = WorkerSettings(concurrency=2, lease=0.5, handle_signals=False, scheduler=False)
     app.worker(settings=settings).run(burst=True)
     assert flow.result(timeout=5) == 6
+
+
+def test_cancelling_while_members_run_stops_the_chords_callback(app: Worq) -> None:
+    from worq_core.testing.support import eventually, running
+
+    started, release = threading.Event(), threading.Event()
+    ran: list[Any] = []
+
+    @app.task
+    def slow(x: int) -> int:
+        started.set()
+        release.wait(5)
+        return x
+
+    @app.task
+    def summed(values: list[int]) -> int:
+        ran.append(values)
+        return sum(values)
+
+    settings = WorkerSettings(concurrency=2, handle_signals=False, scheduler=False)
+    with running(app.worker(settings=settings)):
+        flow = chord([slow.s(1)], summed.s()).enqueue()
+        assert started.wait(5)
+        flow.cancel()
+        release.set()  # the member finishes anyway, and its group sends the callback
+        with pytest.raises(JobCancelled):
+            flow.result(timeout=10)
+        # The callback is sent when the member settles, ends cancelled, and lets go of it all.
+        eventually(lambda: app.broker.group_state(flow.id) is None, what="the group released")
+    assert ran == [], "the callback ended cancelled without running"

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
@@ -243,9 +243,10 @@ class _Shape:
 class Workflow:
     """The handle of an enqueued workflow."""
 
-    def __init__(self, app: Worq, shape: _Shape, root: str) -> None:
+    def __init__(self, app: Worq, shape: _Shape, root: str, wid: str) -> None:
         self.app = app
         self._shape = shape
+        self._wid = wid
         self.id = root
         """The workflow's id (its first job's id, or its group's)."""
 
@@ -341,12 +342,13 @@ class Workflow:
     def cancel(self) -> int:
         """Cancel the workflow; returns how many of its jobs were reached.
 
-        What waits is removed, what runs is asked to stop, and the steps not sent yet are
-        marked cancelled, so they end cancelled when an earlier step that was already running
-        sends them.
+        The workflow is marked cancelled first, so a step already running sends nothing when
+        it finishes; then what waits is removed, what runs is asked to stop, and the steps not
+        sent are given a cancellation record (which their handles read).
         """
         reached = 0
         storage, serializer = self.app.storage, self.app.serializer
+        storage.save({_cancel_key(self._wid): encode_cancelled(serializer)}, self.app.result_ttl)
         for job in self._jobs(self.job_ids):
             if job.cancel():
                 reached += 1
@@ -354,6 +356,16 @@ class Workflow:
                 storage.save({job.id: encode_cancelled(serializer)}, self.app.result_ttl)
                 reached += 1
         return reached
+
+
+def _cancel_key(wid: str) -> str:
+    return f"workflow-{wid}-cancelled"
+
+
+def cancelled(app: Worq, workflow: Mapping[str, Any]) -> bool:
+    """Whether the workflow a step's links belong to was cancelled (one storage read)."""
+    wid = workflow.get("wf")
+    return wid is not None and app.storage.load(_cancel_key(wid)) is not None
 
 
 def _members(shape: _Shape) -> list[str]:
@@ -373,6 +385,8 @@ class _Plan:
 
     app: Worq
     groups: list[GroupSpec] = field(default_factory=list)
+    wid: str = field(default_factory=lambda: _new_id())
+    """The workflow's own id, in every step's links: where its cancellation is recorded."""
 
     def step(
         self,
@@ -393,6 +407,7 @@ class _Plan:
         if owner is not None:
             # An earlier step of a group member's chain: should it fail, the member fails.
             links["owner"] = [owner.group, owner.index]
+        links["wf"] = self.wid
         spec["w"] = links
         return spec, _Shape("task", spec["id"], node.name)
 
@@ -562,14 +577,25 @@ def links(
     acknowledgement; any other verdict sends none, which stops a chain there. A group
     member's acknowledgement or dead-lettering carries its record as its output.
     """
-    workflow = envelope.workflow
+    workflow, queue = envelope.workflow, settlement.delivery.queue
     then: tuple[Message, ...] = ()
     if succeeded and workflow.get("next"):
-        then = tuple(build_message(app, spec, value, prepend=True) for spec in workflow["next"])
+        # One read per step that sends steps (none per group member): a cancelled workflow
+        # sends nothing further, only the markers that fail the group places it leaves open.
+        if cancelled(app, workflow):
+            places = [s["w"].get("member") or s["w"].get("owner") for s in workflow["next"]]
+            then = tuple(
+                failed_marker(app, envelope, queue, place, "the workflow was cancelled")
+                for place in places
+                if place
+            )
+        else:
+            then = tuple(build_message(app, s, value, prepend=True) for s in workflow["next"])
     elif workflow.get("owner") and not succeeded and settlement.outcome is not Outcome.RETRY:
         # The chain this step is part of will not reach its last step, which is the one its
         # group counts: send that place a marker that ends dead, counting the member failed.
-        then = (failed_marker(app, envelope, settlement),)
+        why = settlement.reason or "cancelled"
+        then = (failed_marker(app, envelope, queue, workflow["owner"], why),)
     output = record if workflow.get("member") and settlement.outcome is not Outcome.RETRY else None
     if not then and output is None:
         return settlement
@@ -582,11 +608,15 @@ it at once (any worker: one without this code would, as an unknown task), so its
 the member failed."""
 
 
-def failed_marker(app: Worq, envelope: Envelope, settlement: Settlement) -> Message:
-    """The marker that fails the group place a member chain's failed step was working for."""
-    group_id, index = envelope.workflow["owner"]
+def failed_marker(
+    app: Worq, envelope: Envelope, queue: str, place: Sequence[Any], why: str
+) -> Message:
+    """The marker that fails group ``place`` (group id, index), left open by ``envelope``'s step.
+
+    It goes to ``queue``, the step's own, where a worker is listening.
+    """
+    group_id, index = place
     marker_id = _new_id()
-    why = settlement.reason or "cancelled"
     body = Envelope(
         marker_id,
         FAILED_MARKER_TASK,
@@ -597,7 +627,7 @@ def failed_marker(app: Worq, envelope: Envelope, settlement: Settlement) -> Mess
         {},
         {"member": [group_id, index]},
     ).encode(app.serializer)
-    return Message(marker_id, settlement.delivery.queue, body, member=GroupMember(group_id, index))
+    return Message(marker_id, queue, body, member=GroupMember(group_id, index))
 
 
 def chord_arguments(app: Worq, envelope: Envelope) -> Envelope:
@@ -657,7 +687,7 @@ def enqueue(node: Node) -> Workflow:
         broker.open_group(spec, by_group.get(spec.id, []))
     if loose:
         broker.enqueue(loose)
-    return Workflow(app, shape, shape.id or _first_id(shape))
+    return Workflow(app, shape, shape.id or _first_id(shape), plan.wid)
 
 
 def _first_id(shape: _Shape) -> str:

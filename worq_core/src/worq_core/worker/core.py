@@ -30,7 +30,7 @@ import traceback
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from worq_core.canvas import FAILED_MARKER_TASK, chord_arguments
+from worq_core.canvas import FAILED_MARKER_TASK, cancelled, chord_arguments
 from worq_core.context import JobContext
 from worq_core.context import _current as _current_job
 from worq_core.errors import (
@@ -41,9 +41,9 @@ from worq_core.errors import (
     UnknownTaskError,
     WorqError,
 )
-from worq_core.job import Envelope, ErrorInfo, decode_record
+from worq_core.job import Envelope, ErrorInfo
 from worq_core.lease_keeper import LeaseKeeper
-from worq_core.models import Capability, Delivery, JobStatus, Outcome, Settlement, WorkerInfo
+from worq_core.models import Capability, Delivery, Outcome, Settlement, WorkerInfo
 from worq_core.retry import RetryPolicy
 from worq_core.signals import on_stop_signals
 from worq_core.worker.executors import AsyncExecutor, ThreadExecutor
@@ -335,27 +335,6 @@ class Worker:
 
     # -- taking a job on ---------------------------------------------------------------------
 
-    def _cancelled_step(self, run: Run) -> bool:
-        """A workflow step whose workflow was cancelled before it was sent ends cancelled.
-
-        :meth:`Workflow.cancel` marks the steps not sent yet with a cancellation record; a
-        step sent afterwards (by an earlier step that was already running) finds it here.
-        """
-        try:
-            record = self.app.storage.load(run.delivery.id)
-        except Exception as exc:  # noqa: BLE001 - the step runs; the record check is a guard
-            log.warning("job %s: cannot check for a cancellation: %s", run.delivery.id, exc)
-            return False
-        if record is None:
-            return False
-        status, _ = decode_record(run.delivery.id, record, self.app.serializer)
-        if status is not JobStatus.CANCELLED:
-            return False
-        if run.context is not None:
-            run.context._cancel()
-        self.settle.decide(run)
-        return True
-
     def take(self, delivery: Delivery, slot_of: Run | None = None) -> Run | None:
         """Take a fresh delivery on; returns its run if its task is to run.
 
@@ -391,6 +370,14 @@ class Worker:
             return None
         run.task = task
         if envelope.workflow and "chord" in envelope.workflow:
+            if cancelled(self.app, envelope.workflow):
+                # Its workflow was cancelled while the members ran: it ends cancelled unrun.
+                run.context = JobContext(
+                    delivery.id, task.name, delivery.queue, delivery.attempts, 0, envelope.headers
+                )
+                run.context._cancel()
+                self.settle.decide(run)
+                return None
             try:
                 envelope = run.envelope = chord_arguments(self.app, envelope)
             except (BrokerError, StorageError) as exc:
@@ -424,8 +411,6 @@ class Worker:
         )
         if delivery.cancel_requested:
             self.settle.decide(run)  # it was cancelled while an earlier delivery ran it
-            return None
-        if envelope.workflow and self._cancelled_step(run):
             return None
         attempts_allowed = run.max_retries + 1
         if delivery.attempts > attempts_allowed:
