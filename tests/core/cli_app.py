@@ -22,6 +22,16 @@ def boom() -> None:
     raise RuntimeError("kaboom")
 
 
+@app.task(name="boom_after", max_retries=0)
+def boom_after(previous: int) -> None:
+    raise RuntimeError(f"kaboom after {previous}")
+
+
+@app.task(name="total")
+def total(results: list[int]) -> int:
+    return sum(results)
+
+
 @app.task(name="ping", queue="other")
 def ping() -> str:
     return "pong"

@@ -270,6 +270,78 @@ def test_an_unknown_job_is_an_error(app: Worq) -> None:
     assert_one_line_error(run("job", APP, "no-such-id"), "no-such-id", "unknown")
 
 
+def test_job_on_a_workflow_member_shows_the_tree_and_where_it_stands(
+    app_module: ModuleType, app: Worq
+) -> None:
+    from worq_core import chain, chord
+
+    flow = chain(
+        app_module.add.s(1, 2),
+        chord([app_module.add.s(10), app_module.boom_after.s()], app_module.total.s()),
+    ).enqueue()
+    first, member, failing, callback = flow.job_ids
+
+    before = ok("job", APP, member).stdout
+    assert "workflow:" in before
+    assert "queued at step 1 (add)" in before
+    assert f"add {member} not sent  <- this" in before
+    assert f"total {callback} not sent" in before
+
+    drain(app)
+
+    output = ok("job", APP, member).stdout
+    assert "status: succeeded" in output
+    assert "result: 13" in output
+    assert "dead at step 2" in output
+    assert f"add {first} succeeded" in output
+    assert "group of 2 (1 succeeded, 1 dead) dead" in output
+    assert f"boom_after {failing} dead" in output
+    assert f"total {callback} dead" in output, "a strict chord's callback ends dead"
+
+    # The workflow's own id (its first job's) and a group's id, which is no job, show it too.
+    assert "dead at step 2" in ok("job", APP, flow.id).stdout
+    group_id = flow.tree().children[1].id
+    assert group_id not in flow.job_ids
+    by_group = ok("job", APP, group_id).stdout
+    assert "status:" not in by_group
+    assert "(1 succeeded, 1 dead) dead  <- this" in by_group
+
+
+def test_job_on_a_big_group_shows_only_the_members_that_did_not_succeed(
+    app_module: ModuleType, app: Worq
+) -> None:
+    from worq_core import group
+
+    flow = group([app_module.add.s(i, 1) for i in range(30)] + [app_module.boom.s()]).enqueue()
+    drain(app)
+
+    output = ok("job", APP, flow.id).stdout
+    assert "group of 31 (30 succeeded, 1 dead) dead  <- this" in output
+    assert f"boom {flow.job_ids[-1]} dead" in output
+    assert "... 30 more" in output
+    assert f"add {flow.job_ids[0]} " not in output
+
+
+def test_a_workflow_is_found_from_another_handle_by_any_of_its_ids(
+    app_module: ModuleType, app: Worq
+) -> None:
+    from worq_core import chain
+
+    fixed = app_module.add.options(job_id="my-own-id")
+    flow = chain(app_module.add.s(1, 2), fixed.s(3)).enqueue()
+    drain(app)
+
+    for some_id in [flow.id, *flow.job_ids]:
+        found = app.workflow(some_id)
+        assert found is not None, some_id
+        assert found.id == flow.id
+        assert found.job_ids == flow.job_ids == [flow.id, "my-own-id"]
+        assert found.result(timeout=5) == 6
+    assert app.workflow(app_module.add.enqueue(1, 1).id) is None, "a plain job"
+    assert app.workflow("no-such-id") is None
+    assert app.workflow(flow.id + "0") is None, "the workflow's prefix, but none of its ids"
+
+
 def test_job_cancel_removes_a_queued_job_and_then_finds_nothing(
     app_module: ModuleType, app: Worq
 ) -> None:

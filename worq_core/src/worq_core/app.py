@@ -24,6 +24,7 @@ from worq_core.storage import Storage
 from worq_core.task import AsyncTask, SendOptions, Task, TaskConfig
 
 if TYPE_CHECKING:
+    from worq_core.canvas import Workflow
     from worq_core.worker import Worker, WorkerSettings
 
 P = ParamSpec("P")
@@ -383,6 +384,17 @@ class Worq:
         ``queue`` is ``""`` (``broker.job_state(job_id).queue`` tells where it is).
         """
         return Job(self, job_id, "")
+
+    def workflow(self, some_id: str) -> Workflow | None:
+        """The handle of the workflow that ``some_id`` belongs to, from any process.
+
+        ``some_id`` is a workflow's id or the id of any of its jobs or groups. ``None`` when
+        it belongs to no workflow, or the workflow's record expired (it lives as long as
+        results do, ``result_ttl``).
+        """
+        from worq_core.canvas import find
+
+        return find(self, some_id)
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a job by id; see :meth:`Job.cancel`. Returns whether it was still there."""

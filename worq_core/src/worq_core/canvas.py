@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from worq_core.errors import (
+    DeserializationError,
     JobCancelled,
     PayloadTooLarge,
     ResultTimeout,
@@ -75,6 +76,7 @@ __all__ = [
     "Signature",
     "Workflow",
     "WorkflowError",
+    "WorkflowNode",
     "WorkflowStatus",
     "chain",
     "chord",
@@ -239,6 +241,75 @@ class _Shape:
         inner = [i for part in self.parts for i in part.ids()]
         return own + inner + (self.callback.ids() if self.callback is not None else [])
 
+    def names(self) -> set[str]:
+        """Every id in the shape: its jobs' and its groups'."""
+        own = {self.id} if self.id else set()
+        inner = {i for part in self.parts for i in part.names()}
+        return own | inner | (self.callback.names() if self.callback is not None else set())
+
+    def to_data(self) -> dict[str, Any]:
+        """The shape as plain data, for the workflow's record."""
+        data: dict[str, Any] = {"k": self.kind}
+        if self.id:
+            data["i"] = self.id
+        if self.name:
+            data["n"] = self.name
+        if self.parts:
+            data["p"] = [part.to_data() for part in self.parts]
+        if self.callback is not None:
+            data["c"] = self.callback.to_data()
+        if self.lenient:
+            data["l"] = True
+        return data
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> _Shape:
+        callback = data.get("c")
+        return cls(
+            str(data["k"]),
+            str(data.get("i", "")),
+            str(data.get("n", "")),
+            tuple(cls.from_data(part) for part in data.get("p", ())),
+            None if callback is None else cls.from_data(callback),
+            bool(data.get("l", False)),
+        )
+
+
+_FAILED = frozenset({JobStatus.DEAD, JobStatus.CANCELLED})
+_WAITING = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.UNKNOWN})
+
+
+def _overall(states: Sequence[JobStatus]) -> JobStatus:
+    """The status of a part made of parts with ``states``.
+
+    A failed part fails it; it succeeded when all parts did; it runs once any part started;
+    ``UNKNOWN`` when nothing was sent yet.
+    """
+    failed = [s for s in states if s in _FAILED]
+    if failed:
+        return JobStatus.DEAD if JobStatus.DEAD in failed else JobStatus.CANCELLED
+    if all(s is JobStatus.SUCCEEDED for s in states):
+        return JobStatus.SUCCEEDED
+    if any(s not in _WAITING for s in states):
+        return JobStatus.RUNNING
+    return JobStatus.QUEUED if JobStatus.QUEUED in states else states[0]
+
+
+@dataclass(frozen=True)
+class WorkflowNode:
+    """One part of a workflow as :meth:`Workflow.tree` shows it, with where it stands.
+
+    ``kind`` is ``"task"`` (a job: ``id`` and ``task`` set), ``"chain"``, ``"group"`` (``id``
+    is the group's) or ``"chord"`` (children: the group, then the callback). A task whose
+    status is ``UNKNOWN`` has not been sent yet (or its record expired).
+    """
+
+    kind: str
+    status: JobStatus
+    id: str = ""
+    task: str = ""
+    children: tuple[WorkflowNode, ...] = ()
+
 
 class Workflow:
     """The handle of an enqueued workflow."""
@@ -260,6 +331,28 @@ class Workflow:
 
     def _jobs(self, ids: Sequence[str]) -> list[Job[Any]]:
         return [Job(self.app, job_id) for job_id in ids]
+
+    def tree(self) -> WorkflowNode:
+        """The workflow's parts with the status of each: one status read per job."""
+        return self._node(self._shape)
+
+    def _node(self, shape: _Shape) -> WorkflowNode:
+        if shape.kind == "task":
+            status = Job(self.app, shape.id).status()
+            return WorkflowNode("task", status, shape.id, shape.name)
+        parts = tuple(self._node(part) for part in shape.parts)
+        states = [part.status for part in parts]
+        if shape.kind == "chain":
+            return WorkflowNode("chain", _overall(states), children=parts)
+        if shape.lenient:
+            # A failed member fails nothing: it only counts as finished.
+            states = [JobStatus.SUCCEEDED if s in _FAILED else s for s in states]
+        members = WorkflowNode("group", _overall(states), shape.id, children=parts)
+        if shape.callback is None:
+            return members
+        callback = self._node(shape.callback)
+        status = _overall([members.status, callback.status])
+        return WorkflowNode("chord", status, shape.id, children=(members, callback))
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the workflow's result: its last step's (a group's: the list of results).
@@ -362,6 +455,53 @@ def _cancel_key(wid: str) -> str:
     return f"workflow-{wid}-cancelled"
 
 
+def _record_key(wid: str) -> str:
+    return f"workflow-{wid}"
+
+
+def _index_key(job_id: str) -> str:
+    return f"workflow-of-{job_id}"
+
+
+def _save_record(app: Worq, plan: _Plan, shape: _Shape, root: str) -> None:
+    """Store the workflow's shape, so that any process can find it by any of its ids.
+
+    A step's id is the workflow's id, a dot and a number, so its id names the record; a step
+    whose id the caller fixed gets an index record instead. They live as long as results do.
+    """
+    dumps = app.serializer.dumps
+    records = {_record_key(plan.wid): dumps({"v": 1, "id": root, "shape": shape.to_data()})}
+    records.update({_index_key(job_id): dumps(plan.wid) for job_id in plan.fixed})
+    app.storage.save(records, app.result_ttl)
+
+
+def find(app: Worq, some_id: str) -> Workflow | None:
+    """The workflow that ``some_id`` (a workflow's, a step's or a group's id) belongs to.
+
+    ``None`` when it belongs to none, or the workflow's record expired (with the results).
+    """
+    storage, loads = app.storage, app.serializer.loads
+    wid = some_id.rpartition(".")[0]
+    body = storage.load(_record_key(wid)) if wid else None
+    try:
+        if body is None:
+            index = storage.load(_index_key(some_id))
+            if index is None:
+                return None
+            wid = str(loads(index))
+            body = storage.load(_record_key(wid))
+            if body is None:
+                return None
+        data = loads(body)
+        shape = _Shape.from_data(data["shape"])
+        root = str(data["id"])
+    except (DeserializationError, KeyError, TypeError, ValueError) as exc:
+        raise WorkflowError(f"the record of workflow {wid} cannot be read: {exc}") from exc
+    if some_id not in shape.names():
+        return None
+    return Workflow(app, shape, root, wid)
+
+
 def cancelled(app: Worq, workflow: Mapping[str, Any]) -> bool:
     """Whether the workflow a step's links belong to was cancelled (one storage read)."""
     wid = workflow.get("wf")
@@ -387,6 +527,14 @@ class _Plan:
     groups: list[GroupSpec] = field(default_factory=list)
     wid: str = field(default_factory=lambda: _new_id())
     """The workflow's own id, in every step's links: where its cancellation is recorded."""
+    count: int = 0
+    fixed: list[str] = field(default_factory=list)
+    """The steps whose caller fixed their id: their ids do not name the workflow."""
+
+    def new_id(self) -> str:
+        """The next id of a step or group: the workflow's id, a dot and a number."""
+        self.count += 1
+        return f"{self.wid}.{self.count}"
 
     def step(
         self,
@@ -398,7 +546,11 @@ class _Plan:
         owner: GroupMember | None = None,
     ) -> tuple[dict[str, Any], _Shape]:
         bound = node.bound
-        spec = bound._step_spec(list(node.args), dict(node.kwargs), pass_result=pass_result)
+        spec = bound._step_spec(
+            list(node.args), dict(node.kwargs), pass_result=pass_result, job_id=self.new_id()
+        )
+        if spec.get("fixed"):
+            self.fixed.append(spec["id"])
         links: dict[str, Any] = {}
         if after:
             links["next"] = after
@@ -461,7 +613,7 @@ class _Plan:
     ) -> tuple[list[dict[str, Any]], _Shape]:
         if not node.members and pass_result:
             raise TaskError("an empty group cannot follow a step: it would finish before it")
-        gid = _new_id()
+        gid = self.new_id()
         callback_shape: _Shape | None = None
         tail = after
         if callback is not None:
@@ -670,6 +822,8 @@ def enqueue(node: Node) -> Workflow:
     plan = _Plan(app)
     entries, shape = plan.compile(node, pass_result=False, member=None, after=[])
     messages = [plan.message(spec) for spec in entries]
+    root = shape.id or _first_id(shape)
+    _save_record(app, plan, shape, root)
     by_group: dict[str, list[Message]] = {}
     loose: list[Message] = []
     for message in messages:
@@ -687,7 +841,7 @@ def enqueue(node: Node) -> Workflow:
         broker.open_group(spec, by_group.get(spec.id, []))
     if loose:
         broker.enqueue(loose)
-    return Workflow(app, shape, shape.id or _first_id(shape), plan.wid)
+    return Workflow(app, shape, root, plan.wid)
 
 
 def _first_id(shape: _Shape) -> str:

@@ -11,6 +11,7 @@ show a traceback. See ``docs/cli.md`` for the reference.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import functools
 import importlib
@@ -31,10 +32,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from rich.tree import Tree
 
 from worq_core import __version__
 from worq_core.app import Worq
 from worq_core.broker import Broker
+from worq_core.canvas import Workflow, WorkflowNode
 from worq_core.errors import (
     DeserializationError,
     InvalidNameError,
@@ -44,7 +47,7 @@ from worq_core.errors import (
     UnsupportedError,
     WorqError,
 )
-from worq_core.job import Envelope
+from worq_core.job import Envelope, Job
 from worq_core.models import Capability, JobStatus
 from worq_core.registry import PluginLoadWarning, default_registry
 from worq_core.supervisor import REPLACE_ME, Supervisor
@@ -751,13 +754,22 @@ def job(state: CliState, app_spec: str, job_id: str, cancel: bool) -> None:
             raise CliError(f"job {job_id} is not queued or running: nothing to cancel")
         click.echo(f"job {job_id}: cancellation requested ({handle.status().value})")
         return
-    where = app.broker.job_state(job_id)
     status = handle.status()
-    if status is JobStatus.UNKNOWN:
+    workflow = app.workflow(job_id)
+    if status is JobStatus.UNKNOWN and workflow is None:
         raise CliError(
             f"job {job_id} is unknown: never enqueued, or finished so long ago that its "
             "result expired"
         )
+    if status is not JobStatus.UNKNOWN:
+        _show_job(app, handle, status)
+    if workflow is not None:
+        _show_workflow(workflow, job_id)
+
+
+def _show_job(app: Worq, handle: Job[Any], status: JobStatus) -> None:
+    job_id = handle.id
+    where = app.broker.job_state(job_id)
     click.echo(f"job:    {job_id}")
     if where is not None:
         click.echo(f"queue:  {where.queue}")
@@ -786,6 +798,56 @@ def job(state: CliState, app_spec: str, job_id: str, cancel: bool) -> None:
                 (d.reason for d in app.broker.dead_jobs(queue, 10_000) if d.id == job_id), ""
             )
             click.echo(f"error:  {reason or 'unknown'}")
+
+
+SHOWN_MEMBERS = 20
+"""A group with more members shows only those that have not succeeded, this many at most."""
+
+
+def _show_workflow(workflow: Workflow, asked: str) -> None:
+    where = workflow.status()
+    tree = workflow.tree()
+    click.echo(
+        f"workflow: {workflow.id} {where.status.value} at step {where.step + 1} ({where.task})"
+    )
+    console = _console()
+    console.print(_branch(Tree(_label(tree, asked)), tree, asked))
+
+
+def _label(node: WorkflowNode, asked: str) -> Text:
+    status = "not sent" if node.status is JobStatus.UNKNOWN else node.status.value
+    if node.kind == "task":
+        label = Text(f"{node.task} {node.id} ")
+    elif node.kind == "group":
+        counts = collections.Counter(child.status for child in node.children)
+        parts = ", ".join(
+            f"{n} {'not sent' if s is JobStatus.UNKNOWN else s.value}" for s, n in counts.items()
+        )
+        label = Text(f"group of {len(node.children)} ({parts}) ")
+    else:
+        label = Text(f"{node.kind} ")
+    label.append(status, style="bold")
+    if node.id == asked:
+        label.append("  <- this", style="bold")
+    return label
+
+
+def _branch(tree: Tree, node: WorkflowNode, asked: str) -> Tree:
+    children = node.children
+    hidden = 0
+    if node.kind == "group" and len(children) > SHOWN_MEMBERS:
+        shown = [c for c in children if c.status is not JobStatus.SUCCEEDED or _holds(c, asked)]
+        hidden = len(children) - len(shown[:SHOWN_MEMBERS])
+        children = tuple(shown[:SHOWN_MEMBERS])
+    for child in children:
+        _branch(tree.add(_label(child, asked)), child, asked)
+    if hidden:
+        tree.add(Text(f"... {hidden} more"))
+    return tree
+
+
+def _holds(node: WorkflowNode, job_id: str) -> bool:
+    return node.id == job_id or any(_holds(child, job_id) for child in node.children)
 
 
 # -- dlq ---------------------------------------------------------------------------------------

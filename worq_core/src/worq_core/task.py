@@ -340,11 +340,12 @@ class BoundTask(Generic[P, R]):
         return Signature(self, args, dict(kwargs))
 
     def _step_spec(
-        self, args: list[Any], kwargs: dict[str, Any], *, pass_result: bool
+        self, args: list[Any], kwargs: dict[str, Any], *, pass_result: bool, job_id: str
     ) -> dict[str, Any]:
         """A workflow step as its links carry it; checks the arguments as :meth:`enqueue` does.
 
-        With ``pass_result`` the step will receive the previous step's result first.
+        With ``pass_result`` the step will receive the previous step's result first. ``job_id``
+        is the workflow's id for the step, unless the caller fixed one with ``options``.
         """
         task = self.task
         try:
@@ -358,7 +359,7 @@ class BoundTask(Generic[P, R]):
             )
         if send.delay is not None or send.eta is not None:
             raise TaskError(f"task {task.name!r}: a workflow step cannot be delayed yet")
-        job_id = send.job_id or _new_job_id()
+        job_id = send.job_id or job_id
         queue = send.queue or task.config.queue
         spec: dict[str, Any] = {
             "id": job_id,
