@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import types
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import pytest
@@ -29,6 +29,7 @@ from worq_core import (
 )
 from worq_core.job import ErrorInfo
 from worq_core.middleware import MiddlewareStack
+from worq_core.models import Message
 from worq_core.serializers import MsgpackSerializer
 from worq_memory import MemoryBroker, MemoryStorage
 
@@ -140,6 +141,36 @@ def test_a_veto_sends_nothing_of_the_batch() -> None:
     with pytest.raises(EnqueueRejected):
         pay.enqueue_many([(1,), (-2,), (3,)])
     assert all(s.ready == 0 for s in app.broker.stats())
+
+
+def test_after_enqueue_sees_each_call_once_with_its_jobs_and_how_the_send_ended() -> None:
+    seen: list[tuple[list[str], str | None]] = []
+
+    class Watch(Middleware):
+        def after_enqueue(
+            self, requests: Sequence[EnqueueRequest], error: BaseException | None
+        ) -> None:
+            seen.append(([r.job_id for r in requests], type(error).__name__ if error else None))
+
+    broker = MemoryBroker()
+    app = Worq(broker=broker, middleware=[Watch()])
+
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    one = add.enqueue(1, 2)
+    many = add.enqueue_many([(1, 1), (2, 2)])
+    assert seen == [([one.id], None), ([j.id for j in many], None)]
+
+    def refuse(messages: Sequence[Message]) -> list[bool]:
+        raise ConnectionError("the broker went away")
+
+    broker.enqueue = refuse  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        add.enqueue(3, 4)
+    assert len(seen[-1][0]) == 1
+    assert seen[-1][1] == "ConnectionError"
 
 
 def test_decide_may_change_the_verdict_and_after_settle_sees_the_final_one() -> None:

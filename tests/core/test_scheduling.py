@@ -407,7 +407,7 @@ def test_a_rate_limit_becomes_a_gcra_interval_and_burst(app: Worq) -> None:
     @app.task(rate_limit="100/m", rate_key=lambda tenant, **_: tenant)
     def call(tenant: str) -> None: ...
 
-    message, _ = call.options()._prepare(["acme"], {}, None)
+    message, _, _ = call.options()._prepare(["acme"], {}, None)
     assert message.rate is not None
     assert message.rate.key == f"{call.name}:acme"
     assert message.rate.interval == pytest.approx(0.6)

@@ -81,6 +81,15 @@ class Middleware:
         Raise :class:`~worq_core.errors.EnqueueRejected` to veto: nothing of the batch is sent.
         """
 
+    def after_enqueue(
+        self, requests: Sequence[EnqueueRequest], error: BaseException | None
+    ) -> None:
+        """Called once per enqueue call (one job, or a batch) after the broker answered.
+
+        ``error`` is what the send raised (the jobs may not exist), else ``None``. Jobs that
+        a workflow step sends with its settlement, and scheduled ticks, do not pass here.
+        """
+
     def wrap_run(self, job: JobContext, call: Callable[[], Any]) -> Any:
         """Run a sync task: call ``call()`` (once) and return its result, or raise."""
         return call()
@@ -118,6 +127,9 @@ class MiddlewareStack:
         self.middlewares = tuple(middlewares)
         self.enqueue = tuple(
             m.before_enqueue for m in middlewares if _overrides(m, "before_enqueue")
+        )
+        self.after_enqueues = tuple(
+            m.after_enqueue for m in middlewares if _overrides(m, "after_enqueue")
         )
         self.wraps = tuple(m.wrap_run for m in middlewares if _overrides(m, "wrap_run"))
         self.async_wraps = tuple(

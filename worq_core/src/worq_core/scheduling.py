@@ -68,7 +68,7 @@ class Schedule:
         """The job this schedule enqueues for ``tick``, prepared as any enqueue is."""
         headers = {SCHEDULE_HEADER: self.name, TICK_HEADER: repr(tick)}
         bound = self.task.options(queue=self.queue, headers=headers)
-        message, _ = bound._prepare(list(self.args), dict(self.kwargs), None)
+        message, _, _ = bound._prepare(list(self.args), dict(self.kwargs), None)
         return message
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
+import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
 
@@ -20,6 +22,8 @@ from worq_core.middleware import EnqueueRequest
 from worq_core.models import Capability, Message, UniqueUntil
 from worq_core.retry import RetryPolicy
 from worq_core.validation import check_job_id, check_queue
+
+logger = logging.getLogger("worq.task")
 
 if TYPE_CHECKING:
     from worq_core.app import Worq
@@ -260,13 +264,38 @@ class BoundTask(Generic[P, R]):
 
         A unique job whose key is held returns the handle of the job that holds it.
         """
-        message, job = self._prepare(list(args), dict(kwargs), self.send.job_id)
-        return self._standing(job, self._send(message))
+        message, job, request = self._prepare(list(args), dict(kwargs), self.send.job_id)
+        if request is None or not self.task.app.middleware.after_enqueues:
+            return self._standing(job, self._send(message))
+        with self._reporting([request]):
+            return self._standing(job, self._send(message))
 
     async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """:meth:`enqueue` for asyncio code; the broker call runs on a thread."""
-        message, job = self._prepare(list(args), dict(kwargs), self.send.job_id)
-        return self._standing(job, await asyncio.to_thread(self._send, message))
+        message, job, request = self._prepare(list(args), dict(kwargs), self.send.job_id)
+        with self._reporting([request]):
+            return self._standing(job, await asyncio.to_thread(self._send, message))
+
+    @contextlib.contextmanager
+    def _reporting(self, requests: Sequence[EnqueueRequest | None]) -> Iterator[None]:
+        """Tell the ``after_enqueue`` middleware how sending ``requests`` ended."""
+        hooks = self.task.app.middleware.after_enqueues
+        if not hooks:
+            yield
+            return
+        sent = [request for request in requests if request is not None]
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            for hook in hooks:
+                try:
+                    hook(sent, error)
+                except Exception:
+                    logger.exception("after_enqueue middleware %r failed", hook)
 
     def _standing(self, job: Job[R], holder: str | None) -> Job[R]:
         """``job``, or a handle on ``holder``: the equal job that stands for it."""
@@ -308,30 +337,35 @@ class BoundTask(Generic[P, R]):
                 )
         if not prepared:
             return []
-        messages = [message for message, _ in prepared]
+        messages = [message for message, _, _ in prepared]
         broker = self.task.app.broker
-        if any(message.unique is not None for message in messages):
-            holders = broker.enqueue_unique(messages)
-            return [self._standing(job, h) for (_, job), h in zip(prepared, holders, strict=True)]
-        broker.enqueue(messages)
-        return [job for _, job in prepared]
+        with self._reporting([request for _, _, request in prepared]):
+            if any(message.unique is not None for message in messages):
+                holders = broker.enqueue_unique(messages)
+                return [
+                    self._standing(job, h) for (_, job, _), h in zip(prepared, holders, strict=True)
+                ]
+            broker.enqueue(messages)
+        return [job for _, job, _ in prepared]
 
     def _headers(
         self, job_id: str, queue: str, args: list[Any], kwargs: dict[str, Any]
-    ) -> Mapping[str, str] | None:
-        """The job's headers: these options', then what the app's enqueue middleware set."""
+    ) -> tuple[Mapping[str, str] | None, EnqueueRequest | None]:
+        """The job's headers: these options', then what the app's enqueue middleware set.
+
+        Also the request the middleware saw (``None`` when no middleware looks at enqueues).
+        """
         headers = self.send.headers
-        hooks = self.task.app.middleware.enqueue
-        if hooks:
-            request = EnqueueRequest(
-                self.task.name, job_id, queue, args, kwargs, dict(headers or {})
-            )
-            for hook in hooks:
-                hook(request)
-            headers = request.headers
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
-                raise TaskError(f"middleware set headers that are not all strings: {headers!r}")
-        return headers
+        stack = self.task.app.middleware
+        if not (stack.enqueue or stack.after_enqueues):
+            return headers, None
+        request = EnqueueRequest(self.task.name, job_id, queue, args, kwargs, dict(headers or {}))
+        for hook in stack.enqueue:
+            hook(request)
+        headers = request.headers
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+            raise TaskError(f"middleware set headers that are not all strings: {headers!r}")
+        return headers, request
 
     def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
         """A signature of this call with these options, for a workflow (:mod:`worq_core.canvas`)."""
@@ -372,7 +406,7 @@ class BoundTask(Generic[P, R]):
         }
         if send.job_id:
             spec["fixed"] = True  # a caller's id: an earlier run's record is cleared on enqueue
-        headers = self._headers(job_id, queue, args, kwargs)
+        headers, _ = self._headers(job_id, queue, args, kwargs)
         if headers:
             spec["h"] = dict(headers)
         if self._job_options:
@@ -381,7 +415,7 @@ class BoundTask(Generic[P, R]):
 
     def _prepare(
         self, args: list[Any], kwargs: dict[str, Any], job_id: str | None
-    ) -> tuple[Message, Job[R]]:
+    ) -> tuple[Message, Job[R], EnqueueRequest | None]:
         task = self.task
         app = task.app
         # Whether arguments bind depends only on their count and keyword names, so a count of
@@ -398,7 +432,7 @@ class BoundTask(Generic[P, R]):
             job_id = _new_job_id()
         send, config = self.send, task.config
         queue = send.queue or config.queue
-        headers = self._headers(job_id, queue, args, kwargs)
+        headers, request = self._headers(job_id, queue, args, kwargs)
         now = time.time()
         envelope = Envelope(
             job_id, task.name, args, kwargs, now, headers or _NO_HEADERS, self._job_options
@@ -415,7 +449,7 @@ class BoundTask(Generic[P, R]):
             message = self._limited(
                 Message(job_id, queue, body, priority, eta, clear_record=fixed), args, kwargs
             )
-        return message, Job(app, job_id, queue, task.name)
+        return message, Job(app, job_id, queue, task.name), request
 
     def _limited(self, message: Message, args: list[Any], kwargs: dict[str, Any]) -> Message:
         """``message`` with the unique key and limits of this call, checked against the broker."""
