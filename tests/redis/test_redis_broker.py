@@ -524,7 +524,7 @@ def test_every_script_is_registered_with_the_lua_module() -> None:
         "reap",
         "cancel",
     }
-    assert set(lua.LOOKUP_SCRIPTS) == {"job_state"}
+    assert set(lua.LOOKUP_SCRIPTS) == {"job_state", "find_job"}
 
 
 # -- worker registry and the lease keeper's URL ----------------------------------------------------

@@ -12,10 +12,13 @@ from worq_core.models import (
     Capability,
     DeadJob,
     Delivery,
+    Event,
     GroupSpec,
     GroupState,
     JobState,
+    JobStatus,
     LeaseState,
+    ListedJob,
     Message,
     QueueStats,
     Settlement,
@@ -234,6 +237,45 @@ class Broker(ABC):
     @abstractmethod
     def purge_dead(self, queue: str) -> int:
         """Delete every dead job of ``queue``; returns how many were deleted."""
+
+    LISTED_STATES: ClassVar[frozenset[JobStatus]] = frozenset(
+        {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.RUNNING, JobStatus.DEAD}
+    )
+    """The states :meth:`list_jobs` lists (RETRYING jobs are listed under SCHEDULED)."""
+
+    def list_jobs(
+        self, queue: str, status: JobStatus, offset: int = 0, limit: int = 50
+    ) -> list[ListedJob]:
+        """A page of ``queue``'s jobs in ``status``: at most ``limit``, skipping ``offset``.
+
+        QUEUED jobs come in the order they will be fetched, SCHEDULED ones (retrying jobs
+        among them, with their own status) by due time, RUNNING ones by lease deadline, and
+        DEAD ones newest first. A page costs about ``offset + limit``, never the whole queue
+        (:attr:`Capability.LISTING`). An offset is a position, so jobs that leave the state
+        between two pages shift the later ones.
+        """
+        raise BrokerError(f"the {self.name} broker cannot list jobs")
+
+    def find_job(self, job_id: str) -> ListedJob | None:
+        """The job with this id if the broker holds it (in any state), with its body."""
+        raise BrokerError(f"the {self.name} broker cannot look up jobs")
+
+    def publish_events(self, events: Sequence[Event]) -> None:  # noqa: B027 - optional
+        """Append ``events`` to the recent-events stream, dropping the oldest beyond its bound.
+
+        Brokers with :attr:`Capability.EVENTS` keep them; by default they are dropped.
+        """
+
+    def read_events(
+        self, after: str | None = None, limit: int = 100, timeout: float = 0.0
+    ) -> list[Event]:
+        """Events from the stream, oldest first, each with its ``id``.
+
+        With ``after=None``, the newest ``limit`` events. With the ``id`` of an event, at most
+        ``limit`` events that came after it, waiting up to ``timeout`` seconds for the first
+        one (without polling). An ``after`` older than the stream's bound starts at its oldest.
+        """
+        return []
 
     def register_worker(self, info: WorkerInfo, ttl: float) -> None:  # noqa: B027 - optional
         """Record a live worker; it is forgotten ``ttl`` seconds after its last registration.

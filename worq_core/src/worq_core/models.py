@@ -68,6 +68,12 @@ class Capability(enum.StrEnum):
     """Enqueues :attr:`Settlement.then` with the settlement, and counts group members as they
     settle (:meth:`Broker.open_group`): the step that settles a group's last member enqueues
     its callback. Chains, groups and chords are built on it."""
+    LISTING = "listing"
+    """Lists a queue's jobs by state a page at a time (:meth:`Broker.list_jobs`) and finds a
+    held job by id with its body (:meth:`Broker.find_job`), for operators' tools."""
+    EVENTS = "events"
+    """Keeps a bounded stream of recent job events (:meth:`Broker.publish_events`) that other
+    processes follow (:meth:`Broker.read_events`) without scanning anything."""
 
 
 class LeaseState(enum.StrEnum):
@@ -306,6 +312,53 @@ class DeadJob:
     reason: str
     attempts: int
     died_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ListedJob:
+    """A job the broker holds, as :meth:`Broker.list_jobs` and :meth:`Broker.find_job` give it."""
+
+    id: str
+    queue: str
+    status: JobStatus
+    """QUEUED, SCHEDULED, RETRYING, RUNNING or DEAD."""
+    body: bytes
+    attempts: int = 0
+    at: float | None = None
+    """Its due time (scheduled, retrying), lease deadline (running) or death (dead)."""
+    reason: str = ""
+    """The last error of a retried or dead job."""
+
+
+class EventKind(enum.StrEnum):
+    """What happened to a job, as an :class:`Event` says."""
+
+    ENQUEUED = "enqueued"
+    STARTED = "started"
+    PROGRESS = "progress"
+    RETRIED = "retried"
+    SUCCEEDED = "succeeded"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One state change of a job, in the broker's recent-events stream."""
+
+    kind: EventKind
+    job_id: str
+    task: str
+    queue: str
+    at: float
+    """Unix time it happened."""
+    attempt: int = 0
+    worker: str = ""
+    """The id of the worker it happened in (empty for an enqueue)."""
+    detail: str = ""
+    """The error of a retry or death, a progress message, or a run's duration in seconds."""
+    id: str = ""
+    """Its place in the stream, set by the broker: a cursor for :meth:`Broker.read_events`."""
 
 
 @dataclass(frozen=True, slots=True)

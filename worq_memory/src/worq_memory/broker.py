@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Self
@@ -20,10 +21,12 @@ from worq_core.models import (
     ConcurrencyLimit,
     DeadJob,
     Delivery,
+    Event,
     GroupSpec,
     GroupState,
     JobState,
     LeaseState,
+    ListedJob,
     Message,
     Outcome,
     QueueStats,
@@ -155,6 +158,8 @@ class MemoryBroker(Broker):
             Capability.UNIQUE,
             Capability.LIMITS,
             Capability.WORKFLOWS,
+            Capability.LISTING,
+            Capability.EVENTS,
         }
     )
 
@@ -166,6 +171,7 @@ class MemoryBroker(Broker):
         dead_max_count: int = 10_000,
         dead_max_age: float = 7 * 24 * 3600.0,
         storage: MemoryStorage | None = None,
+        events_max: int = 10_000,
     ) -> None:
         self.url = url
         self.clock = clock
@@ -183,6 +189,9 @@ class MemoryBroker(Broker):
         self._groups: dict[str, _Group] = {}  # recorded and not yet released nor expired
         self._expiring: list[tuple[float, str]] = []  # (expires, id) of complete groups; a heap
         self._complete = 0  # complete groups in ``_groups``, to bound stale ``_expiring`` entries
+        self._events: deque[Event] = deque(maxlen=events_max)  # ids: consecutive integers
+        self._event_ids = itertools.count(1)
+        self._new_events = threading.Condition()
 
     @override
     @classmethod
@@ -501,6 +510,73 @@ class MemoryBroker(Broker):
                 del self._jobs[job_id]
             q.dead.clear()
             return count
+
+    @override
+    def list_jobs(
+        self, queue: str, status: JobStatus, offset: int = 0, limit: int = 50
+    ) -> list[ListedJob]:
+        if status not in self.LISTED_STATES:
+            raise BrokerError(f"cannot list jobs by status {status.value!r}")
+        with self._changed:
+            q = self._queues.get(queue)
+            if q is None or limit <= 0:
+                return []
+            now = self.clock()
+            self._promote(q, now)
+            # In-process and small: sorting what the queue holds is cheaper than indexes kept
+            # on every state change (a Redis page costs offset + limit instead).
+            if status is JobStatus.DEAD:
+                self._trim_dead(q, now)
+                jobs = list(reversed(q.dead.values()))
+            elif status is JobStatus.QUEUED:
+                jobs = sorted(
+                    (j for j in self._jobs.values() if j.queue is q and j.state is status),
+                    key=lambda j: (-j.message.priority, j.seq),
+                )
+            elif status is JobStatus.RUNNING:
+                jobs = sorted(q.leased.values(), key=lambda j: j.lease_until)
+            else:
+                jobs = sorted(
+                    (j for j in self._jobs.values() if j.queue is q and j.state in _WAITING),
+                    key=lambda j: (j.due, j.seq),
+                )
+            return [_listed(j) for j in jobs[max(0, offset) : max(0, offset) + limit]]
+
+    @override
+    def find_job(self, job_id: str) -> ListedJob | None:
+        with self._changed:
+            job = self._current(job_id, self.clock())
+            return None if job is None else _listed(job)
+
+    @override
+    def publish_events(self, events: Sequence[Event]) -> None:
+        with self._new_events:
+            for event in events:
+                self._events.append(dataclasses.replace(event, id=str(next(self._event_ids))))
+            self._new_events.notify_all()
+
+    @override
+    def read_events(
+        self, after: str | None = None, limit: int = 100, timeout: float = 0.0
+    ) -> list[Event]:
+        if limit <= 0:
+            return []
+        try:
+            last = None if after is None else int(after)
+        except ValueError:
+            raise BrokerError(f"not an event id of this broker: {after!r}") from None
+        deadline = time.monotonic() + timeout
+        with self._new_events:
+            while True:
+                events = self._events
+                if last is None:
+                    return list(events)[-limit:]
+                start = max(0, last + 1 - int(events[0].id)) if events else 0
+                newer = list(itertools.islice(events, start, start + limit))
+                left = deadline - time.monotonic()
+                if newer or left <= 0:
+                    return newer
+                self._new_events.wait(left)
 
     @override
     def register_worker(self, info: WorkerInfo, ttl: float) -> None:
@@ -880,3 +956,16 @@ class MemoryBroker(Broker):
                 dues.append(queue.delayed[0][0])
             dues.extend(job.lease_until for job in queue.leased.values())
         return min(dues, default=None)
+
+
+def _listed(job: _Job) -> ListedJob:
+    at = {
+        JobStatus.SCHEDULED: job.due,
+        JobStatus.RETRYING: job.due,
+        JobStatus.RUNNING: job.lease_until,
+        JobStatus.DEAD: job.died_at,
+    }.get(job.state)
+    message = job.message
+    return ListedJob(
+        message.id, job.queue.name, job.state, message.body, job.attempts, at, job.reason
+    )

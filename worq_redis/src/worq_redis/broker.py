@@ -20,10 +20,13 @@ from worq_core.models import (
     CancelOutcome,
     DeadJob,
     Delivery,
+    Event,
+    EventKind,
     GroupSpec,
     GroupState,
     JobState,
     LeaseState,
+    ListedJob,
     Message,
     Outcome,
     QueueStats,
@@ -42,6 +45,7 @@ from worq_redis.connection import (
     clock_arg,
     command,
     connect,
+    events_key,
     group_key,
     ids_key,
     queue_keys,
@@ -75,6 +79,13 @@ _CANCELS = {
 _ENQUEUE, _FETCH, _SETTLE = SCRIPTS["enqueue"], SCRIPTS["fetch"], SCRIPTS["settle"]
 _SETTLE_FETCH, _EXTEND = SCRIPTS["settle_fetch"], SCRIPTS["extend"]
 _JOB_STATE, _CANCEL = SCRIPTS["job_state"], SCRIPTS["cancel"]
+_FIND_JOB = SCRIPTS["find_job"]
+_LISTED = {
+    JobStatus.QUEUED: "ready",
+    JobStatus.SCHEDULED: "delayed",
+    JobStatus.RUNNING: "leased",
+    JobStatus.DEAD: "dead",
+}
 _FIRE_SCHEDULE, _SCHEDULE_CAS = SCRIPTS["fire_schedule"], SCRIPTS["schedule_cas"]
 _OPEN_GROUP = SCRIPTS["open_group"]
 _NO_MESSAGE: Final[tuple[Arg, ...]] = ("",) * 10
@@ -166,6 +177,37 @@ def _job_state(reply: Any) -> JobState | None:
     return JobState(_text(reply[0]), _STATES[reply[1]], int(reply[2]), progress, bool(reply[3]))
 
 
+def _listed(
+    queue: str, job_id: Any, body: Any, state: Any, attempts: Any, at: Any, reason: Any
+) -> ListedJob:
+    """A ``list_jobs`` / ``find_job`` entry as a :class:`ListedJob`."""
+    return ListedJob(
+        _text(job_id),
+        queue,
+        _STATES[bytes(state)],
+        bytes(body),
+        int(attempts),
+        float(at) if at else None,
+        _text(reason),
+    )
+
+
+def _event(entry: Any) -> Event:
+    """A stream entry as an :class:`Event`."""
+    entry_id, fields = entry
+    return Event(
+        EventKind(_text(fields[b"k"])),
+        _text(fields[b"j"]),
+        _text(fields[b"t"]),
+        _text(fields[b"q"]),
+        float(fields[b"a"]),
+        int(fields[b"n"]),
+        _text(fields[b"w"]),
+        _text(fields[b"d"]),
+        _text(entry_id),
+    )
+
+
 def _by_queue(items: Sequence[T], queue_of: Any) -> dict[str, list[tuple[int, T]]]:
     groups: dict[str, list[tuple[int, T]]] = {}
     for index, item in enumerate(items):
@@ -215,6 +257,8 @@ class RedisBroker(Broker):
             Capability.LIMITS,
             Capability.SCHEDULES,
             Capability.WORKFLOWS,
+            Capability.LISTING,
+            Capability.EVENTS,
         }
     )
 
@@ -237,6 +281,7 @@ class RedisBroker(Broker):
         self._ids = ids_key(self.prefix)
         self._registry = registry_key(self.prefix)
         self._schedules = schedules_key(self.prefix)
+        self._events = events_key(self.prefix)
         self._ids_head: tuple[Arg, ...] = (1, self._ids)
         self._lane = Lane(self.client)
         s = self.settings
@@ -811,6 +856,69 @@ class RedisBroker(Broker):
             )
             for i in range(0, len(flat), 5)
         ]
+
+    @override
+    def list_jobs(
+        self, queue: str, status: JobStatus, offset: int = 0, limit: int = 50
+    ) -> list[ListedJob]:
+        """A page from one sorted set of the queue, in one read-only script (``list_jobs``)."""
+        which = _LISTED.get(status)
+        if which is None:
+            raise BrokerError(f"cannot list jobs by status {status.value!r}")
+        with self._errors():
+            flat = self._script("list_jobs", queue, [which, max(0, offset), limit])
+        return [_listed(queue, *flat[i : i + 6]) for i in range(0, len(flat), 6)]
+
+    @override
+    def find_job(self, job_id: str) -> ListedJob | None:
+        with self._errors():
+            reply = self._lane.script(_FIND_JOB, self._ids_head, (job_id, self.prefix))
+        if not reply:
+            return None
+        queue, state, attempts, body, at, reason = reply
+        return _listed(_text(queue), job_id, body, state, attempts, at, reason)
+
+    @override
+    def publish_events(self, events: Sequence[Event]) -> None:
+        """One pipelined ``XADD ... MAXLEN ~`` per event: the stream keeps about ``events_max``."""
+        if not events:
+            return
+        cap = self.settings.events_max
+        with self._errors(), self.client.pipeline(transaction=False) as pipe:
+            for event in events:
+                fields: dict[Any, Any] = {
+                    "k": event.kind.value,
+                    "j": event.job_id,
+                    "t": event.task,
+                    "q": event.queue,
+                    "a": repr(event.at),
+                    "n": event.attempt,
+                    "w": event.worker,
+                    "d": event.detail,
+                }
+                pipe.xadd(self._events, fields, maxlen=cap, approximate=True)
+            pipe.execute()
+
+    @override
+    def read_events(
+        self, after: str | None = None, limit: int = 100, timeout: float = 0.0
+    ) -> list[Event]:
+        """``XREVRANGE`` for the newest; ``XREAD BLOCK`` (``block_max`` at most a call) after."""
+        if limit <= 0:
+            return []
+        with self._errors():
+            if after is None:
+                newest: Any = self.client.xrevrange(self._events, "+", "-", count=limit)
+                return [_event(entry) for entry in reversed(newest)]
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                block = max(1, int(min(left, self.settings.block_max) * 1000)) if left > 0 else None
+                reply: Any = self.client.xread({self._events: after}, count=limit, block=block)
+                if reply:
+                    return [_event(entry) for entry in reply[0][1]]
+                if block is None or time.monotonic() >= deadline:
+                    return []
 
     @override
     def requeue_dead(self, queue: str, job_ids: Sequence[str] | None = None) -> int:

@@ -57,6 +57,9 @@ class RedisSettings:
     """Due delayed jobs moved to ready per fetch."""
     enqueue_chunk: int = 1000
     """Jobs per enqueue script call; a larger batch is several calls in one transaction."""
+    events_max: int = 10_000
+    """About how many recent events the events stream keeps (``XADD MAXLEN ~``): the oldest
+    go first."""
 
     def __post_init__(self) -> None:
         if not self.prefix or "{" in self.prefix or "}" in self.prefix:
@@ -221,6 +224,11 @@ def schedules_key(prefix: str) -> str:
     the queue its job goes to), so it is outside every queue's Cluster slot.
     """
     return f"{prefix}:schedules"
+
+
+def events_key(prefix: str) -> str:
+    """The recent-events STREAM of ``prefix``, capped near ``RedisSettings.events_max``."""
+    return f"{prefix}:events"
 
 
 def group_key(prefix: str, group_id: str) -> str:

@@ -1299,6 +1299,48 @@ end
 return out
 """
 
+LIST_JOBS = r"""
+-- ARGV: which structure (ready | delayed | leased | dead), offset, limit. Read-only.
+-- One page in its order (ready: fetch order; delayed, leased: by score; dead: newest first),
+-- costing O(log n + offset + limit). Returns per job: id, body, state, attempts, at, reason.
+local which = ARGV[1]
+local offset = number_arg(ARGV[2], "offset")
+local limit = number_arg(ARGV[3], "limit")
+local out = {}
+if limit <= 0 then
+  return out
+end
+local last = offset + limit - 1
+local ids, scores = {}, {}
+if which == "ready" then
+  for _, m in ipairs(redis.call("ZRANGE", K_READY, offset, last)) do
+    ids[#ids + 1] = string.sub(m, 17)
+  end
+elseif which == "dead" then
+  ids = redis.call("ZREVRANGE", K_DEAD, offset, last)
+else
+  local flat = redis.call("ZRANGE", which == "leased" and K_LEASED or K_DELAYED, offset, last,
+    "WITHSCORES")
+  for i = 1, #flat, 2 do
+    ids[#ids + 1] = flat[i]
+    scores[#ids] = flat[i + 1]
+  end
+end
+for i, id in ipairs(ids) do
+  local m = redis.call("HGET", K_META, id)
+  if m then
+    local j = parse(m)
+    out[#out + 1] = id
+    out[#out + 1] = redis.call("HGET", K_JOBS, id)
+    out[#out + 1] = j.st
+    out[#out + 1] = j.at
+    out[#out + 1] = scores[i] or (j.st == "d" and j.ex) or ""
+    out[#out + 1] = redis.call("HGET", K_REASON, id) or ""
+  end
+end
+return out
+"""
+
 REQUEUE_DEAD = r"""
 -- ARGV: clock, dead max count, dead max age, "all" or "ids", then ids.
 -- Retention first (a job past it is gone, not requeued); then dead jobs go to the back of
@@ -1379,6 +1421,32 @@ end
 return out
 """
 
+FIND_JOB = r"""
+-- KEYS: the id index. ARGV: id, key prefix. Read-only, like job_state, reading the keys of the
+-- queue it finds by name. Returns false, or {queue, state, attempts, body, at, reason}.
+local id = ARGV[1]
+local queue = redis.call("HGET", KEYS[1], id)
+if not queue then
+  return false
+end
+local base = ARGV[2] .. ":{" .. queue .. "}:"
+local m = redis.call("HGET", base .. "meta", id)
+if not m then
+  return false
+end
+local j = parse(m)
+local at = ""
+if j.st == "l" then
+  at = redis.call("ZSCORE", base .. "leased", id) or ""
+elseif j.st == "s" or j.st == "r" then
+  at = redis.call("ZSCORE", base .. "delayed", id) or ""
+elseif j.st == "d" then
+  at = j.ex
+end
+return {queue, j.st, j.at, redis.call("HGET", base .. "jobs", id), at,
+  redis.call("HGET", base .. "reason", id) or ""}
+"""
+
 FIRE_SCHEDULE = r"""
 -- KEYS: the keys of the job's queue and the id index, the queue registry, the schedules hash.
 -- ARGV: clock, schedule, tick, last fire ("": no record yet), then the job's 10 message values
@@ -1443,6 +1511,7 @@ QUEUE_SCRIPTS: Final = {
     "cancel": CANCEL,
     "stats": STATS,
     "dead_jobs": DEAD_JOBS,
+    "list_jobs": LIST_JOBS,
     "requeue_dead": REQUEUE_DEAD,
     "purge_dead": PURGE_DEAD,
     "fire_schedule": FIRE_SCHEDULE,
@@ -1456,7 +1525,7 @@ hash as ``KEYS[13]``)."""
 SCHEDULE_SCRIPTS: Final = {"schedule_cas": SCHEDULE_CAS}
 """Scripts that take the prefix's schedules hash alone."""
 
-LOOKUP_SCRIPTS: Final = {"job_state": JOB_STATE}
+LOOKUP_SCRIPTS: Final = {"job_state": JOB_STATE, "find_job": FIND_JOB}
 """Scripts that take the id index alone and find the job's queue in it."""
 
 RESULT_SCRIPTS: Final = {"save_result": SAVE_RESULT, "arm_wait": ARM_WAIT}

@@ -23,6 +23,7 @@ from worq_core.models import (
     WorkerInfo,
 )
 from worq_core.storage import Storage
+from worq_core.testing.inspection_contract import InspectionBrokerContract
 from worq_core.testing.scheduling_contract import SchedulingBrokerContract
 from worq_core.testing.support import (
     CLOCK_SLACK,
@@ -63,7 +64,7 @@ def fetch_one(broker: Broker, queue: str, lease: float = LEASE) -> Delivery:
     return delivery
 
 
-class BrokerContract(SchedulingBrokerContract, WorkflowBrokerContract):
+class BrokerContract(SchedulingBrokerContract, WorkflowBrokerContract, InspectionBrokerContract):
     """Subclass and provide a ``broker`` fixture yielding a fresh broker.
 
     Every case uses queues (and job ids) of its own, so a broker shared between cases also

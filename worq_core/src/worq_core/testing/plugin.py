@@ -10,6 +10,7 @@ import pytest
 
 pytest.register_assert_rewrite(
     "worq_core.testing.broker_contract",
+    "worq_core.testing.inspection_contract",
     "worq_core.testing.scheduling_contract",
     "worq_core.testing.serializer_contract",
     "worq_core.testing.storage_contract",
