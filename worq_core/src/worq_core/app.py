@@ -5,17 +5,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
 from zoneinfo import ZoneInfo
 
 from worq_core.broker import Broker
-from worq_core.errors import TaskError, UnknownTaskError, UnsupportedError
-from worq_core.job import Job, encode_cancelled
+from worq_core.errors import DeserializationError, TaskError, UnknownTaskError, UnsupportedError
+from worq_core.job import Envelope, Job, encode_cancelled
 from worq_core.limits import KeyFunction, TaskLimits
 from worq_core.middleware import Middleware, MiddlewareStack
-from worq_core.models import CancelOutcome, Capability, UniqueUntil
+from worq_core.models import CancelOutcome, Capability, Event, EventKind, UniqueUntil
 from worq_core.registry import Registry, default_registry
 from worq_core.retry import RetryPolicy
 from worq_core.scheduling import Missed, Schedule, make_schedule
@@ -56,8 +57,9 @@ class Worq:
     backend. ``middleware`` is an ordered list of :class:`Middleware` instances, or names of
     middleware classes that plugins registered. ``max_payload`` (bytes, default 16 MiB) caps
     one job's encoded arguments; larger ones raise :class:`~worq_core.errors.PayloadTooLarge`
-    before anything is sent. Building an app does no I/O; the broker and storage are created
-    on first use.
+    before anything is sent. ``events=True`` sends every state change of the app's jobs to the
+    broker's recent-events stream (:mod:`worq_core.events`), for the dashboard and other
+    followers. Building an app does no I/O; the broker and storage are created on first use.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class Worq:
         registry: Registry | None = None,
         middleware: Sequence[Middleware | str] = (),
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        events: bool = False,
     ) -> None:
         if max_payload < 1:
             raise ValueError("max_payload must be positive")
@@ -79,6 +82,7 @@ class Worq:
         self.result_ttl = result_ttl
         self.max_payload = max_payload
         self._middleware_spec = tuple(middleware)
+        self.events = events
         self._registry = registry
         self._broker_spec = broker
         self._storage_spec = storage
@@ -140,6 +144,11 @@ class Worq:
             m if isinstance(m, Middleware) else self.registry.middleware_class(m)()
             for m in self._middleware_spec
         ]
+        if self.events:
+            from worq_core.events import EventsMiddleware
+
+            # Outermost: a run's "started" is told before any other middleware's work.
+            resolved.insert(0, EventsMiddleware(self))
         return MiddlewareStack(resolved)
 
     @functools.cached_property
@@ -402,13 +411,33 @@ class Worq:
         if Capability.CANCEL not in broker.capabilities:
             raise UnsupportedError(broker.name, Capability.CANCEL.value, "cancelling a job")
         record = encode_cancelled(self.serializer)
+        held = self._held_for_event(job_id)
         if self.broker_stores_results:
             outcome = broker.cancel(job_id, record, self.result_ttl)
         else:
             outcome = broker.cancel(job_id)
             if outcome is CancelOutcome.REMOVED:
                 self.storage.save({job_id: record}, self.result_ttl)
+        if held is not None and outcome is CancelOutcome.REMOVED:
+            # A running job's cancellation is told by its worker, when it ends.
+            task, queue = held
+            event = Event(EventKind.CANCELLED, job_id, task, queue, time.time())
+            self.broker.publish_events([event])
         return outcome is not CancelOutcome.NOT_FOUND
+
+    def _held_for_event(self, job_id: str) -> tuple[str, str] | None:
+        """The task and queue of a job about to be cancelled, when events are on."""
+        if not self.events:
+            return None
+        if Capability.LISTING not in self.broker.capabilities:
+            return "", ""
+        held = self.broker.find_job(job_id)
+        if held is None:
+            return None
+        try:
+            return Envelope.decode(held.body, self.serializer).task, held.queue
+        except DeserializationError:
+            return "", held.queue
 
     # -- workers -------------------------------------------------------------------------------
 
