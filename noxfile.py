@@ -8,7 +8,7 @@ nox.options.sessions = ["tests", "lint", "types", "docs"]
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
 
-PACKAGES = ["./worq_core[testing]", "./worq_memory", "./worq_redis"]
+PACKAGES = ["./worq_core[testing,prometheus]", "./worq_memory", "./worq_redis"]
 TEST_DEPS = ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "fakeredis[lua]>=2.20"]
 
 
