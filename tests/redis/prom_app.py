@@ -12,7 +12,7 @@ import time
 
 import redis
 
-from worq_core import RetryPolicy, Worq
+from worq_core import RetryPolicy, Worq, current_job
 
 URL = os.environ["WORQ_RUNTIME_URL"]
 LOG = os.environ["WORQ_RUNTIME_LOG"]
@@ -48,5 +48,7 @@ def spawn(n: int) -> None:
 
 @app.task(name="slow", queue="prom")
 def slow() -> None:
-    _report.rpush(f"{LOG}:slow", os.getpid())
-    time.sleep(60)  # killed long before it ends
+    """Hangs on its first attempt (its process is SIGKILLed); the redelivery returns at once."""
+    if current_job().attempt == 1:
+        _report.rpush(f"{LOG}:slow", os.getpid())
+        time.sleep(60)
