@@ -80,3 +80,10 @@ def bench_workflows(session: nox.Session) -> None:
     """What groups, chords and their counting cost against plain jobs, on the local Redis."""
     install_worq(session)
     session.run("python", "bench/workflow_bench.py", *session.posargs)
+
+
+@nox.session(name="bench-metrics")
+def bench_metrics(session: nox.Session) -> None:
+    """What the Prometheus middleware adds per job, in-process and in multiprocess mode."""
+    install_worq(session)
+    session.run("python", "bench/metrics_bench.py", *session.posargs)

@@ -279,6 +279,30 @@ def test_without_prometheus_client_the_middleware_says_which_extra_to_install(
     assert "worq-core[prometheus]" in lines[0]
 
 
+def test_enable_adds_the_middleware_outermost_once_and_keeps_resolved_instances(
+    registry: CollectorRegistry,
+) -> None:
+    from worq_core import Middleware
+
+    class Other(Middleware):
+        def wrap_run(self, job: JobContext, call: Any) -> Any:
+            return call()
+
+    other = Other()
+    app = Worq(middleware=[other])
+    app.middleware  # noqa: B018 - resolved before metrics are switched on, as after an enqueue
+    added = prometheus.enable(app, broker_metrics=False)
+    assert app.middleware.middlewares == (added, other)
+    assert app.middleware.wraps == (added.wrap_run, other.wrap_run)
+    assert not added.broker_metrics
+    assert prometheus.enable(app) is added  # found, not added twice
+    assert added.broker_metrics
+    own = PrometheusMiddleware(registry)
+    listed = Worq(middleware=[own])
+    assert prometheus.enable(listed) is own  # the app's own keeps its registry
+    assert listed.middleware.middlewares == (own,)
+
+
 # -- the broker collector --------------------------------------------------------------------------
 
 

@@ -120,6 +120,7 @@ class _Metrics:
         self.registry = registry
         self._runs: dict[tuple[str, str], tuple[Histogram, Histogram, Gauge]] = {}
         self._settled: dict[tuple[str, str, str], Counter] = {}
+        self._enqueued: dict[tuple[str, str, bool], Counter] = {}
         self._lock = threading.Lock()
         self._broker: BrokerCollector | None = None
         self._broker_users = 0
@@ -134,6 +135,13 @@ class _Metrics:
             )
             self._runs[task, queue] = children
         return children
+
+    def for_enqueue(self, task: str, queue: str, failed: bool) -> Counter:
+        child = self._enqueued.get((task, queue, failed))
+        if child is None:
+            counter = self.enqueue_errors if failed else self.enqueued
+            child = self._enqueued[task, queue, failed] = counter.labels(task, queue)
+        return child
 
     def for_settled(self, task: str, queue: str, outcome: str) -> Counter:
         child = self._settled.get((task, queue, outcome))
@@ -214,9 +222,10 @@ class PrometheusMiddleware(Middleware):
         self, requests: Sequence[EnqueueRequest], error: BaseException | None
     ) -> None:
         """Count the jobs sent (or not) by one enqueue call."""
-        counter = self._metrics.enqueued if error is None else self._metrics.enqueue_errors
+        for_enqueue = self._metrics.for_enqueue
+        failed = error is not None
         for request in requests:
-            counter.labels(request.task, request.queue).inc()
+            for_enqueue(request.task, request.queue, failed).inc()
 
     def wrap_run(self, job: JobContext, call: Callable[[], Any]) -> Any:
         """Time the run and count it in flight while it lasts."""
