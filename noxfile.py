@@ -8,7 +8,7 @@ nox.options.sessions = ["tests", "lint", "types", "docs"]
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
 
-PACKAGES = ["./worq_core[testing]", "./worq_memory", "./worq_redis"]
+PACKAGES = ["./worq_core[testing,prometheus]", "./worq_memory", "./worq_redis"]
 TEST_DEPS = ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "fakeredis[lua]>=2.20"]
 
 
@@ -80,3 +80,10 @@ def bench_workflows(session: nox.Session) -> None:
     """What groups, chords and their counting cost against plain jobs, on the local Redis."""
     install_worq(session)
     session.run("python", "bench/workflow_bench.py", *session.posargs)
+
+
+@nox.session(name="bench-metrics")
+def bench_metrics(session: nox.Session) -> None:
+    """What the Prometheus middleware adds per job, in-process and in multiprocess mode."""
+    install_worq(session)
+    session.run("python", "bench/metrics_bench.py", *session.posargs)

@@ -151,6 +151,22 @@ class Worq:
             resolved.insert(0, EventsMiddleware(self))
         return MiddlewareStack(resolved)
 
+    def add_middleware(self, middleware: Middleware, *, outermost: bool = False) -> None:
+        """Add a middleware after the app was built, last in the order (or first).
+
+        For tools that switch a feature on from outside the user's module, such as ``worq
+        worker --metrics-port``. Instances already resolved are kept (with their state); a
+        worker built before the call does not see it.
+        """
+        spec = (middleware,)
+        self._middleware_spec = (
+            spec + self._middleware_spec if outermost else self._middleware_spec + spec
+        )
+        if "middleware" in self.__dict__:  # already resolved: keep those instances
+            current = list(self.middleware.middlewares)
+            stack = [middleware, *current] if outermost else [*current, middleware]
+            self.__dict__["middleware"] = MiddlewareStack(stack)
+
     @functools.cached_property
     def broker_stores_results(self) -> bool:
         """Whether the broker writes this app's records itself, atomically with its changes."""

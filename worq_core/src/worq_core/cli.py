@@ -412,7 +412,22 @@ def worker_logging(level: str, fmt: str) -> Iterator[None]:
     help="Fire the app's periodic schedules from this worker too (safe in every worker: "
     "each tick fires once across all of them).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    metavar="PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (needs worq-core[prometheus]); "
+    "with --processes, one scrape shows the sum over every process.",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    metavar="HOST",
+    help="Address --metrics-port binds (0.0.0.0 for every interface).",
+)
 @click.option("--supervised", is_flag=True, hidden=True)
+@click.option("--metrics-child", is_flag=True, hidden=True)
 @click.pass_obj
 def worker(
     state: CliState,
@@ -428,7 +443,10 @@ def worker(
     log_level: str,
     log_format: str,
     scheduler: bool,
+    metrics_port: int | None,
+    metrics_host: str,
     supervised: bool,
+    metrics_child: bool,
 ) -> None:
     """Run a worker until SIGTERM/SIGINT, or until idle with --burst.
 
@@ -468,7 +486,7 @@ def worker(
     # Recycling needs someone to start the successor: a supervisor, even for one process.
     if (processes > 1 or max_jobs_per_process or max_memory_per_process) and not supervised:
         with worker_logging(log_level, log_format):
-            sys.exit(Supervisor([*child, "--supervised"], processes, grace=grace).run())
+            sys.exit(_supervise(app, child, processes, grace, metrics_host, metrics_port))
     # Any "queue:weight" entry asks for weighted fetching (a:1,b:1 means an equal share).
     use_weights = bool(queues) and ":" in (queues or "")
     weighted = weighted or [(name, 1) for name in app.default_queues()]
@@ -487,10 +505,71 @@ def worker(
         scheduler=scheduler,
     )
     # The app belongs to the user's module, which may still use it: the CLI does not close it.
-    with worker_logging(log_level, log_format):
+    with worker_logging(log_level, log_format), _metrics(app, metrics_host, metrics_port):
+        if metrics_child:  # the supervisor serves the sum, and reads the broker once for all
+            from worq_core.contrib import prometheus
+
+            prometheus.enable(app, broker_metrics=False)
         reason = app.worker(settings=settings).run(burst=burst)
     if supervised and reason.wants_replacement:
         sys.exit(REPLACE_ME)
+
+
+def _need_prometheus() -> None:
+    """Fail with one line when the prometheus extra is missing (imports prometheus_client)."""
+    from worq_core.contrib import prometheus
+
+    try:
+        prometheus.require()
+    except WorqError as exc:
+        raise CliError(f"--metrics-port: {exc}") from exc
+
+
+@contextmanager
+def _metrics(app: Worq, host: str, port: int | None) -> Iterator[None]:
+    """Record the app's metrics and serve them from this process for the block."""
+    if port is None:
+        yield
+        return
+    _need_prometheus()
+    from worq_core.contrib import prometheus
+
+    try:
+        server = prometheus.MetricsServer(prometheus.enable(app).registry, host, port)
+    except OSError as exc:
+        raise CliError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
+    logging.getLogger("worq.prometheus").info("metrics at %s", server.url)
+    try:
+        yield
+    finally:
+        server.close()
+
+
+def _supervise(
+    app: Worq, child: list[str], processes: int, grace: float, host: str, port: int | None
+) -> int:
+    """Run the supervisor; with a metrics port it serves every child's metrics, summed."""
+    if port is None:
+        return Supervisor([*child, "--supervised"], processes, grace=grace).run()
+    _need_prometheus()
+    from worq_core.contrib import prometheus
+
+    try:
+        exporter = prometheus.MultiprocessExporter(app.broker, host, port)
+    except OSError as exc:
+        raise CliError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
+    log = logging.getLogger("worq.prometheus")
+    log.info("metrics of %d worker processes at %s", processes, exporter.server.url)
+    try:
+        return Supervisor(
+            [*child, "--supervised", "--metrics-child"],
+            processes,
+            grace=grace,
+            env=exporter.child_env(),
+            on_exit=exporter.process_exited,
+        ).run()
+    finally:
+        exporter.close()
 
 
 def _split_weighted_queues(value: str | None) -> list[tuple[str, int]] | None:

@@ -61,6 +61,7 @@ class JobContext:
         "_cancelled",
         "_on_progress",
         "attempt",
+        "enqueued_at",
         "headers",
         "id",
         "last_progress",
@@ -78,6 +79,8 @@ class JobContext:
         max_retries: int,
         headers: Mapping[str, str] | None = None,
         on_progress: Callable[[JobContext], None] | None = None,
+        *,
+        enqueued_at: float | None = None,
     ) -> None:
         self.id = id
         self.task = task
@@ -87,6 +90,9 @@ class JobContext:
         self.max_retries = max_retries
         self.headers: Mapping[str, str] = headers if headers is not None else {}
         """The job's string headers, as sent (``options(headers=...)`` and middleware)."""
+        self.enqueued_at = enqueued_at
+        """Unix time of the enqueue call, on the producer's clock (the same for every attempt);
+        ``None`` outside a worker. Metrics take queue wait from it."""
         self.last_progress: Progress | None = None
         """The latest :meth:`progress` report of this run."""
         self._cancelled = False

@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from worq_core.signals import on_stop_signals
@@ -47,6 +47,9 @@ class Supervisor:
     ``crash_window`` seconds, or six times as many deaths of any kind. Deaths by a signal
     (SIGKILL from the OOM killer, a task that segfaults) are restarted after a short pause:
     the worker did start, and the poison job ends in the dead-letter queue by its attempts.
+
+    Children get ``env`` (default: this process's environment); ``on_exit`` is told the pid of
+    each child that exited, once, after it was reaped (metrics drop its live gauges).
     """
 
     def __init__(
@@ -57,6 +60,8 @@ class Supervisor:
         grace: float = 30.0,
         max_crashes: int = 5,
         crash_window: float = 60.0,
+        env: Mapping[str, str] | None = None,
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
         if processes < 1:
             raise ValueError("processes must be at least 1")
@@ -64,6 +69,8 @@ class Supervisor:
         self.grace = grace
         self.max_crashes = max_crashes
         self.crash_window = crash_window
+        self.env = None if env is None else dict(env)
+        self.on_exit = on_exit
         self.slots = [_Slot(i) for i in range(processes)]
         self.restarts = 0
         self._signals = 0
@@ -107,7 +114,7 @@ class Supervisor:
         return slot.process is not None and slot.process.poll() is None
 
     def _start(self, slot: _Slot) -> None:
-        slot.process = subprocess.Popen(self.command, process_group=0)
+        slot.process = subprocess.Popen(self.command, process_group=0, env=self.env)
         slot.started = time.monotonic()
         log.info("supervisor: worker %d started, pid %d", slot.index, slot.process.pid)
         if self._signals:  # a stop arrived while it was being spawned
@@ -139,6 +146,7 @@ class Supervisor:
                         )
                         slot.process.kill()
                     continue
+                self._exited(slot.process.pid)
                 if self._signals or code == 0:
                     slot.finished = True
                     log.info(
@@ -161,6 +169,14 @@ class Supervisor:
                 return 0
             self._wake.wait(0.1)
             self._wake.clear()
+
+    def _exited(self, pid: int) -> None:
+        if self.on_exit is None:
+            return
+        try:
+            self.on_exit(pid)
+        except Exception:
+            log.exception("supervisor: the exit hook failed for pid %d", pid)
 
     def _crashed(self, slot: _Slot, code: int, now: float) -> bool:
         """Schedule a restart; returns False when the slot crashes too often to keep alive."""
@@ -209,3 +225,4 @@ class Supervisor:
                 )
                 slot.process.kill()
                 slot.process.wait()
+            self._exited(slot.process.pid)

@@ -408,6 +408,7 @@ class Worker:
             run.max_retries,
             envelope.headers,
             self._progress_reported,
+            enqueued_at=envelope.enqueued_at,
         )
         if delivery.cancel_requested:
             self.settle.decide(run)  # it was cancelled while an earlier delivery ran it
