@@ -8,8 +8,14 @@ nox.options.sessions = ["tests", "lint", "types", "docs"]
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
 
-PACKAGES = ["./worq_core[testing]", "./worq_memory", "./worq_redis"]
-TEST_DEPS = ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "fakeredis[lua]>=2.20"]
+PACKAGES = ["./worq_core[testing,otel]", "./worq_memory", "./worq_redis"]
+TEST_DEPS = [
+    "pytest>=8",
+    "pytest-timeout>=2.2",
+    "hypothesis>=6.100",
+    "fakeredis[lua]>=2.20",
+    "opentelemetry-sdk>=1.27",
+]
 
 
 def install_worq(session: nox.Session, *extra: str) -> None:
@@ -80,3 +86,10 @@ def bench_workflows(session: nox.Session) -> None:
     """What groups, chords and their counting cost against plain jobs, on the local Redis."""
     install_worq(session)
     session.run("python", "bench/workflow_bench.py", *session.posargs)
+
+
+@nox.session(name="bench-tracing")
+def bench_tracing(session: nox.Session) -> None:
+    """What the otel middleware costs per job on the memory broker, with the SDK exporting."""
+    install_worq(session, "opentelemetry-sdk>=1.27")
+    session.run("python", "bench/tracing_bench.py", *session.posargs)

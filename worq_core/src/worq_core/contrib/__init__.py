@@ -1,0 +1,1 @@
+"""Optional integrations, each behind an extra of worq-core and imported only when used."""
