@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from opentelemetry import trace
@@ -489,3 +490,24 @@ def test_otel_is_a_built_in_name_and_importing_it_loads_no_opentelemetry() -> No
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_tracing_example_prints_one_trace_from_the_request_to_every_run() -> None:
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, str(root / "examples" / "tracing" / "app.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "1 trace, 7 spans",
+        "POST /orders (INTERNAL)",
+        "  send default (PRODUCER, place_order)",
+        "    process default (CONSUMER, place_order, attempt 1, succeeded)",
+        "      send default (PRODUCER, charge)",
+        "        process default (CONSUMER, charge, attempt 1, retrying)",
+        "        process default (CONSUMER, charge, attempt 2, succeeded)",
+        "          call payment gateway (INTERNAL)",
+    ]
