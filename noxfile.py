@@ -8,8 +8,14 @@ nox.options.sessions = ["tests", "lint", "types", "docs"]
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
 
-PACKAGES = ["./worq_core[testing,prometheus]", "./worq_memory", "./worq_redis"]
-TEST_DEPS = ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "fakeredis[lua]>=2.20"]
+PACKAGES = ["./worq_core[testing,prometheus,otel]", "./worq_memory", "./worq_redis"]
+TEST_DEPS = [
+    "pytest>=8",
+    "pytest-timeout>=2.2",
+    "hypothesis>=6.100",
+    "fakeredis[lua]>=2.20",
+    "opentelemetry-sdk>=1.27",
+]
 
 
 def install_worq(session: nox.Session, *extra: str) -> None:
@@ -87,3 +93,10 @@ def bench_metrics(session: nox.Session) -> None:
     """What the Prometheus middleware adds per job, in-process and in multiprocess mode."""
     install_worq(session)
     session.run("python", "bench/metrics_bench.py", *session.posargs)
+
+
+@nox.session(name="bench-tracing")
+def bench_tracing(session: nox.Session) -> None:
+    """What the otel middleware costs per job on the memory broker, with the SDK exporting."""
+    install_worq(session, "opentelemetry-sdk>=1.27")
+    session.run("python", "bench/tracing_bench.py", *session.posargs)

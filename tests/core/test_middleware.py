@@ -173,6 +173,47 @@ def test_after_enqueue_sees_each_call_once_with_its_jobs_and_how_the_send_ended(
     assert seen[-1][1] == "ConnectionError"
 
 
+def test_after_enqueue_hears_of_a_call_that_failed_before_sending_with_its_error() -> None:
+    # What a before_enqueue opened (a span, a pending event) must close though nothing is sent.
+    seen: list[tuple[list[object], str]] = []
+
+    class Watch(Middleware):
+        def before_enqueue(self, request: EnqueueRequest) -> None:
+            return None
+
+        def after_enqueue(
+            self, requests: Sequence[EnqueueRequest], error: BaseException | None
+        ) -> None:
+            seen.append(([r.args[0] for r in requests], type(error).__name__))
+
+    class Veto(Middleware):
+        def before_enqueue(self, request: EnqueueRequest) -> None:
+            if request.args == ["no"]:
+                raise EnqueueRejected(request.task, "not this one")
+
+    app = Worq(broker=MemoryBroker(), middleware=[Watch(), Veto()], max_payload=200)
+
+    @app.task
+    def echo(text: str) -> str:
+        return text
+
+    with pytest.raises(EnqueueRejected):
+        echo.enqueue("no")
+    from worq_core.errors import PayloadTooLarge
+
+    with pytest.raises(PayloadTooLarge):
+        echo.enqueue("x" * 1000)
+    with pytest.raises(EnqueueRejected):
+        echo.enqueue_many([("a",), ("b",), ("no",)])
+    assert seen == [
+        (["no"], "EnqueueRejected"),
+        (["x" * 1000], "PayloadTooLarge"),
+        (["no"], "EnqueueRejected"),  # the item that failed
+        (["a", "b"], "EnqueueRejected"),  # and those prepared before it: none was sent
+    ]
+    assert all(s.ready == 0 for s in app.broker.stats())
+
+
 def test_decide_may_change_the_verdict_and_after_settle_sees_the_final_one() -> None:
     settled: list[tuple[str, JobStatus]] = []
 

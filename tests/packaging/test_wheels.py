@@ -80,7 +80,13 @@ def test_wheels_install_into_a_fresh_virtualenv_and_find_their_plugins(
     run(python, "-m", "pip", "install", "-q", *wheels.glob("*.whl"), cwd=tmp_path)
 
     plugins = run(venv / "bin" / "worq", "plugins", cwd=tmp_path)
-    for registered in ("broker memory", "serializer msgpack", "serializer json", "broker redis"):
+    for registered in (
+        "broker memory",
+        "serializer msgpack",
+        "serializer json",
+        "broker redis",
+        "middleware otel",  # registered without its extra, which only naming it needs
+    ):
         assert registered in plugins
 
     script = textwrap.dedent(
@@ -97,6 +103,12 @@ def test_wheels_install_into_a_fresh_virtualenv_and_find_their_plugins(
         job = add.enqueue(20, 22)
         app.worker().run(burst=True)
         print(job.result(timeout=5))
+        try:
+            Worq(middleware=["otel"]).middleware
+        except ImportError as exc:
+            assert "worq-core[otel]" in str(exc), exc
+        else:
+            raise AssertionError("otel built without opentelemetry-api")
         """
     )
     assert run(python, "-c", script, cwd=tmp_path).strip() == "42"

@@ -86,8 +86,10 @@ class Middleware:
     ) -> None:
         """Called once per enqueue call (one job, or a batch) after the broker answered.
 
-        ``error`` is what the send raised (the jobs may not exist), else ``None``. Jobs that
-        a workflow step sends with its settlement, and scheduled ticks, do not pass here.
+        ``error`` is what the send raised (the jobs may not exist), else ``None``. A call that
+        fails before sending (a veto, a payload too large) tells the jobs whose
+        ``before_enqueue`` ran, with that error. Workflow steps and scheduled ticks do not
+        pass here: the broker sends them.
         """
 
     def wrap_run(self, job: JobContext, call: Callable[[], Any]) -> Any:

@@ -291,11 +291,7 @@ class BoundTask(Generic[P, R]):
             error = exc
             raise
         finally:
-            for hook in hooks:
-                try:
-                    hook(sent, error)
-                except Exception:
-                    logger.exception("after_enqueue middleware %r failed", hook)
+            _tell_after_enqueue(hooks, sent, error)
 
     def _standing(self, job: Job[R], holder: str | None) -> Job[R]:
         """``job``, or a handle on ``holder``: the equal job that stands for it."""
@@ -326,15 +322,23 @@ class BoundTask(Generic[P, R]):
         if self.send.job_id is not None:
             raise TaskError("job_id names one job; it cannot be used with enqueue_many")
         prepared = []
-        for call in calls:
-            if isinstance(call, Mapping):
-                prepared.append(self._prepare([], dict(call), None))
-            elif isinstance(call, Sequence) and not isinstance(call, str | bytes):
-                prepared.append(self._prepare(list(call), {}, None))
-            else:
-                raise TaskArgumentsError(
-                    self.task.name, "each enqueue_many item is a tuple of args or a dict of kwargs"
-                )
+        try:
+            for call in calls:
+                if isinstance(call, Mapping):
+                    prepared.append(self._prepare([], dict(call), None))
+                elif isinstance(call, Sequence) and not isinstance(call, str | bytes):
+                    prepared.append(self._prepare(list(call), {}, None))
+                else:
+                    raise TaskArgumentsError(
+                        self.task.name,
+                        "each enqueue_many item is a tuple of args or a dict of kwargs",
+                    )
+        except BaseException as exc:
+            # Nothing of the batch is sent: the items prepared so far hear why.
+            earlier = [request for _, _, request in prepared if request is not None]
+            if earlier:
+                _tell_after_enqueue(self.task.app.middleware.after_enqueues, earlier, exc)
+            raise
         if not prepared:
             return []
         messages = [message for message, _, _ in prepared]
@@ -360,11 +364,16 @@ class BoundTask(Generic[P, R]):
         if not (stack.enqueue or stack.after_enqueues):
             return headers, None
         request = EnqueueRequest(self.task.name, job_id, queue, args, kwargs, dict(headers or {}))
-        for hook in stack.enqueue:
-            hook(request)
-        headers = request.headers
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
-            raise TaskError(f"middleware set headers that are not all strings: {headers!r}")
+        try:
+            for hook in stack.enqueue:
+                hook(request)
+            headers = request.headers
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+                raise TaskError(f"middleware set headers that are not all strings: {headers!r}")
+        except BaseException as exc:
+            # A veto (or a bad header): what an earlier before_enqueue opened must hear of it.
+            _tell_after_enqueue(stack.after_enqueues, [request], exc)
+            raise
         return headers, request
 
     def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
@@ -433,22 +442,27 @@ class BoundTask(Generic[P, R]):
         send, config = self.send, task.config
         queue = send.queue or config.queue
         headers, request = self._headers(job_id, queue, args, kwargs)
-        now = time.time()
-        envelope = Envelope(
-            job_id, task.name, args, kwargs, now, headers or _NO_HEADERS, self._job_options
-        )
-        body = envelope.encode(app.serializer)
-        if len(body) > app.max_payload:
-            raise PayloadTooLarge(app.serializer.name, len(body), app.max_payload)
-        eta = send.eta if send.eta is not None else (now + send.delay if send.delay else None)
-        priority = config.priority if send.priority is None else send.priority
-        limits = config.limits
-        if limits is None and send.unique is None and send.unique_key is None:
-            message = Message(job_id, queue, body, priority, eta, clear_record=fixed)
-        else:
-            message = self._limited(
-                Message(job_id, queue, body, priority, eta, clear_record=fixed), args, kwargs
+        try:
+            now = time.time()
+            envelope = Envelope(
+                job_id, task.name, args, kwargs, now, headers or _NO_HEADERS, self._job_options
             )
+            body = envelope.encode(app.serializer)
+            if len(body) > app.max_payload:
+                raise PayloadTooLarge(app.serializer.name, len(body), app.max_payload)
+            eta = send.eta if send.eta is not None else (now + send.delay if send.delay else None)
+            priority = config.priority if send.priority is None else send.priority
+            limits = config.limits
+            if limits is None and send.unique is None and send.unique_key is None:
+                message = Message(job_id, queue, body, priority, eta, clear_record=fixed)
+            else:
+                message = self._limited(
+                    Message(job_id, queue, body, priority, eta, clear_record=fixed), args, kwargs
+                )
+        except BaseException as exc:
+            if request is not None:  # it will not be sent: a span opened for it must end
+                _tell_after_enqueue(app.middleware.after_enqueues, [request], exc)
+            raise
         return message, Job(app, job_id, queue, task.name), request
 
     def _limited(self, message: Message, args: list[Any], kwargs: dict[str, Any]) -> Message:
@@ -474,6 +488,19 @@ class BoundTask(Generic[P, R]):
                 broker.name, Capability.LIMITS.value, "a rate or concurrency limit"
             )
         return dataclasses.replace(message, unique=unique, rate=rate, concurrency=concurrency)
+
+
+def _tell_after_enqueue(
+    hooks: Sequence[Callable[[Sequence[EnqueueRequest], BaseException | None], None]],
+    requests: Sequence[EnqueueRequest],
+    error: BaseException | None,
+) -> None:
+    """Call each ``after_enqueue`` hook; one that raises is logged and the others still run."""
+    for hook in hooks:
+        try:
+            hook(requests, error)
+        except Exception:
+            logger.exception("after_enqueue middleware %r failed", hook)
 
 
 def _new_job_id() -> str:
