@@ -8,13 +8,15 @@ nox.options.sessions = ["tests", "lint", "types", "docs"]
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
 
-PACKAGES = ["./worq_core[testing,prometheus,otel]", "./worq_memory", "./worq_redis"]
+PACKAGES = ["./worq_core[testing,prometheus,otel,dashboard]", "./worq_memory", "./worq_redis"]
 TEST_DEPS = [
     "pytest>=8",
     "pytest-timeout>=2.2",
     "hypothesis>=6.100",
     "fakeredis[lua]>=2.20",
     "opentelemetry-sdk>=1.27",
+    # Drives Debian's chromium (never a downloaded browser) in the dashboard's browser test.
+    "playwright>=1.40",
 ]
 
 
