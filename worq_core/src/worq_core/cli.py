@@ -306,6 +306,7 @@ def main(ctx: click.Context, broker: str | None) -> None:
     """worq: background jobs for Python.
 
     APP arguments are MODULE:ATTR, e.g. myapp:app for `app = Worq(...)` in ./myapp.py.
+    stats, jobs, job and dlq also work without it, on --broker URL (or WORQ_BROKER) alone.
     """
     ctx.obj = CliState(broker=broker or None)
 
@@ -940,6 +941,7 @@ def _next_page_command(app_spec: str | None, cursor: str) -> str:
 @click.option(
     "--limit",
     type=click.IntRange(min=1, max=MAX_JOBS_PAGE),
+    metavar="N",
     default=50,
     show_default=True,
     help="At most this many jobs per page.",
