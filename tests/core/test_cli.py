@@ -957,3 +957,27 @@ def test_generated_job_ids_and_colon_free_text_are_never_an_app(text: str) -> No
     assert not looks_like_app(text.replace(":", ""))
     assert not looks_like_app(uuid.uuid4().hex)
     assert not looks_like_app(f"{text}:1{text}")
+
+
+def test_the_next_page_hint_leaves_worq_broker_in_the_environment(
+    app_module: ModuleType, shared: str
+) -> None:
+    first, second = (app_module.add.enqueue(i, i).id for i in range(2))
+    env = {"WORQ_BROKER": shared}
+
+    page = run("jobs", "-s", "queued", "--limit", "1", env=env)
+    follow = next_page(page.stdout)
+    assert follow is not None
+    assert "--broker" not in follow
+    rest = run(*follow, env=env)
+
+    assert [page.exit_code, rest.exit_code] == [0, 0], page.output + rest.output
+    assert first in page.stdout
+    assert second not in page.stdout
+    assert second in rest.stdout
+    # A full page cannot know that nothing follows: the next one is empty and the last.
+    follow = next_page(rest.stdout)
+    assert follow is not None
+    end = run(*follow, env=env)
+    assert "no queued jobs" in end.stdout
+    assert next_page(end.stdout) is None
