@@ -103,3 +103,10 @@ def bench_tracing(session: nox.Session) -> None:
     """What the otel middleware costs per job on the memory broker, with the SDK exporting."""
     install_worq(session, "opentelemetry-sdk>=1.27")
     session.run("python", "bench/tracing_bench.py", *session.posargs)
+
+
+@nox.session(name="bench-dashboard")
+def bench_dashboard(session: nox.Session) -> None:
+    """The dashboard's page times with 100,000 jobs queued against 1,000, on the local Redis."""
+    install_worq(session)
+    session.run("python", "bench/dashboard_bench.py", *session.posargs)

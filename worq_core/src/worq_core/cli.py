@@ -1340,6 +1340,66 @@ def dlq_purge(app_spec: str | None, queue: str, yes: bool) -> None:
     click.echo(f"purged {purged} dead job{'s' if purged != 1 else ''} from queue {queue!r}")
 
 
+# -- dashboard ---------------------------------------------------------------------------------
+
+
+@main.command(context_settings={"show_default": True})
+@optional_app_argument
+@click.option("--host", default="127.0.0.1", help="Interface to bind (0.0.0.0 exposes it).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, help="Port to serve on.")
+@click.option("--read-only", is_flag=True, help="Show everything; allow no action.")
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Another host name to answer to (behind a proxy); repeatable.",
+)
+@click.option(
+    "--refresh",
+    type=click.FloatRange(min=0.2),
+    default=2.0,
+    help="Seconds between a page's live updates.",
+)
+def dashboard(
+    app_spec: str | None,
+    host: str,
+    port: int,
+    read_only: bool,
+    allowed_hosts: tuple[str, ...],
+    refresh: float,
+) -> None:
+    """Serve the web dashboard: queues, jobs, dead letters, workers and schedules.
+
+    Needs the extra: pip install 'worq-core[dashboard]'. Binds to 127.0.0.1 unless --host
+    says otherwise. Actions (cancel, requeue, purge) are POSTs carrying a token that is made
+    fresh at each start and embedded in the pages; --read-only leaves them out. Without
+    MODULE:ATTR, --broker URL (or WORQ_BROKER) says which broker to show.
+    """
+    try:
+        from worq_core.dashboard import DashboardConfig, hosts_for, serve
+    except ImportError as exc:
+        raise CliError(
+            f"the dashboard needs its extra ({exc.name} is missing): "
+            "pip install 'worq-core[dashboard]'"
+        ) from exc
+    app = resolve_app(app_spec)
+    config = DashboardConfig(
+        read_only=read_only,
+        allowed_hosts=hosts_for(host, allowed_hosts),
+        refresh_seconds=refresh,
+    )
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(
+        f"worq dashboard for {app.broker.name} {app.broker.url} at http://{shown}:{port}/"
+        + (" (read-only)" if read_only else "")
+    )
+    try:
+        serve(app, host, port, config)
+    except SystemExit as exc:  # uvicorn exits 1 when it cannot bind
+        raise CliError(f"cannot serve on {host}:{port} (is the port in use?)") from exc
+
+
 # -- plugins -----------------------------------------------------------------------------------
 
 
