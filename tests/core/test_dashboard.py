@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import html
 import re
+import socket
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -276,3 +279,30 @@ def test_bad_addresses_get_a_clear_error_page(url: str) -> None:
     assert reply.status == 400
     assert "no longer valid" in reply.text
     assert request(url + "/actions/explode", {"token": TOKEN}).status == 400
+
+
+def test_the_workers_page_shows_each_worker_and_the_jobs_it_is_running(app: Worq, url: str) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    @app.task(name="slow")
+    def slow() -> None:
+        started.set()
+        release.wait(10)
+
+    job = slow.enqueue()
+    worker = app.worker(concurrency=2, lease=0.3)  # a heartbeat every 0.1 s
+    thread = threading.Thread(target=worker.run, kwargs={"burst": True})
+    thread.start()
+    try:
+        assert started.wait(10)
+        deadline = time.monotonic() + 10
+        page = ""
+        while job.id not in page and time.monotonic() < deadline:
+            page = request(url + "/workers").text
+            time.sleep(0.05)
+        assert f'<a href="/job/{job.id}">{job.id}</a>' in page
+        assert re.search(r'<td class="num">1 / 2</td>', page)
+        assert f"<td>{socket.gethostname()}</td>" in page
+    finally:
+        release.set()
+        thread.join(10)

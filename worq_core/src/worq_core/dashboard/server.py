@@ -267,6 +267,7 @@ def _worker_row(info: WorkerInfo, now: float) -> dict[str, Any]:
         "slots": info.concurrency,
         "running": info.running,
         "done": info.done,
+        "current": list(info.current),
         "uptime": _duration(max(0.0, now - info.started)),
         "seen": _ago(info.seen, now),
     }
