@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import html
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -306,3 +309,61 @@ def test_the_workers_page_shows_each_worker_and_the_jobs_it_is_running(app: Worq
     finally:
         release.set()
         thread.join(10)
+
+
+# -- worq dashboard ---------------------------------------------------------------------------
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worq_core", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_worq_dashboard_without_an_app_or_a_broker_says_what_to_give() -> None:
+    done = run_cli("dashboard")
+    assert done.returncode == 1
+    assert "no app and no broker" in done.stderr
+    assert "--broker URL" in done.stderr
+
+
+def test_worq_dashboard_on_a_taken_port_is_a_one_line_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli("--broker", "memory://", "dashboard", "--port", str(port))
+    assert done.returncode == 1
+    assert f"Error: cannot serve on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_worq_dashboard_serves_read_only_on_loopback_until_stopped() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = ["-m", "worq_core", "--broker", "memory://", "dashboard", "--read-only"]
+    proc = subprocess.Popen(
+        [sys.executable, *command, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                page = request(base + "/dead")
+                break
+            except urllib.error.URLError:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert page.status == 200
+        assert "read-only" in page.text
+        assert request(base + "/actions/purge", {"queue": "default"}).status == 403
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert f"at http://127.0.0.1:{port}/ (read-only)" in out
