@@ -88,8 +88,10 @@ class Middleware:
 
         ``error`` is what the send raised (the jobs may not exist), else ``None``. A call that
         fails before sending (a veto, a payload too large) tells the jobs whose
-        ``before_enqueue`` ran, with that error. Workflow steps and scheduled ticks do not
-        pass here: the broker sends them.
+        ``before_enqueue`` ran, with that error. A scheduled tick's job is told too, by the
+        worker whose scheduler prepared it: sent, or :class:`~worq_core.errors.ScheduleTaken`
+        when another scheduler fired the tick first. Workflow steps do not pass here: they are
+        sent with the settlement of the step before them.
         """
 
     def wrap_run(self, job: JobContext, call: Callable[[], Any]) -> Any:
