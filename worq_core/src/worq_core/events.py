@@ -69,7 +69,14 @@ class EventsMiddleware(Middleware):
         if error is not None or not requests:
             return
         now = time.time()
-        self.publish([Event(EventKind.ENQUEUED, r.job_id, r.task, r.queue, now) for r in requests])
+        events = [Event(EventKind.ENQUEUED, r.job_id, r.task, r.queue, now) for r in requests]
+        if self._worker:
+            # Sent by a job of this worker (a workflow's next step, a scheduled tick): in the
+            # buffer, after the events of the job that sent it.
+            for event in events:
+                self._add(event)
+        else:
+            self.publish(events)
 
     def publish(self, events: Sequence[Event]) -> None:
         """Send ``events`` now; a broker error is logged, never raised into the caller."""
@@ -112,6 +119,7 @@ class EventsMiddleware(Middleware):
     @override
     def worker_stop(self, worker: Worker) -> None:
         self.flush()
+        self._worker = ""  # enqueues from here on are a producer's again, published at once
 
     def flush(self) -> None:
         """Publish what is buffered, and a progress event per job whose progress changed."""

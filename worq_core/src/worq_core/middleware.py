@@ -90,8 +90,10 @@ class Middleware:
         fails before sending (a veto, a payload too large) tells the jobs whose
         ``before_enqueue`` ran, with that error. A scheduled tick's job is told too, by the
         worker whose scheduler prepared it: sent, or :class:`~worq_core.errors.ScheduleTaken`
-        when another scheduler fired the tick first. Workflow steps do not pass here: they are
-        sent with the settlement of the step before them.
+        when another scheduler fired the tick first. Workflow steps are told when they are
+        sent: the first ones by the enqueue of the workflow, later ones (requests rebuilt from
+        their messages) by the worker whose settlement sent them, once the broker applied it.
+        A chord's callback, which the broker sends as it counts the last member, is not told.
         """
 
     def wrap_run(self, job: JobContext, call: Callable[[], Any]) -> Any:
