@@ -3,7 +3,9 @@ show, that user data is escaped, and that actions need the token, the POST and a
 
 from __future__ import annotations
 
+import base64
 import html
+import json
 import re
 import signal
 import socket
@@ -23,8 +25,9 @@ import pytest
 pytest.importorskip("starlette", reason="needs worq-core[dashboard]")
 pytest.importorskip("uvicorn", reason="needs worq-core[dashboard]")
 
-from worq_core import JobStatus, Worq, chain
-from worq_core.dashboard import DashboardConfig, running
+from worq_core import JobStatus, WorkerInfo, Worq, chain
+from worq_core.dashboard import DashboardConfig, hosts_for, running
+from worq_core.errors import BrokerConnectionError
 
 TOKEN = "test-token"
 XSS_ARG = "<script>document.title='pwned-arg'</script>"
@@ -133,7 +136,9 @@ def test_the_overview_api_gives_totals_and_workers_as_json(app: Worq, url: str) 
     reply = request(url + "/api/overview")
     assert reply.status == 200
     assert reply.headers["content-type"] == "application/json"
-    assert '"ready":1' in reply.text.replace(" ", "")
+    overview = json.loads(reply.text)
+    assert overview["totals"] == {"ready": 1, "scheduled": 0, "running": 0, "dead": 0}
+    assert overview["workers"] == 0
 
 
 def test_arguments_errors_and_tracebacks_are_escaped_on_every_page(app: Worq, url: str) -> None:
@@ -273,7 +278,10 @@ def test_the_schedules_page_lists_each_schedule_with_its_next_tick(app: Worq) ->
     with running(app, DashboardConfig(token=TOKEN)) as base:
         page = request(base + "/schedules").text
     assert "hourly-report" in page
-    assert re.search(r"<td>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(in ", page)
+    row = page[page.index("hourly-report") :]
+    assert "never" in row.split("</td>")[3]  # no tick yet
+    upcoming = float(re.findall(r'data-ts="([\d.]+)"', row)[0])
+    assert time.time() < upcoming <= time.time() + 3600
 
 
 def test_bad_addresses_get_a_clear_error_page(url: str) -> None:
@@ -367,3 +375,108 @@ def test_worq_dashboard_serves_read_only_on_loopback_until_stopped() -> None:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     assert f"at http://127.0.0.1:{port}/ (read-only)" in out
+
+
+def test_the_throughput_is_each_worker_s_rate_between_its_last_two_heartbeats(
+    app: Worq, url: str
+) -> None:
+    def beat(worker_id: str, started: float, seen: float, done: int) -> None:
+        info = WorkerInfo(worker_id, "host", 1, started, ("default",), 4, done, 0, seen)
+        app.broker.register_worker(info, ttl=3600)
+
+    def throughput() -> float:
+        return float(json.loads(request(url + "/api/overview").text)["throughput"])
+
+    now = time.time()
+    beat("a", now - 100, now - 10, 500)  # seen once: its average since it started, 5.56/s
+    assert throughput() == pytest.approx(500 / 90, abs=0.01)
+    assert throughput() == pytest.approx(500 / 90, abs=0.01)  # no new heartbeat: held
+    beat("a", now - 100, now, 800)  # 300 more in 10 s
+    beat("b", now - 20, now, 0)
+    assert throughput() == pytest.approx(30.0)
+    beat("b", now - 20, now + 2, 10)
+    assert throughput() == pytest.approx(35.0)
+
+
+def test_a_broker_that_went_away_gives_an_error_page_not_a_crash(app: Worq) -> None:
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise BrokerConnectionError("redis://127.0.0.1:1/0", "Connection refused")
+
+    job_id = dead_job(app)
+    with running(app, DashboardConfig(token=TOKEN)) as base:
+        for method in ("stats", "workers", "find_job", "job_status", "list_jobs"):
+            setattr(app.broker, method, down)
+        for path in ("/", "/jobs?state=dead", f"/job/{job_id}", "/dead", "/workers"):
+            reply = request(base + path)
+            assert reply.status == 503, path
+            assert "Connection refused" in reply.text, path
+            assert "Traceback" not in reply.text, path
+        api = request(base + "/api/overview")
+        assert api.status == 503
+        assert "Connection refused" in json.loads(api.text)["error"]
+        form = {"queue": "default", "job_id": job_id, "token": TOKEN}
+        assert request(base + "/actions/requeue", form).status == 503
+
+
+def test_the_broker_s_password_is_never_shown(app: Worq) -> None:
+    app.broker.url = "redis://:s3cret@10.0.0.5:6379/0"
+    with running(app, DashboardConfig(read_only=True, token=TOKEN)) as base:
+        page = request(base + "/").text
+    assert "s3cret" not in page
+    assert "redis://:***@10.0.0.5:6379/0" in page
+
+
+def test_an_origin_from_elsewhere_is_refused_without_fetch_metadata(app: Worq, url: str) -> None:
+    job_id = dead_job(app)
+    form = {"queue": "default", "job_id": job_id, "token": TOKEN}
+    for headers in (
+        {"Origin": "http://evil.example"},
+        {"Origin": "http://localhost:9999"},  # another port is another site
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "null"},
+    ):
+        assert request(url + "/actions/requeue", form, headers).status == 403, headers
+    assert app.job(job_id).status() is JobStatus.DEAD
+
+
+def test_behind_a_proxy_an_allowed_name_in_the_origin_is_the_dashboard_s_own(app: Worq) -> None:
+    job_id = dead_job(app)
+    config = DashboardConfig(token=TOKEN, allowed_hosts=hosts_for("127.0.0.1", ["dash.example"]))
+    with running(app, config) as base:
+        form = {"queue": "default", "job_id": job_id, "token": TOKEN}
+        # nginx's default passes Host: 127.0.0.1:PORT while the browser's origin is the proxy's.
+        proxied = {"Origin": "https://dash.example", "Sec-Fetch-Site": "same-origin"}
+        assert request(base + "/actions/requeue", form, proxied).status == 303
+    assert app.job(job_id).status() is JobStatus.QUEUED
+
+
+def test_bound_to_every_interface_only_the_machine_s_names_are_answered() -> None:
+    hosts = hosts_for("0.0.0.0")
+    assert "*" not in hosts
+    assert socket.gethostname() in hosts
+    assert "127.0.0.1" in hosts
+    assert "*" in hosts_for("0.0.0.0", ["*"])
+
+
+def test_a_crafted_cursor_is_a_bad_request(url: str) -> None:
+    cursor = base64.urlsafe_b64encode(b'["default", Infinity]').decode()
+    reply = request(f"{url}/jobs?state=queued&cursor={cursor}")
+    assert reply.status == 400
+
+
+def test_live_updates_of_a_workflow_step_skip_the_workflow_s_tree(app: Worq, url: str) -> None:
+    add = app.get_task("add")
+    flow = chain(add.s(1, 2), add.s(10)).enqueue()
+    first = request(f"{url}/job/{flow.job_ids[0]}").text
+    live = request(f"{url}/job/{flow.job_ids[0]}", headers={"x-worq-live": "1"}).text
+    assert '<ul class="tree">' in first
+    assert '<ul class="tree">' not in live
+    assert 'id="job-status"' in live
+
+
+def test_times_are_rendered_the_same_until_the_data_changes(app: Worq, url: str) -> None:
+    job = app.get_task("add").options(delay=3600).enqueue(1, 2)
+    first = request(f"{url}/job/{job.id}").text
+    time.sleep(1.1)  # relative words ("in 59 min") would differ by now; the markup must not
+    assert request(f"{url}/job/{job.id}").text == first
+    assert re.search(r'<time datetime="[^"]+" data-ts="[\d.]+" data-style="when"', first)

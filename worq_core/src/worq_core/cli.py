@@ -26,7 +26,6 @@ import shlex
 import sys
 import time
 import traceback
-import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -42,7 +41,7 @@ from rich.tree import Tree
 
 from worq_core import __version__
 from worq_core.app import Worq
-from worq_core.broker import Broker
+from worq_core.broker import Broker, redact_url
 from worq_core.canvas import Workflow, WorkflowNode
 from worq_core.errors import (
     DeserializationError,
@@ -781,7 +780,7 @@ def stats(app_spec: str | None, queues: str | None) -> None:
         if missing:
             rows += broker.stats(missing)
         rows.sort(key=lambda row: (row.queue != "default", row.queue))
-    table = Table(title=f"{broker.name} broker {broker.url}", title_justify="left")
+    table = Table(title=f"{broker.name} broker {broker.shown_url}", title_justify="left")
     table.add_column("queue", no_wrap=True)
     for column in ("ready", "delayed", "running", "dead"):
         table.add_column(column, justify="right")
@@ -885,16 +884,6 @@ def _job_json(item: JobSummary) -> str:
     )
 
 
-def _shown_url(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***``."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
 def _next_page_command(app_spec: str | None, cursor: str) -> str:
     """The command line that lists the next page: this one, with ``--cursor`` replaced."""
     ctx = click.get_current_context()
@@ -907,7 +896,7 @@ def _next_page_command(app_spec: str | None, cursor: str) -> str:
     if given is None and root.get_parameter_source("broker") is ParameterSource.COMMANDLINE:
         given = root.params.get("broker")
     if given:  # a broker from WORQ_BROKER is still in the environment: not repeated
-        words += ["--broker", _shown_url(given)]
+        words += ["--broker", redact_url(given)]
     words += ["--state", params["state"]]
     if params["task"] is not None:
         words += ["--task", params["task"]]
@@ -1050,7 +1039,9 @@ def schedule(state: CliState, app_spec: str) -> None:
         raise CliError(f"the {broker.name} broker cannot keep schedules")
     records = broker.schedule_fires([s.key for s in schedules])
     now = time.time()
-    table = Table(title=f"schedules on {broker.name} broker {broker.url}", title_justify="left")
+    table = Table(
+        title=f"schedules on {broker.name} broker {broker.shown_url}", title_justify="left"
+    )
     for column in ("schedule", "task", "trigger", "missed", "last tick", "next tick"):
         table.add_column(column, no_wrap=column in ("last tick", "next tick"))
     for item in schedules:
@@ -1391,7 +1382,7 @@ def dashboard(
     )
     shown = f"[{host}]" if ":" in host else host
     click.echo(
-        f"worq dashboard for {app.broker.name} {app.broker.url} at http://{shown}:{port}/"
+        f"worq dashboard for {app.broker.name} {app.broker.shown_url} at http://{shown}:{port}/"
         + (" (read-only)" if read_only else "")
     )
     try:

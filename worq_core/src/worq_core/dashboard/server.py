@@ -7,6 +7,7 @@ import datetime as dt
 import hmac
 import json
 import secrets
+import socket
 import threading
 import time
 import urllib.parse
@@ -16,23 +17,33 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import jinja2
+from markupsafe import Markup
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worq_core.errors import WorqError
+from worq_core.errors import BrokerError, StorageError, WorqError
 from worq_core.inspection import BadCursor, Inspector, JobDetail, JobSummary
 from worq_core.models import Capability, JobStatus, QueueStats, WorkerInfo
 
 if TYPE_CHECKING:
     from worq_core.app import Worq
     from worq_core.canvas import WorkflowNode
+
+LIVE_HEADER = "x-worq-live"
+"""Sent by the page's script with its live updates (which redraw only the live regions)."""
 
 PAGE_SIZE = 50
 """Jobs per page of a listing."""
@@ -96,12 +107,12 @@ def create_app(app: Worq, config: DashboardConfig | None = None) -> Starlette:
         Route("/workers", views.workers),
         Route("/schedules", views.schedules),
         Route("/api/overview", views.api_overview),
-        Route("/api/job/{job_id:path}", views.api_job),
         Route("/actions/{action}", views.action, methods=["POST"]),
         Mount("/static", static, name="static"),
     ]
     return Starlette(
         routes=routes,
+        exception_handlers={WorqError: views.failed},
         middleware=[
             Middleware(_SecurityHeaders),
             Middleware(TrustedHostMiddleware, allowed_hosts=list(config.allowed_hosts)),
@@ -159,14 +170,15 @@ def running(
 def hosts_for(bind: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
     """The host names to accept for a dashboard bound to ``bind``.
 
-    Bound to every interface (``0.0.0.0``, ``::``), any host name is accepted unless ``extra``
-    names them: the operator chose to expose it.
+    Always the loopback names and ``bind`` itself, plus ``extra`` (the names a reverse proxy
+    or the team uses). Bound to every interface (``0.0.0.0``, ``::``), the machine's own names
+    are added too. ``"*"`` in ``extra`` accepts any name, and gives up the defence against DNS
+    rebinding: only use it behind a proxy that checks the name itself.
     """
-    if extra:
-        return (*LOOPBACK_HOSTS, bind, *extra)
+    names = [*LOOPBACK_HOSTS, bind, *extra]
     if bind in ("0.0.0.0", "::", ""):
-        return ("*",)
-    return (*LOOPBACK_HOSTS, bind)
+        names += [socket.gethostname(), socket.getfqdn()]
+    return tuple(dict.fromkeys(name for name in names if name))
 
 
 class _SecurityHeaders:
@@ -196,36 +208,20 @@ class _SecurityHeaders:
 # -- presentation helpers -------------------------------------------------------------------------
 
 
-def _when(timestamp: float | None, now: float | None = None) -> str:
+def _time(timestamp: float | None, style: str = "when") -> Markup:
+    """A ``<time>`` element: the moment in UTC, which the page's script words relative to now.
+
+    ``style`` is ``when`` (the moment and how long ago or ahead), ``ago`` (only that) or
+    ``since`` (the time elapsed since, as for an uptime). The server renders no relative text,
+    so a page whose data did not change renders the same, and live updates leave it alone.
+    """
     if not timestamp:
-        return ""
-    moment = dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return f"{moment} ({_ago(timestamp, now)})"
-
-
-def _ago(timestamp: float, now: float | None = None) -> str:
-    delta = (now if now is not None else time.time()) - timestamp
-    future = delta < 0
-    seconds = abs(delta)
-    if seconds < 60:
-        text = f"{seconds:.0f} s"
-    elif seconds < 3600:
-        text = f"{seconds / 60:.0f} min"
-    elif seconds < 86400:
-        text = f"{seconds / 3600:.1f} h"
-    else:
-        text = f"{seconds / 86400:.1f} d"
-    return f"in {text}" if future else f"{text} ago"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    if seconds < 3600:
-        return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
-    if seconds < 86400:
-        return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
-    return f"{seconds // 86400:.0f} d {seconds % 86400 // 3600:.0f} h"
+        return Markup("")
+    moment = dt.datetime.fromtimestamp(timestamp, dt.UTC)
+    shown = moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return Markup(
+        '<time datetime="{}" data-ts="{:.3f}" data-style="{}" data-abs="{}">{}</time>'
+    ).format(moment.isoformat(), timestamp, style, shown, shown)
 
 
 def _show(value: Any, limit: int | None = None) -> str:
@@ -258,7 +254,7 @@ def _queue_row(stats: QueueStats) -> dict[str, Any]:
     }
 
 
-def _worker_row(info: WorkerInfo, now: float) -> dict[str, Any]:
+def _worker_row(info: WorkerInfo) -> dict[str, Any]:
     return {
         "id": info.id,
         "host": info.host,
@@ -268,8 +264,8 @@ def _worker_row(info: WorkerInfo, now: float) -> dict[str, Any]:
         "running": info.running,
         "done": info.done,
         "current": list(info.current),
-        "uptime": _duration(max(0.0, now - info.started)),
-        "seen": _ago(info.seen, now),
+        "started": info.started,
+        "seen": info.seen,
     }
 
 
@@ -298,7 +294,7 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["when"] = _when
+    env.filters["when"] = _time
     env.filters["show"] = _show
     env.filters["call"] = _call
     env.filters["quote"] = lambda value: urllib.parse.quote(str(value), safe="")
@@ -314,6 +310,8 @@ class _Views:
         self.config = config
         self.inspector = Inspector(app)
         self.env = _environment()
+        self._rates: dict[str, tuple[float, int, float]] = {}  # worker -> (seen, done, rate)
+        self._rates_lock = threading.Lock()
 
     # -- rendering --------------------------------------------------------------------------------
 
@@ -322,7 +320,7 @@ class _Views:
     ) -> Response:
         broker = self.app.broker
         base = {
-            "broker": f"{broker.name} {broker.url}",
+            "broker": f"{broker.name} {broker.shown_url}",
             "read_only": self.config.read_only,
             "token": "" if self.config.read_only else self.config.token,
             "refresh_ms": int(self.config.refresh_seconds * 1000),
@@ -335,6 +333,18 @@ class _Views:
 
     def error(self, request: Request, message: str, status: int) -> Response:
         return self.render(request, "error.html", status=status, message=message)
+
+    async def failed(self, request: Request, exc: Exception) -> Response:
+        """A worq error no view handled: the broker or storage is unreachable, most likely."""
+        unavailable = isinstance(exc, BrokerError | StorageError)
+        status = 503 if unavailable else 400
+        message = str(exc)
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": message}, status)
+        try:
+            return self.error(request, message, status)
+        except WorqError:  # the page itself needs the broker (capabilities): plain text then
+            return PlainTextResponse(message, status)
 
     # -- pages ------------------------------------------------------------------------------------
 
@@ -368,8 +378,6 @@ class _Views:
             )
         except BadCursor:
             return self.error(request, "that page link is no longer valid", 400)
-        except WorqError as exc:
-            return self.error(request, str(exc), 400)
         query = {"state": state.value, "queue": queue, "task": task, "limit": str(limit)}
         following = ""
         if page.cursor:
@@ -384,12 +392,14 @@ class _Views:
             jobs=page.jobs,
             next_url=following,
             first_url="/jobs?" + urllib.parse.urlencode(query) if cursor else "",
-            now=time.time(),
         )
 
     async def job(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        detail, tree = await run_in_threadpool(self._job_data, job_id)
+        # A workflow's tree costs one read per job of the workflow: drawn when the page is
+        # opened, not at each live update.
+        live = request.headers.get(LIVE_HEADER) == "1"
+        detail, tree = await run_in_threadpool(self._job_data, job_id, not live)
         if detail is None and tree is None:
             return self.error(
                 request,
@@ -415,26 +425,12 @@ class _Views:
     async def api_overview(self, request: Request) -> Response:
         return JSONResponse(await run_in_threadpool(self._overview_data))
 
-    async def api_job(self, request: Request) -> Response:
-        job_id = request.path_params["job_id"]
-        detail, _ = await run_in_threadpool(self._job_data, job_id, False)
-        if detail is None:
-            return JSONResponse({"id": job_id, "status": JobStatus.UNKNOWN.value}, 404)
-        return JSONResponse(
-            {
-                "id": job_id,
-                "status": detail.status.value,
-                "progress": detail.progress,
-                "cancel_requested": detail.cancel_requested,
-            }
-        )
-
     # -- actions ----------------------------------------------------------------------------------
 
     async def action(self, request: Request) -> Response:
         if self.config.read_only:
             return self.error(request, "this dashboard is read-only", 403)
-        if not _same_origin(request):
+        if not _same_origin(request, self.config.allowed_hosts):
             return self.error(request, "refused: the request came from another site", 403)
         form = _form(await request.body())
         if not hmac.compare_digest(form.get("token", ""), self.config.token):
@@ -458,6 +454,8 @@ class _Views:
                 notice = f"purged {purged} dead job{'s' if purged != 1 else ''}"
             else:
                 return self.error(request, "unknown action", 400)
+        except (BrokerError, StorageError):
+            raise
         except WorqError as exc:
             return self.error(request, str(exc), 400)
         joiner = "&" if "?" in back else "?"
@@ -468,7 +466,7 @@ class _Views:
     def _overview_data(self) -> dict[str, Any]:
         now = time.time()
         queues = [_queue_row(q) for q in self.inspector.queues()]
-        workers = self._workers_data(now)
+        workers = self._workers_data()
         totals = {
             key: sum(int(row[key]) for row in queues)
             for key in ("ready", "scheduled", "running", "dead")
@@ -480,14 +478,36 @@ class _Views:
             "workers": len(workers),
             "slots": sum(int(w["slots"]) for w in workers),
             "processed": sum(int(w["done"]) for w in workers),
+            "throughput": self._throughput(workers),
         }
 
-    def _workers_data(self, now: float | None = None) -> list[dict[str, Any]]:
-        now = time.time() if now is None else now
+    def _throughput(self, workers: list[dict[str, Any]]) -> float:
+        """Jobs finished per second by the live workers, from their last two heartbeats.
+
+        A worker reports its count of finished jobs with each heartbeat (every ``lease / 3``
+        seconds), so its rate is the difference between two reports over the time between
+        them, held until the next one; a worker seen once counts its average since it started.
+        """
+        rates = {}
+        with self._rates_lock:
+            for worker in workers:
+                seen, done = float(worker["seen"]), int(worker["done"])
+                previous = self._rates.get(worker["id"])
+                if previous is None:
+                    rate = done / max(1.0, seen - float(worker["started"]))
+                elif seen > previous[0]:
+                    rate = max(0, done - previous[1]) / (seen - previous[0])
+                else:
+                    seen, done, rate = previous
+                rates[worker["id"]] = (seen, done, rate)
+            self._rates = rates
+        return round(sum(rate for _, _, rate in rates.values()), 3)
+
+    def _workers_data(self) -> list[dict[str, Any]]:
         if Capability.WORKER_REGISTRY not in self.app.broker.capabilities:
             return []
         infos = sorted(self.app.broker.workers(), key=lambda w: (w.host, w.pid, w.id))
-        return [_worker_row(info, now) for info in infos]
+        return [_worker_row(info) for info in infos]
 
     def _job_data(
         self, job_id: str, with_tree: bool = True
@@ -509,7 +529,7 @@ class _Views:
         if not declared:  # no app code: what the broker recorded, without the triggers
             fires = broker.schedule_fires(None)
             return [
-                {"name": key, "task": "", "trigger": "", "last": _when(at, now), "next": ""}
+                {"name": key, "task": "", "trigger": "", "last": at, "seen": None, "next": None}
                 for key, at in sorted(fires.items())
             ]
         fires = broker.schedule_fires([s.key for s in declared])
@@ -517,19 +537,16 @@ class _Views:
         for item in declared:
             last = fires.get(item.key)
             upcoming = item.trigger.next_after(now if last is None else max(now, last))
-            if last is None:
-                shown = "never"
-            elif item.trigger.last_at(last) == last:
-                shown = _when(last, now)
-            else:  # the scheduler's first record is when it saw the schedule, not a tick
-                shown = f"none yet (seen {_when(last, now)})"
+            # The scheduler's first record is when it saw the schedule, not a tick.
+            ticked = last is not None and item.trigger.last_at(last) == last
             rows.append(
                 {
                     "name": item.name,
                     "task": item.task.name,
                     "trigger": item.trigger.describe(),
-                    "last": shown,
-                    "next": _when(upcoming, now),
+                    "last": last if ticked else None,
+                    "seen": None if ticked else last,
+                    "next": upcoming,
                 }
             )
         return rows
@@ -541,11 +558,13 @@ def _form(body: bytes) -> Mapping[str, str]:
     return {key: values[-1] for key, values in parsed.items()}
 
 
-def _same_origin(request: Request) -> bool:
+def _same_origin(request: Request, allowed_hosts: Sequence[str]) -> bool:
     """Whether a POST comes from the dashboard's own pages, as far as the browser says.
 
     Browsers send ``Sec-Fetch-Site`` and ``Origin`` with every cross-site POST; a request with
-    neither (a script, curl) still needs the token.
+    neither (a script, curl) still needs the token. The origin is the dashboard's own when it
+    names the host the request was sent to, or one of the allowed names (a reverse proxy may
+    pass the dashboard another ``Host`` than the one the browser used).
     """
     site = request.headers.get("sec-fetch-site")
     if site is not None and site not in ("same-origin", "none"):
@@ -554,4 +573,8 @@ def _same_origin(request: Request) -> bool:
     if origin is None or origin == "null":
         return origin is None
     parsed = urllib.parse.urlsplit(origin)
-    return parsed.netloc == request.headers.get("host", "")
+    if parsed.netloc == request.headers.get("host", ""):
+        return True
+    # Loopback names are never enough alone: another port on this machine is another site.
+    name = parsed.hostname
+    return name is not None and name not in LOOPBACK_HOSTS and name in allowed_hosts

@@ -14,40 +14,86 @@
     live.textContent = isStale ? "offline" : "live";
   }
 
-  // Every element marked data-live (with an id) is replaced by its fresh copy from the same URL.
+  // A request that hangs must not stop the updates: each one gives up after a few refreshes.
+  async function get(url, accept) {
+    const controller = new AbortController();
+    const timer = window.setTimeout(() => controller.abort(), Math.max(5000, 3 * refreshMs));
+    try {
+      const response = await fetch(url, {
+        headers: { "accept": accept, "x-worq-live": "1" },
+        signal: controller.signal,
+      });
+      if (!response.ok) throw new Error(String(response.status));
+      return accept === "application/json" ? await response.json() : await response.text();
+    } finally {
+      window.clearTimeout(timer);
+    }
+  }
+
+  // Times are rendered as <time data-ts=...> in UTC; the words relative to now are added here,
+  // so the server's markup stays the same while the data does.
+  function span(seconds) {
+    seconds = Math.abs(seconds);
+    if (seconds < 60) return Math.round(seconds) + " s";
+    if (seconds < 3600) return Math.round(seconds / 60) + " min";
+    if (seconds < 86400) return (seconds / 3600).toFixed(1) + " h";
+    return (seconds / 86400).toFixed(1) + " d";
+  }
+
+  function elapsed(seconds) {
+    const s = Math.max(0, Math.floor(seconds));
+    if (s < 60) return s + " s";
+    if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60) + " s";
+    if (s < 86400) return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+    return Math.floor(s / 86400) + " d " + Math.floor((s % 86400) / 3600) + " h";
+  }
+
+  function formatTimes(root) {
+    const now = Date.now() / 1000;
+    for (const element of root.querySelectorAll("time[data-ts]")) {
+      const delta = now - Number(element.dataset.ts);
+      const relative = delta < 0 ? "in " + span(delta) : span(delta) + " ago";
+      const style = element.dataset.style;
+      if (style === "ago") element.textContent = relative;
+      else if (style === "since") element.textContent = elapsed(delta);
+      else element.textContent = element.dataset.abs + " (" + relative + ")";
+      element.title = element.dataset.abs;
+    }
+  }
+
+  // Every element marked data-live (with an id) is replaced by its fresh copy from the same URL
+  // when the server's markup for it changed.
+  const rendered = new Map();
+  for (const region of document.querySelectorAll("[data-live][id]")) {
+    rendered.set(region.id, region.innerHTML);
+  }
+
   async function refreshRegions() {
-    const regions = document.querySelectorAll("[data-live][id]");
-    if (!regions.length) return;
-    const response = await fetch(window.location.href, { headers: { "accept": "text/html" } });
-    if (!response.ok) throw new Error(String(response.status));
-    const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
-    for (const region of regions) {
-      const replacement = fresh.getElementById(region.id);
-      if (replacement && replacement.innerHTML !== region.innerHTML) {
-        region.replaceWith(document.importNode(replacement, true));
+    if (!rendered.size) return;
+    const html = await get(window.location.href, "text/html");
+    const fresh = new DOMParser().parseFromString(html, "text/html");
+    for (const [id, before] of rendered) {
+      const region = document.getElementById(id);
+      const replacement = fresh.getElementById(id);
+      if (region && replacement && replacement.innerHTML !== before) {
+        rendered.set(id, replacement.innerHTML);
+        const adopted = document.importNode(replacement, true);
+        formatTimes(adopted);
+        region.replaceWith(adopted);
       }
     }
   }
 
-  // The throughput chart: jobs finished per second by live workers, from /api/overview.
+  // The throughput chart: jobs finished per second by the live workers, from /api/overview.
   const canvas = document.getElementById("throughput");
   const samples = [];
-  let previous = null;
 
   async function sampleThroughput() {
-    const response = await fetch("/api/overview", { headers: { "accept": "application/json" } });
-    if (!response.ok) throw new Error(String(response.status));
-    const data = await response.json();
-    if (previous !== null) {
-      const seconds = Math.max(0.001, data.at - previous.at);
-      // A worker that stops takes its count with it: never chart a negative rate.
-      const rate = Math.max(0, data.processed - previous.processed) / seconds;
-      samples.push(rate);
-      if (samples.length > 90) samples.shift();
-      const label = document.getElementById("rate");
-      if (label) label.textContent = rate.toFixed(1) + " jobs/s";
-    }
-    previous = data;
+    const data = await get("/api/overview", "application/json");
+    samples.push(data.throughput);
+    if (samples.length > 90) samples.shift();
+    const label = document.getElementById("rate");
+    if (label) label.textContent = data.throughput.toFixed(1) + " jobs/s";
     draw();
   }
 
@@ -86,6 +132,7 @@
       } catch (error) {
         stale(true);
       }
+      formatTimes(document);
     }
     window.setTimeout(tick, refreshMs);
   }
@@ -98,6 +145,7 @@
     }
   });
 
+  formatTimes(document);
   draw();
   window.setTimeout(tick, canvas ? 0 : refreshMs);
 })();
