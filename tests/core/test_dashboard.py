@@ -480,3 +480,15 @@ def test_times_are_rendered_the_same_until_the_data_changes(app: Worq, url: str)
     time.sleep(1.1)  # relative words ("in 59 min") would differ by now; the markup must not
     assert request(f"{url}/job/{job.id}").text == first
     assert re.search(r'<time datetime="[^"]+" data-ts="[\d.]+" data-style="when"', first)
+
+
+def test_no_page_loads_anything_from_another_site(app: Worq, url: str) -> None:
+    job_id = dead_job(app)
+    for path in ("/", "/jobs?state=dead", f"/job/{job_id}", "/dead", "/workers", "/schedules"):
+        page = request(url + path).text
+        for reference in re.findall(r'\s(?:src|href|action)="([^"]*)"', page):
+            assert reference.startswith("/"), (path, reference)
+    for asset in ("/static/dashboard.js", "/static/dashboard.css"):
+        text = request(url + asset).text
+        assert "http://" not in text
+        assert "https://" not in text
