@@ -48,6 +48,7 @@ from worq_redis.connection import (
     events_key,
     group_key,
     ids_key,
+    located,
     queue_keys,
     redact,
     registry_key,
@@ -968,7 +969,9 @@ class RedisBroker(Broker):
         """The worq error for a redis-py error, as :func:`translate_errors` makes it."""
         if isinstance(exc, RedisConnectionError | RedisTimeoutError):
             return BrokerConnectionError(redact(self.url), f"{type(exc).__name__}: {exc}")
-        return BrokerError(f"redis error at {redact(self.url)}: {type(exc).__name__}: {exc}")
+        return BrokerError(
+            f"redis error at {redact(self.url)}: {type(exc).__name__}: {located(exc)}"
+        )
 
     def _fetch_one(self, queue: str, limit: int, lease: str, into: list[Delivery]) -> float | None:
         """Run ``fetch`` on one queue into ``into``; seconds until its next due time, if any."""

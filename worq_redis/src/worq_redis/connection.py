@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import threading
 import urllib.parse
 import weakref
@@ -180,7 +181,22 @@ def translate_errors(
     except (RedisConnectionError, RedisTimeoutError) as exc:
         raise connection_error(redact(url), f"{type(exc).__name__}: {exc}") from exc
     except RedisError as exc:
-        raise error(f"redis error at {redact(url)}: {type(exc).__name__}: {exc}") from exc
+        raise error(f"redis error at {redact(url)}: {type(exc).__name__}: {located(exc)}") from exc
+
+
+_SCRIPT_SHA = re.compile(r"script: ([0-9a-f]{40})")
+
+
+def located(exc: BaseException) -> str:
+    """The text of a Redis error, its script line numbers made ``.lua`` file lines.
+
+    Redis names the script by SHA1 and numbers the lines of its whole source; for one of ours,
+    :func:`worq_redis.lua.locate` turns ``user_script:<n>`` into ``<file>.lua:<line>``.
+    """
+    text = str(exc)
+    found = _SCRIPT_SHA.search(text)
+    name = _SCRIPT_NAMES.get(found[1]) if found else None
+    return text if name is None else lua.locate(name, text)
 
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -273,6 +289,8 @@ SCRIPTS: Final = {
         *lua.RESULT_SCRIPTS,
     ]
 }
+
+_SCRIPT_NAMES: Final = {script.sha: name for name, script in SCRIPTS.items()}
 
 Call = tuple[Script, Sequence[KeyArg], Sequence[Arg]]
 
