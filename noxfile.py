@@ -101,3 +101,17 @@ def bench_tracing(session: nox.Session) -> None:
     """What the otel middleware costs per job on the memory broker, with the SDK exporting."""
     install_worq(session, "opentelemetry-sdk>=1.27")
     session.run("python", "bench/tracing_bench.py", *session.posargs)
+
+
+@nox.session(name="bench-sentinel")
+def bench_sentinel(session: nox.Session) -> None:
+    """What wait_replicas costs per job through Sentinel (own servers on ports 17040-17044)."""
+    install_worq(session)
+    session.run("python", "bench/sentinel_bench.py", *session.posargs)
+
+
+@nox.session(name="bench-cluster")
+def bench_cluster(session: nox.Session) -> None:
+    """One Redis Cluster master against three (own servers on ports 17060-17063); a ratio."""
+    install_worq(session)
+    session.run("python", "bench/cluster_bench.py", *session.posargs)
