@@ -48,6 +48,7 @@ class Server:
         if binary is None:
             raise RuntimeError("redis-server is not installed")
         self.port = port
+        self.args = args
         self.process = subprocess.Popen(
             [binary, *args],
             stdout=subprocess.DEVNULL,
@@ -213,6 +214,14 @@ class ClusterSet:
     def url(self) -> str:
         return f"redis+cluster://{HOST}:{self.ports[0]}"
 
+    def server(self, port: int) -> Server:
+        return next(s for s in self.servers if s.port == port)
+
+    def restart(self, port: int) -> None:
+        """Start the (killed) node on ``port`` again; its nodes file makes it rejoin."""
+        old = self.server(port)
+        self.servers[self.servers.index(old)] = Server(port, old.args)
+
     def _ready(self) -> bool:
         for port in self.ports:
             client = redis.Redis(HOST, port, socket_timeout=1)
@@ -221,6 +230,9 @@ class ClusterSet:
                 state = info.get("cluster_state") if isinstance(info, dict) else None
                 if state != "ok":
                     return False
+                role = client.info("replication")
+                if role.get("role") == "slave" and role.get("master_link_status") != "up":
+                    return False  # a replica still syncing: WAIT would not count it yet
             finally:
                 client.close()
         return True

@@ -10,11 +10,12 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from ha_support import HOST, ClusterSet
+from ha_support import HOST, ClusterSet, wait_until
 from redis_support import keyslot, new_prefix
 
 from worq_core import BrokerError, Capability, Worq
@@ -164,8 +165,6 @@ def test_unsupported_clients_get_a_typed_error_naming_what_is_supported(
         RedisClusterBroker(object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"redis\+cluster://"):
         RedisClusterBroker(f"redis://{HOST}:{cluster.ports[0]}/0")
-    with pytest.raises(ValueError, match="wait_replicas"):
-        RedisClusterBroker(f"{cluster.url}?wait_replicas=1")
 
 
 def _migrate_slot(client: redis.RedisCluster, key: str, per_call: int = 2) -> tuple[int, int]:
@@ -281,3 +280,107 @@ def test_a_queue_whose_slot_migrates_during_a_run_loses_nothing(
         stop.set()
         delete_prefix(cluster_client, prefix)
         broker.close()
+
+
+FAILOVER_BASE = 17070
+
+
+@pytest.mark.timeout(180)
+def test_a_master_killed_and_replaced_keeps_every_enqueue_wait_replicas_acknowledged(
+    tmp_path: Path,
+) -> None:
+    """A cluster of its own (ports 17070-17075): the queue's master is SIGKILLed mid-run.
+
+    Its replica takes over (``cluster-node-timeout`` 2 s); the killed node is started again
+    and rejoins as the new master's replica, so ``WAIT 1`` can be answered again. Every
+    enqueue that returned is then on the new master.
+    """
+    servers = ClusterSet(tmp_path, FAILOVER_BASE)
+    prefix = new_prefix()
+    broker = RedisClusterBroker(f"{servers.url}?prefix={prefix}", wait_replicas=1)
+    key = f"{prefix}:{{fo}}:ready"
+    try:
+        probe = redis.RedisCluster(HOST, servers.ports[0])
+        victim = probe.get_node_from_key(key).port
+        probe.close()
+        acknowledged: list[int] = []
+        retried = 0
+        deadline = time.monotonic() + 90
+        for n in range(2000):
+            if n == 600:
+                servers.server(victim).kill()
+                wait_until(lambda: _owner(servers, key, victim) != victim, 30, "a new master")
+                servers.restart(victim)
+            while True:
+                assert time.monotonic() < deadline, f"enqueue {n} never got through"
+                try:
+                    broker.enqueue([Message(id=f"f{n}", queue="fo", body=b"x")])
+                    break
+                except BrokerError:  # no master yet, or no replica confirmed: the same id again
+                    retried += 1
+                    time.sleep(0.05)
+            acknowledged.append(n)
+        print(f"\ncluster failover: {len(acknowledged)} acknowledged, {retried} calls retried")
+        seen: set[str] = set()
+        while True:
+            got = broker.fetch(["fo"], 500, lease=60, wait=0)
+            if not got:
+                break
+            seen.update(d.id for d in got)
+        assert seen == {f"f{n}" for n in acknowledged}, "every acknowledged enqueue survived"
+    finally:
+        broker.close()
+        servers.stop()
+
+
+def _owner(servers: ClusterSet, key: str, skip: int) -> int:
+    """The port of the master that serves ``key`` now, asking a node other than ``skip``."""
+    port = next(p for p in servers.ports if p != skip)
+    client = redis.RedisCluster(HOST, port)
+    try:
+        return int(client.get_node_from_key(key).port)
+    except redis.RedisError:
+        return skip
+    finally:
+        client.close()
+
+
+def test_wait_replicas_waits_on_the_master_each_write_went_to(
+    cluster: ClusterSet, cluster_client: redis.RedisCluster
+) -> None:
+    prefix = new_prefix()
+    query = f"prefix={prefix}&wait_replicas=1"
+    broker = RedisClusterBroker(f"{cluster.url}?{query}")
+    storage = RedisStorage(f"{cluster.url}?{query}")
+
+    def waits(key: str) -> int:
+        node = cluster_client.get_node_from_key(key)
+        direct = redis.Redis(node.host, node.port)
+        try:
+            stats = direct.info("commandstats").get("cmdstat_wait", {"calls": 0})
+            return int(stats["calls"])
+        finally:
+            direct.close()
+
+    queue_key, record_key = f"{prefix}:{{w}}:ready", f"{prefix}:res:{{j1}}"
+    try:
+        # Warm up: a node that lacks a script (NOSCRIPT) gets it and the call and WAIT again.
+        broker.enqueue([Message(id="j0", queue="w", body=b"x")])
+        broker.settle(
+            [Settlement(d, Outcome.ACK) for d in broker.fetch(["w"], 1, lease=30, wait=0)]
+        )
+        storage.save({"j1": b"warm"}, 60)
+        before = waits(queue_key)
+        assert broker.enqueue([Message(id="j1", queue="w", body=b"x")]) == [True]
+        assert waits(queue_key) == before + 1
+        [got] = broker.fetch(["w"], 1, lease=30, wait=0)
+        assert broker.settle([Settlement(got, Outcome.ACK)]) == [True]
+        assert waits(queue_key) == before + 2
+        before = waits(record_key)
+        storage.save({"j1": b"r"}, 60)
+        assert waits(record_key) == before + 1
+        assert storage.load("j1") == b"r"
+    finally:
+        delete_prefix(cluster_client, prefix)
+        broker.close()
+        storage.close()

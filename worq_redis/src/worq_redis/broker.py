@@ -290,8 +290,6 @@ class RedisBroker(Broker):
     ) -> None:
         self.client, self.url, self.settings, self._owned = self._connect(url, settings, prefix)
         if wait_replicas is not None:
-            if wait_replicas and self._cluster:
-                raise ValueError("wait_replicas is not supported with Redis Cluster yet")
             self.settings = dataclasses.replace(self.settings, wait_replicas=wait_replicas)
         self.prefix = self.settings.prefix
         self.clock = clock
@@ -366,7 +364,8 @@ class RedisBroker(Broker):
     def _add(self, messages: Sequence[Message]) -> list[Any]:
         """Enqueue; per message the script's answer: 1 added, 0 id held, or the key's holder."""
         if self._cluster and messages:
-            held = self._held_elsewhere(messages)
+            with self._errors():
+                held = self._held_elsewhere(messages)
             if held:
                 replies = iter(self._send([m for m in messages if m.id not in held]))
                 return [0 if m.id in held else next(replies) for m in messages]
@@ -1244,7 +1243,7 @@ class RedisClusterBroker(RedisBroker):
     written by the storage, not by the ack script (no ``RESULTS``); schedules and workflows,
     whose scripts span queues, are not offered yet (no ``SCHEDULES``, no ``WORKFLOWS``). An
     ``enqueue_many`` over several queues or chunks is atomic per queue and chunk, not as a whole.
-    ``wait_replicas`` is refused. See ``docs/redis.md``.
+    ``wait_replicas`` waits on the master each write went to. See ``docs/redis.md``.
     """
 
     name: ClassVar[str] = "redis-cluster"
@@ -1263,8 +1262,15 @@ class RedisClusterBroker(RedisBroker):
         *,
         prefix: str | None = None,
         clock: Clock | None = None,
+        wait_replicas: int | None = None,
     ) -> None:
-        super().__init__(url, settings, prefix=prefix, clock=clock)  # type: ignore[arg-type]
+        super().__init__(
+            url,  # type: ignore[arg-type]
+            settings,
+            prefix=prefix,
+            clock=clock,
+            wait_replicas=wait_replicas,
+        )
 
     @staticmethod
     def _connect(

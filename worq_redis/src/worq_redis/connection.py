@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 import urllib.parse
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -15,8 +16,17 @@ from typing import Any, Final
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
@@ -210,8 +220,7 @@ def connect_cluster(
     """:func:`connect` for Redis Cluster: a ``redis+cluster://`` URL or a ``RedisCluster``.
 
     The URL names any node (``redis+cluster://[user:pw@]host:port[?prefix=...]``); the client
-    finds the others. ``wait_replicas`` is refused: ``WAIT`` counts one node's replicas, and
-    a call's node is only known per key.
+    finds the others. With ``wait_replicas``, ``WAIT`` runs on the node each write went to.
     """
     settings = settings or RedisSettings()
     if isinstance(target, redis.RedisCluster):
@@ -220,7 +229,6 @@ def connect_cluster(
             raise ValueError("worq-redis needs a client with decode_responses=False")
         if prefix is not None:
             settings = _replace_prefix(settings, prefix)
-        _no_wait(settings)
         node = given.get_nodes()[0]
         return target, f"redis+cluster://{node.host}:{node.port}", settings, False
     if not isinstance(target, str):
@@ -229,7 +237,6 @@ def connect_cluster(
     if scheme not in CLUSTER_SCHEMES:
         raise ValueError(f"a Redis Cluster URL starts with redis+cluster://, not {scheme}://")
     base, rest, settings = _our_params(target, settings, prefix)
-    _no_wait(settings)
     plain = ("rediss" if scheme.startswith("rediss") else "redis") + base[len(scheme) :]
     clean = f"{plain}?{urllib.parse.urlencode(rest)}" if rest else plain
     client = redis.RedisCluster.from_url(
@@ -240,11 +247,6 @@ def connect_cluster(
         decode_responses=False,
     )
     return client, target, settings, True
-
-
-def _no_wait(settings: RedisSettings) -> None:
-    if settings.wait_replicas:
-        raise ValueError("wait_replicas is not supported with Redis Cluster yet")
 
 
 def _our_params(
@@ -422,7 +424,7 @@ def translate_errors(
         yield
     except (RedisConnectionError, RedisTimeoutError) as exc:
         raise connection_error(redact(url), f"{type(exc).__name__}: {exc}") from exc
-    except RedisError as exc:
+    except (RedisError, RedisClusterException) as exc:
         raise error(f"redis error at {redact(url)}: {type(exc).__name__}: {located(exc)}") from exc
 
 
@@ -832,11 +834,17 @@ class ClusterLane:
     Each call goes through the cluster client, which routes it to the node owning its keys'
     slot and follows ``MOVED`` and ``ASK`` redirections (a slot being migrated); a pipeline is
     split by node. Every script call names keys of one slot. Scripts Redis lost are loaded on
-    every primary and the calls run again. No ``WAIT``, no transactions: they would span nodes.
+    every primary and the calls run again. No transactions: they would span nodes.
+
+    Calls with ``wait`` go to the node of their keys on a :class:`Lane` of that node's own, the
+    scripts and a ``WAIT`` in one round trip on one connection (``WAIT`` counts that
+    connection's writes); a redirection or a lost node makes it refresh the slot map and try
+    again, a few times.
     """
 
     def __init__(self, client: redis.RedisCluster) -> None:
         self._client: Any = client  # redis-py's cluster client is untyped
+        self._nodes: dict[str, Lane] = {}
 
     def command(self, *args: Arg) -> Any:
         """One command on the node of its key."""
@@ -864,9 +872,13 @@ class ClusterLane:
         extra: Sequence[Sequence[Arg]] = (),
         wait: Sequence[Arg] | None = None,
     ) -> list[Any]:
-        """Like :meth:`Lane.scripts`, pipelined per node (``wait`` is refused)."""
+        """Like :meth:`Lane.scripts`, pipelined per node.
+
+        With ``wait``, the reply appended is the fewest replicas that confirmed on any node the
+        calls went to (``extra`` is not allowed then).
+        """
         if wait is not None:
-            raise ValueError("WAIT is not supported with Redis Cluster")
+            return self._scripts_waited(calls, wait)
         if len(calls) == 1 and not extra:
             script, keys, args = calls[0]
             return [self.script(script, (len(keys), *keys), args)]
@@ -888,9 +900,47 @@ class ClusterLane:
                 raise result
         return results
 
-    def close(self) -> None:
-        """Nothing of its own to give back: the connections are the cluster client's."""
+    def _scripts_waited(self, calls: Sequence[Call], wait: Sequence[Arg]) -> list[Any]:
+        by_node: dict[str, list[int]] = {}
+        for index, (_, keys, _) in enumerate(calls):
+            by_node.setdefault(self._client.get_node_from_key(keys[0]).name, []).append(index)
+        results: list[Any] = [None] * len(calls)
+        acked: int | None = None
+        for indexes in by_node.values():
+            group = [calls[i] for i in indexes]
+            *replies, confirmed = self._on_owner(group, wait)
+            for i, reply in zip(indexes, replies, strict=True):
+                results[i] = reply
+            acked = int(confirmed) if acked is None else min(acked, int(confirmed))
+        return [*results, acked]
 
+    def _on_owner(self, calls: Sequence[Call], wait: Sequence[Arg]) -> list[Any]:
+        """``calls`` (one slot's) and ``WAIT`` on the node that owns the slot now."""
+        attempts = 0
+        while True:
+            node = self._client.get_node_from_key(calls[0][1][0])
+            lane = self._nodes.get(node.name)
+            if lane is None:
+                lane = self._nodes.setdefault(node.name, Lane(node.redis_connection))
+            try:
+                return lane.scripts(calls, wait=wait)
+            except (MovedError, AskError, TryAgainError, ClusterDownError, RedisConnectionError):
+                # Nothing ran (a redirection), or the node is gone: ask the cluster where the
+                # slot is now, and try there.
+                attempts += 1
+                if attempts > _OWNER_ATTEMPTS:
+                    raise
+                time.sleep(min(1.0, 0.05 * 2**attempts))  # a failover takes a while
+                self._client.nodes_manager.initialize()
+
+    def close(self) -> None:
+        """Give back the connections of the per-node lanes; the others are the client's."""
+        for lane in self._nodes.values():
+            lane.close()
+
+
+_OWNER_ATTEMPTS: Final = 8
+"""How often a call that waits for replicas asks the cluster again where its slot is."""
 
 _LANES: weakref.WeakSet[Lane] = weakref.WeakSet()
 

@@ -26,6 +26,7 @@ from worq_redis.connection import (
     SENTINEL_SCHEMES,
     Arg,
     Call,
+    ClusterLane,
     KeyArg,
     Lane,
     RedisSettings,
@@ -198,11 +199,13 @@ class RedisStorage(Storage):
     def _errors(self) -> Any:
         return translate_errors(self.url, StorageConnectionError, StorageError)
 
-    def _lane(self) -> Lane:
+    def _lane(self) -> Lane | ClusterLane:
         """Connections for saves that ``WAIT`` (which counts its own connection's writes)."""
-        lane: Lane | None = self.__dict__.get("_wait_lane")
+        lane: Lane | ClusterLane | None = self.__dict__.get("_wait_lane")
         if lane is None:  # setdefault: two threads at once still share one
-            lane = self.__dict__.setdefault("_wait_lane", Lane(self.client))
+            client: Any = self.client
+            made = ClusterLane(client) if isinstance(client, redis.RedisCluster) else Lane(client)
+            lane = self.__dict__.setdefault("_wait_lane", made)
         return lane
 
 
