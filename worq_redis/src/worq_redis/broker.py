@@ -332,7 +332,7 @@ class RedisBroker(Broker):
         return cls(url)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.url.split('@')[-1]} prefix={self.prefix!r}>"
+        return f"<{type(self).__name__} {redact(self.url).split('@')[-1]} prefix={self.prefix!r}>"
 
     # -- producer side -----------------------------------------------------------------------
 

@@ -379,14 +379,32 @@ def _describe_sentinel(pool: SentinelConnectionPool) -> str:
 
 
 def redact(url: str) -> str:
-    """``url`` without its password, for error messages and logs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
+    """``url`` without its passwords, for error messages and logs.
+
+    The one in the user part and any query parameter named like ``*password``
+    (``sentinel_password``); the user part is cut by hand, since a Sentinel URL lists several
+    hosts where a URL parser expects one port.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+    path, question, query = tail.partition("?")
+    if question:
+        fragment = ""
+        if "#" in query:
+            query, fragment = query.split("#", 1)
+            fragment = "#" + fragment
+        pairs = [
+            f"{name}=***" if name.endswith("password") else f"{name}{eq}{value}"
+            for name, eq, value in (item.partition("=") for item in query.split("&"))
+        ]
+        tail = f"{path}?{'&'.join(pairs)}{fragment}"
+    return f"{scheme}://{netloc}{tail}"
 
 
 def server_identity(client: redis.Redis) -> tuple[Any, ...]:

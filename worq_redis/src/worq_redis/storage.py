@@ -36,6 +36,7 @@ from worq_redis.connection import (
     command,
     connect,
     connect_cluster,
+    redact,
     result_keys,
     run_script,
     run_scripts,
@@ -83,7 +84,7 @@ class RedisStorage(Storage):
         return cls(url)
 
     def __repr__(self) -> str:
-        return f"<RedisStorage {self.url.split('@')[-1]} prefix={self.prefix!r}>"
+        return f"<RedisStorage {redact(self.url).split('@')[-1]} prefix={self.prefix!r}>"
 
     @override
     def save(self, records: Mapping[str, bytes], ttl: float) -> None:
