@@ -110,3 +110,17 @@ def bench_dashboard(session: nox.Session) -> None:
     """The dashboard's page times with 100,000 jobs queued against 1,000, on the local Redis."""
     install_worq(session)
     session.run("python", "bench/dashboard_bench.py", *session.posargs)
+
+
+@nox.session(name="bench-sentinel")
+def bench_sentinel(session: nox.Session) -> None:
+    """What wait_replicas costs per job through Sentinel (own servers on ports 17040-17044)."""
+    install_worq(session)
+    session.run("python", "bench/sentinel_bench.py", *session.posargs)
+
+
+@nox.session(name="bench-cluster")
+def bench_cluster(session: nox.Session) -> None:
+    """One Redis Cluster master against three (own servers on ports 17060-17063); a ratio."""
+    install_worq(session)
+    session.run("python", "bench/cluster_bench.py", *session.posargs)

@@ -527,6 +527,37 @@ def test_every_script_is_registered_with_the_lua_module() -> None:
     assert set(lua.LOOKUP_SCRIPTS) == {"job_state", "find_job"}
 
 
+def test_every_script_is_a_lua_file_shipped_in_the_package() -> None:
+    from importlib import resources
+
+    folder = resources.files("worq_redis").joinpath("lua")
+    names = [*lua.QUEUE_SCRIPTS, *lua.SCHEDULE_SCRIPTS, *lua.LOOKUP_SCRIPTS, *lua.RESULT_SCRIPTS]
+    files = {entry.name for entry in folder.iterdir() if entry.name.endswith(".lua")}
+    assert files == {f"{name}.lua" for name in [*names, lua.HELPERS]}
+    for name in names:
+        body = folder.joinpath(f"{name}.lua").read_text("utf-8").rstrip("\n")
+        assert lua.source(name).rstrip("\n").endswith(body)
+        # every line Redis would report maps back to the same text in a file
+        for number, line in enumerate(lua.source(name).split("\n")[:-1], start=1):
+            file, at = lua.locate(name, f"user_script:{number}").split(":")
+            assert folder.joinpath(file).read_text("utf-8").split("\n")[int(at) - 1] == line
+
+
+def test_a_script_error_names_the_lua_file_and_line(real_backend: Backend) -> None:
+    from importlib import resources
+
+    broker = real_backend.broker()
+    broker.enqueue([msg("clobbered")])
+    real_backend.client.set(f"{real_backend.prefix}:{{clobbered}}:meta", "not a hash")
+    with pytest.raises(BrokerError, match="WRONGTYPE") as caught:
+        broker.fetch(["clobbered"], 1, lease=30, wait=0)
+    text = str(caught.value)
+    assert "user_script" not in text
+    file, line = text.rsplit("on @", 1)[1].rstrip(".").split(":")
+    source = resources.files("worq_redis").joinpath("lua", file).read_text("utf-8")
+    assert "K_META" in source.split("\n")[int(line) - 1], "the line that read the clobbered key"
+
+
 # -- worker registry and the lease keeper's URL ----------------------------------------------------
 
 

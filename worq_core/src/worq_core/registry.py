@@ -47,6 +47,10 @@ KNOWN_SCHEMES = {
     "redis": "worq-redis",
     "rediss": "worq-redis",
     "unix": "worq-redis",
+    "redis+sentinel": "worq-redis",
+    "rediss+sentinel": "worq-redis",
+    "redis+cluster": "worq-redis",
+    "rediss+cluster": "worq-redis",
 }
 
 T = TypeVar("T")

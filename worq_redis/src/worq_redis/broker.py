@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Final, Self, TypeVar
+from typing import Any, ClassVar, Final, Self, TypeVar, cast
 
 import redis
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -35,24 +37,31 @@ from worq_core.models import (
     WorkerInfo,
 )
 from worq_redis.connection import (
+    CLUSTER_SCHEMES,
     DEFAULT_URL,
     SCRIPTS,
+    SENTINEL_SCHEMES,
     Arg,
     Call,
     Clock,
+    ClusterLane,
     Lane,
     RedisSettings,
+    ReplicasBehind,
     clock_arg,
+    close_client,
+    cluster_ids_key,
     command,
     connect,
+    connect_cluster,
     events_key,
     group_key,
     ids_key,
+    located,
     queue_keys,
     redact,
     registry_key,
     result_keys,
-    run_transaction,
     schedules_key,
     server_identity,
     translate_errors,
@@ -60,6 +69,7 @@ from worq_redis.connection import (
 from worq_redis.storage import RedisStorage
 
 T = TypeVar("T")
+log = logging.getLogger("worq.redis")
 
 _STATES = {
     b"q": JobStatus.QUEUED,
@@ -90,6 +100,8 @@ _FIRE_SCHEDULE, _SCHEDULE_CAS = SCRIPTS["fire_schedule"], SCRIPTS["schedule_cas"
 _OPEN_GROUP = SCRIPTS["open_group"]
 _NO_MESSAGE: Final[tuple[Arg, ...]] = ("",) * 10
 """The ten message values of ``open_group`` for a group without a callback."""
+_CLUSTER_POLL: Final = 0.1
+"""Under Cluster, the longest wait before a worker looks again at its queues in other slots."""
 _CANCEL_LOOKUPS: Final = 16
 """How often :meth:`RedisBroker.cancel` looks a job's queue up again when the job keeps moving
 to another queue between the lookup and the script (acked and enqueued elsewhere each time)."""
@@ -230,10 +242,15 @@ class RedisBroker(Broker):
     """Jobs in Redis, shared by every producer and worker that reaches the same server.
 
     Build it from a ``redis://``, ``rediss://`` or ``unix://`` URL (user and password from the
-    URL, ``?prefix=`` for the key prefix) or from a ``redis.Redis`` client made with
-    ``decode_responses=False``. Thread-safe: every call takes an idle connection of the broker's
-    own :class:`~worq_redis.connection.Lane` (taken from the client's pool), so the fetch loop,
-    the heartbeat and job threads never wait for one another.
+    URL, ``?prefix=`` for the key prefix), a ``redis+sentinel://`` or ``rediss+sentinel://``
+    URL (``h1:26379,h2:26379/<service>/<db>``: the master Sentinel names, found again after a
+    failover), or a ``redis.Redis`` client made with ``decode_responses=False`` (also one from a
+    Sentinel's ``master_for()``). ``wait_replicas`` (or ``?wait_replicas=N``) makes enqueues
+    and settlements wait until that many replicas hold them (``docs/redis.md``).
+
+    Thread-safe: every call takes an idle connection of the broker's own
+    :class:`~worq_redis.connection.Lane` (taken from the client's pool), so the fetch loop, the
+    heartbeat and job threads never wait for one another.
 
     Each queue's keys live under one Cluster hash tag, next to one index of every job id under
     the prefix (ids are unique across queues), and every state change is one Lua script that uses
@@ -242,7 +259,7 @@ class RedisBroker(Broker):
     """
 
     name: ClassVar[str] = "redis"
-    schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "unix")
+    schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "unix", *SENTINEL_SCHEMES)
     capabilities: ClassVar[frozenset[Capability]] = frozenset(
         {
             Capability.DELAYED,
@@ -269,8 +286,11 @@ class RedisBroker(Broker):
         *,
         prefix: str | None = None,
         clock: Clock | None = None,
+        wait_replicas: int | None = None,
     ) -> None:
-        self.client, self.url, self.settings, self._owned = connect(url, settings, prefix)
+        self.client, self.url, self.settings, self._owned = self._connect(url, settings, prefix)
+        if wait_replicas is not None:
+            self.settings = dataclasses.replace(self.settings, wait_replicas=wait_replicas)
         self.prefix = self.settings.prefix
         self.clock = clock
         self._keys: dict[str, tuple[str, ...]] = {}
@@ -283,11 +303,28 @@ class RedisBroker(Broker):
         self._schedules = schedules_key(self.prefix)
         self._events = events_key(self.prefix)
         self._ids_head: tuple[Arg, ...] = (1, self._ids)
-        self._lane = Lane(self.client)
+        self._lane: Lane | ClusterLane = (
+            ClusterLane(cast("redis.RedisCluster", self.client))
+            if self._cluster
+            else Lane(self.client)
+        )
         s = self.settings
         # dead-letter retention, applied by every script that settles or reads dead jobs
         self._retention: tuple[Arg, ...] = (s.dead_max_count, repr(s.dead_max_age))
         self._fetch_tail: tuple[Arg, ...] = (s.reap_batch, s.promote_batch)
+        # WAIT's arguments after each enqueue and settlement, or None
+        self._wait: tuple[Arg, ...] | None = None
+        if s.wait_replicas:
+            self._wait = (s.wait_replicas, max(1, round(s.wait_timeout * 1000)))
+
+    _cluster: ClassVar[bool] = False
+    """Redis Cluster layout: each queue's own id index, lookups by id queue by queue."""
+
+    @staticmethod
+    def _connect(
+        target: object, settings: RedisSettings | None, prefix: str | None
+    ) -> tuple[redis.Redis, str, RedisSettings, bool]:
+        return connect(target, settings, prefix)
 
     @override
     @classmethod
@@ -295,7 +332,7 @@ class RedisBroker(Broker):
         return cls(url)
 
     def __repr__(self) -> str:
-        return f"<RedisBroker {self.url.split('@')[-1]} prefix={self.prefix!r}>"
+        return f"<{type(self).__name__} {redact(self.url).split('@')[-1]} prefix={self.prefix!r}>"
 
     # -- producer side -----------------------------------------------------------------------
 
@@ -326,12 +363,50 @@ class RedisBroker(Broker):
 
     def _add(self, messages: Sequence[Message]) -> list[Any]:
         """Enqueue; per message the script's answer: 1 added, 0 id held, or the key's holder."""
+        if self._cluster and messages:
+            with self._errors():
+                held = self._held_elsewhere(messages)
+            if held:
+                replies = iter(self._send([m for m in messages if m.id not in held]))
+                return [0 if m.id in held else next(replies) for m in messages]
+        return self._send(messages)
+
+    def _held_elsewhere(self, messages: Sequence[Message]) -> set[str]:
+        """Under Cluster, the ids of ``messages`` that another queue's index holds.
+
+        Each queue's index is in its own slot, so this check is a step before the enqueue
+        script (the registry, then one ``HMGET`` per other queue, pipelined per node), not
+        part of it: two producers adding one id to two queues at the same moment may both
+        succeed.
+        """
+        members = self._lane.command("SMEMBERS", self._registry)
+        queues = sorted(self._known | {_text(q) for q in members})
+        wanted: dict[str, list[str]] = {}
+        for m in messages:
+            wanted.setdefault(m.queue, []).append(m.id)
+        checks: list[tuple[list[str], tuple[Arg, ...]]] = []
+        for target, ids in wanted.items():
+            for other in queues:
+                if other != target:
+                    checks.append((ids, ("HMGET", cluster_ids_key(self.prefix, other), *ids)))
+        if not checks:
+            return set()
+        replies = self._lane.pipeline([command for _, command in checks])
+        held: set[str] = set()
+        for (ids, _), reply in zip(checks, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise reply
+            held.update(i for i, found in zip(ids, reply, strict=True) if found is not None)
+        return held
+
+    def _send(self, messages: Sequence[Message]) -> list[Any]:
+        """:meth:`_add` after the checks that precede the scripts (none but under Cluster)."""
         if len(messages) == 1 and messages[0].queue in self._known:
             # The common case, kept lean: one EVALSHA on the lane (the queue's keys are cached).
             m = messages[0]
             head = self._enqueue_heads[m.queue]
             clear: Arg = 0
-            if m.clear_record:
+            if m.clear_record and not self._cluster:  # under Cluster worq-core clears it
                 clear = len(head)  # the result key goes last: KEYS[numkeys + 1]
                 head = (clear, *head[1:], result_keys(self.prefix, m.id)[0])
             fast: tuple[Arg, ...] = (
@@ -350,7 +425,12 @@ class RedisBroker(Broker):
             elif m.unique is not None or m.rate is not None or m.concurrency is not None:
                 fast += _specs(m) or ()
             try:
-                flags = self._lane.script(_ENQUEUE, head, fast)
+                if self._wait is None:
+                    flags = self._lane.script(_ENQUEUE, head, fast)
+                else:
+                    keys = cast("Sequence[str]", head[1:])
+                    flags, acked = self._lane.scripts([(_ENQUEUE, keys, fast)], wait=self._wait)
+                    self._replicated(acked, strict=True)
             except RedisError as exc:
                 raise self._error(exc) from exc
             return [flags[0]]
@@ -366,8 +446,11 @@ class RedisBroker(Broker):
         chunk = self.settings.enqueue_chunk
         clock = clock_arg(self.clock)
         for queue, items in _by_queue(unique, lambda item: item[1].queue).items():
-            keys = (*self._queue_keys(queue), self._registry)
-            register = 0 if queue in self._known else 1
+            if self._cluster:  # the registry is in another slot: added to after the script
+                keys, register = self._queue_keys(queue), 0
+            else:
+                keys = (*self._queue_keys(queue), self._registry)
+                register = 0 if queue in self._known else 1
             for start in range(0, len(items), chunk):
                 part = items[start : start + chunk]
                 args: list[Arg] = [clock, queue, register, len(part)]
@@ -376,7 +459,7 @@ class RedisBroker(Broker):
                 width = 3 if any(m.member is not None or m.closes for _, (_, m) in part) else 2
                 for done, (_, (_, message)) in enumerate(part):
                     clear = 0
-                    if message.clear_record:
+                    if message.clear_record and not self._cluster:
                         extra_keys.append(result_keys(self.prefix, message.id)[0])
                         clear = len(keys) + len(extra_keys)
                     args += [
@@ -396,16 +479,21 @@ class RedisBroker(Broker):
                 calls.append((_ENQUEUE, [*keys, *extra_keys], args + (specs or [])))
                 order.append((queue, [index for _, (index, _) in part]))
         with self._errors():
-            if len(calls) == 1:
-                results = self._lane.scripts(calls)
+            if len(calls) == 1 or isinstance(self._lane, ClusterLane):
+                # Under Cluster each call is atomic alone: a MULTI cannot span slots.
+                results = self._lane.scripts(calls, wait=self._wait)
             else:
-                results = run_transaction(self.client, calls)
-        for (queue, indexes), result in zip(order, results, strict=True):
-            for index, reply in zip(indexes, result, strict=True):
-                replies[index] = reply
-            if queue not in self._known and any(reply == 1 for reply in result):
-                with self._lock:  # registered by the script that added a job to it
-                    self._known.add(queue)
+                results = self._lane.transaction(calls, wait=self._wait)
+            if self._wait is not None:
+                self._replicated(results.pop(), strict=True)
+            for (queue, indexes), result in zip(order, results, strict=True):
+                for index, reply in zip(indexes, result, strict=True):
+                    replies[index] = reply
+                if queue not in self._known and any(reply == 1 for reply in result):
+                    if self._cluster:
+                        self._lane.command("SADD", self._registry, queue)
+                    with self._lock:  # registered by the script that added a job to it
+                        self._known.add(queue)
         for index, message in enumerate(messages):
             earlier = first[message.id]
             if earlier != index:  # an id sent twice: held by the first if that was added
@@ -441,7 +529,10 @@ class RedisBroker(Broker):
                 last_arg,
                 *_message_values(m, queue not in self._known),
             )
-            applied, added = self._lane.script(_FIRE_SCHEDULE, (len(keys), *keys), args)
+            replies = self._lane.scripts([(_FIRE_SCHEDULE, keys, args)], wait=self._wait)
+            if self._wait is not None:
+                self._replicated(replies.pop(), strict=True)
+            applied, added = replies[0]
         if added == 1 and queue not in self._known:
             with self._lock:
                 self._known.add(queue)
@@ -496,7 +587,10 @@ class RedisBroker(Broker):
         for m in members:
             args += _message_values(m, m.queue not in self._known)
         with self._errors():
-            reply = self._lane.script(_OPEN_GROUP, (len(keys), *keys), args)
+            replies = self._lane.scripts([(_OPEN_GROUP, keys, args)], wait=self._wait)
+            if self._wait is not None:
+                self._replicated(replies.pop(), strict=True)
+            reply = replies[0]
         if reply is None:
             raise ValueError(f"group {group.id!r} is already recorded")
         added = [flag == 1 for flag in reply]
@@ -589,14 +683,18 @@ class RedisBroker(Broker):
         args += (limit, lease_arg, *self._fetch_tail)
         if blocks:
             args += blocks
+        replicas = self._wait if settlements else None
         try:
-            if not others:
+            if not others and replicas is None:
                 flags, reply = self._lane.script(_SETTLE_FETCH, head, args)
                 other_flags: list[Any] = []
             else:
                 calls, groups = self._settle_calls([s for _, s in others], clock)
                 calls.append((_SETTLE_FETCH, all_keys, args))
-                *other_flags, (flags, reply) = self._lane.scripts(calls)
+                replies = self._lane.scripts(calls, wait=replicas)
+                if replicas is not None:
+                    self._replicated(replies.pop(), strict=False)
+                *other_flags, (flags, reply) = replies
         except RedisError as exc:
             raise self._error(exc) from exc
         if others:
@@ -629,6 +727,13 @@ class RedisBroker(Broker):
                     timeout = min(remaining, soonest if soonest is not None else remaining)
                     timeout = max(0.001, min(timeout, self.settings.blocking_timeout))
                     signals = [self._queue_keys(q)[6] for q in queues]
+                    if self._cluster and len(queues) > 1:
+                        # One blocking call names keys of one slot: wait on the queues in the
+                        # first one's, and look at the others again soon.
+                        slot = key_slot(signals[0].encode())
+                        signals = [s for s in signals if key_slot(s.encode()) == slot]
+                        if len(signals) < len(queues):
+                            timeout = min(timeout, _CLUSTER_POLL)
                     self._lane.command("BZPOPMIN", *signals, f"{timeout:.3f}")
                 # else: more due work than one fetch moves; fetch again now
                 soonest = self._fetch_one(first, limit, lease_arg, deliveries)
@@ -677,7 +782,9 @@ class RedisBroker(Broker):
             return []
         calls, groups = self._settle_calls(settlements, clock_arg(self.clock))
         with self._errors():
-            results = self._lane.scripts(calls)
+            results = self._lane.scripts(calls, wait=self._wait)
+        if self._wait is not None:
+            self._replicated(results.pop(), strict=False)
         return [bool(flag) for flag in _scatter(groups, results, len(settlements))]
 
     @override
@@ -742,10 +849,10 @@ class RedisBroker(Broker):
         """
         with self._errors():
             for _ in range(_CANCEL_LOOKUPS):
-                found = self._lane.command("HGET", self._ids, job_id)
+                found = self._home(job_id)
                 if found is None:
                     return CancelOutcome.NOT_FOUND
-                queue = _text(found)
+                queue = found
                 keys = self._queue_keys(queue)
                 args: list[Arg] = [clock_arg(self.clock), job_id, queue, 0, b""]
                 if record is not None:
@@ -759,7 +866,8 @@ class RedisBroker(Broker):
 
     def _shares_server(self, storage: Storage) -> bool:
         return (
-            isinstance(storage, RedisStorage)
+            not self._cluster
+            and isinstance(storage, RedisStorage)
             and storage.prefix == self.prefix
             and server_identity(storage.client) == server_identity(self.client)
         )
@@ -821,7 +929,10 @@ class RedisBroker(Broker):
     def job_state(self, job_id: str) -> JobState | None:
         """Where the job is, from the id index and its queue's keys, in one read-only script."""
         with self._errors():
-            reply = self._lane.script(_JOB_STATE, self._ids_head, self._job_state_values(job_id))
+            head = self._lookup_head(job_id)
+            if head is None:
+                return None
+            reply = self._lane.script(_JOB_STATE, head, self._job_state_values(job_id))
         return _job_state(reply)
 
     @override
@@ -873,7 +984,10 @@ class RedisBroker(Broker):
     @override
     def find_job(self, job_id: str) -> ListedJob | None:
         with self._errors():
-            reply = self._lane.script(_FIND_JOB, self._ids_head, (job_id, self.prefix))
+            head = self._lookup_head(job_id)
+            if head is None:
+                return None
+            reply = self._lane.script(_FIND_JOB, head, (job_id, self.prefix))
         if not reply:
             return None
         queue, state, attempts, body, at, reason = reply
@@ -938,16 +1052,62 @@ class RedisBroker(Broker):
         """Give the lane's connections back; close the pool unless the client was handed to us."""
         self._lane.close()
         if self._owned:
-            self.client.close()
+            close_client(self.client)
 
     # -- internals -----------------------------------------------------------------------------
 
     def _errors(self) -> Any:
         return translate_errors(self.url, BrokerConnectionError, BrokerError)
 
+    def _replicated(self, acked: Any, *, strict: bool) -> None:
+        """Check ``WAIT``'s reply: raise :class:`ReplicasBehind` (``strict``) or log it.
+
+        Enqueues are strict (the producer must know its job may not survive a failover);
+        a settlement that stands on the master only is logged, since the worker cannot undo it
+        and the worst a failover does to it is run the job again.
+        """
+        wanted = self.settings.wait_replicas
+        if int(acked) >= wanted:
+            return
+        if strict:
+            raise ReplicasBehind(self.url, wanted, int(acked), self.settings.wait_timeout)
+        log.warning(
+            "only %d of %d replicas confirmed a settlement within %ss; a failover now may run "
+            "its jobs again",
+            int(acked),
+            wanted,
+            self.settings.wait_timeout,
+        )
+
     def _script(self, name: str, queue: str, args: Sequence[Arg]) -> Any:
         self._queue_keys(queue)
         return self._lane.script(SCRIPTS[name], self._heads[queue], args)
+
+    def _home(self, job_id: str) -> str | None:
+        """The queue whose index holds ``job_id``, or ``None``.
+
+        One ``HGET`` of the prefix's index; under Cluster, where each queue has its own, one
+        ``HEXISTS`` per queue the registry (or this broker) knows, pipelined per node.
+        """
+        if not self._cluster:
+            found = self._lane.command("HGET", self._ids, job_id)
+            return None if found is None else _text(found)
+        members = self._lane.command("SMEMBERS", self._registry)
+        queues = sorted(self._known | {_text(q) for q in members})
+        checks = [("HEXISTS", cluster_ids_key(self.prefix, q), job_id) for q in queues]
+        for queue, held in zip(queues, self._lane.pipeline(checks) if checks else [], strict=True):
+            if isinstance(held, Exception):
+                raise held
+            if held:
+                return queue
+        return None
+
+    def _lookup_head(self, job_id: str) -> tuple[Arg, ...] | None:
+        """The key part of ``job_state`` and ``find_job``: the index that holds the job."""
+        if not self._cluster:
+            return self._ids_head
+        queue = self._home(job_id)
+        return None if queue is None else (1, cluster_ids_key(self.prefix, queue))
 
     def _job_state_values(self, job_id: str) -> tuple[Arg, ...]:
         """The values of the ``job_state`` script (its one key is the id index)."""
@@ -959,9 +1119,12 @@ class RedisBroker(Broker):
     def _queue_keys(self, queue: str) -> tuple[str, ...]:
         keys = self._keys.get(queue)
         if keys is None:
-            keys = queue_keys(self.prefix, queue)
+            keys = queue_keys(self.prefix, queue, cluster=self._cluster)
             self._heads[queue] = (len(keys), *keys)
-            self._enqueue_heads[queue] = (len(keys) + 1, *keys, self._registry)
+            if self._cluster:  # the registry is in another slot: added to after the script
+                self._enqueue_heads[queue] = self._heads[queue]
+            else:
+                self._enqueue_heads[queue] = (len(keys) + 1, *keys, self._registry)
             self._keys[queue] = keys
         return keys
 
@@ -969,7 +1132,9 @@ class RedisBroker(Broker):
         """The worq error for a redis-py error, as :func:`translate_errors` makes it."""
         if isinstance(exc, RedisConnectionError | RedisTimeoutError):
             return BrokerConnectionError(redact(self.url), f"{type(exc).__name__}: {exc}")
-        return BrokerError(f"redis error at {redact(self.url)}: {type(exc).__name__}: {exc}")
+        return BrokerError(
+            f"redis error at {redact(self.url)}: {type(exc).__name__}: {located(exc)}"
+        )
 
     def _fetch_one(self, queue: str, limit: int, lease: str, into: list[Delivery]) -> float | None:
         """Run ``fetch`` on one queue into ``into``; seconds until its next due time, if any."""
@@ -1065,3 +1230,72 @@ class RedisBroker(Broker):
                 args.append(start)
             calls.append((_SETTLE, keys, args))
         return calls, groups
+
+
+class RedisClusterBroker(RedisBroker):
+    """:class:`RedisBroker` on Redis Cluster: queues spread over the masters by their hash tag.
+
+    Build it from a ``redis+cluster://host:port`` URL (any node; ``rediss+cluster://`` for TLS;
+    ``?prefix=`` as usual) or a ``redis.RedisCluster`` client made with
+    ``decode_responses=False``. Every script touches one slot, its queue's: each queue keeps its
+    own id index (``<prefix>:{<queue>}:ids``), so job ids are unique per queue, not across the
+    queues of a prefix; a lookup by id alone (``job_state``, ``find_job``, ``cancel``) asks each
+    known queue's index in turn, pipelined per node. Results live in their own slot and are
+    written by the storage, not by the ack script (no ``RESULTS``); schedules and workflows,
+    whose scripts span queues, are not offered yet (no ``SCHEDULES``, no ``WORKFLOWS``). An
+    ``enqueue_many`` over several queues or chunks is atomic per queue and chunk, not as a whole.
+    ``wait_replicas`` waits on the master each write went to. See ``docs/redis.md``.
+    """
+
+    name: ClassVar[str] = "redis-cluster"
+    schemes: ClassVar[tuple[str, ...]] = CLUSTER_SCHEMES
+    capabilities: ClassVar[frozenset[Capability]] = RedisBroker.capabilities - {
+        Capability.RESULTS,
+        Capability.SCHEDULES,
+        Capability.WORKFLOWS,
+    }
+    _cluster: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        url: str | redis.RedisCluster,
+        settings: RedisSettings | None = None,
+        *,
+        prefix: str | None = None,
+        clock: Clock | None = None,
+        wait_replicas: int | None = None,
+    ) -> None:
+        super().__init__(
+            url,  # type: ignore[arg-type]
+            settings,
+            prefix=prefix,
+            clock=clock,
+            wait_replicas=wait_replicas,
+        )
+
+    @staticmethod
+    def _connect(
+        target: object, settings: RedisSettings | None, prefix: str | None
+    ) -> tuple[redis.Redis, str, RedisSettings, bool]:
+        client, url, settings, owned = connect_cluster(target, settings, prefix)
+        # Typed as the plain client the shared code calls: the calls it makes on it (plain
+        # commands, non-transactional pipelines) are the ones RedisCluster routes by key.
+        return cast("redis.Redis", client), url, settings, owned
+
+    @override
+    def fire_schedule(
+        self, schedule: str, tick: float, last: float | None, message: Message | None
+    ) -> bool:
+        return Broker.fire_schedule(self, schedule, tick, last, message)
+
+    @override
+    def schedule_fires(self, schedules: Sequence[str] | None = None) -> dict[str, float]:
+        return Broker.schedule_fires(self, schedules)
+
+    @override
+    def open_group(self, group: GroupSpec, members: Sequence[Message]) -> list[bool]:
+        return Broker.open_group(self, group, members)
+
+    @override
+    def group_state(self, group_id: str) -> GroupState | None:
+        return Broker.group_state(self, group_id)

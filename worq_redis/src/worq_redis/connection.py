@@ -5,19 +5,31 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import threading
+import time
 import urllib.parse
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from worq_core import BrokerError, StorageError, WorqError
 from worq_redis import lua
@@ -25,6 +37,7 @@ from worq_redis import lua
 DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
 
 Clock = Callable[[], float]
+AnyClient = redis.Redis | redis.RedisCluster
 KeyArg = str | bytes
 Arg = str | bytes | int | float
 
@@ -60,6 +73,14 @@ class RedisSettings:
     events_max: int = 10_000
     """About how many recent events the events stream keeps (``XADD MAXLEN ~``): the oldest
     go first."""
+    wait_replicas: int = 0
+    """Replicas that must hold an enqueue or a settlement before it returns (Redis ``WAIT``).
+
+    0 (the default): a write is acknowledged once the master has it, and a failover may lose
+    what the replicas had not copied yet. Also the URL parameter ``?wait_replicas=N``."""
+    wait_timeout: float = 1.0
+    """Longest ``WAIT`` for :attr:`wait_replicas`, in seconds; must be below ``socket_timeout``
+    when :attr:`wait_replicas` is set."""
 
     def __post_init__(self) -> None:
         if not self.prefix or "{" in self.prefix or "}" in self.prefix:
@@ -70,6 +91,10 @@ class RedisSettings:
             raise ValueError("retries must be >= 0, batches >= 1")
         if self.enqueue_chunk < 1 or self.dead_max_count < 0 or self.dead_max_age < 0:
             raise ValueError("enqueue_chunk must be >= 1, dead limits >= 0")
+        if self.wait_replicas < 0 or self.wait_timeout <= 0:
+            raise ValueError("wait_replicas must be >= 0, wait_timeout positive")
+        if self.wait_replicas and self.wait_timeout >= self.socket_timeout:
+            raise ValueError("wait_timeout must be below socket_timeout (WAIT blocks the reply)")
 
     @property
     def blocking_timeout(self) -> float:
@@ -86,9 +111,58 @@ class ClusterNotSupported(BrokerError, StorageError):
 
     def __init__(self) -> None:
         super().__init__(
-            "Redis Cluster is not supported yet by worq-redis; use a single server or Sentinel "
-            "(a redis.Redis client, e.g. from a Sentinel's master_for())"
+            "RedisBroker takes one server or a Sentinel master (a redis.Redis client or a "
+            "redis:// or redis+sentinel:// URL); for Redis Cluster use RedisClusterBroker, or "
+            "a redis+cluster:// URL"
         )
+
+
+class UnsupportedClient(BrokerError, StorageError, TypeError):
+    """Something other than a URL or a ``redis.Redis`` client was given as the connection."""
+
+    def __init__(self, given: object) -> None:
+        super().__init__(
+            f"worq-redis takes a redis://, rediss://, unix://, redis+sentinel://, "
+            f"rediss+sentinel://, redis+cluster:// or rediss+cluster:// URL, a redis.Redis "
+            f"client (also one from a Sentinel's master_for()) or, for RedisClusterBroker and "
+            f"RedisStorage, a redis.RedisCluster client; not "
+            f"{type(given).__module__}.{type(given).__qualname__}"
+        )
+
+
+class ReplicasBehind(BrokerError, StorageError):
+    """A write is on the master, but fewer replicas than asked confirmed it in time.
+
+    Raised by enqueues (and by :class:`RedisStorage` saves) made with
+    :attr:`RedisSettings.wait_replicas`: the job *is* queued on the master, but a failover now
+    could lose it. Enqueueing it again with the same id adds nothing if it survived.
+    """
+
+    def __init__(self, url: str, wanted: int, got: int, timeout: float) -> None:
+        self.wanted, self.got = wanted, got
+        super().__init__(
+            f"only {got} of {wanted} replicas of {redact(url)} confirmed the write within "
+            f"{timeout}s; it is on the master, but a failover may lose it"
+        )
+
+
+CLUSTER_SCHEMES: Final = ("redis+cluster", "rediss+cluster")
+"""URL schemes of a Redis Cluster, given by any of its nodes (``rediss``: TLS)."""
+
+SENTINEL_SCHEMES: Final = ("redis+sentinel", "rediss+sentinel")
+"""URL schemes of a master found through Redis Sentinel (``rediss``: TLS everywhere)."""
+
+_SENTINEL_PARAMS: Final = frozenset(
+    {
+        "sentinel_username",
+        "sentinel_password",
+        "ssl_ca_certs",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_cert_reqs",
+        "ssl_check_hostname",
+    }
+)
 
 
 def connect(
@@ -97,8 +171,9 @@ def connect(
     """Build (or adopt) a client. Returns ``(client, url, settings, owned)``. Does no I/O.
 
     ``target`` is a URL or a ``redis.Redis`` client (typed ``object``: callers are checked at
-    run time). ``owned`` says whether we created the client (and so close it). Raises
-    :class:`ClusterNotSupported` for a Redis Cluster client, ``TypeError`` for anything else.
+    run time), also one from a Sentinel's ``master_for()``. ``owned`` says whether we created
+    the client (and so close it). Raises :class:`ClusterNotSupported` for a Redis Cluster
+    client, :class:`UnsupportedClient` for anything else that is no URL or client.
     """
     settings = settings or RedisSettings()
     if isinstance(target, redis.RedisCluster):
@@ -109,33 +184,174 @@ def connect(
             raise ValueError("worq-redis needs a client with decode_responses=False")
         if prefix is not None:
             settings = _replace_prefix(settings, prefix)
+        pool = target.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            if not pool.is_master:
+                raise ValueError(
+                    "a Sentinel replica client (slave_for()) cannot take worq's writes; "
+                    "pass the client of master_for()"
+                )
+            return target, _describe_sentinel(pool), settings, False
         return target, _describe(kwargs), settings, False
     if not isinstance(target, str):
-        kind = type(target).__name__
-        raise TypeError(f"expected a Redis URL or a redis.Redis client, not {kind}")
-    base, _, query_text = target.partition("?")
-    query = urllib.parse.parse_qsl(query_text, keep_blank_values=True)
-    url_prefix = [v for k, v in query if k == "prefix"]
-    rest = urllib.parse.urlencode([(k, v) for k, v in query if k != "prefix"])
-    clean = f"{base}?{rest}" if rest else base
-    if prefix is not None:
-        settings = _replace_prefix(settings, prefix)
-    elif url_prefix:
-        settings = _replace_prefix(settings, url_prefix[-1])
+        raise UnsupportedClient(target)
+    if target.partition("://")[0] in CLUSTER_SCHEMES:
+        raise ClusterNotSupported
+    base, rest, settings = _our_params(target, settings, prefix)
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), settings.retries)
+    scheme = base.partition("://")[0]
+    if scheme in SENTINEL_SCHEMES:
+        return _sentinel_client(base, dict(rest), settings, retry), target, settings, True
+    clean = f"{base}?{urllib.parse.urlencode(rest)}" if rest else base
     client = redis.Redis.from_url(
         clean,
         socket_timeout=settings.socket_timeout,
         socket_connect_timeout=settings.connect_timeout,
         socket_keepalive=True,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), settings.retries),
+        retry=retry,
         decode_responses=False,
     )
     return client, target, settings, True
 
 
-def _replace_prefix(settings: RedisSettings, prefix: str) -> RedisSettings:
-    from dataclasses import replace
+def connect_cluster(
+    target: object, settings: RedisSettings | None, prefix: str | None
+) -> tuple[redis.RedisCluster, str, RedisSettings, bool]:
+    """:func:`connect` for Redis Cluster: a ``redis+cluster://`` URL or a ``RedisCluster``.
 
+    The URL names any node (``redis+cluster://[user:pw@]host:port[?prefix=...]``); the client
+    finds the others. With ``wait_replicas``, ``WAIT`` runs on the node each write went to.
+    """
+    settings = settings or RedisSettings()
+    if isinstance(target, redis.RedisCluster):
+        given: Any = target  # redis-py's cluster client is untyped
+        if given.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("worq-redis needs a client with decode_responses=False")
+        if prefix is not None:
+            settings = _replace_prefix(settings, prefix)
+        node = given.get_nodes()[0]
+        return target, f"redis+cluster://{node.host}:{node.port}", settings, False
+    if not isinstance(target, str):
+        raise UnsupportedClient(target)
+    scheme = target.partition("://")[0]
+    if scheme not in CLUSTER_SCHEMES:
+        raise ValueError(f"a Redis Cluster URL starts with redis+cluster://, not {scheme}://")
+    base, rest, settings = _our_params(target, settings, prefix)
+    plain = ("rediss" if scheme.startswith("rediss") else "redis") + base[len(scheme) :]
+    clean = f"{plain}?{urllib.parse.urlencode(rest)}" if rest else plain
+    client = redis.RedisCluster.from_url(
+        clean,
+        socket_timeout=settings.socket_timeout,
+        socket_connect_timeout=settings.connect_timeout,
+        socket_keepalive=True,
+        decode_responses=False,
+    )
+    return client, target, settings, True
+
+
+def _our_params(
+    target: str, settings: RedisSettings, prefix: str | None
+) -> tuple[str, list[tuple[str, str]], RedisSettings]:
+    """``target`` without worq's own query parameters, the others, and the settings they make."""
+    base, _, query_text = target.partition("?")
+    query = urllib.parse.parse_qsl(query_text, keep_blank_values=True)
+    ours = {k: v for k, v in query if k in ("prefix", "wait_replicas")}
+    rest = [(k, v) for k, v in query if k not in ("prefix", "wait_replicas")]
+    if prefix is not None:
+        settings = _replace_prefix(settings, prefix)
+    elif "prefix" in ours:
+        settings = _replace_prefix(settings, ours["prefix"])
+    if "wait_replicas" in ours:
+        try:
+            wanted = int(ours["wait_replicas"])
+        except ValueError:
+            raise ValueError(
+                f"wait_replicas must be a number, not {ours['wait_replicas']!r}"
+            ) from None
+        settings = replace(settings, wait_replicas=wanted)
+    return base, rest, settings
+
+
+def _sentinel_client(
+    base: str, params: dict[str, str], settings: RedisSettings, retry: Retry
+) -> redis.Redis:
+    """The master client of ``redis+sentinel://[user:pw@]h1:p1,h2:p2/service[/db]``. No I/O."""
+    scheme, _, rest = base.partition("://")
+    unknown = sorted(set(params) - _SENTINEL_PARAMS)
+    if unknown:
+        raise ValueError(f"unknown {scheme}:// URL parameters: {', '.join(unknown)}")
+    netloc, _, path = rest.partition("/")
+    userinfo, _, hosts = netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    sentinels = [_host_port(item, 26379) for item in hosts.split(",") if item]
+    service, _, db_text = path.strip("/").partition("/")
+    if not sentinels or not service:
+        raise ValueError(f"a {scheme}:// URL names sentinels and a service: {redact(base)}")
+    try:
+        db = int(db_text or "0")
+    except ValueError:
+        raise ValueError(f"bad database number {db_text!r} in {redact(base)}") from None
+    tls: dict[str, Any] = {}
+    if scheme.startswith("rediss"):
+        tls["ssl"] = True
+        for name in _SENTINEL_PARAMS - {"sentinel_username", "sentinel_password"}:
+            if name in params:
+                value: Any = params[name]
+                if name == "ssl_check_hostname":
+                    value = value.lower() in ("1", "true", "yes")
+                tls[name] = value
+    sentinel_auth = {
+        "username": params.get("sentinel_username") or None,
+        "password": params.get("sentinel_password") or None,
+    }
+    manager = Sentinel(
+        sentinels,
+        sentinel_kwargs={
+            "socket_timeout": settings.connect_timeout,
+            "socket_connect_timeout": settings.connect_timeout,
+            **{k: v for k, v in sentinel_auth.items() if v},
+            **tls,
+        },
+    )
+    client: redis.Redis = manager.master_for(
+        service,
+        redis_class=redis.Redis,
+        db=db,
+        username=urllib.parse.unquote(username) or None,
+        password=urllib.parse.unquote(password) or None,
+        socket_timeout=settings.socket_timeout,
+        socket_connect_timeout=settings.connect_timeout,
+        socket_keepalive=True,
+        retry=retry,
+        decode_responses=False,
+        **tls,
+    )
+    return client
+
+
+def _host_port(item: str, default: int) -> tuple[str, int]:
+    """``host:port`` (or ``[v6]:port``, or a bare host) as a pair."""
+    if item.startswith("["):
+        host, _, port = item[1:].partition("]")
+        port = port.lstrip(":")
+    else:
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+    try:
+        return host, int(port) if port else default
+    except ValueError:
+        raise ValueError(f"bad sentinel address {item!r}") from None
+
+
+def close_client(client: redis.Redis) -> None:
+    """Close a client we built, and for a Sentinel master client its sentinels' clients too."""
+    pool = getattr(client, "connection_pool", None)  # a cluster client has one per node
+    client.close()
+    if isinstance(pool, SentinelConnectionPool):
+        for sentinel in pool.sentinel_manager.sentinels:
+            sentinel.close()
+
+
+def _replace_prefix(settings: RedisSettings, prefix: str) -> RedisSettings:
     return replace(settings, prefix=prefix)
 
 
@@ -146,20 +362,67 @@ def _describe(kwargs: dict[str, Any]) -> str:
     return f"redis://{host}:{port}/{kwargs.get('db', 0)}"
 
 
+def _describe_sentinel(pool: SentinelConnectionPool) -> str:
+    """The ``redis+sentinel://`` URL of a Sentinel master client's pool (without passwords)."""
+    hosts = []
+    for sentinel in pool.sentinel_manager.sentinels:
+        kw = sentinel.get_connection_kwargs()
+        host = str(kw.get("host", "localhost"))
+        hosts.append(
+            f"[{host}]:{kw.get('port', 26379)}"
+            if ":" in host
+            else f"{host}:{kw.get('port', 26379)}"
+        )
+    tls = issubclass(pool.connection_class, redis.SSLConnection)
+    scheme = SENTINEL_SCHEMES[1] if tls else SENTINEL_SCHEMES[0]
+    return f"{scheme}://{','.join(hosts)}/{pool.service_name}/{pool.connection_kwargs.get('db', 0)}"
+
+
 def redact(url: str) -> str:
-    """``url`` without its password, for error messages and logs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
+    """``url`` without its passwords, for error messages and logs.
+
+    The one in the user part and any query parameter named like ``*password``
+    (``sentinel_password``); the user part is cut by hand, since a Sentinel URL lists several
+    hosts where a URL parser expects one port.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+    path, question, query = tail.partition("?")
+    if question:
+        fragment = ""
+        if "#" in query:
+            query, fragment = query.split("#", 1)
+            fragment = "#" + fragment
+        pairs = [
+            f"{name}=***" if name.endswith("password") else f"{name}{eq}{value}"
+            for name, eq, value in (item.partition("=") for item in query.split("&"))
+        ]
+        tail = f"{path}?{'&'.join(pairs)}{fragment}"
+    return f"{scheme}://{netloc}{tail}"
 
 
 def server_identity(client: redis.Redis) -> tuple[Any, ...]:
-    """What identifies the server and database a client talks to."""
+    """What identifies the server and database a client talks to.
+
+    For a Sentinel master client: the service, its database and the sentinels asked, since the
+    server behind it changes with every failover.
+    """
     kw = client.get_connection_kwargs()
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        return (
+            "sentinel",
+            pool.service_name,
+            kw.get("db", 0),
+            kw.get("username"),
+            _describe_sentinel(pool),
+        )
     return (
         kw.get("host"),
         kw.get("port"),
@@ -179,15 +442,33 @@ def translate_errors(
         yield
     except (RedisConnectionError, RedisTimeoutError) as exc:
         raise connection_error(redact(url), f"{type(exc).__name__}: {exc}") from exc
-    except RedisError as exc:
-        raise error(f"redis error at {redact(url)}: {type(exc).__name__}: {exc}") from exc
+    except (RedisError, RedisClusterException) as exc:
+        raise error(f"redis error at {redact(url)}: {type(exc).__name__}: {located(exc)}") from exc
+
+
+_SCRIPT_SHA = re.compile(r"script: ([0-9a-f]{40})")
+
+
+def located(exc: BaseException) -> str:
+    """The text of a Redis error, its script line numbers made ``.lua`` file lines.
+
+    Redis names the script by SHA1 and numbers the lines of its whole source; for one of ours,
+    :func:`worq_redis.lua.locate` turns ``user_script:<n>`` into ``<file>.lua:<line>``.
+    """
+    text = str(exc)
+    found = _SCRIPT_SHA.search(text)
+    name = _SCRIPT_NAMES.get(found[1]) if found else None
+    return text if name is None else lua.locate(name, text)
 
 
 # -- keys ----------------------------------------------------------------------------------------
 
 
-def queue_keys(prefix: str, queue: str) -> tuple[str, ...]:
+def queue_keys(prefix: str, queue: str, *, cluster: bool = False) -> tuple[str, ...]:
     """The keys every queue script of ``queue`` takes, in order.
+
+    With ``cluster``, the eleventh is the queue's own id index (:func:`cluster_ids_key`), so
+    every key is in the queue's slot.
 
     The ten keys of the queue itself, all under the hash tag ``{queue}`` (one Cluster slot), then
     the prefix's job-id index (:func:`ids_key`), which every queue of the prefix shares. The
@@ -197,7 +478,13 @@ def queue_keys(prefix: str, queue: str) -> tuple[str, ...]:
     if not queue or queue.startswith("}"):
         raise ValueError(f"invalid queue name {queue!r}: empty, or starts with '}}'")
     base = f"{prefix}:{{{queue}}}:"
-    return (*(base + suffix for suffix in lua.QUEUE_KEY_SUFFIXES), ids_key(prefix))
+    ids = cluster_ids_key(prefix, queue) if cluster else ids_key(prefix)
+    return (*(base + suffix for suffix in lua.QUEUE_KEY_SUFFIXES), ids)
+
+
+def cluster_ids_key(prefix: str, queue: str) -> str:
+    """Under Redis Cluster, the id index of one queue (in its slot): ids are unique per queue."""
+    return f"{prefix}:{{{queue}}}:ids"
 
 
 def ids_key(prefix: str) -> str:
@@ -274,6 +561,8 @@ SCRIPTS: Final = {
     ]
 }
 
+_SCRIPT_NAMES: Final = {script.sha: name for name, script in SCRIPTS.items()}
+
 Call = tuple[Script, Sequence[KeyArg], Sequence[Arg]]
 
 
@@ -283,18 +572,18 @@ def command(target: Any, *args: Arg) -> Any:
 
 
 def run_script(
-    client: redis.Redis, script: Script, keys: Sequence[KeyArg], args: Sequence[Arg]
+    client: AnyClient, script: Script, keys: Sequence[KeyArg], args: Sequence[Arg]
 ) -> Any:
     """One ``EVALSHA``; loads the script and retries once if Redis lost it (NOSCRIPT)."""
     try:
         return command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
     except NoScriptError:
-        command(client, "SCRIPT", "LOAD", script.source)
+        client.script_load(script.source)  # a cluster client loads it on every primary
         return command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
 
 
 def run_scripts(
-    client: redis.Redis, calls: Sequence[Call], *, extra: Sequence[Sequence[Arg]] = ()
+    client: AnyClient, calls: Sequence[Call], *, extra: Sequence[Sequence[Arg]] = ()
 ) -> list[Any]:
     """Several script calls (after the plain commands ``extra``) in one pipelined round trip.
 
@@ -314,7 +603,10 @@ def run_scripts(
     if missing:
         pipe = client.pipeline(transaction=False)
         for script in {calls[i][0] for i in missing}:
-            command(pipe, "SCRIPT", "LOAD", script.source)
+            if isinstance(client, redis.RedisCluster):
+                client.script_load(script.source)  # on every primary, not the pipeline's pick
+            else:
+                command(pipe, "SCRIPT", "LOAD", script.source)
         for i in missing:
             script, keys, args = calls[i]
             command(pipe, "EVALSHA", script.sha, len(keys), *keys, *args)
@@ -399,14 +691,27 @@ class Lane:
             self._run(_one, ("SCRIPT", "LOAD", script.source))
             return self._run(_one, call)
 
-    def scripts(self, calls: Sequence[Call], *, extra: Sequence[Sequence[Arg]] = ()) -> list[Any]:
-        """Like :func:`run_scripts`, on this lane: one round trip, NOSCRIPT calls rerun."""
-        if len(calls) == 1 and not extra:
+    def scripts(
+        self,
+        calls: Sequence[Call],
+        *,
+        extra: Sequence[Sequence[Arg]] = (),
+        wait: Sequence[Arg] | None = None,
+    ) -> list[Any]:
+        """Like :func:`run_scripts`, on this lane: one round trip, NOSCRIPT calls rerun.
+
+        With ``wait`` (``numreplicas, timeout ms``) a ``WAIT`` follows the scripts on the same
+        connection, in the same round trip (and again after a rerun), and its reply (how many
+        replicas have every write so far) is appended to the returned list.
+        """
+        if len(calls) == 1 and not extra and wait is None:
             script, keys, args = calls[0]
             return [self.script(script, (len(keys), *keys), args)]
+        tail: list[Sequence[Arg]] = [] if wait is None else [("WAIT", *wait)]
         commands = [*extra]
         commands += [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
-        results = self.pipeline(commands)[len(extra) :]
+        replies = self.pipeline([*commands, *tail])
+        results = replies[len(extra) : len(commands)]
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
             again: list[Sequence[Arg]] = [
@@ -415,12 +720,40 @@ class Lane:
             for i in missing:
                 script, keys, args = calls[i]
                 again.append(("EVALSHA", script.sha, len(keys), *keys, *args))
-            replies = self.pipeline(again)[-len(missing) :]
-            for i, reply in zip(missing, replies, strict=True):
+            replies = self.pipeline([*again, *tail])
+            rerun = replies[len(again) - len(missing) : len(again)]
+            for i, reply in zip(missing, rerun, strict=True):
                 results[i] = reply
         for result in results:
             if isinstance(result, Exception):
                 raise result
+        if tail:
+            if isinstance(replies[-1], Exception):
+                raise replies[-1]
+            results.append(replies[-1])
+        return results
+
+    def transaction(self, calls: Sequence[Call], *, wait: Sequence[Arg] | None = None) -> list[Any]:
+        """Script calls in one ``MULTI``/``EXEC`` on this lane: all run, back to back, or none.
+
+        Uses ``EVAL`` with the source, since a NOSCRIPT inside a transaction would not stop the
+        others; ``wait`` as in :meth:`scripts`. Returns the scripts' results in order.
+        """
+        commands: list[Sequence[Arg]] = [("MULTI",)]
+        commands += [("EVAL", s.source, len(keys), *keys, *args) for s, keys, args in calls]
+        commands.append(("EXEC",))
+        if wait is not None:
+            commands.append(("WAIT", *wait))
+        replies = self.pipeline(commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply  # a command refused at queueing time, EXECABORT, or WAIT's error
+        results = list(replies[len(calls) + 1])
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        if wait is not None:
+            results.append(replies[-1])
         return results
 
     def close(self) -> None:
@@ -441,7 +774,7 @@ class Lane:
             raise
         except (RedisConnectionError, RedisTimeoutError) as exc:
             try:
-                reply = _retry(conn, exc, lambda: send(conn, what))
+                reply = _retry(conn, exc, lambda: _reconnected(conn, send, what))
             except BaseException:
                 conn.disconnect()
                 idle.append(conn)
@@ -476,6 +809,17 @@ def _many(conn: Any, commands: Sequence[Sequence[Arg]]) -> list[Any]:
     return replies
 
 
+def _reconnected(conn: Any, send: Callable[[Any, Any], Any], what: Any) -> Any:
+    """``send(conn, what)`` after ``conn.connect()``.
+
+    A connection reconnects by itself when a command is sent, but straight to the host and port
+    it had; ``connect()`` is where a Sentinel-managed connection asks the sentinels for the
+    master first, so a lane follows a failover on its retry.
+    """
+    conn.connect()
+    return send(conn, what)
+
+
 def _retry(conn: Any, first: Exception, again: Callable[[], Any]) -> Any:
     """Finish a call whose first attempt failed with ``first``, under ``conn.retry``.
 
@@ -501,6 +845,120 @@ def _give_back(pool: Any, taken: list[Any], idle: list[Any]) -> None:
         except Exception:  # noqa: BLE001 - a pool already closed or reset: drop it
             conn.disconnect()
 
+
+class ClusterLane:
+    """:class:`Lane`'s calls over a ``redis.RedisCluster`` client, for :class:`RedisClusterBroker`.
+
+    Each call goes through the cluster client, which routes it to the node owning its keys'
+    slot and follows ``MOVED`` and ``ASK`` redirections (a slot being migrated); a pipeline is
+    split by node. Every script call names keys of one slot. Scripts Redis lost are loaded on
+    every primary and the calls run again. No transactions: they would span nodes.
+
+    Calls with ``wait`` go to the node of their keys on a :class:`Lane` of that node's own, the
+    scripts and a ``WAIT`` in one round trip on one connection (``WAIT`` counts that
+    connection's writes); a redirection or a lost node makes it refresh the slot map and try
+    again, a few times.
+    """
+
+    def __init__(self, client: redis.RedisCluster) -> None:
+        self._client: Any = client  # redis-py's cluster client is untyped
+        self._nodes: dict[str, Lane] = {}
+
+    def command(self, *args: Arg) -> Any:
+        """One command on the node of its key."""
+        return self._client.execute_command(*args)
+
+    def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Commands pipelined per node; error replies come back as exceptions."""
+        pipe = self._client.pipeline()
+        for args in commands:
+            pipe.execute_command(*args)
+        return list(pipe.execute(raise_on_error=False))
+
+    def script(self, script: Script, head: Sequence[Arg], args: Sequence[Arg]) -> Any:
+        """``EVALSHA`` of ``script`` with ``head`` (``numkeys, *keys``) and ``args``."""
+        try:
+            return self._client.execute_command("EVALSHA", script.sha, *head, *args)
+        except NoScriptError:
+            self._client.script_load(script.source)
+            return self._client.execute_command("EVALSHA", script.sha, *head, *args)
+
+    def scripts(
+        self,
+        calls: Sequence[Call],
+        *,
+        extra: Sequence[Sequence[Arg]] = (),
+        wait: Sequence[Arg] | None = None,
+    ) -> list[Any]:
+        """Like :meth:`Lane.scripts`, pipelined per node.
+
+        With ``wait``, the reply appended is the fewest replicas that confirmed on any node the
+        calls went to (``extra`` is not allowed then).
+        """
+        if wait is not None:
+            return self._scripts_waited(calls, wait)
+        if len(calls) == 1 and not extra:
+            script, keys, args = calls[0]
+            return [self.script(script, (len(keys), *keys), args)]
+        commands = [*extra]
+        commands += [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
+        results = self.pipeline(commands)[len(extra) :]
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            for source in {calls[i][0].source for i in missing}:
+                self._client.script_load(source)
+            again = [
+                ("EVALSHA", calls[i][0].sha, len(calls[i][1]), *calls[i][1], *calls[i][2])
+                for i in missing
+            ]
+            for i, reply in zip(missing, self.pipeline(again), strict=True):
+                results[i] = reply
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    def _scripts_waited(self, calls: Sequence[Call], wait: Sequence[Arg]) -> list[Any]:
+        by_node: dict[str, list[int]] = {}
+        for index, (_, keys, _) in enumerate(calls):
+            by_node.setdefault(self._client.get_node_from_key(keys[0]).name, []).append(index)
+        results: list[Any] = [None] * len(calls)
+        acked: int | None = None
+        for indexes in by_node.values():
+            group = [calls[i] for i in indexes]
+            *replies, confirmed = self._on_owner(group, wait)
+            for i, reply in zip(indexes, replies, strict=True):
+                results[i] = reply
+            acked = int(confirmed) if acked is None else min(acked, int(confirmed))
+        return [*results, acked]
+
+    def _on_owner(self, calls: Sequence[Call], wait: Sequence[Arg]) -> list[Any]:
+        """``calls`` (one slot's) and ``WAIT`` on the node that owns the slot now."""
+        attempts = 0
+        while True:
+            node = self._client.get_node_from_key(calls[0][1][0])
+            lane = self._nodes.get(node.name)
+            if lane is None:
+                lane = self._nodes.setdefault(node.name, Lane(node.redis_connection))
+            try:
+                return lane.scripts(calls, wait=wait)
+            except (MovedError, AskError, TryAgainError, ClusterDownError, RedisConnectionError):
+                # Nothing ran (a redirection), or the node is gone: ask the cluster where the
+                # slot is now, and try there.
+                attempts += 1
+                if attempts > _OWNER_ATTEMPTS:
+                    raise
+                time.sleep(min(1.0, 0.05 * 2**attempts))  # a failover takes a while
+                self._client.nodes_manager.initialize()
+
+    def close(self) -> None:
+        """Give back the connections of the per-node lanes; the others are the client's."""
+        for lane in self._nodes.values():
+            lane.close()
+
+
+_OWNER_ATTEMPTS: Final = 8
+"""How often a call that waits for replicas asks the cluster again where its slot is."""
 
 _LANES: weakref.WeakSet[Lane] = weakref.WeakSet()
 

@@ -1,18 +1,18 @@
-"""worq-redis's entry point: registers ``redis://``, ``rediss://`` and ``unix://``."""
+"""worq-redis's entry point: ``redis://``, ``rediss://``, ``unix://``, Sentinel and Cluster."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from worq_core import Broker, Storage, hookimpl
-from worq_redis.broker import RedisBroker
+from worq_redis.broker import RedisBroker, RedisClusterBroker
 from worq_redis.storage import RedisStorage
 
 
 @hookimpl
 def worq_register_brokers() -> Iterable[type[Broker]]:
-    """The Redis broker."""
-    return [RedisBroker]
+    """The Redis broker, and its Redis Cluster variant."""
+    return [RedisBroker, RedisClusterBroker]
 
 
 @hookimpl

@@ -8,7 +8,7 @@ import inspect
 import threading
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, cast
 
 import redis
 import redis.asyncio
@@ -20,15 +20,23 @@ from typing_extensions import override
 
 from worq_core import Storage, StorageConnectionError, StorageError
 from worq_redis.connection import (
+    CLUSTER_SCHEMES,
     DEFAULT_URL,
     SCRIPTS,
+    SENTINEL_SCHEMES,
     Arg,
     Call,
+    ClusterLane,
     KeyArg,
+    Lane,
     RedisSettings,
+    ReplicasBehind,
     Script,
+    close_client,
     command,
     connect,
+    connect_cluster,
+    redact,
     result_keys,
     run_script,
     run_scripts,
@@ -45,16 +53,29 @@ class RedisStorage(Storage):
     """
 
     name: ClassVar[str] = "redis"
-    schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "unix")
+    schemes: ClassVar[tuple[str, ...]] = (
+        "redis",
+        "rediss",
+        "unix",
+        *SENTINEL_SCHEMES,
+        *CLUSTER_SCHEMES,
+    )
 
     def __init__(
         self,
-        url: str | redis.Redis = DEFAULT_URL,
+        url: str | redis.Redis | redis.RedisCluster = DEFAULT_URL,
         settings: RedisSettings | None = None,
         *,
         prefix: str | None = None,
     ) -> None:
-        self.client, self.url, self.settings, self._owned = connect(url, settings, prefix)
+        if isinstance(url, redis.RedisCluster) or (
+            isinstance(url, str) and url.partition("://")[0] in CLUSTER_SCHEMES
+        ):
+            # Each record's keys share the job's hash tag: a cluster client routes them all.
+            cluster, self.url, self.settings, self._owned = connect_cluster(url, settings, prefix)
+            self.client = cast("redis.Redis", cluster)
+        else:
+            self.client, self.url, self.settings, self._owned = connect(url, settings, prefix)
         self.prefix = self.settings.prefix
 
     @override
@@ -63,7 +84,7 @@ class RedisStorage(Storage):
         return cls(url)
 
     def __repr__(self) -> str:
-        return f"<RedisStorage {self.url.split('@')[-1]} prefix={self.prefix!r}>"
+        return f"<RedisStorage {redact(self.url).split('@')[-1]} prefix={self.prefix!r}>"
 
     @override
     def save(self, records: Mapping[str, bytes], ttl: float) -> None:
@@ -75,8 +96,15 @@ class RedisStorage(Storage):
             (SCRIPTS["save_result"], result_keys(self.prefix, job_id), ["", ttl_ms, data])
             for job_id, data in records.items()
         ]
+        wanted = self.settings.wait_replicas
         with self._errors():
-            run_scripts(self.client, calls)
+            if not wanted:
+                run_scripts(self.client, calls)
+                return
+            wait = (wanted, max(1, round(self.settings.wait_timeout * 1000)))
+            acked = int(self._lane().scripts(calls, wait=wait)[-1])
+        if acked < wanted:
+            raise ReplicasBehind(self.url, wanted, acked, self.settings.wait_timeout)
 
     @override
     def delete(self, job_ids: Sequence[str]) -> None:
@@ -86,7 +114,8 @@ class RedisStorage(Storage):
         with self._errors():
             pipe = self.client.pipeline(transaction=False)
             for job_id in job_ids:
-                pipe.delete(*result_keys(self.prefix, job_id))  # one job's keys share a slot
+                for key in result_keys(self.prefix, job_id):  # a cluster pipeline: one key a DEL
+                    pipe.delete(key)
             pipe.execute()
 
     @override
@@ -156,8 +185,11 @@ class RedisStorage(Storage):
         clients = self.__dict__.get("_aio_clients")
         if clients is not None:
             clients.close()
+        lane = self.__dict__.get("_wait_lane")
+        if lane is not None:
+            lane.close()
         if self._owned:
-            self.client.close()
+            close_client(self.client)
 
     def _async_clients(self) -> _LoopClients:
         clients: _LoopClients | None = self.__dict__.get("_aio_clients")
@@ -167,6 +199,15 @@ class RedisStorage(Storage):
 
     def _errors(self) -> Any:
         return translate_errors(self.url, StorageConnectionError, StorageError)
+
+    def _lane(self) -> Lane | ClusterLane:
+        """Connections for saves that ``WAIT`` (which counts its own connection's writes)."""
+        lane: Lane | ClusterLane | None = self.__dict__.get("_wait_lane")
+        if lane is None:  # setdefault: two threads at once still share one
+            client: Any = self.client
+            made = ClusterLane(client) if isinstance(client, redis.RedisCluster) else Lane(client)
+            lane = self.__dict__.setdefault("_wait_lane", made)
+        return lane
 
 
 # -- wait_async: asyncio clients -------------------------------------------------------------------
@@ -268,7 +309,9 @@ def _async_client(sync: redis.Redis) -> redis.asyncio.Redis | None:
     connection classes: a subclass or another class (fakeredis, instrumentation) may not talk
     to the server the way its asyncio counterpart would, so nothing is guessed.
     """
-    pool = sync.connection_pool
+    pool = getattr(sync, "connection_pool", None)  # none on a cluster client
+    if pool is None:
+        return None
     twin = _ASYNC_TWINS.get(pool.connection_class)
     if twin is None:
         return None
