@@ -1,0 +1,395 @@
+"""The PostgreSQL broker: one row per job, leased with ``FOR UPDATE SKIP LOCKED``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Self
+
+from psycopg_pool import ConnectionPool
+from typing_extensions import override
+
+from worq_core import Broker, Capability, JobStatus, Storage
+from worq_core.models import (
+    CancelOutcome,
+    DeadJob,
+    Delivery,
+    JobState,
+    LeaseState,
+    Message,
+    Outcome,
+    QueueStats,
+    Settlement,
+    WorkerInfo,
+)
+from worq_postgres.connection import (
+    SAFETY_TIMEOUT,
+    Listener,
+    Target,
+    make_pool,
+    parse_url,
+    translated,
+)
+from worq_postgres.migrations import check_version
+from worq_postgres.storage import PostgresStorage
+
+_OUTCOMES = {Outcome.ACK: "ack", Outcome.RETRY: "retry", Outcome.DEAD: "dead"}
+_LEASES = {"held": LeaseState.HELD, "cancelling": LeaseState.CANCELLING, "lost": LeaseState.LOST}
+_NO_TOKEN = -1  # a token that no lease holds (a delivery from another broker)
+
+
+def _token(delivery: Delivery) -> int:
+    try:
+        return int(delivery.token)
+    except ValueError:
+        return _NO_TOKEN
+
+
+class PostgresBroker(Broker):
+    """Jobs in the ``worq_jobs`` table of the URL's schema (``?schema=``, default ``worq``).
+
+    Every operation is one call of a PL/pgSQL function from the shipped migrations, in one
+    transaction: fetch promotes due delayed jobs and expired leases, then leases the next
+    jobs with ``FOR UPDATE SKIP LOCKED``; settle checks the lease token and writes the job's
+    record (when the app's storage is the same database and schema) in the same transaction.
+    Idle fetches sleep on a LISTEN connection that every enqueue's NOTIFY wakes (sent at
+    commit), and otherwise only until the next delayed job or lease comes due.
+
+    The schema must be at the version this package ships; if it is not, the first operation
+    raises :class:`~worq_postgres.SchemaError` (run ``worq postgres migrate URL``).
+    """
+
+    name: ClassVar[str] = "postgres"
+    schemes: ClassVar[tuple[str, ...]] = ("postgresql", "postgres")
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {
+            Capability.DELAYED,
+            Capability.PRIORITIES,
+            Capability.DEAD_LETTER,
+            Capability.SHARED,
+            Capability.WORKER_REGISTRY,
+            Capability.CANCEL,
+            Capability.PROGRESS,
+            Capability.RESULTS,
+        }
+    )
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.target: Target = parse_url(url)
+        self._pool: ConnectionPool = make_pool(self.target, pool_size, "worq-broker")
+        self._opened = False
+        self._lock = threading.Lock()
+        self._listener = Listener(self.target, self.target.channel)
+
+    @override
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        return cls(url)
+
+    def pool(self) -> ConnectionPool:
+        """The connection pool, opened (and the schema version checked) on first use."""
+        if not self._opened:
+            with self._lock:
+                if not self._opened:
+                    with translated(self.url, "connect"):
+                        self._pool.open(wait=True, timeout=30.0)
+                        with self._pool.connection() as conn:
+                            check_version(conn, self.target)
+                    self._opened = True
+        return self._pool
+
+    def _call(self, what: str, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with translated(self.url, what), self.pool().connection() as conn:
+            return conn.execute(query, params).fetchall()
+
+    @override
+    def stores_results_in(self, storage: Storage) -> bool:
+        return (
+            isinstance(storage, PostgresStorage)
+            and storage.target.conninfo == self.target.conninfo
+            and storage.target.schema == self.target.schema
+        )
+
+    # -- producer side -----------------------------------------------------------------------
+
+    def _enqueue_params(self, messages: Sequence[Message]) -> tuple[Any, ...]:
+        return (
+            self.target.channel,
+            [m.id for m in messages],
+            [m.queue for m in messages],
+            [m.body for m in messages],
+            [int(m.priority) for m in messages],
+            [None if m.eta is None else float(m.eta) for m in messages],
+            [m.clear_record for m in messages],
+        )
+
+    @property
+    def _enqueue_sql(self) -> str:
+        return f"SELECT {self.target.q('worq_enqueue')}(%s, %s, %s, %s, %s, %s, %s)"
+
+    @staticmethod
+    def _added(messages: Sequence[Message], rows: Sequence[tuple[Any, ...]]) -> list[bool]:
+        added = {row[0] for row in rows}
+        answer = []
+        for message in messages:
+            answer.append(message.id in added)
+            added.discard(message.id)  # a second message with the id in the batch was not
+        return answer
+
+    @override
+    def enqueue(self, messages: Sequence[Message]) -> list[bool]:
+        if not messages:
+            return []
+        rows = self._call("enqueue", self._enqueue_sql, self._enqueue_params(messages))
+        return self._added(messages, rows)
+
+    # -- worker side -------------------------------------------------------------------------
+
+    @override
+    def fetch(
+        self, queues: Sequence[str], limit: int, *, lease: float, wait: float
+    ) -> list[Delivery]:
+        if limit <= 0 or not queues:
+            return []
+        queues = list(queues)
+        deadline = time.monotonic() + wait
+        if wait > 0:
+            self._listener.start()
+        q = self.target.q
+        while True:
+            seen = self._listener.version(queues)
+            rows = self._call(
+                "fetch",
+                f"SELECT * FROM {q('worq_fetch')}(%s, %s, %s)",
+                (queues, limit, float(lease)),
+            )
+            if rows:
+                rows.sort(key=lambda r: (r[0], -r[7], r[8]))
+                return [
+                    Delivery(r[1], r[2], bytes(r[3]), str(r[4]), r[5], cancel_requested=r[6])
+                    for r in rows
+                ]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return []
+            [(next_due, now)] = self._call(
+                "fetch", f"SELECT {q('worq_next_due')}(%s), {q('worq_now')}()", (queues,)
+            )
+            if next_due is not None:
+                left = min(left, max(next_due - now, 0.001))
+            self._listener.wait(queues, seen, min(left, SAFETY_TIMEOUT))
+
+    @override
+    def extend(
+        self,
+        deliveries: Sequence[Delivery],
+        lease: float,
+        progress: Mapping[str, bytes] | None = None,
+    ) -> list[LeaseState]:
+        if not deliveries:
+            return []
+        progress = progress or {}
+        [(states,)] = self._call(
+            "extend leases",
+            f"SELECT {self.target.q('worq_extend')}(%s, %s, %s, %s)",
+            (
+                [d.id for d in deliveries],
+                [_token(d) for d in deliveries],
+                float(lease),
+                [progress.get(d.id) for d in deliveries],
+            ),
+        )
+        return [_LEASES[s] for s in states]
+
+    @override
+    def settle(self, settlements: Sequence[Settlement]) -> list[bool]:
+        if not settlements:
+            return []
+        [(applied,)] = self._call(
+            "settle jobs",
+            f"SELECT {self.target.q('worq_settle')}(%s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                self.target.channel,
+                [s.delivery.id for s in settlements],
+                [_token(s.delivery) for s in settlements],
+                [_OUTCOMES[s.outcome] for s in settlements],
+                [float(s.delay) for s in settlements],
+                [s.reason for s in settlements],
+                [s.record for s in settlements],
+                [float(s.ttl) for s in settlements],
+            ),
+        )
+        return list(applied)
+
+    @override
+    def release(self, deliveries: Sequence[Delivery]) -> None:
+        if not deliveries:
+            return
+        self._call(
+            "release jobs",
+            f"SELECT {self.target.q('worq_release')}(%s, %s, %s)",
+            (self.target.channel, [d.id for d in deliveries], [_token(d) for d in deliveries]),
+        )
+
+    # -- inspection and admin ----------------------------------------------------------------
+
+    def _state_sql(self) -> str:
+        q = self.target.q
+        return (
+            f"WITH now AS (SELECT {q('worq_now')}() AS t) "
+            "SELECT queue, CASE "
+            "WHEN state IN ('scheduled', 'retrying') AND due <= now.t THEN 'queued' "
+            "WHEN state = 'running' AND lease_until <= now.t THEN 'queued' ELSE state END, "
+            "attempts, "
+            "CASE WHEN state = 'running' AND lease_until > now.t THEN progress END, "
+            "cancel_requested "
+            f"FROM {q('worq_jobs')}, now WHERE id = %s"
+        )
+
+    @staticmethod
+    def _state(row: Sequence[Any] | None) -> JobState | None:
+        if row is None or row[0] is None:
+            return None
+        progress = None if row[3] is None else bytes(row[3])
+        return JobState(row[0], JobStatus(row[1]), row[2], progress, row[4])
+
+    @override
+    def job_state(self, job_id: str) -> JobState | None:
+        rows = self._call("read a job's state", self._state_sql(), (job_id,))
+        return self._state(rows[0] if rows else None)
+
+    @override
+    def job_status(self, job_id: str, storage: Storage) -> tuple[JobState | None, bytes | None]:
+        if not self.stores_results_in(storage):
+            return super().job_status(job_id, storage)
+        q = self.target.q
+        query = (
+            f"WITH j AS ({self._state_sql()}) "
+            "SELECT j.*, (SELECT data FROM "
+            f"{q('worq_results')} r WHERE r.id = %s AND r.expires > {q('worq_now')}()) "
+            "FROM (SELECT 1) AS one LEFT JOIN j ON true"
+        )
+        [row] = self._call("read a job's state", query, (job_id, job_id))
+        return self._state(row), None if row[5] is None else bytes(row[5])
+
+    @override
+    def cancel(self, job_id: str, record: bytes | None = None, ttl: float = 0.0) -> CancelOutcome:
+        [(outcome,)] = self._call(
+            "cancel a job",
+            f"SELECT {self.target.q('worq_cancel')}(%s, %s, %s, %s)",
+            (self.target.channel, job_id, record, float(ttl)),
+        )
+        return CancelOutcome(outcome)
+
+    @override
+    def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        q = self.target.q
+        if queues is None:
+            names = [
+                r[0]
+                for r in self._call(
+                    "list queues", f"SELECT name FROM {q('worq_queues')} ORDER BY name"
+                )
+            ]
+        else:
+            names = list(queues)
+        if not names:
+            return []
+        rows = self._call(
+            "count jobs",
+            f"WITH now AS (SELECT {q('worq_now')}() AS t) "
+            "SELECT n.name, "
+            "count(j.id) FILTER (WHERE j.state = 'queued' "
+            "  OR (j.state IN ('scheduled', 'retrying') AND j.due <= now.t) "
+            "  OR (j.state = 'running' AND j.lease_until <= now.t)), "
+            "count(j.id) FILTER (WHERE j.state IN ('scheduled', 'retrying') AND j.due > now.t), "
+            "count(j.id) FILTER (WHERE j.state = 'running' AND j.lease_until > now.t), "
+            "count(j.id) FILTER (WHERE j.state = 'dead') "
+            "FROM unnest(%s::text[]) WITH ORDINALITY AS n(name, ord) CROSS JOIN now "
+            f"LEFT JOIN {q('worq_jobs')} j ON j.queue = n.name "
+            "GROUP BY n.name, n.ord ORDER BY n.ord",
+            (names,),
+        )
+        return [QueueStats(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    @override
+    def dead_jobs(self, queue: str, limit: int = 100) -> list[DeadJob]:
+        rows = self._call(
+            "list dead jobs",
+            f"SELECT id, queue, body, reason, attempts, died_at FROM {self.target.q('worq_jobs')} "
+            "WHERE queue = %s AND state = 'dead' ORDER BY died_at DESC, seq DESC LIMIT %s",
+            (queue, max(0, limit)),
+        )
+        return [DeadJob(r[0], r[1], bytes(r[2]), r[3], r[4], r[5]) for r in rows]
+
+    @override
+    def requeue_dead(self, queue: str, job_ids: Sequence[str] | None = None) -> int:
+        q = self.target.q
+        only = "" if job_ids is None else "AND id = ANY(%s)"
+        params: list[Any] = [queue] if job_ids is None else [queue, list(job_ids)]
+        with (
+            translated(self.url, "requeue dead jobs"),
+            self.pool().connection() as conn,
+            conn.transaction(),
+        ):
+            moved = conn.execute(
+                f"UPDATE {q('worq_jobs')} SET state = 'queued', attempts = 0, reason = '', "
+                f"died_at = NULL, seq = nextval('{q('worq_seq')}') "
+                f"WHERE queue = %s AND state = 'dead' {only}",
+                params,
+            ).rowcount
+            if moved:
+                conn.execute("SELECT pg_notify(%s, %s)", (self.target.channel, queue))
+        return moved
+
+    @override
+    def purge_dead(self, queue: str) -> int:
+        with translated(self.url, "purge dead jobs"), self.pool().connection() as conn:
+            return conn.execute(
+                f"DELETE FROM {self.target.q('worq_jobs')} WHERE queue = %s AND state = 'dead'",
+                (queue,),
+            ).rowcount
+
+    @override
+    def register_worker(self, info: WorkerInfo, ttl: float) -> None:
+        q = self.target.q
+        self._call_none(
+            "register a worker",
+            f"INSERT INTO {q('worq_workers')} (id, info, expires) "
+            f"VALUES (%s, %s, {q('worq_now')}() + %s) "
+            "ON CONFLICT (id) DO UPDATE SET info = excluded.info, expires = excluded.expires",
+            (info.id, json.dumps(dataclasses.asdict(info)), float(ttl)),
+        )
+
+    @override
+    def unregister_worker(self, worker_id: str) -> None:
+        self._call_none(
+            "unregister a worker",
+            f"DELETE FROM {self.target.q('worq_workers')} WHERE id = %s",
+            (worker_id,),
+        )
+
+    @override
+    def workers(self) -> list[WorkerInfo]:
+        q = self.target.q
+        with translated(self.url, "list workers"), self.pool().connection() as conn:
+            conn.execute(f"DELETE FROM {q('worq_workers')} WHERE expires <= {q('worq_now')}()")
+            rows = conn.execute(f"SELECT info FROM {q('worq_workers')}").fetchall()
+        infos = []
+        for (info,) in rows:
+            info["queues"] = tuple(info["queues"])
+            infos.append(WorkerInfo(**info))
+        return sorted(infos, key=lambda i: i.started)
+
+    def _call_none(self, what: str, query: str, params: Sequence[Any]) -> None:
+        with translated(self.url, what), self.pool().connection() as conn:
+            conn.execute(query, params)
+
+    @override
+    def close(self) -> None:
+        self._listener.close()
+        self._pool.close()
