@@ -302,5 +302,14 @@ class Broker(ABC):
         """
         return False
 
+    def verify(self) -> None:  # noqa: B027 - optional hook, nothing to check by default
+        """Check, before a worker starts, that this broker can ever work; raise if not.
+
+        For problems no retry can mend, such as a database schema older than the code: raise
+        a :class:`~worq_core.errors.BrokerError` saying what to do, and the worker refuses to
+        start. A server that cannot be reached right now is not such a problem (the worker
+        retries it like any fetch), so a broker lets connection errors pass here.
+        """
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections and threads. The broker is unusable afterwards."""

@@ -13,6 +13,7 @@ from psycopg_pool import ConnectionPool
 from typing_extensions import override
 
 from worq_core import Broker, Capability, JobStatus, Storage
+from worq_core.errors import BrokerConnectionError
 from worq_core.models import (
     CancelOutcome,
     DeadJob,
@@ -101,6 +102,17 @@ class PostgresBroker(Broker):
                             check_version(conn, self.target)
                     self._opened = True
         return self._pool
+
+    @override
+    def verify(self) -> None:
+        """Raise :class:`~worq_postgres.SchemaError` if the schema is not at this version.
+
+        An unreachable server passes: the worker retries it like any fetch.
+        """
+        try:
+            self.pool()
+        except BrokerConnectionError:
+            return
 
     def _call(self, what: str, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with translated(self.url, what), self.pool().connection() as conn:

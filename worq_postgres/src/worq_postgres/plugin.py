@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import click
+
 from worq_core import Broker, Storage, hookimpl
 from worq_postgres.broker import PostgresBroker
 from worq_postgres.storage import PostgresStorage
@@ -19,3 +21,11 @@ def worq_register_brokers() -> Iterable[type[Broker]]:
 def worq_register_storages() -> Iterable[type[Storage]]:
     """The PostgreSQL result storage."""
     return [PostgresStorage]
+
+
+@hookimpl
+def worq_register_commands() -> Iterable[click.Command]:
+    """``worq postgres migrate URL`` and ``worq postgres version URL``."""
+    from worq_postgres.cli import postgres
+
+    return [postgres]
