@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, Self
 
-from worq_core.errors import BrokerError
+from worq_core.errors import BrokerError, UnsupportedError
 from worq_core.models import (
     CancelOutcome,
     Capability,
@@ -160,6 +160,21 @@ class Broker(ABC):
         :class:`~worq_core.errors.BrokerError`: worq-core checks the capability first.
         """
         raise BrokerError(f"the {self.name} broker cannot enqueue unique jobs")
+
+    def enqueue_on(self, connection: object, messages: Sequence[Message]) -> list[str | None]:
+        """:meth:`enqueue_unique` on the caller's connection (:attr:`Capability.TRANSACTIONAL`).
+
+        ``connection`` is the application's database connection (of the kind the broker
+        documents), usually inside a transaction it has opened. The jobs are written through
+        it and nothing is committed: they exist (and can be fetched) only once the caller
+        commits, and never if it rolls back. Answers as :meth:`enqueue_unique`. A connection
+        the broker cannot use raises :class:`~worq_core.errors.BrokerError` and adds nothing.
+        The default raises :class:`~worq_core.errors.UnsupportedError`: worq-core checks the
+        capability first.
+        """
+        raise UnsupportedError(
+            self.name, Capability.TRANSACTIONAL.value, "enqueueing on the caller's connection"
+        )
 
     def fire_schedule(
         self, schedule: str, tick: float, last: float | None, message: Message | None

@@ -9,6 +9,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Self
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 from typing_extensions import override
 
@@ -29,6 +31,7 @@ from worq_core.models import (
 from worq_postgres.connection import (
     SAFETY_TIMEOUT,
     Listener,
+    PostgresError,
     Target,
     make_pool,
     parse_url,
@@ -75,6 +78,7 @@ class PostgresBroker(Broker):
             Capability.CANCEL,
             Capability.PROGRESS,
             Capability.RESULTS,
+            Capability.TRANSACTIONAL,
         }
     )
 
@@ -158,6 +162,35 @@ class PostgresBroker(Broker):
             return []
         rows = self._call("enqueue", self._enqueue_sql, self._enqueue_params(messages))
         return self._added(messages, rows)
+
+    @override
+    def enqueue_on(self, connection: object, messages: Sequence[Message]) -> list[str | None]:
+        """Write the jobs through the application's own ``psycopg.Connection``; no commit.
+
+        They join the connection's open transaction (psycopg opens one at the first statement
+        unless the connection is in autocommit mode): workers see them, and are woken by
+        NOTIFY, only when the application commits; a rollback leaves no trace. The connection
+        must be a synchronous :class:`psycopg.Connection` to the broker's database.
+        """
+        if not isinstance(connection, psycopg.Connection):
+            raise PostgresError(
+                f"enqueue on a connection needs a psycopg.Connection (for SQLAlchemy, "
+                f"session.connection().connection.driver_connection), "
+                f"not {type(connection).__name__}"
+            )
+        wanted = conninfo_to_dict(self.target.conninfo).get("dbname")
+        if wanted is not None and connection.info.dbname != wanted:
+            raise PostgresError(
+                f"the connection is to database {connection.info.dbname!r}, the broker's "
+                f"is {wanted!r}: a job written there would never be seen"
+            )
+        if not messages:
+            return []
+        self.pool()  # the schema version is checked once, on the broker's own connection
+        with translated(self.url, "enqueue on the caller's connection"):
+            rows = connection.execute(self._enqueue_sql, self._enqueue_params(messages)).fetchall()
+        added = self._added(messages, rows)
+        return [None if ok else m.id for m, ok in zip(messages, added, strict=True)]
 
     # -- worker side -------------------------------------------------------------------------
 
