@@ -8,7 +8,12 @@ nox.options.sessions = ["tests", "lint", "types", "docs"]
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
 
-PACKAGES = ["./worq_core[testing,prometheus,otel]", "./worq_memory", "./worq_redis"]
+PACKAGES = [
+    "./worq_core[testing,prometheus,otel]",
+    "./worq_memory",
+    "./worq_redis",
+    "./worq_postgres",
+]
 TEST_DEPS = [
     "pytest>=8",
     "pytest-timeout>=2.2",
@@ -26,7 +31,7 @@ def install_worq(session: nox.Session, *extra: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole pytest suite; Redis tests need a Redis (and fail without one under CI=1)."""
+    """The whole pytest suite; Redis and PostgreSQL tests need their servers (CI=1: must)."""
     install_worq(session, *TEST_DEPS)
     session.run("pytest", *session.posargs)
 
@@ -42,7 +47,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def types(session: nox.Session) -> None:
-    """mypy --strict over the three distributions (settings in pyproject.toml)."""
+    """mypy --strict over the four distributions (settings in pyproject.toml)."""
     install_worq(session, "mypy>=1.10", "types-croniter", *TEST_DEPS)
     session.run("mypy", "--strict")
 
