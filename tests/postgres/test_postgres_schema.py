@@ -35,7 +35,8 @@ def worq_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_worq_postgres_migrate_applies_the_shipped_versions_once(bare_url: str) -> None:
     first = worq_cli("postgres", "migrate", bare_url)
     assert first.returncode == 0, first.stderr
-    assert f"applied version(s) {latest_version()}" in first.stdout
+    every = ", ".join(str(v) for v in range(1, latest_version() + 1))
+    assert f"applied version(s) {every}; now at {latest_version()}" in first.stdout
     again = worq_cli("postgres", "migrate", bare_url)
     assert again.returncode == 0, again.stderr
     assert "already at version" in again.stdout
@@ -63,17 +64,35 @@ def test_a_broker_on_an_unmigrated_schema_refuses_with_the_command_to_run(bare_u
 
 
 def test_a_worker_on_an_outdated_schema_refuses_to_start(bare_url: str) -> None:
-    migrate(bare_url)
-    schema = bare_url.rpartition("schema=")[2]
-    base = bare_url.split("?")[0]
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f'DELETE FROM "{schema}".worq_schema_version WHERE version = %s', (1,))
+    migrate(bare_url, to=1)
     app = Worq(bare_url)
     try:
-        with pytest.raises(SchemaError, match="has no worq tables"):
+        with pytest.raises(
+            SchemaError, match=f"version 1; this worq-postgres needs version {latest_version()}"
+        ):
             app.worker(queues=["default"]).run(burst=True)
     finally:
         app.close()
+
+
+def test_a_schema_one_version_behind_is_refused_until_it_is_upgraded_in_place(
+    bare_url: str,
+) -> None:
+    assert migrate(bare_url, to=1) == [1]
+    broker = PostgresBroker(bare_url)
+    try:
+        with pytest.raises(SchemaError, match="is at worq schema version 1") as caught:
+            broker.verify()
+        assert caught.value.found == 1
+    finally:
+        broker.close()
+    assert migrate(bare_url) == list(range(2, latest_version() + 1))
+    broker = PostgresBroker(bare_url)
+    try:
+        broker.verify()
+        assert broker.fire_schedule("nightly", 1.0, None, None)
+    finally:
+        broker.close()
 
 
 def test_a_worker_started_from_the_cli_on_an_unmigrated_schema_says_what_to_do(

@@ -15,13 +15,16 @@ from psycopg_pool import ConnectionPool
 from typing_extensions import override
 
 from worq_core import Broker, Capability, JobStatus, Storage
-from worq_core.errors import BrokerConnectionError
+from worq_core.errors import BrokerConnectionError, BrokerError
 from worq_core.models import (
     CancelOutcome,
     DeadJob,
     Delivery,
+    Event,
+    EventKind,
     JobState,
     LeaseState,
+    ListedJob,
     Message,
     Outcome,
     QueueStats,
@@ -79,16 +82,21 @@ class PostgresBroker(Broker):
             Capability.PROGRESS,
             Capability.RESULTS,
             Capability.TRANSACTIONAL,
+            Capability.SCHEDULES,
+            Capability.LISTING,
+            Capability.EVENTS,
         }
     )
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, events_max: int = 10_000) -> None:
         self.url = url
         self.target: Target = parse_url(url)
+        self.events_max = events_max
         self._pool: ConnectionPool = make_pool(self.target, pool_size, "worq-broker")
         self._opened = False
         self._lock = threading.Lock()
         self._listener = Listener(self.target, self.target.channel)
+        self._event_listener = Listener(self.target, self.target.channel + "_events")
 
     @override
     @classmethod
@@ -191,6 +199,39 @@ class PostgresBroker(Broker):
             rows = connection.execute(self._enqueue_sql, self._enqueue_params(messages)).fetchall()
         added = self._added(messages, rows)
         return [None if ok else m.id for m, ok in zip(messages, added, strict=True)]
+
+    @override
+    def fire_schedule(
+        self, schedule: str, tick: float, last: float | None, message: Message | None
+    ) -> bool:
+        q = self.target.q
+        with (
+            translated(self.url, "fire a schedule"),
+            self.pool().connection() as conn,
+            conn.transaction(),
+        ):
+            [(fired,)] = conn.execute(
+                f"SELECT {q('worq_fire_schedule')}(%s, %s, %s)",
+                (schedule, float(tick), None if last is None else float(last)),
+            ).fetchall()
+            if fired and message is not None:
+                conn.execute(self._enqueue_sql, self._enqueue_params([message])).fetchall()
+        return bool(fired)
+
+    @override
+    def schedule_fires(self, schedules: Sequence[str] | None = None) -> dict[str, float]:
+        q = self.target.q
+        if schedules is None:
+            rows = self._call(
+                "read schedules", f"SELECT name, last_fire FROM {q('worq_schedules')}"
+            )
+        else:
+            rows = self._call(
+                "read schedules",
+                f"SELECT name, last_fire FROM {q('worq_schedules')} WHERE name = ANY(%s)",
+                (list(schedules),),
+            )
+        return {str(name): float(last) for name, last in rows}
 
     # -- worker side -------------------------------------------------------------------------
 
@@ -399,6 +440,146 @@ class PostgresBroker(Broker):
                 (queue,),
             ).rowcount
 
+    _LISTINGS: ClassVar[dict[JobStatus, tuple[str, str, str]]] = {
+        # status: (condition, order, the "at" column); "now.t" is the server's time
+        JobStatus.QUEUED: (
+            "(state = 'queued' OR (state IN ('scheduled', 'retrying') AND due <= now.t) "
+            "OR (state = 'running' AND lease_until <= now.t))",
+            "priority DESC, seq",
+            "NULL::float8",
+        ),
+        JobStatus.SCHEDULED: (
+            "state IN ('scheduled', 'retrying') AND due > now.t",
+            "due, seq",
+            "due",
+        ),
+        JobStatus.RUNNING: (
+            "state = 'running' AND lease_until > now.t",
+            "lease_until",
+            "lease_until",
+        ),
+        JobStatus.DEAD: ("state = 'dead'", "died_at DESC, seq DESC", "died_at"),
+    }
+
+    def _listed_sql(self, where: str, at: str = "NULL::float8") -> str:
+        q = self.target.q
+        return (
+            f"WITH now AS (SELECT {q('worq_now')}() AS t) "
+            "SELECT id, queue, CASE "
+            "WHEN state IN ('scheduled', 'retrying') AND due <= now.t THEN 'queued' "
+            "WHEN state = 'running' AND lease_until <= now.t THEN 'queued' ELSE state END, "
+            f"body, attempts, {at}, reason "
+            f"FROM {q('worq_jobs')}, now WHERE {where}"
+        )
+
+    @staticmethod
+    def _listed(row: Sequence[Any]) -> ListedJob:
+        return ListedJob(row[0], row[1], JobStatus(row[2]), bytes(row[3]), row[4], row[5], row[6])
+
+    @override
+    def list_jobs(
+        self, queue: str, status: JobStatus, offset: int = 0, limit: int = 50
+    ) -> list[ListedJob]:
+        if status not in self.LISTED_STATES:
+            raise BrokerError(f"cannot list jobs by status {status.value!r}")
+        if limit <= 0:
+            return []
+        condition, order, at = self._LISTINGS[status]
+        rows = self._call(
+            "list jobs",
+            self._listed_sql(f"queue = %s AND {condition}", at)
+            + f" ORDER BY {order} OFFSET %s LIMIT %s",
+            (queue, max(0, offset), limit),
+        )
+        return [self._listed(r) for r in rows]
+
+    @override
+    def find_job(self, job_id: str) -> ListedJob | None:
+        at = (
+            "CASE WHEN state = 'dead' THEN died_at WHEN state = 'running' THEN lease_until "
+            "WHEN state IN ('scheduled', 'retrying') THEN due END"
+        )
+        rows = self._call("find a job", self._listed_sql("id = %s", at), (job_id,))
+        return self._listed(rows[0]) if rows else None
+
+    @override
+    def publish_events(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        q = self.target.q
+        with (
+            translated(self.url, "publish events"),
+            self.pool().connection() as conn,
+            conn.transaction(),
+        ):
+            cursor = conn.cursor()
+            cursor.executemany(
+                f"INSERT INTO {q('worq_events')} "
+                "(kind, job_id, task, queue, at, attempt, worker, detail) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                [
+                    (
+                        e.kind.value,
+                        e.job_id,
+                        e.task,
+                        e.queue,
+                        float(e.at),
+                        e.attempt,
+                        e.worker,
+                        e.detail,
+                    )
+                    for e in events
+                ],
+                returning=True,
+            )
+            last = 0
+            while True:
+                row = cursor.fetchone()
+                if row is not None:
+                    last = max(last, row[0])
+                if not cursor.nextset():
+                    break
+            # Bounded: everything older than the newest events_max goes (an index range scan).
+            conn.execute(
+                f"DELETE FROM {q('worq_events')} WHERE id <= %s", (last - self.events_max,)
+            )
+            conn.execute("SELECT pg_notify(%s, '')", (self.target.channel + "_events",))
+
+    @override
+    def read_events(
+        self, after: str | None = None, limit: int = 100, timeout: float = 0.0
+    ) -> list[Event]:
+        if limit <= 0:
+            return []
+        try:
+            last = None if after is None else int(after)
+        except ValueError:
+            raise BrokerError(f"not an event id of this broker: {after!r}") from None
+        q = self.target.q
+        columns = "id, kind, job_id, task, queue, at, attempt, worker, detail"
+        if last is None:
+            rows = self._call(
+                "read events",
+                f"SELECT * FROM (SELECT {columns} FROM {q('worq_events')} "
+                "ORDER BY id DESC LIMIT %s) newest ORDER BY id",
+                (limit,),
+            )
+            return [_event(r) for r in rows]
+        deadline = time.monotonic() + timeout
+        if timeout > 0:
+            self._event_listener.start()
+        while True:
+            seen = self._event_listener.version(("",))
+            rows = self._call(
+                "read events",
+                f"SELECT {columns} FROM {q('worq_events')} WHERE id > %s ORDER BY id LIMIT %s",
+                (last, limit),
+            )
+            left = deadline - time.monotonic()
+            if rows or left <= 0:
+                return [_event(r) for r in rows]
+            self._event_listener.wait(("",), seen, min(left, SAFETY_TIMEOUT))
+
     @override
     def register_worker(self, info: WorkerInfo, ttl: float) -> None:
         q = self.target.q
@@ -436,5 +617,12 @@ class PostgresBroker(Broker):
 
     @override
     def close(self) -> None:
+        self._event_listener.close()
         self._listener.close()
         self._pool.close()
+
+
+def _event(row: Sequence[Any]) -> Event:
+    return Event(
+        EventKind(row[1]), row[2], row[3], row[4], row[5], row[6], row[7], row[8], id=str(row[0])
+    )

@@ -62,8 +62,8 @@ def check_version(conn: psycopg.Connection[Any], target: Target) -> None:
         raise SchemaError(target.url, target.schema, found, needed)
 
 
-def migrate(url: str) -> list[int]:
-    """Bring the schema of ``url`` (``?schema=``, default ``worq``) up to date.
+def migrate(url: str, *, to: int | None = None) -> list[int]:
+    """Bring the schema of ``url`` (``?schema=``, default ``worq``) up to date (or to ``to``).
 
     Safe to run from several processes at once (an advisory lock serialises them) and again
     and again (applied versions are skipped). Returns the versions it applied.
@@ -83,7 +83,7 @@ def migrate(url: str) -> list[int]:
         if found > latest_version():
             raise SchemaError(url, target.schema, found, latest_version())
         for migration in migrations():
-            if migration.version <= found:
+            if migration.version <= found or (to is not None and migration.version > to):
                 continue
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
