@@ -85,6 +85,7 @@ class PostgresBroker(Broker):
             Capability.SCHEDULES,
             Capability.LISTING,
             Capability.EVENTS,
+            Capability.UNIQUE,
         }
     )
 
@@ -156,20 +157,42 @@ class PostgresBroker(Broker):
         return f"SELECT {self.target.q('worq_enqueue')}(%s, %s, %s, %s, %s, %s, %s)"
 
     @staticmethod
-    def _added(messages: Sequence[Message], rows: Sequence[tuple[Any, ...]]) -> list[bool]:
+    def _added(messages: Sequence[Message], rows: Sequence[tuple[Any, ...]]) -> list[str | None]:
+        """Per message, ``None`` if :sql:`worq_enqueue` added it, else its own id (held)."""
         added = {row[0] for row in rows}
-        answer = []
+        answer: list[str | None] = []
         for message in messages:
-            answer.append(message.id in added)
+            answer.append(None if message.id in added else message.id)
             added.discard(message.id)  # a second message with the id in the batch was not
         return answer
 
+    def _send(self, conn: Any, messages: Sequence[Message]) -> list[str | None]:
+        """Enqueue on ``conn`` (any psycopg connection, in whatever transaction it has)."""
+        if not any(m.unique is not None for m in messages):
+            rows = conn.execute(self._enqueue_sql, self._enqueue_params(messages)).fetchall()
+            return self._added(messages, rows)
+        [(holders,)] = conn.execute(
+            f"SELECT {self.target.q('worq_enqueue_unique')}"
+            "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                *self._enqueue_params(messages),
+                [None if m.unique is None else m.unique.key for m in messages],
+                [None if m.unique is None else m.unique.until.value for m in messages],
+                [0.0 if m.unique is None else float(m.unique.hold_for) for m in messages],
+            ),
+        ).fetchall()
+        return list(holders)
+
     @override
     def enqueue(self, messages: Sequence[Message]) -> list[bool]:
+        return [holder is None for holder in self.enqueue_unique(messages)]
+
+    @override
+    def enqueue_unique(self, messages: Sequence[Message]) -> list[str | None]:
         if not messages:
             return []
-        rows = self._call("enqueue", self._enqueue_sql, self._enqueue_params(messages))
-        return self._added(messages, rows)
+        with translated(self.url, "enqueue"), self.pool().connection() as conn:
+            return self._send(conn, messages)
 
     @override
     def enqueue_on(self, connection: object, messages: Sequence[Message]) -> list[str | None]:
@@ -196,9 +219,7 @@ class PostgresBroker(Broker):
             return []
         self.pool()  # the schema version is checked once, on the broker's own connection
         with translated(self.url, "enqueue on the caller's connection"):
-            rows = connection.execute(self._enqueue_sql, self._enqueue_params(messages)).fetchall()
-        added = self._added(messages, rows)
-        return [None if ok else m.id for m, ok in zip(messages, added, strict=True)]
+            return self._send(connection, messages)
 
     @override
     def fire_schedule(
@@ -215,7 +236,7 @@ class PostgresBroker(Broker):
                 (schedule, float(tick), None if last is None else float(last)),
             ).fetchall()
             if fired and message is not None:
-                conn.execute(self._enqueue_sql, self._enqueue_params([message])).fetchall()
+                self._send(conn, [message])  # a held id or key adds nothing: the tick still fired
         return bool(fired)
 
     @override
@@ -424,6 +445,7 @@ class PostgresBroker(Broker):
         ):
             moved = conn.execute(
                 f"UPDATE {q('worq_jobs')} SET state = 'queued', attempts = 0, reason = '', "
+                "unique_key = NULL, "  # a new run: it does not take its key again
                 f"died_at = NULL, seq = nextval('{q('worq_seq')}') "
                 f"WHERE queue = %s AND state = 'dead' {only}",
                 params,
