@@ -1,6 +1,8 @@
-"""A small app for tests that start real `worq worker` processes on PostgreSQL.
+"""The app that `worq worker` processes run in the PostgreSQL crash tests.
 
-Its broker URL comes from ``WORQ_PG_APP_URL`` (or ``--broker``).
+Its broker URL comes from ``WORQ_PG_APP_URL``. ``record`` writes one row per run into the
+``runs`` table of the URL's schema (tag, pid) before it sleeps, so a test can tell which
+process ran which job, and how often.
 """
 
 from __future__ import annotations
@@ -8,17 +10,19 @@ from __future__ import annotations
 import os
 import time
 
-from worq_core import Worq
+import psycopg
 
-app = Worq(os.environ.get("WORQ_PG_APP_URL", "postgresql://127.0.0.1/worq_pg_test"))
+from worq_core import RetryPolicy, Worq
+
+URL = os.environ.get("WORQ_PG_APP_URL", "postgresql://postgres@127.0.0.1:5432/worq_pg_test")
+SCHEMA = URL.rpartition("schema=")[2] or "worq"
+
+app = Worq(URL)
 
 
-@app.task(queue="pg-app")
-def add(x: int, y: int) -> int:
-    return x + y
-
-
-@app.task(queue="pg-app", max_retries=5)
-def slow(seconds: float) -> float:
-    time.sleep(seconds)  # the test SIGKILLs the worker while a job runs
-    return seconds
+@app.task(queue="pg-app", max_retries=5, retry=RetryPolicy(base=0.05, jitter=False))
+def record(tag: str, seconds: float) -> str:
+    with psycopg.connect(URL.split("?")[0], autocommit=True) as conn:
+        conn.execute(f'INSERT INTO "{SCHEMA}".runs VALUES (%s, %s)', (tag, os.getpid()))
+    time.sleep(seconds)  # work in progress: the test SIGKILLs the worker meanwhile
+    return tag

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Self
 
 import psycopg
@@ -128,8 +129,20 @@ class PostgresBroker(Broker):
             return
 
     def _call(self, what: str, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with translated(self.url, what), self.pool().connection() as conn:
+        with self._connection(what) as conn:
             return conn.execute(query, params).fetchall()
+
+    @contextlib.contextmanager
+    def _connection(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; after a connection error the pool drops its broken ones."""
+        try:
+            with translated(self.url, what), self.pool().connection() as conn:
+                yield conn
+        except BrokerConnectionError:
+            if self._opened:
+                with contextlib.suppress(Exception):
+                    self._pool.check()  # a server restart leaves every idle connection dead
+            raise
 
     @override
     def stores_results_in(self, storage: Storage) -> bool:
@@ -191,7 +204,7 @@ class PostgresBroker(Broker):
     def enqueue_unique(self, messages: Sequence[Message]) -> list[str | None]:
         if not messages:
             return []
-        with translated(self.url, "enqueue"), self.pool().connection() as conn:
+        with self._connection("enqueue") as conn:
             return self._send(conn, messages)
 
     @override
@@ -226,11 +239,7 @@ class PostgresBroker(Broker):
         self, schedule: str, tick: float, last: float | None, message: Message | None
     ) -> bool:
         q = self.target.q
-        with (
-            translated(self.url, "fire a schedule"),
-            self.pool().connection() as conn,
-            conn.transaction(),
-        ):
+        with self._connection("fire a schedule") as conn, conn.transaction():
             [(fired,)] = conn.execute(
                 f"SELECT {q('worq_fire_schedule')}(%s, %s, %s)",
                 (schedule, float(tick), None if last is None else float(last)),
@@ -438,11 +447,7 @@ class PostgresBroker(Broker):
         q = self.target.q
         only = "" if job_ids is None else "AND id = ANY(%s)"
         params: list[Any] = [queue] if job_ids is None else [queue, list(job_ids)]
-        with (
-            translated(self.url, "requeue dead jobs"),
-            self.pool().connection() as conn,
-            conn.transaction(),
-        ):
+        with self._connection("requeue dead jobs") as conn, conn.transaction():
             moved = conn.execute(
                 f"UPDATE {q('worq_jobs')} SET state = 'queued', attempts = 0, reason = '', "
                 "unique_key = NULL, "  # a new run: it does not take its key again
@@ -456,7 +461,7 @@ class PostgresBroker(Broker):
 
     @override
     def purge_dead(self, queue: str) -> int:
-        with translated(self.url, "purge dead jobs"), self.pool().connection() as conn:
+        with self._connection("purge dead jobs") as conn:
             return conn.execute(
                 f"DELETE FROM {self.target.q('worq_jobs')} WHERE queue = %s AND state = 'dead'",
                 (queue,),
@@ -529,11 +534,7 @@ class PostgresBroker(Broker):
         if not events:
             return
         q = self.target.q
-        with (
-            translated(self.url, "publish events"),
-            self.pool().connection() as conn,
-            conn.transaction(),
-        ):
+        with self._connection("publish events") as conn, conn.transaction():
             cursor = conn.cursor()
             cursor.executemany(
                 f"INSERT INTO {q('worq_events')} "
@@ -624,7 +625,7 @@ class PostgresBroker(Broker):
     @override
     def workers(self) -> list[WorkerInfo]:
         q = self.target.q
-        with translated(self.url, "list workers"), self.pool().connection() as conn:
+        with self._connection("list workers") as conn:
             conn.execute(f"DELETE FROM {q('worq_workers')} WHERE expires <= {q('worq_now')}()")
             rows = conn.execute(f"SELECT info FROM {q('worq_workers')}").fetchall()
         infos = []
@@ -634,7 +635,7 @@ class PostgresBroker(Broker):
         return sorted(infos, key=lambda i: i.started)
 
     def _call_none(self, what: str, query: str, params: Sequence[Any]) -> None:
-        with translated(self.url, what), self.pool().connection() as conn:
+        with self._connection(what) as conn:
             conn.execute(query, params)
 
     @override

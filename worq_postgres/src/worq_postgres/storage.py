@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Self
 
+import psycopg
 from psycopg_pool import ConnectionPool
 from typing_extensions import override
 
 from worq_core import Storage
+from worq_core.errors import StorageConnectionError
 from worq_postgres.connection import (
     SAFETY_TIMEOUT,
     Listener,
@@ -60,12 +63,24 @@ class PostgresStorage(Storage):
                     self._opened = True
         return self._pool
 
+    @contextlib.contextmanager
+    def _connection(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; after a connection error the pool drops its broken ones."""
+        try:
+            with translated(self.url, what, storage=True), self.pool().connection() as conn:
+                yield conn
+        except StorageConnectionError:
+            if self._opened:
+                with contextlib.suppress(Exception):
+                    self._pool.check()  # a server restart leaves every idle connection dead
+            raise
+
     @override
     def save(self, records: Mapping[str, bytes], ttl: float) -> None:
         if not records:
             return
         q = self.target.q
-        with translated(self.url, "save records", storage=True), self.pool().connection() as conn:
+        with self._connection("save records") as conn:
             conn.execute(
                 f"SELECT {q('worq_save')}(%s, %s, %s, %s)",
                 (self.target.channel, list(records), list(records.values()), float(ttl)),
@@ -85,7 +100,7 @@ class PostgresStorage(Storage):
     @override
     def load(self, job_id: str) -> bytes | None:
         q = self.target.q
-        with translated(self.url, "load a record", storage=True), self.pool().connection() as conn:
+        with self._connection("load a record") as conn:
             row = conn.execute(
                 f"SELECT data FROM {q('worq_results')} "
                 f"WHERE id = %s AND expires > {q('worq_now')}()",
@@ -112,7 +127,7 @@ class PostgresStorage(Storage):
         if not job_ids:
             return
         q = self.target.q
-        with translated(self.url, "delete records", storage=True), self.pool().connection() as conn:
+        with self._connection("delete records") as conn:
             conn.execute(f"DELETE FROM {q('worq_results')} WHERE id = ANY(%s)", (list(job_ids),))
 
     @override
