@@ -8,11 +8,17 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-import psycopg
 import pytest
-from pg_support import BASE_URL, drop_schema, new_schema, with_schema
 
-from worq_postgres import migrate
+try:
+    import psycopg
+    from pg_support import BASE_URL, drop_schema, new_schema, with_schema
+
+    from worq_postgres import migrate
+except ImportError:  # an editable set-up without worq-postgres (nox always installs it)
+    if os.environ.get("CI"):
+        raise
+    collect_ignore_glob = ["*.py"]
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,13 @@ import json
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool
 from typing_extensions import override
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg_pool import ConnectionPool
 
 from worq_core import Broker, Capability, JobStatus, Storage
 from worq_core.errors import BrokerConnectionError, BrokerError
@@ -46,6 +47,7 @@ from worq_postgres.storage import PostgresStorage
 
 _OUTCOMES = {Outcome.ACK: "ack", Outcome.RETRY: "retry", Outcome.DEAD: "dead"}
 _LEASES = {"held": LeaseState.HELD, "cancelling": LeaseState.CANCELLING, "lost": LeaseState.LOST}
+_SWEEP_EVERY = 100  # settle calls between two sweeps of expired records
 _NO_TOKEN = -1  # a token that no lease holds (a delivery from another broker)
 
 
@@ -99,6 +101,7 @@ class PostgresBroker(Broker):
         self._lock = threading.Lock()
         self._listener = Listener(self.target, self.target.channel)
         self._event_listener = Listener(self.target, self.target.channel + "_events")
+        self._settles = 0  # settle calls, to sweep expired records every _SWEEP_EVERY
 
     @override
     @classmethod
@@ -216,6 +219,9 @@ class PostgresBroker(Broker):
         NOTIFY, only when the application commits; a rollback leaves no trace. The connection
         must be a synchronous :class:`psycopg.Connection` to the broker's database.
         """
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict
+
         if not isinstance(connection, psycopg.Connection):
             raise PostgresError(
                 f"enqueue on a connection needs a psycopg.Connection (for SQLAlchemy, "
@@ -325,6 +331,9 @@ class PostgresBroker(Broker):
     def settle(self, settlements: Sequence[Settlement]) -> list[bool]:
         if not settlements:
             return []
+        self._settles += 1
+        if self._settles % _SWEEP_EVERY == 0:
+            self._sweep_results()
         [(applied,)] = self._call(
             "settle jobs",
             f"SELECT {self.target.q('worq_settle')}(%s, %s, %s, %s, %s, %s, %s, %s)",
@@ -340,6 +349,16 @@ class PostgresBroker(Broker):
             ),
         )
         return list(applied)
+
+    def _sweep_results(self) -> None:
+        """Delete a batch of expired records (bounded work, piggy-backed on settlements)."""
+        q = self.target.q
+        self._call_none(
+            "delete expired records",
+            f"DELETE FROM {q('worq_results')} WHERE id IN (SELECT id FROM {q('worq_results')} "
+            f"WHERE expires <= {q('worq_now')}() LIMIT 1000)",
+            (),
+        )
 
     @override
     def release(self, deliveries: Sequence[Delivery]) -> None:

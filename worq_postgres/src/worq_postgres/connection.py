@@ -9,11 +9,12 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import psycopg
-from psycopg_pool import ConnectionPool, PoolTimeout
+if TYPE_CHECKING:  # psycopg is imported on first use: `worq plugins` and workers start fast
+    import psycopg
+    from psycopg_pool import ConnectionPool
 
 from worq_core.errors import (
     BrokerConnectionError,
@@ -102,6 +103,8 @@ def parse_url(url: str) -> Target:
 
 def make_pool(target: Target, max_size: int, name: str) -> ConnectionPool:
     """A pool of autocommit connections; opened (and connected) on first use."""
+    from psycopg_pool import ConnectionPool
+
     return ConnectionPool(
         target.conninfo,
         min_size=1,
@@ -117,6 +120,9 @@ def make_pool(target: Target, max_size: int, name: str) -> ConnectionPool:
 @contextlib.contextmanager
 def translated(url: str, what: str, *, storage: bool = False) -> Iterator[None]:
     """Turn psycopg and pool errors into worq's: connection problems and everything else."""
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
     try:
         yield
     except PostgresError:
@@ -195,6 +201,8 @@ class Listener:
                 conn.cancel_safe(timeout=1.0)
 
     def _run(self) -> None:
+        import psycopg
+
         backoff = 0.05
         while not self._closed:
             try:

@@ -6,11 +6,13 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-import psycopg
-from psycopg_pool import ConnectionPool
 from typing_extensions import override
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg_pool import ConnectionPool
 
 from worq_core import Storage
 from worq_core.errors import StorageConnectionError

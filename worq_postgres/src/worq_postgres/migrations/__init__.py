@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
+if TYPE_CHECKING:
+    import psycopg
 
 from worq_postgres.connection import SchemaError, Target, parse_url, translated
 
@@ -68,6 +69,8 @@ def migrate(url: str, *, to: int | None = None) -> list[int]:
     Safe to run from several processes at once (an advisory lock serialises them) and again
     and again (applied versions are skipped). Returns the versions it applied.
     """
+    import psycopg
+
     target = parse_url(url)
     applied = []
     with translated(url, "migrate the schema"), psycopg.connect(target.conninfo) as conn:

@@ -1,0 +1,58 @@
+"""PostgreSQL-specific behaviour beyond the conformance suite."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from worq_core.models import Message, Outcome, Settlement
+from worq_postgres import PostgresBroker
+from worq_postgres import broker as broker_module
+
+
+@pytest.fixture
+def broker(pg_url: str) -> Iterator[PostgresBroker]:
+    broker = PostgresBroker(pg_url)
+    yield broker
+    broker.close()
+
+
+def test_settlements_sweep_expired_records_out_of_the_table(
+    broker: PostgresBroker, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(broker_module, "_SWEEP_EVERY", 1)
+    q = broker.target.q
+    tag = uuid.uuid4().hex
+    with psycopg.connect(pg_url.split("?")[0], autocommit=True) as conn:
+        conn.execute(
+            f"INSERT INTO {q('worq_results')} (id, data, expires) "
+            "SELECT %s || n, 'x', 0 FROM generate_series(1, 50) n",
+            (tag,),
+        )
+        queue = f"sweep-{tag[:8]}"
+        broker.enqueue([Message(f"{tag}-job", queue, b"")])
+        [delivery] = broker.fetch([queue], 1, lease=30, wait=0)
+        assert broker.settle([Settlement(delivery, Outcome.ACK, record=b"kept", ttl=60)]) == [True]
+        [(left,)] = conn.execute(
+            f"SELECT count(*) FROM {q('worq_results')} WHERE id LIKE %s", (f"{tag}%",)
+        ).fetchall()
+    assert left == 1, "the expired records are gone, the fresh one is kept"
+
+
+def test_fetch_reads_ready_jobs_through_the_partial_index(broker: PostgresBroker) -> None:
+    """Dead and delayed rows never enter the plan of the pick (what keeps fetch fast)."""
+    q = broker.target.q
+    with broker.pool().connection() as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(
+            row[0]
+            for row in conn.execute(
+                f"EXPLAIN SELECT id FROM {q('worq_jobs')} WHERE queue = 'q' AND state = 'queued' "
+                "ORDER BY priority DESC, seq LIMIT 10 FOR UPDATE SKIP LOCKED"
+            ).fetchall()
+        )
+        conn.execute("RESET enable_seqscan")
+    assert "worq_jobs_ready" in plan
