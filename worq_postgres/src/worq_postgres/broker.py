@@ -24,6 +24,8 @@ from worq_core.models import (
     Delivery,
     Event,
     EventKind,
+    GroupSpec,
+    GroupState,
     JobState,
     LeaseState,
     ListedJob,
@@ -89,6 +91,7 @@ class PostgresBroker(Broker):
             Capability.LISTING,
             Capability.EVENTS,
             Capability.UNIQUE,
+            Capability.WORKFLOWS,
         }
     )
 
@@ -184,17 +187,24 @@ class PostgresBroker(Broker):
 
     def _send(self, conn: Any, messages: Sequence[Message]) -> list[str | None]:
         """Enqueue on ``conn`` (any psycopg connection, in whatever transaction it has)."""
-        if not any(m.unique is not None for m in messages):
+        if not messages:
+            return []
+        if not any(
+            m.unique is not None or m.member is not None or m.closes is not None for m in messages
+        ):
             rows = conn.execute(self._enqueue_sql, self._enqueue_params(messages)).fetchall()
             return self._added(messages, rows)
         [(holders,)] = conn.execute(
-            f"SELECT {self.target.q('worq_enqueue_unique')}"
-            "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            f"SELECT {self.target.q('worq_add')}"
+            "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 *self._enqueue_params(messages),
                 [None if m.unique is None else m.unique.key for m in messages],
                 [None if m.unique is None else m.unique.until.value for m in messages],
                 [0.0 if m.unique is None else float(m.unique.hold_for) for m in messages],
+                [None if m.member is None else m.member.group for m in messages],
+                [None if m.member is None else m.member.index for m in messages],
+                [m.closes for m in messages],
             ),
         ).fetchall()
         return list(holders)
@@ -269,6 +279,81 @@ class PostgresBroker(Broker):
             )
         return {str(name): float(last) for name, last in rows}
 
+    @override
+    def open_group(self, group: GroupSpec, members: Sequence[Message]) -> list[bool]:
+        if group.size < 0:
+            raise ValueError(f"group {group.id!r} has a negative size")
+        indexes = set()
+        for message in members:
+            member = message.member
+            if member is None or member.group != group.id:
+                raise ValueError(f"job {message.id!r} is not a member of group {group.id!r}")
+            if not 0 <= member.index < group.size or member.index in indexes:
+                raise ValueError(f"job {message.id!r} has a bad index in group {group.id!r}")
+            indexes.add(member.index)
+        q = self.target.q
+        cb = group.callback
+        with self._connection("open a group") as conn, conn.transaction():
+            conn.execute(
+                f"DELETE FROM {q('worq_groups')} WHERE id = %s AND expires <= {q('worq_now')}()",
+                (group.id,),
+            )
+            inserted = conn.execute(
+                f"INSERT INTO {q('worq_groups')} (id, size, run_on_failure, ttl, outputs, "
+                "cb_id, cb_queue, cb_body, cb_priority, cb_eta, cb_clear, cb_group, cb_index, "
+                "cb_closes) VALUES (%s, %s, %s, %s, array_fill(NULL::bytea, ARRAY[%s]), "
+                "%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
+                (
+                    group.id,
+                    group.size,
+                    group.run_on_failure,
+                    float(group.ttl),
+                    group.size,
+                    None if cb is None else cb.id,
+                    None if cb is None else cb.queue,
+                    None if cb is None else cb.body,
+                    None if cb is None else int(cb.priority),
+                    None if cb is None or cb.eta is None else float(cb.eta),
+                    None if cb is None else cb.clear_record,
+                    None if cb is None or cb.member is None else cb.member.group,
+                    None if cb is None or cb.member is None else cb.member.index,
+                    None if cb is None else cb.closes,
+                ),
+            ).fetchall()
+            if not inserted:
+                raise ValueError(f"group {group.id!r} is already recorded")
+            holders = self._send(conn, members)
+            if group.size == 0:
+                conn.execute(
+                    f"SELECT {q('worq_complete_group')}(%s, %s, {q('worq_now')}())",
+                    (self.target.channel, group.id),
+                )
+        return [holder is None for holder in holders]
+
+    @override
+    def group_state(self, group_id: str) -> GroupState | None:
+        q = self.target.q
+        rows = self._call(
+            "read a group",
+            f"SELECT size, outputs, finished, failed, cb_id, callback_sent "
+            f"FROM {q('worq_groups')} WHERE id = %s "
+            f"AND (expires IS NULL OR expires > {q('worq_now')}())",
+            (group_id,),
+        )
+        if not rows:
+            return None
+        size, outputs, finished, failed, callback_id, sent = rows[0]
+        return GroupState(
+            group_id,
+            size,
+            tuple(None if o is None else bytes(o) for o in outputs),
+            frozenset(finished),
+            frozenset(failed),
+            callback_id,
+            complete=len(finished) == size,
+            callback_sent=sent,
+        )
+
     # -- worker side -------------------------------------------------------------------------
 
     @override
@@ -334,20 +419,27 @@ class PostgresBroker(Broker):
         self._settles += 1
         if self._settles % _SWEEP_EVERY == 0:
             self._sweep_results()
-        [(applied,)] = self._call(
-            "settle jobs",
-            f"SELECT {self.target.q('worq_settle')}(%s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                self.target.channel,
-                [s.delivery.id for s in settlements],
-                [_token(s.delivery) for s in settlements],
-                [_OUTCOMES[s.outcome] for s in settlements],
-                [float(s.delay) for s in settlements],
-                [s.reason for s in settlements],
-                [s.record for s in settlements],
-                [float(s.ttl) for s in settlements],
-            ),
+        params = (
+            self.target.channel,
+            [s.delivery.id for s in settlements],
+            [_token(s.delivery) for s in settlements],
+            [_OUTCOMES[s.outcome] for s in settlements],
+            [float(s.delay) for s in settlements],
+            [s.reason for s in settlements],
+            [s.record for s in settlements],
+            [float(s.ttl) for s in settlements],
+            [s.output for s in settlements],
         )
+        query = f"SELECT {self.target.q('worq_settle')}(%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        if not any(s.then for s in settlements):
+            [(applied,)] = self._call("settle jobs", query, params)
+            return list(applied)
+        with self._connection("settle jobs") as conn, conn.transaction():
+            [(applied,)] = conn.execute(query, params).fetchall()
+            # Follow-ups of the settlements that applied, in the same transaction.
+            self._send(
+                conn, [m for s, ok in zip(settlements, applied, strict=True) if ok for m in s.then]
+            )
         return list(applied)
 
     def _sweep_results(self) -> None:
