@@ -106,3 +106,10 @@ def bench_tracing(session: nox.Session) -> None:
     """What the otel middleware costs per job on the memory broker, with the SDK exporting."""
     install_worq(session, "opentelemetry-sdk>=1.27")
     session.run("python", "bench/tracing_bench.py", *session.posargs)
+
+
+@nox.session(name="bench-postgres")
+def bench_postgres(session: nox.Session) -> None:
+    """worq-postgres against procrastinate and pgqueuer on the local PostgreSQL, as ratios."""
+    install_worq(session, "procrastinate>=3", "pgqueuer>=0.20")
+    session.run("python", "bench/postgres_bench.py", *session.posargs)

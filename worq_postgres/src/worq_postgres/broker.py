@@ -443,11 +443,17 @@ class PostgresBroker(Broker):
         return list(applied)
 
     def _sweep_results(self) -> None:
-        """Delete a batch of expired records (bounded work, piggy-backed on settlements)."""
+        """Delete a batch of expired records and groups (bounded work, piggy-backed on settles)."""
         q = self.target.q
         self._call_none(
             "delete expired records",
             f"DELETE FROM {q('worq_results')} WHERE id IN (SELECT id FROM {q('worq_results')} "
+            f"WHERE expires <= {q('worq_now')}() LIMIT 1000)",
+            (),
+        )
+        self._call_none(
+            "delete expired groups",
+            f"DELETE FROM {q('worq_groups')} WHERE id IN (SELECT id FROM {q('worq_groups')} "
             f"WHERE expires <= {q('worq_now')}() LIMIT 1000)",
             (),
         )
