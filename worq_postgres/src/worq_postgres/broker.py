@@ -92,6 +92,7 @@ class PostgresBroker(Broker):
             Capability.EVENTS,
             Capability.UNIQUE,
             Capability.WORKFLOWS,
+            Capability.LIMITS,
         }
     )
 
@@ -190,13 +191,18 @@ class PostgresBroker(Broker):
         if not messages:
             return []
         if not any(
-            m.unique is not None or m.member is not None or m.closes is not None for m in messages
+            m.unique is not None
+            or m.member is not None
+            or m.closes is not None
+            or m.rate is not None
+            or m.concurrency is not None
+            for m in messages
         ):
             rows = conn.execute(self._enqueue_sql, self._enqueue_params(messages)).fetchall()
             return self._added(messages, rows)
         [(holders,)] = conn.execute(
             f"SELECT {self.target.q('worq_add')}"
-            "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 *self._enqueue_params(messages),
                 [None if m.unique is None else m.unique.key for m in messages],
@@ -205,6 +211,11 @@ class PostgresBroker(Broker):
                 [None if m.member is None else m.member.group for m in messages],
                 [None if m.member is None else m.member.index for m in messages],
                 [m.closes for m in messages],
+                [None if m.rate is None else m.rate.key for m in messages],
+                [None if m.rate is None else float(m.rate.interval) for m in messages],
+                [None if m.rate is None else int(m.rate.burst) for m in messages],
+                [None if m.concurrency is None else m.concurrency.key for m in messages],
+                [None if m.concurrency is None else int(m.concurrency.limit) for m in messages],
             ),
         ).fetchall()
         return list(holders)
@@ -567,7 +578,7 @@ class PostgresBroker(Broker):
         with self._connection("requeue dead jobs") as conn, conn.transaction():
             moved = conn.execute(
                 f"UPDATE {q('worq_jobs')} SET state = 'queued', attempts = 0, reason = '', "
-                "unique_key = NULL, "  # a new run: it does not take its key again
+                "unique_key = NULL, granted = false, "  # a new run: no key, its rate counts
                 f"died_at = NULL, seq = nextval('{q('worq_seq')}') "
                 f"WHERE queue = %s AND state = 'dead' {only}",
                 params,
