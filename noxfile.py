@@ -113,3 +113,10 @@ def bench_postgres(session: nox.Session) -> None:
     """worq-postgres against procrastinate and pgqueuer on the local PostgreSQL, as ratios."""
     install_worq(session, "procrastinate>=3", "pgqueuer>=0.20")
     session.run("python", "bench/postgres_bench.py", *session.posargs)
+
+
+@nox.session(name="bench-postgres-soak")
+def bench_postgres_soak(session: nox.Session) -> None:
+    """worq-postgres' table size through a long churn, and fetch beside millions of old rows."""
+    install_worq(session)
+    session.run("python", "bench/postgres_soak.py", *session.posargs)

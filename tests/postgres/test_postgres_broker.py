@@ -9,6 +9,7 @@ import psycopg
 import pytest
 
 from worq_core.models import Message, Outcome, Settlement
+from worq_core.testing.support import eventually
 from worq_postgres import PostgresBroker
 from worq_postgres import broker as broker_module
 
@@ -56,3 +57,31 @@ def test_fetch_reads_ready_jobs_through_the_partial_index(broker: PostgresBroker
         )
         conn.execute("RESET enable_seqscan")
     assert "worq_jobs_ready" in plan
+
+
+def test_a_settling_broker_vacuums_the_jobs_table_once_dead_rows_pile_up(
+    broker: PostgresBroker, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(broker_module, "_SWEEP_EVERY", 1)
+    broker.vacuum_after = 0
+    schema = broker.target.schema
+    queue = f"vacuum-{uuid.uuid4().hex[:8]}"
+
+    def vacuums() -> int:
+        with psycopg.connect(pg_url.split("?")[0], autocommit=True) as conn:
+            [(count,)] = conn.execute(
+                "SELECT vacuum_count FROM pg_stat_user_tables "
+                "WHERE schemaname = %s AND relname = 'worq_jobs'",
+                (schema,),
+            ).fetchall()
+        return int(count)
+
+    before = vacuums()
+
+    def acked_and_vacuumed() -> bool:
+        broker.enqueue([Message(uuid.uuid4().hex, queue, b"")])
+        [delivery] = broker.fetch([queue], 1, lease=30, wait=0)
+        assert broker.settle([Settlement(delivery, Outcome.ACK)]) == [True]
+        return vacuums() > before  # stats arrive a moment late: ack again until they show
+
+    eventually(acked_and_vacuumed, timeout=15, what="the broker to vacuum worq_jobs")

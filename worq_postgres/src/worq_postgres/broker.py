@@ -96,10 +96,19 @@ class PostgresBroker(Broker):
         }
     )
 
-    def __init__(self, url: str, *, pool_size: int = 10, events_max: int = 10_000) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        events_max: int = 10_000,
+        vacuum_after: int | None = 50_000,
+    ) -> None:
         self.url = url
         self.target: Target = parse_url(url)
         self.events_max = events_max
+        self.vacuum_after = vacuum_after
+        """Dead rows in ``worq_jobs`` past which a settling broker vacuums it (``None``: never)."""
         self._pool: ConnectionPool = make_pool(self.target, pool_size, "worq-broker")
         self._opened = False
         self._lock = threading.Lock()
@@ -468,6 +477,19 @@ class PostgresBroker(Broker):
             f"WHERE expires <= {q('worq_now')}() LIMIT 1000)",
             (),
         )
+        if self.vacuum_after is None:
+            return
+        # Autovacuum looks at a database once a minute at most; a busy queue leaves tens of
+        # thousands of dead rows in that time. Past the threshold, the settling broker vacuums
+        # the table itself (SKIP_LOCKED: when another one is at it already, it does not wait).
+        [(dead,)] = self._call(
+            "read the dead rows",
+            "SELECT coalesce(sum(n_dead_tup), 0) FROM pg_stat_user_tables "
+            "WHERE schemaname = %s AND relname = 'worq_jobs'",
+            (self.target.schema,),
+        )
+        if dead > self.vacuum_after:
+            self._call_none("vacuum", f"VACUUM (SKIP_LOCKED) {q('worq_jobs')}", ())
 
     @override
     def release(self, deliveries: Sequence[Delivery]) -> None:
