@@ -9,7 +9,7 @@ nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
 
 PACKAGES = [
-    "./worq_core[testing,prometheus,otel]",
+    "./worq_core[testing,prometheus,otel,dashboard]",
     "./worq_memory",
     "./worq_redis",
     "./worq_postgres",
@@ -20,6 +20,8 @@ TEST_DEPS = [
     "hypothesis>=6.100",
     "fakeredis[lua]>=2.20",
     "opentelemetry-sdk>=1.27",
+    # Drives Debian's chromium (never a downloaded browser) in the dashboard's browser test.
+    "playwright>=1.40",
 ]
 
 
@@ -120,3 +122,10 @@ def bench_postgres_soak(session: nox.Session) -> None:
     """worq-postgres' table size through a long churn, and fetch beside millions of old rows."""
     install_worq(session)
     session.run("python", "bench/postgres_soak.py", *session.posargs)
+
+
+@nox.session(name="bench-dashboard")
+def bench_dashboard(session: nox.Session) -> None:
+    """The dashboard's page times with 100,000 jobs queued against 1,000, on the local Redis."""
+    install_worq(session)
+    session.run("python", "bench/dashboard_bench.py", *session.posargs)

@@ -12,22 +12,27 @@ import importlib
 import json
 import os
 import queue
+import shlex
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 import pytest
 from click.testing import CliRunner, Result
+from hypothesis import given
+from hypothesis import strategies as st
 
 from worq_core import JobStatus, Registry, WorkerSettings, Worq
-from worq_core.cli import load_app, main
+from worq_core.cli import load_app, looks_like_app, main
 from worq_core.demo import DemoError, run_demo
 from worq_core.models import Message
 from worq_core.testing.support import eventually, running
@@ -715,3 +720,310 @@ def test_a_plugin_command_never_shadows_worqs_own(plugin_commands: list[str]) ->
     assert "MODULE:ATTR" in result.stdout
     assert plugin_commands == []
     assert "command worq stats (shadowed by worq's own: left out)" in ok("plugins").stdout
+
+
+# -- the operator's commands on a broker URL alone ---------------------------------------------
+
+SHARED = "memory://operator"
+"""A memory URL that the `shared` fixture maps onto the test app's own broker and storage."""
+
+
+@pytest.fixture
+def shared(app: Worq, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``SHARED``: a bare ``Worq`` on it (any user or password) reads the test app's broker.
+
+    The memory broker lives in one process and a URL makes a fresh one, so this stands in for
+    a URL two processes share (tests/redis has the real cross-process check).
+    """
+    from worq_memory import MemoryBroker, MemoryStorage
+
+    broker, storage = app.broker, app.storage
+    make_broker, make_storage = MemoryBroker.from_url.__func__, MemoryStorage.from_url.__func__  # type: ignore[attr-defined]
+
+    def same_broker(cls: type[MemoryBroker], url: str) -> MemoryBroker:
+        return broker if urlsplit(url).hostname == "operator" else make_broker(cls, url)  # type: ignore[return-value]
+
+    def same_storage(cls: type[MemoryStorage], url: str) -> MemoryStorage:
+        return storage if urlsplit(url).hostname == "operator" else make_storage(cls, url)  # type: ignore[return-value]
+
+    monkeypatch.setattr(MemoryBroker, "from_url", classmethod(same_broker))
+    monkeypatch.setattr(MemoryStorage, "from_url", classmethod(same_storage))
+    return SHARED
+
+
+def next_page(output: str) -> list[str] | None:
+    """The arguments of the `next page: worq ...` hint, or ``None`` on the last page."""
+    hints = [line for line in output.splitlines() if line.startswith("next page: ")]
+    if not hints:
+        return None
+    (hint,) = hints
+    words = shlex.split(hint.removeprefix("next page: "))
+    assert words[0] == "worq"
+    return words[1:]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--broker", SHARED, "stats"),
+        ("stats", "--broker", SHARED),
+    ],
+)
+def test_stats_on_a_broker_url_alone(app_module: ModuleType, shared: str, args: list[str]) -> None:
+    app_module.add.enqueue_many([(1, 2), (3, 4)])
+    app_module.ping.enqueue()
+
+    output = ok(*args).stdout
+
+    assert row(output, "default") == ["default", "2", "0", "0", "0"]
+    assert row(output, "other") == ["other", "1", "0", "0", "0"]
+
+
+def test_stats_takes_the_broker_from_worq_broker(app_module: ModuleType, shared: str) -> None:
+    app_module.add.enqueue(1, 2)
+
+    result = run("stats", env={"WORQ_BROKER": shared})
+
+    assert result.exit_code == 0, result.output
+    assert row(result.stdout, "default")[1] == "1"
+
+
+def test_jobs_lists_tasks_and_arguments_as_stored(app_module: ModuleType, shared: str) -> None:
+    added = app_module.add.enqueue(2, 40)
+    greeted = app_module.greet.enqueue("ada", punctuation="?")
+    later = app_module.add.options(delay=3600).enqueue(5, 6)
+
+    queued = ok("jobs", "--broker", shared, "--state", "queued").stdout
+    cells = row(queued, added.id)
+    assert cells[1:4] == ["default", "add", "0"]
+    assert cells[4].startswith(time.strftime("%Y-%m-%d")[:4]), "the time it was enqueued"
+    assert cells[5] == "(2, 40)"
+    assert row(queued, greeted.id)[2] == "greet"
+    assert row(queued, greeted.id)[5] == '("ada", punctuation="?")'
+    assert later.id not in queued
+    assert next_page(queued) is None
+
+    scheduled = ok("jobs", "--broker", shared, "--state", "scheduled").stdout
+    assert "due" in scheduled
+    assert row(scheduled, later.id)[5] == "(5, 6)"
+    assert added.id not in scheduled
+
+
+def test_jobs_truncates_long_arguments_and_json_gives_them_whole(
+    app_module: ModuleType, shared: str
+) -> None:
+    name = "x" * 500
+    job = app_module.greet.enqueue(name)
+
+    cells = row(ok("jobs", "--broker", shared, "-s", "queued").stdout, job.id)
+    assert cells[5].endswith("\u2026")
+    assert len(cells[5]) == 60
+
+    (line,) = ok("jobs", "--broker", shared, "-s", "queued", "--json").stdout.splitlines()
+    entry = json.loads(line)
+    assert (entry["id"], entry["task"], entry["args"]) == (job.id, "greet", [name])
+    assert entry["status"] == "queued"
+
+
+def test_jobs_dead_of_one_task_show_the_reason(app_module: ModuleType, shared: str) -> None:
+    (boomed,) = dead_letter(app_module)
+    failed = app_module.boom_after.enqueue(7)
+    drain(app_module.app)
+
+    output = ok("jobs", "--broker", shared, "--state", "dead", "--task", "boom_after").stdout
+
+    cells = row(output, failed.id)
+    assert cells[2:4] == ["boom_after", "1"]
+    assert cells[5] == "(7)"
+    assert "RuntimeError: kaboom after 7" in cells[6]
+    assert boomed not in output
+
+
+def test_jobs_of_given_queues(app_module: ModuleType, app: Worq) -> None:
+    pinged = app_module.ping.enqueue()
+    added = app_module.add.enqueue(1, 1)
+    elsewhere = app_module.add.options(queue="third").enqueue(2, 2)
+
+    only_other = ok("jobs", APP, "-s", "queued", "--queue", "other").stdout
+    assert pinged.id in only_other
+    assert added.id not in only_other
+
+    both = ok("jobs", APP, "-s", "queued", "-q", "other", "-q", "third").stdout
+    assert {pinged.id, elsewhere.id} <= set(both.split())
+    assert added.id not in both
+    assert ok("jobs", APP, "-s", "queued", "-q", "other,third").stdout.count("│ add") == 1
+
+
+def test_jobs_pages_through_250_jobs_showing_each_once(app_module: ModuleType, shared: str) -> None:
+    # Two tasks interleaved: the --task filter must page correctly too.
+    wanted = []
+    for i in range(250):
+        wanted.append(app_module.add.enqueue(i, i).id)
+        if i % 2:
+            app_module.greet.enqueue(str(i))
+
+    def all_pages(*first: str) -> tuple[list[str], int]:
+        seen: list[str] = []
+        args: list[str] | None = list(first)
+        pages = 0
+        while args is not None:
+            result = ok(*args)
+            seen += [json.loads(line)["id"] for line in result.stdout.splitlines()]
+            args = next_page(result.stderr)
+            pages += 1
+            assert pages < 10, "the cursor does not advance"
+        return seen, pages
+
+    seen, pages = all_pages(
+        "--broker", shared, "jobs", "-s", "queued", "--task", "add", "--limit", "100", "--json"
+    )
+    assert seen == wanted
+    assert pages == 3
+
+    table = ok("jobs", "--broker", shared, "-s", "queued", "--limit", "100").stdout
+    follow = next_page(table)
+    assert follow is not None
+    assert follow[follow.index("--cursor") - 2 : follow.index("--cursor")] == ["--limit", "100"]
+    assert follow[follow.index("--broker") + 1] == shared
+
+
+def test_the_next_page_hint_hides_a_password(app_module: ModuleType, shared: str) -> None:
+    app_module.add.enqueue_many([(1, 1), (2, 2)])
+    secret = shared.replace("memory://", "memory://ops:s3cret@")
+
+    output = ok("jobs", "--broker", secret, "-s", "queued", "--limit", "1").stdout
+
+    assert "s3cret" not in output
+    assert "ops:***@" in output
+
+
+def test_jobs_with_a_bad_cursor_is_one_line(app: Worq) -> None:
+    assert_one_line_error(run("jobs", APP, "-s", "queued", "--cursor", "junk"), "cursor")
+
+
+def test_jobs_on_a_broker_that_cannot_list_is_one_line(
+    app: Worq, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worq_core import Capability
+
+    monkeypatch.setattr(
+        type(app.broker), "capabilities", type(app.broker).capabilities - {Capability.LISTING}
+    )
+
+    assert_one_line_error(run("jobs", APP, "-s", "dead"), "listing", "memory broker")
+
+
+def test_job_by_id_on_a_broker_url_alone_shows_task_and_arguments(
+    app_module: ModuleType, shared: str
+) -> None:
+    job = app_module.greet.enqueue("ada", punctuation="?")
+
+    output = ok("job", "--broker", shared, job.id).stdout
+
+    assert "status: queued" in output
+    assert "task:   greet" in output
+    assert 'args:   ("ada", punctuation="?")' in output
+
+    drain(app_module.app)
+    assert 'result: "hello ada?"' in ok("--broker", shared, "job", job.id).stdout
+
+
+def test_job_with_the_app_first_still_works(app_module: ModuleType) -> None:
+    job = app_module.add.enqueue(1, 2)
+
+    assert "task:   add" in ok("job", APP, job.id).stdout
+
+
+def test_job_with_only_an_app_asks_for_the_job_id(app: Worq) -> None:
+    assert_one_line_error(run("job", APP), "Missing argument 'JOB_ID'")
+
+
+def test_job_with_three_values_is_one_line(app: Worq) -> None:
+    assert_one_line_error(run("job", APP, "a", "b"), "expected [MODULE:ATTR] JOB_ID")
+
+
+def test_an_app_shaped_id_on_a_broker_alone_is_explained(shared: str) -> None:
+    assert_one_line_error(run("job", "--broker", shared, APP), "unknown", "give it before the id")
+
+
+def test_dlq_on_a_broker_url_alone(app_module: ModuleType, app: Worq, shared: str) -> None:
+    first, second, third = dead_letter(app_module, 3)
+
+    assert row(ok("--broker", shared, "dlq", "list").stdout, first)[1] == "boom"
+
+    requeued = ok("--broker", shared, "dlq", "requeue", first, second).stdout
+    assert "requeued 2 jobs" in requeued
+    assert app.job(first).status() is JobStatus.QUEUED
+    assert app.job(third).status() is JobStatus.DEAD
+
+    assert "purged 1 dead job " in ok("dlq", "purge", "--broker", shared, "--yes").stdout
+    assert app.broker.stats(["default"])[0].dead == 0
+
+
+def test_dlq_requeue_takes_an_app_shaped_first_value_as_the_app(app_module: ModuleType) -> None:
+    first, second = dead_letter(app_module, 2)
+
+    assert "requeued 1 job " in ok("dlq", "requeue", APP, second).stdout
+    assert app_module.app.job(first).status() is JobStatus.DEAD
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["stats"],
+        ["jobs", "--state", "dead"],
+        ["job", "some-id"],
+        ["dlq", "list"],
+        ["dlq", "requeue", "some-id"],
+        ["dlq", "purge", "--yes"],
+    ],
+)
+def test_without_app_or_broker_one_line_says_what_to_give(
+    args: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WORQ_BROKER", raising=False)
+    assert_one_line_error(run(*args), "MODULE:ATTR", "--broker URL", "WORQ_BROKER")
+
+
+@pytest.mark.parametrize("command", [["worker"], ["enqueue"], ["schedule"]])
+def test_commands_that_need_task_code_still_need_the_app(command: list[str]) -> None:
+    assert_one_line_error(run("--broker", SHARED, *command), "Missing argument 'MODULE:ATTR'")
+
+
+@given(
+    st.from_regex(r"[A-Za-z_]\w{0,8}(\.[A-Za-z_]\w{0,8}){0,2}", fullmatch=True),
+    st.from_regex(r"[A-Za-z_]\w{0,8}(\.[A-Za-z_]\w{0,8}){0,2}", fullmatch=True),
+)
+def test_a_dotted_name_colon_dotted_name_is_an_app(module: str, attr: str) -> None:
+    assert looks_like_app(f"{module}:{attr}")
+
+
+@given(st.text(max_size=40))
+def test_generated_job_ids_and_colon_free_text_are_never_an_app(text: str) -> None:
+    assert not looks_like_app(text.replace(":", ""))
+    assert not looks_like_app(uuid.uuid4().hex)
+    assert not looks_like_app(f"{text}:1{text}")
+
+
+def test_the_next_page_hint_leaves_worq_broker_in_the_environment(
+    app_module: ModuleType, shared: str
+) -> None:
+    first, second = (app_module.add.enqueue(i, i).id for i in range(2))
+    env = {"WORQ_BROKER": shared}
+
+    page = run("jobs", "-s", "queued", "--limit", "1", env=env)
+    follow = next_page(page.stdout)
+    assert follow is not None
+    assert "--broker" not in follow
+    rest = run(*follow, env=env)
+
+    assert [page.exit_code, rest.exit_code] == [0, 0], page.output + rest.output
+    assert first in page.stdout
+    assert second not in page.stdout
+    assert second in rest.stdout
+    # A full page cannot know that nothing follows: the next one is empty and the last.
+    follow = next_page(rest.stdout)
+    assert follow is not None
+    end = run(*follow, env=env)
+    assert "no queued jobs" in end.stdout
+    assert next_page(end.stdout) is None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import defaultdict
 
-from worq_core import Event, EventKind, JobStatus, WorkerSettings, Worq, current_job
+from worq_core import Event, EventKind, JobStatus, WorkerSettings, Worq, chain, current_job
 from worq_core.errors import Retry
 from worq_core.testing.support import WAIT, running
 from worq_memory import MemoryBroker
@@ -127,3 +128,21 @@ def test_a_broker_error_while_publishing_loses_no_job() -> None:
     job = ok.enqueue()
     app.worker(settings=settings(app)).run(burst=True)
     assert job.result(timeout=WAIT) == 1
+
+
+def test_a_workflow_step_sent_by_the_step_before_it_is_an_enqueued_event() -> None:
+    app = Worq(MemoryBroker(), events=True)
+
+    @app.task(name="add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    flow = chain(add.s(1, 2), add.s(10), add.s(100)).enqueue()
+    # One slot: with more, another slot may start a step before its enqueue is buffered.
+    one_slot = dataclasses.replace(settings(app), concurrency=1)
+    app.worker(settings=one_slot).run(burst=True)
+    assert flow.result(timeout=WAIT) == 113
+    kinds = by_job(app.broker.read_events(None, limit=100))
+    assert len(flow.job_ids) == 3
+    for job_id in flow.job_ids:
+        assert kinds[job_id] == [EventKind.ENQUEUED, EventKind.STARTED, EventKind.SUCCEEDED]

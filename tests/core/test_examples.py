@@ -9,10 +9,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_example(name: str) -> list[str]:
+def run_example(name: str, *args: str) -> list[str]:
     """Run ``examples/<name>/app.py`` as a user would; its output lines."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / name / "app.py")],
+        [sys.executable, str(ROOT / "examples" / name / "app.py"), *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -49,4 +49,13 @@ def test_the_workflows_example_passes_results_along() -> None:
         "group: [0, 1, 4, 9, 16]",
         "chord: sum of squares: 285",
         "chord status: succeeded",
+    ]
+
+
+def test_the_dashboard_example_serves_a_busy_app() -> None:
+    assert run_example("dashboard", "--seconds", "3", "--port", "0") == [
+        "dashboard: running",
+        "workers: 1",
+        "jobs finished: yes",
+        "queues: default, reports",
     ]

@@ -9,7 +9,7 @@ builds on it: which tick fires, what a missed hour does, which handle a unique e
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from worq_core import JobStatus, TaskError, UnsupportedError, Worq
+from worq_core import EventKind, JobStatus, TaskError, UnsupportedError, Worq
 from worq_core.cli import main
 from worq_core.limits import argument_hash, parse_rate
+from worq_core.middleware import EnqueueRequest, Middleware
 from worq_core.models import Capability, UniqueUntil
 from worq_core.scheduling import SCHEDULE_HEADER, TICK_HEADER, Missed
 from worq_core.triggers import ScheduleError
@@ -120,6 +121,44 @@ def test_many_schedulers_fire_each_tick_exactly_once(app: Worq) -> None:
     assert sum(s.fired for s in schedulers) == 20
 
 
+def test_middleware_hears_how_each_scheduler_s_tick_ended() -> None:
+    told: list[tuple[str, str]] = []
+
+    class Listener(Middleware):
+        def after_enqueue(
+            self, requests: Sequence[EnqueueRequest], error: BaseException | None
+        ) -> None:
+            told.extend((r.headers[TICK_HEADER], type(error).__name__) for r in requests)
+
+    storage = MemoryStorage()
+    app = Worq(
+        broker=MemoryBroker(storage=storage), storage=storage, middleware=[Listener()], events=True
+    )
+
+    @app.periodic(every=1.0)
+    def beat() -> None: ...
+
+    clock = Clock(START + 0.5)
+    schedulers = [Scheduler(app.broker, list(app.schedules.values()), clock) for _ in range(3)]
+    schedulers[0].tick(0.0)
+    [schedule] = app.schedules.values()
+    seen = app.broker.schedule_fires([schedule.key])[schedule.key]
+    clock.now += 1.0
+    for scheduler in schedulers:  # all three read the record before any of them fired
+        scheduler.fire_due(schedule, seen, clock.now)
+    # One scheduler sent the tick's job; the two others prepared theirs and were told why not.
+    assert sorted(told) == [
+        (repr(START + 1), "NoneType"),
+        (repr(START + 1), "ScheduleTaken"),
+        (repr(START + 1), "ScheduleTaken"),
+    ]
+    [enqueued] = [e for e in app.broker.read_events(None, 100) if e.kind is EventKind.ENQUEUED]
+    [headers] = queued(app)
+    assert enqueued.task == beat.name
+    assert float(headers[TICK_HEADER]) == START + 1
+    app.close()
+
+
 def test_missed_ticks_fire_once_by_default(app: Worq) -> None:
     @app.periodic(every=timedelta(minutes=1))
     def sync() -> None: ...
@@ -169,10 +208,10 @@ def test_a_tick_whose_job_cannot_be_built_is_not_lost(
     def job(x: int) -> None: ...
 
     schedule = next(iter(app.schedules.values()))
-    real = type(schedule).message
+    real = type(schedule).prepare
     calls = []
 
-    def message(self: Any, tick: float) -> Any:
+    def prepare(self: Any, tick: float) -> Any:
         calls.append(tick)
         if len(calls) == 1:
             raise RuntimeError("the process died here")
@@ -182,7 +221,7 @@ def test_a_tick_whose_job_cannot_be_built_is_not_lost(
     scheduler = Scheduler(app.broker, [schedule], clock)
     scheduler.tick(0.0)
     clock.now += 10
-    monkeypatch.setattr(type(schedule), "message", message)
+    monkeypatch.setattr(type(schedule), "prepare", prepare)
     scheduler.tick(0.0)  # fails before the compare-and-set: nothing recorded, nothing sent
     assert ticks(app) == []
     scheduler.tick(0.0)

@@ -79,6 +79,20 @@ def test_the_postgres_wheel_ships_its_sql_migrations(wheels: Path) -> None:
 
 
 @pytest.mark.timeout(600)
+def test_the_core_wheel_ships_every_dashboard_asset(wheels: Path) -> None:
+    source = ROOT / "worq_core" / "src" / "worq_core" / "dashboard"
+    assets = {
+        f"worq_core/dashboard/{path.relative_to(source)}"
+        for folder in ("templates", "static")
+        for path in (source / folder).iterdir()
+    }
+    assert "worq_core/dashboard/static/dashboard.js" in assets
+    (wheel,) = wheels.glob("worq_core-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert assets <= set(archive.namelist())
+
+
+@pytest.mark.timeout(600)
 def test_wheels_install_into_a_fresh_virtualenv_and_find_their_plugins(
     wheels: Path, tmp_path: Path
 ) -> None:
@@ -122,3 +136,14 @@ def test_wheels_install_into_a_fresh_virtualenv_and_find_their_plugins(
         """
     )
     assert run(python, "-c", script, cwd=tmp_path).strip() == "42"
+
+    # Without its extra, the dashboard says how to get it in one line.
+    done = subprocess.run(
+        [venv / "bin" / "worq", "--broker", "memory://", "dashboard"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "pip install 'worq-core[dashboard]'" in done.stderr, done.stderr

@@ -16,7 +16,7 @@ from worq_core.errors import DeserializationError, TaskError, UnknownTaskError, 
 from worq_core.job import Envelope, Job, encode_cancelled
 from worq_core.limits import KeyFunction, TaskLimits
 from worq_core.middleware import Middleware, MiddlewareStack
-from worq_core.models import CancelOutcome, Capability, Event, EventKind, UniqueUntil
+from worq_core.models import CancelOutcome, Capability, Event, EventKind, JobStatus, UniqueUntil
 from worq_core.registry import Registry, default_registry
 from worq_core.retry import RetryPolicy
 from worq_core.scheduling import Missed, Schedule, make_schedule
@@ -394,9 +394,19 @@ class Worq:
         Their old records are deleted first, so their :class:`Job` handles wait for the new
         run instead of reporting the old failure.
         """
-        dead = [job.id for job in self.broker.dead_jobs(queue, limit=10_000_000)]
-        dead_ids = set(dead)
-        ids = dead if job_ids is None else [i for i in job_ids if i in dead_ids]
+        broker = self.broker
+        if job_ids is not None and Capability.LISTING in broker.capabilities:
+            # Look up only the ids given, so requeueing one job never reads the whole DLQ.
+            found = {i: broker.find_job(i) for i in dict.fromkeys(job_ids)}
+            ids = [
+                i
+                for i, held in found.items()
+                if held is not None and held.status is JobStatus.DEAD and held.queue == queue
+            ]
+        else:
+            dead = [job.id for job in broker.dead_jobs(queue, limit=10_000_000)]
+            dead_ids = set(dead)
+            ids = dead if job_ids is None else [i for i in job_ids if i in dead_ids]
         if not ids:  # ids that are not dead keep their records
             return 0
         self.storage.delete(ids)

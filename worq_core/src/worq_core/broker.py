@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, Self
@@ -27,6 +28,16 @@ from worq_core.models import (
 from worq_core.storage import Storage
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 class Broker(ABC):
     """Base class of every broker.
 
@@ -47,7 +58,12 @@ class Broker(ABC):
     """Optional abilities this broker provides; see :class:`Capability`."""
 
     url: str = ""
-    """The URL this broker was built from, for messages and ``worq stats``."""
+    """The URL this broker was built from (with any password: show :attr:`shown_url`)."""
+
+    @property
+    def shown_url(self) -> str:
+        """:attr:`url` with its password, if any, replaced by ``***``: safe to print or show."""
+        return redact_url(self.url)
 
     @classmethod
     def from_url(cls, url: str) -> Self:

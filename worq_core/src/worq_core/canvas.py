@@ -53,6 +53,7 @@ from worq_core.models import (
     Outcome,
     Settlement,
 )
+from worq_core.task import tell_sent
 
 if TYPE_CHECKING:
     from worq_core.app import Worq
@@ -841,6 +842,7 @@ def enqueue(node: Node) -> Workflow:
         broker.open_group(spec, by_group.get(spec.id, []))
     if loose:
         broker.enqueue(loose)
+    tell_sent(app, messages)
     return Workflow(app, shape, root, plan.wid)
 
 

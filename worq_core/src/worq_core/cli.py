@@ -2,7 +2,10 @@
 
 Every command that needs an app takes it as ``MODULE:ATTR`` (``myapp:app``), imported with the
 current directory on ``sys.path``. The global ``--broker URL`` option (or ``WORQ_BROKER``) points
-that app at another broker before it is used.
+that app at another broker before it is used. The operator's commands (``stats``, ``jobs``,
+``job``, ``dlq``) also run on ``--broker URL`` alone, without the app's code: they then read
+the broker through a bare ``Worq(URL)`` and show task names and arguments as stored
+(:func:`resolve_app`, :func:`optional_app_argument`).
 
 User mistakes (a bad ``MODULE:ATTR``, an unknown plugin or task, an unreachable broker, bad JSON,
 a bad option) print one ``Error: ...`` line to stderr and exit with a non-zero code; only bugs
@@ -19,6 +22,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 import time
 import traceback
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -36,7 +41,7 @@ from rich.tree import Tree
 
 from worq_core import __version__
 from worq_core.app import Worq
-from worq_core.broker import Broker
+from worq_core.broker import Broker, redact_url
 from worq_core.canvas import Workflow, WorkflowNode
 from worq_core.errors import (
     DeserializationError,
@@ -47,6 +52,7 @@ from worq_core.errors import (
     UnsupportedError,
     WorqError,
 )
+from worq_core.inspection import UNDECODABLE, Inspector, JobSummary
 from worq_core.job import Envelope, Job
 from worq_core.models import Capability, JobStatus
 from worq_core.registry import PluginLoadWarning, default_registry
@@ -235,9 +241,46 @@ def _where(exc: BaseException) -> str:
 
 
 def _app(state: CliState, spec: str) -> Worq:
-    # A command's own --broker wins over the global one (and WORQ_BROKER).
-    broker = click.get_current_context().meta.get(_BROKER_KEY) or state.broker
-    return load_app(spec, broker)
+    return load_app(spec, _broker_url())
+
+
+def _broker_url() -> str | None:
+    """The broker URL the command was given: its own --broker, else worq --broker or WORQ_BROKER."""
+    ctx = click.get_current_context()
+    state = ctx.find_object(CliState)
+    return ctx.meta.get(_BROKER_KEY) or (state.broker if state is not None else None)
+
+
+APP_SPEC = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+"""The shape of ``MODULE:ATTR``: a dotted identifier, a colon, a dotted identifier."""
+
+NO_APP = "give the app as MODULE:ATTR, or the broker as --broker URL (or WORQ_BROKER)"
+
+
+def looks_like_app(value: str) -> bool:
+    """Whether ``value`` is shaped like ``MODULE:ATTR`` (``myapp:app``, ``pkg.mod:holder.app``)."""
+    return APP_SPEC.fullmatch(value) is not None
+
+
+def resolve_app(spec: str | None) -> Worq:
+    """The app an operator's command works on: ``MODULE:ATTR`` if given, else the broker URL alone.
+
+    With ``spec`` this is :func:`load_app` pointed at the command's broker options (its own
+    ``--broker``, else ``worq --broker`` or ``WORQ_BROKER``), as every command does. Without it
+    the broker URL is required: the result is a bare ``Worq(URL)`` with no tasks, which reads
+    what the broker holds with the default serializer, so task names and arguments show as
+    stored. That app belongs to the command and is closed when the command ends. Must run
+    inside a click command; raises :class:`CliError` when there is neither app nor broker.
+    """
+    broker = _broker_url()
+    if spec is not None:
+        return load_app(spec, broker)
+    if broker is None:
+        raise CliError(f"no app and no broker: {NO_APP}")
+    app = Worq(broker)
+    click.get_current_context().call_on_close(app.close)
+    _ = app.broker  # built now, so that a bad URL is reported before any output
+    return app
 
 
 def _console(*, markup: bool = False) -> Console:
@@ -280,6 +323,7 @@ def main(ctx: click.Context, broker: str | None) -> None:
     """worq: background jobs for Python.
 
     APP arguments are MODULE:ATTR, e.g. myapp:app for `app = Worq(...)` in ./myapp.py.
+    stats, jobs, job and dlq also work without it, on --broker URL (or WORQ_BROKER) alone.
     """
     ctx.obj = CliState(broker=broker or None)
 
@@ -292,16 +336,31 @@ def _remember_broker(ctx: click.Context, param: click.Parameter, value: str | No
         ctx.meta[_BROKER_KEY] = value
 
 
-def app_argument(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The ``MODULE:ATTR`` argument, and ``--broker`` also accepted after the command name."""
-    command = click.option(
+def broker_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--broker URL`` accepted after the command name too (it wins over ``worq --broker``)."""
+    return click.option(
         "--broker",
         metavar="URL",
         expose_value=False,
         callback=_remember_broker,
         help="Use this broker instead of the app's own (same as worq --broker).",
     )(command)
-    return click.argument("app_spec", metavar="MODULE:ATTR")(command)
+
+
+def app_argument(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``MODULE:ATTR`` argument, and ``--broker`` also accepted after the command name."""
+    return click.argument("app_spec", metavar="MODULE:ATTR")(broker_option(command))
+
+
+def optional_app_argument(command: Callable[..., Any]) -> Callable[..., Any]:
+    """An optional ``[MODULE:ATTR]`` argument (``app_spec``, ``None`` if left out) and ``--broker``.
+
+    For commands that can work on a broker URL alone: pass ``app_spec`` to :func:`resolve_app`.
+    Use it only where the app is the command's one positional argument.
+    """
+    return click.argument("app_spec", required=False, metavar="[MODULE:ATTR]")(
+        broker_option(command)
+    )
 
 
 # -- worker ------------------------------------------------------------------------------------
@@ -716,19 +775,19 @@ def enqueue(
 
 
 @main.command()
-@app_argument
+@optional_app_argument
 @click.option("--queues", "-Q", metavar="A,B", help="Only these queues [default: every queue].")
-@click.pass_obj
-def stats(state: CliState, app_spec: str, queues: str | None) -> None:
+def stats(app_spec: str | None, queues: str | None) -> None:
     """Show job counts per queue, and the live workers.
 
     Ready, delayed (scheduled or waiting for a retry), running (leased) and dead jobs; then
     each live worker's host, pid, start time, queues, jobs done and jobs running.
 
     Without --queues: every queue the broker knows of, plus those the app's tasks declare.
+    Without MODULE:ATTR, --broker URL (or WORQ_BROKER) says which broker to read.
     """
     queue_list = _split_queues(queues)
-    app = _app(state, app_spec)
+    app = resolve_app(app_spec)
     broker = app.broker
     if queue_list is not None:
         rows = broker.stats(queue_list)
@@ -739,7 +798,7 @@ def stats(state: CliState, app_spec: str, queues: str | None) -> None:
         if missing:
             rows += broker.stats(missing)
         rows.sort(key=lambda row: (row.queue != "default", row.queue))
-    table = Table(title=f"{broker.name} broker {broker.url}", title_justify="left")
+    table = Table(title=f"{broker.name} broker {broker.shown_url}", title_justify="left")
     table.add_column("queue", no_wrap=True)
     for column in ("ready", "delayed", "running", "dead"):
         table.add_column(column, justify="right")
@@ -771,6 +830,208 @@ def stats(state: CliState, app_spec: str, queues: str | None) -> None:
     console.print(listing)
 
 
+# -- jobs --------------------------------------------------------------------------------------
+
+JOB_STATES = {
+    "queued": JobStatus.QUEUED,
+    "scheduled": JobStatus.SCHEDULED,
+    "retrying": JobStatus.RETRYING,
+    "running": JobStatus.RUNNING,
+    "dead": JobStatus.DEAD,
+}
+
+_WHEN_COLUMN = {
+    JobStatus.QUEUED: "enqueued",
+    JobStatus.SCHEDULED: "due",
+    JobStatus.RETRYING: "due",
+    JobStatus.RUNNING: "lease until",
+    JobStatus.DEAD: "died",
+}
+
+ARGS_SHOWN = 60
+"""Characters of a job's arguments a ``worq jobs`` row shows (``--json`` gives them whole)."""
+
+MAX_JOBS_PAGE = 1000
+
+
+def _call(args: Sequence[Any], kwargs: dict[str, Any]) -> str:
+    """Arguments written as a call's, values as JSON: ``(1, "a", flag=true)``."""
+    parts = [_show(value) for value in args]
+    parts += [f"{key}={_show(value)}" for key, value in kwargs.items()]
+    return f"({', '.join(parts)})"
+
+
+def _truncate(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+
+def _split_queue_options(values: tuple[str, ...]) -> list[str] | None:
+    names: list[str] = []
+    for value in values:
+        for name in value.split(","):
+            name = name.strip()
+            if not name:
+                raise click.BadParameter("give a queue name", param_hint="--queue")
+            try:
+                check_queue(name)
+            except InvalidNameError as exc:
+                raise click.BadParameter(str(exc), param_hint="--queue") from exc
+            if name not in names:
+                names.append(name)
+    return names or None
+
+
+def _job_json(item: JobSummary) -> str:
+    return json.dumps(
+        {
+            "id": item.id,
+            "queue": item.queue,
+            "status": item.status.value,
+            "task": item.task,
+            "args": item.args,
+            "kwargs": item.kwargs,
+            "headers": item.headers,
+            "attempts": item.attempts,
+            "enqueued_at": item.enqueued_at,
+            "at": item.at,
+            "reason": item.reason,
+            "workflow": item.workflow,
+        },
+        ensure_ascii=False,
+        default=repr,  # a serializer may hand back values JSON has no type for (bytes)
+    )
+
+
+def _next_page_command(app_spec: str | None, cursor: str) -> str:
+    """The command line that lists the next page: this one, with ``--cursor`` replaced."""
+    ctx = click.get_current_context()
+    params = ctx.params
+    words = ["worq", ctx.info_name or "jobs"]
+    if app_spec is not None:
+        words.append(app_spec)
+    root = ctx.find_root()
+    given = ctx.meta.get(_BROKER_KEY)
+    if given is None and root.get_parameter_source("broker") is ParameterSource.COMMANDLINE:
+        given = root.params.get("broker")
+    if given:  # a broker from WORQ_BROKER is still in the environment: not repeated
+        words += ["--broker", redact_url(given)]
+    words += ["--state", params["state"]]
+    if params["task"] is not None:
+        words += ["--task", params["task"]]
+    if params["queues"]:
+        words += ["--queue", ",".join(_split_queue_options(params["queues"]) or ())]
+    words += ["--limit", str(params["limit"])]
+    if params["as_json"]:
+        words.append("--json")
+    words += ["--cursor", cursor]
+    return shlex.join(words)
+
+
+@main.command()
+@optional_app_argument
+@click.option(
+    "--state",
+    "-s",
+    type=click.Choice(tuple(JOB_STATES)),
+    required=True,
+    help="List the jobs in this state.",
+)
+@click.option("--task", "-t", metavar="NAME", help="Only the jobs of this task.")
+@click.option(
+    "--queue",
+    "-q",
+    "queues",
+    multiple=True,
+    metavar="Q",
+    help="Only this queue; repeat it or give A,B for several [default: every queue].",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1, max=MAX_JOBS_PAGE),
+    metavar="N",
+    default=50,
+    show_default=True,
+    help="At most this many jobs per page.",
+)
+@click.option("--cursor", default="", metavar="C", help="Go on where a previous page stopped.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object per job and line, arguments whole."
+)
+def jobs(
+    app_spec: str | None,
+    state: str,
+    task: str | None,
+    queues: tuple[str, ...],
+    limit: int,
+    cursor: str,
+    as_json: bool,
+) -> None:
+    """List the jobs in a state, a page at a time, with their tasks and arguments.
+
+    Queued jobs in the order they will run, scheduled and retrying ones by due time,
+    running ones by lease deadline, dead ones newest first; queues one after another by
+    name. Each page reads a bounded number of jobs from the broker (a --task filter may
+    return a short page before the end); when there is more, the last line gives the
+    command for the next page (on stderr with --json). Without MODULE:ATTR, --broker URL
+    (or WORQ_BROKER) says which broker to read.
+    """
+    status = JOB_STATES[state]
+    names = _split_queue_options(queues)
+    app = resolve_app(app_spec)
+    page = Inspector(app).jobs(
+        status,
+        queues=names,
+        task=task,
+        cursor=cursor,
+        limit=limit,
+        scan=max(1000, limit),
+    )
+    hint = f"next page: {_next_page_command(app_spec, page.cursor)}" if page.cursor else ""
+    if as_json:
+        for item in page.jobs:
+            click.echo(_job_json(item))
+        if hint:
+            click.echo(hint, err=True)
+        return
+    console = _console()
+    if not page.jobs:
+        where = f" of task {task!r}" if task is not None else ""
+        console.print(f"no {state} jobs{where}" + (" on this page" if hint else ""))
+    else:
+        _jobs_table(console, page.jobs, status, state)
+    if hint:
+        console.print(hint, no_wrap=True, overflow="ignore", crop=False)
+
+
+def _jobs_table(console: Console, found: list[JobSummary], status: JobStatus, state: str) -> None:
+    table = Table(title=f"{state} jobs", title_justify="left")
+    # Ids stay whole so they can be copied into `worq job` or `worq dlq requeue`.
+    table.add_column("id", no_wrap=True, min_width=max(len(item.id) for item in found))
+    table.add_column("queue", overflow="fold")
+    table.add_column("task", overflow="fold")
+    table.add_column("attempts", justify="right", no_wrap=True)
+    table.add_column(_WHEN_COLUMN[status], no_wrap=True)
+    table.add_column("arguments", overflow="fold", ratio=1)
+    dead = status is JobStatus.DEAD
+    if dead:
+        table.add_column("reason", overflow="fold", ratio=1)
+    for item in found:
+        at = item.enqueued_at if status is JobStatus.QUEUED else item.at
+        arguments = "" if item.task == UNDECODABLE else _call(item.args, item.kwargs)
+        cells = [
+            item.id,
+            item.queue,
+            item.task,
+            str(item.attempts),
+            _when(at) if at is not None else "",
+            _truncate(arguments, ARGS_SHOWN),
+        ]
+        if dead:
+            cells.append(_truncate(item.reason, 200))
+        table.add_row(*cells)
+    console.print(table)
+
+
 # -- schedule ----------------------------------------------------------------------------------
 
 
@@ -796,7 +1057,9 @@ def schedule(state: CliState, app_spec: str) -> None:
         raise CliError(f"the {broker.name} broker cannot keep schedules")
     records = broker.schedule_fires([s.key for s in schedules])
     now = time.time()
-    table = Table(title=f"schedules on {broker.name} broker {broker.url}", title_justify="left")
+    table = Table(
+        title=f"schedules on {broker.name} broker {broker.shown_url}", title_justify="left"
+    )
     for column in ("schedule", "task", "trigger", "missed", "last tick", "next tick"):
         table.add_column(column, no_wrap=column in ("last tick", "next tick"))
     for item in schedules:
@@ -830,17 +1093,25 @@ def _show(value: Any) -> str:
 
 
 @main.command()
-@app_argument
-@click.argument("job_id")
+@broker_option
+@click.argument("values", nargs=-1, required=True, metavar="[MODULE:ATTR] JOB_ID")
 @click.option("--cancel", is_flag=True, help="Cancel the job (a running one is told to stop).")
-@click.pass_obj
-def job(state: CliState, app_spec: str, job_id: str, cancel: bool) -> None:
+def job(values: tuple[str, ...], cancel: bool) -> None:
     """Show a job's status, progress, and result or error; or --cancel it.
 
-    Job ids are unique across the app's queues, so no queue is needed. Exits 1 if the job is
-    unknown (never enqueued, or its result expired), or if --cancel found nothing to cancel.
+    Two values are the app and the job id; one is the job id alone, read from the broker
+    that --broker URL (or WORQ_BROKER) names. Job ids are unique across the app's queues, so
+    no queue is needed. Exits 1 if the job is unknown (never enqueued, or its result
+    expired), or if --cancel found nothing to cancel.
     """
-    app = _app(state, app_spec)
+    if len(values) > 2:
+        raise click.UsageError(
+            f"expected [MODULE:ATTR] JOB_ID, got {len(values)} values; give one job id at a time"
+        )
+    if len(values) == 1 and looks_like_app(values[0]) and _broker_url() is None:
+        raise click.UsageError("Missing argument 'JOB_ID' after MODULE:ATTR")
+    app_spec, job_id = (None, values[0]) if len(values) == 1 else values
+    app = resolve_app(app_spec)
     handle = app.job(job_id)
     if cancel:
         try:
@@ -854,9 +1125,12 @@ def job(state: CliState, app_spec: str, job_id: str, cancel: bool) -> None:
     status = handle.status()
     workflow = app.workflow(job_id)
     if status is JobStatus.UNKNOWN and workflow is None:
+        hint = ""
+        if app_spec is None and looks_like_app(job_id):
+            hint = f" (to name the app, give it before the id: worq job {job_id} JOB_ID)"
         raise CliError(
             f"job {job_id} is unknown: never enqueued, or finished so long ago that its "
-            "result expired"
+            f"result expired{hint}"
         )
     if status is not JobStatus.UNKNOWN:
         _show_job(app, handle, status)
@@ -872,6 +1146,14 @@ def _show_job(app: Worq, handle: Job[Any], status: JobStatus) -> None:
         click.echo(f"queue:  {where.queue}")
         click.echo(f"tries:  {where.attempts}")
     click.echo(f"status: {status.value}")
+    held = None
+    if Capability.LISTING in app.broker.capabilities:
+        entry = app.broker.find_job(job_id)
+        held = None if entry is None else Inspector(app).summary(entry)
+    if held is not None:  # its body, as stored: no task code needed to show it
+        click.echo(f"task:   {held.task}")
+        if held.task != UNDECODABLE:
+            click.echo(f"args:   {_call(held.args, held.kwargs)}")
     progress = handle.progress() if status is JobStatus.RUNNING else None
     if progress is not None:
         count = f" ({progress.current:g}/{progress.total:g})" if progress.total is not None else ""
@@ -955,8 +1237,8 @@ def dlq() -> None:
     """Inspect and manage a queue's dead-letter queue."""
 
 
-def _dead_letter_app(state: CliState, app_spec: str) -> Worq:
-    app = _app(state, app_spec)
+def _dead_letter_app(app_spec: str | None) -> Worq:
+    app = resolve_app(app_spec)
     if Capability.DEAD_LETTER not in app.broker.capabilities:
         raise CliError(f"the {app.broker.name} broker keeps no dead-letter queue")
     return app
@@ -979,18 +1261,18 @@ queue_option = click.option(
 
 
 @dlq.command("list")
-@app_argument
+@optional_app_argument
 @queue_option
 @click.option(
     "--limit", type=click.IntRange(min=1), default=100, show_default=True, help="At most this many."
 )
-@click.pass_obj
-def dlq_list(state: CliState, app_spec: str, queue: str, limit: int) -> None:
+def dlq_list(app_spec: str | None, queue: str, limit: int) -> None:
     """List dead jobs, newest first.
 
-    Shows each job's id, task, attempts, when it died and why.
+    Shows each job's id, task, attempts, when it died and why. Without MODULE:ATTR, --broker
+    URL (or WORQ_BROKER) says which broker to read.
     """
-    app = _dead_letter_app(state, app_spec)
+    app = _dead_letter_app(app_spec)
     dead = app.broker.dead_jobs(queue, limit)
     console = _console()
     if not dead:
@@ -1024,17 +1306,19 @@ def dlq_list(state: CliState, app_spec: str, queue: str, limit: int) -> None:
 
 
 @dlq.command("requeue")
-@app_argument
-@click.argument("job_ids", nargs=-1, metavar="[JOB_ID]...")
+@broker_option
+@click.argument("values", nargs=-1, metavar="[MODULE:ATTR] [JOB_ID]...")
 @queue_option
-@click.pass_obj
-def dlq_requeue(state: CliState, app_spec: str, job_ids: tuple[str, ...], queue: str) -> None:
+def dlq_requeue(values: tuple[str, ...], queue: str) -> None:
     """Move dead jobs back to their queue.
 
     All of them, or only the JOB_IDs given; their attempts start again from zero. Exits 1 if
-    some of the ids given were not dead.
+    some of the ids given were not dead. A first value shaped like MODULE:ATTR (myapp:app,
+    pkg.mod:app) names the app; without one, --broker URL (or WORQ_BROKER) says which broker.
     """
-    app = _dead_letter_app(state, app_spec)
+    app_spec = values[0] if values and looks_like_app(values[0]) else None
+    job_ids = values[1:] if app_spec is not None else values
+    app = _dead_letter_app(app_spec)
     moved = app.requeue_dead(queue, list(job_ids) if job_ids else None)
     click.echo(f"requeued {moved} job{'s' if moved != 1 else ''} in queue {queue!r}")
     if job_ids and moved < len(job_ids):
@@ -1045,16 +1329,16 @@ def dlq_requeue(state: CliState, app_spec: str, job_ids: tuple[str, ...], queue:
 
 
 @dlq.command("purge")
-@app_argument
+@optional_app_argument
 @queue_option
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@click.pass_obj
-def dlq_purge(state: CliState, app_spec: str, queue: str, yes: bool) -> None:
+def dlq_purge(app_spec: str | None, queue: str, yes: bool) -> None:
     """Delete every dead job of a queue.
 
-    Asks for confirmation unless --yes is given.
+    Asks for confirmation unless --yes is given. Without MODULE:ATTR, --broker URL (or
+    WORQ_BROKER) says which broker.
     """
-    app = _dead_letter_app(state, app_spec)
+    app = _dead_letter_app(app_spec)
     count = app.broker.stats([queue])[0].dead
     if count == 0:
         click.echo(f"no dead jobs in queue {queue!r}")
@@ -1063,6 +1347,66 @@ def dlq_purge(state: CliState, app_spec: str, queue: str, yes: bool) -> None:
         click.confirm(f"Delete {count} dead jobs of queue {queue!r} for good?", abort=True)
     purged = app.broker.purge_dead(queue)
     click.echo(f"purged {purged} dead job{'s' if purged != 1 else ''} from queue {queue!r}")
+
+
+# -- dashboard ---------------------------------------------------------------------------------
+
+
+@main.command(context_settings={"show_default": True})
+@optional_app_argument
+@click.option("--host", default="127.0.0.1", help="Interface to bind (0.0.0.0 exposes it).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, help="Port to serve on.")
+@click.option("--read-only", is_flag=True, help="Show everything; allow no action.")
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Another host name to answer to (behind a proxy); repeatable.",
+)
+@click.option(
+    "--refresh",
+    type=click.FloatRange(min=0.2),
+    default=2.0,
+    help="Seconds between a page's live updates.",
+)
+def dashboard(
+    app_spec: str | None,
+    host: str,
+    port: int,
+    read_only: bool,
+    allowed_hosts: tuple[str, ...],
+    refresh: float,
+) -> None:
+    """Serve the web dashboard: queues, jobs, dead letters, workers and schedules.
+
+    Needs the extra: pip install 'worq-core[dashboard]'. Binds to 127.0.0.1 unless --host
+    says otherwise. Actions (cancel, requeue, purge) are POSTs carrying a token that is made
+    fresh at each start and embedded in the pages; --read-only leaves them out. Without
+    MODULE:ATTR, --broker URL (or WORQ_BROKER) says which broker to show.
+    """
+    try:
+        from worq_core.dashboard import DashboardConfig, hosts_for, serve
+    except ImportError as exc:
+        raise CliError(
+            f"the dashboard needs its extra ({exc.name} is missing): "
+            "pip install 'worq-core[dashboard]'"
+        ) from exc
+    app = resolve_app(app_spec)
+    config = DashboardConfig(
+        read_only=read_only,
+        allowed_hosts=hosts_for(host, allowed_hosts),
+        refresh_seconds=refresh,
+    )
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(
+        f"worq dashboard for {app.broker.name} {app.broker.shown_url} at http://{shown}:{port}/"
+        + (" (read-only)" if read_only else "")
+    )
+    try:
+        serve(app, host, port, config)
+    except SystemExit as exc:  # uvicorn exits 1 when it cannot bind
+        raise CliError(f"cannot serve on {host}:{port} (is the port in use?)") from exc
 
 
 # -- plugins -----------------------------------------------------------------------------------

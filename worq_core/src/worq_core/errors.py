@@ -110,6 +110,16 @@ class TaskError(WorqError):
     """A task was declared or called incorrectly."""
 
 
+class ScheduleTaken(WorqError):
+    """A schedule's tick was fired by another scheduler first, so this one sent no job.
+
+    Never raised: it is what ``after_enqueue`` middleware is told for the job it prepared.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("another scheduler fired this tick first; this job was not sent")
+
+
 class ScheduleError(TaskError, ValueError):
     """A schedule was declared wrongly, or a trigger was asked for a tick it cannot have.
 

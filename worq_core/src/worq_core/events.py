@@ -59,6 +59,7 @@ class EventsMiddleware(Middleware):
         self._running: dict[str, tuple[JobContext, float]] = {}  # id -> (context, progress seen)
         self._started: dict[str, float] = {}
         self._worker = ""
+        self._workers = 0  # workers of this app running in this process
 
     # -- producer ------------------------------------------------------------------------------
 
@@ -69,7 +70,14 @@ class EventsMiddleware(Middleware):
         if error is not None or not requests:
             return
         now = time.time()
-        self.publish([Event(EventKind.ENQUEUED, r.job_id, r.task, r.queue, now) for r in requests])
+        events = [Event(EventKind.ENQUEUED, r.job_id, r.task, r.queue, now) for r in requests]
+        if self._workers:
+            # Sent by a job of this worker (a workflow's next step, a scheduled tick): in the
+            # buffer, after the events of the job that sent it.
+            for event in events:
+                self._add(event)
+        else:
+            self.publish(events)
 
     def publish(self, events: Sequence[Event]) -> None:
         """Send ``events`` now; a broker error is logged, never raised into the caller."""
@@ -82,7 +90,9 @@ class EventsMiddleware(Middleware):
 
     @override
     def worker_start(self, worker: Worker) -> None:
-        self._worker = worker.id
+        with self._lock:
+            self._worker = worker.id
+            self._workers += 1
 
     @override
     def wrap_run(self, job: JobContext, call: Callable[[], Any]) -> Any:
@@ -112,6 +122,8 @@ class EventsMiddleware(Middleware):
     @override
     def worker_stop(self, worker: Worker) -> None:
         self.flush()
+        with self._lock:
+            self._workers -= 1  # with none left, enqueues are a producer's: published at once
 
     def flush(self) -> None:
         """Publish what is buffered, and a progress event per job whose progress changed."""

@@ -271,7 +271,7 @@ class Inspector:
             if index == len(names) or names[index] != queue:
                 return index, 0  # that queue is gone: go on with the next one by name
             return index, max(0, int(offset))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:  # OverflowError: int(Infinity)
             raise BadCursor(f"not a listing cursor: {cursor!r}") from exc
 
 

@@ -88,8 +88,12 @@ class Middleware:
 
         ``error`` is what the send raised (the jobs may not exist), else ``None``. A call that
         fails before sending (a veto, a payload too large) tells the jobs whose
-        ``before_enqueue`` ran, with that error. Workflow steps and scheduled ticks do not
-        pass here: the broker sends them.
+        ``before_enqueue`` ran, with that error. A scheduled tick's job is told too, by the
+        worker whose scheduler prepared it: sent, or :class:`~worq_core.errors.ScheduleTaken`
+        when another scheduler fired the tick first. Workflow steps are told when they are
+        sent: the first ones by the enqueue of the workflow, later ones (requests rebuilt from
+        their messages) by the worker whose settlement sent them, once the broker applied it.
+        A chord's callback, which the broker sends as it counts the last member, is not told.
         """
 
     def wrap_run(self, job: JobContext, call: Callable[[], Any]) -> Any:

@@ -365,6 +365,10 @@ class Event:
     """Its place in the stream, set by the broker: a cursor for :meth:`Broker.read_events`."""
 
 
+CURRENT_SHOWN = 20
+"""How many of a worker's running jobs its registration names."""
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerInfo:
     """A live worker as it registers itself with every heartbeat."""
@@ -380,3 +384,5 @@ class WorkerInfo:
     running: int
     seen: float
     """Unix time of its latest heartbeat."""
+    current: tuple[str, ...] = ()
+    """The ids of the jobs it is running (at most :data:`CURRENT_SHOWN` of them)."""

@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 from worq_core.limits import argument_hash
 
 if TYPE_CHECKING:
+    from worq_core.middleware import EnqueueRequest
     from worq_core.models import Message
     from worq_core.task import Task
     from worq_core.triggers import Trigger
@@ -66,10 +67,25 @@ class Schedule:
 
     def message(self, tick: float) -> Message:
         """The job this schedule enqueues for ``tick``, prepared as any enqueue is."""
+        return self.prepare(tick)[0]
+
+    def prepare(self, tick: float) -> tuple[Message, EnqueueRequest | None]:
+        """:meth:`message`, with the request middleware saw (``None`` without middleware).
+
+        Whoever sends the message tells the middleware how the send ended
+        (:meth:`tell_sent`), as every enqueue call does.
+        """
         headers = {SCHEDULE_HEADER: self.name, TICK_HEADER: repr(tick)}
         bound = self.task.options(queue=self.queue, headers=headers)
-        message, _, _ = bound._prepare(list(self.args), dict(self.kwargs), None)
-        return message
+        message, _, request = bound._prepare(list(self.args), dict(self.kwargs), None)
+        return message, request
+
+    def tell_sent(self, request: EnqueueRequest | None, error: BaseException | None) -> None:
+        """Call the app's ``after_enqueue`` hooks for a tick's job: sent, or not and why."""
+        if request is not None:
+            from worq_core.task import _tell_after_enqueue
+
+            _tell_after_enqueue(self.task.app.middleware.after_enqueues, [request], error)
 
 
 def make_schedule(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
 
 from worq_core.context import JobContext
 from worq_core.context import _current as _current_job
-from worq_core.errors import PayloadTooLarge, TaskError, UnsupportedError
+from worq_core.errors import PayloadTooLarge, TaskError, UnsupportedError, WorqError
 from worq_core.job import _NO_HEADERS, Envelope, Job
 from worq_core.limits import TaskLimits, named_arguments, unique_key_for, unique_until
 from worq_core.middleware import EnqueueRequest
@@ -528,6 +528,34 @@ def _tell_after_enqueue(
             hook(requests, error)
         except Exception:
             logger.exception("after_enqueue middleware %r failed", hook)
+
+
+def tell_sent(app: Worq, messages: Sequence[Message]) -> None:
+    """Tell the app's ``after_enqueue`` hooks of messages sent without an enqueue call.
+
+    Workflow steps are built when the workflow is enqueued and sent later, by the broker with
+    the settlement of the step before them: their requests are rebuilt from the messages.
+    """
+    hooks = app.middleware.after_enqueues
+    if not hooks or not messages:
+        return
+    requests = []
+    for message in messages:
+        try:
+            envelope = Envelope.decode(message.body, app.serializer)
+        except WorqError:  # encoded by this process a moment ago; never expected
+            continue
+        requests.append(
+            EnqueueRequest(
+                envelope.task,
+                message.id,
+                message.queue,
+                envelope.args,
+                dict(envelope.kwargs),
+                dict(envelope.headers),
+            )
+        )
+    _tell_after_enqueue(hooks, requests, None)
 
 
 def _new_job_id() -> str:

@@ -779,9 +779,14 @@ class PostgresBroker(Broker):
             conn.execute(f"DELETE FROM {q('worq_workers')} WHERE expires <= {q('worq_now')}()")
             rows = conn.execute(f"SELECT info FROM {q('worq_workers')}").fetchall()
         infos = []
+        known = {f.name for f in dataclasses.fields(WorkerInfo)}
         for (info,) in rows:
-            info["queues"] = tuple(info["queues"])
-            infos.append(WorkerInfo(**info))
+            # Fields a newer or older worq-core wrote are dropped or defaulted: never an error.
+            fields = {k: v for k, v in info.items() if k in known}
+            fields["queues"] = tuple(fields.get("queues", ()))
+            if "current" in fields:
+                fields["current"] = tuple(fields["current"])
+            infos.append(WorkerInfo(**fields))
         return sorted(infos, key=lambda i: i.started)
 
     def _call_none(self, what: str, query: str, params: Sequence[Any]) -> None:

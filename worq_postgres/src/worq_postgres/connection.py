@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # psycopg is imported on first use: `worq plugins` and worker
     import psycopg
     from psycopg_pool import ConnectionPool
 
+from worq_core.broker import redact_url
 from worq_core.errors import (
     BrokerConnectionError,
     BrokerError,
@@ -46,6 +47,7 @@ class SchemaError(PostgresError):
     """
 
     def __init__(self, url: str, schema: str, found: int, needed: int) -> None:
+        url = redact_url(url)
         self.url = url
         self.schema = schema
         self.found = found
@@ -123,16 +125,17 @@ def translated(url: str, what: str, *, storage: bool = False) -> Iterator[None]:
     import psycopg
     from psycopg_pool import PoolTimeout
 
+    shown = redact_url(url)  # never a password in a message or a log line
     try:
         yield
     except PostgresError:
         raise
     except (psycopg.OperationalError, PoolTimeout) as exc:
         if storage:
-            raise StorageConnectionError(url, f"{what}: {exc}") from exc
-        raise BrokerConnectionError(url, f"{what}: {exc}") from exc
+            raise StorageConnectionError(shown, f"{what}: {exc}") from exc
+        raise BrokerConnectionError(shown, f"{what}: {exc}") from exc
     except psycopg.Error as exc:
-        raise PostgresError(f"PostgreSQL failed to {what} ({url}): {exc}") from exc
+        raise PostgresError(f"PostgreSQL failed to {what} ({shown}): {exc}") from exc
 
 
 class Listener:

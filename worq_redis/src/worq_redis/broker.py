@@ -811,6 +811,7 @@ class RedisBroker(Broker):
                 continue
             fields = json.loads(raw)
             fields["queues"] = tuple(fields["queues"])
+            fields["current"] = tuple(fields.get("current", ()))  # older workers had none
             found.append(WorkerInfo(**fields))
         return sorted(found, key=lambda w: (w.started, w.id))
 

@@ -130,8 +130,9 @@ class OpenTelemetryMiddleware(Middleware):
         if links is None:
             propagator.inject(headers, context=self._in_context(span))
         if SCHEDULE_HEADER in headers:
-            # A scheduled tick: the broker sends it when the tick is won, and no after_enqueue
-            # comes. Its span marks the job's creation.
+            # A scheduled tick: the broker sends it only if this scheduler wins the tick, and
+            # most ticks prepared by N workers are not sent. Its span marks the creation; the
+            # after_enqueue that follows finds nothing to end.
             self._created(request, span, started)
             return
         now = time.monotonic()

@@ -815,7 +815,9 @@ class BrokerContract(SchedulingBrokerContract, WorkflowBrokerContract, Inspectio
     def test_registered_workers_are_listed_until_they_leave_or_expire(self, broker: Broker) -> None:
         def info(worker_id: str, done: int) -> WorkerInfo:
             now = time.time()
-            return WorkerInfo(worker_id, "host-a", 4242, now, ("q1", "q2"), 8, done, 1, now)
+            return WorkerInfo(
+                worker_id, "host-a", 4242, now, ("q1", "q2"), 8, done, 1, now, (f"job-{done}",)
+            )
 
         staying, leaving, expiring = unique("w"), unique("w"), unique("w")
         broker.register_worker(info(staying, 1), ttl=60)
@@ -825,11 +827,12 @@ class BrokerContract(SchedulingBrokerContract, WorkflowBrokerContract, Inspectio
         listed = {w.id: w for w in broker.workers()}
         assert {staying, leaving, expiring} <= set(listed)
         latest = listed[staying]
-        assert (latest.done, latest.host, latest.pid, latest.queues) == (
+        assert (latest.done, latest.host, latest.pid, latest.queues, latest.current) == (
             5,
             "host-a",
             4242,
             ("q1", "q2"),
+            ("job-5",),
         ), "the latest registration wins"
         broker.unregister_worker(leaving)
         time.sleep(0.2 + 2 * CLOCK_SLACK)  # nothing to wait on: the registration must lapse

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import random
@@ -43,7 +44,14 @@ from worq_core.errors import (
 )
 from worq_core.job import Envelope, ErrorInfo
 from worq_core.lease_keeper import LeaseKeeper
-from worq_core.models import Capability, Delivery, Outcome, Settlement, WorkerInfo
+from worq_core.models import (
+    CURRENT_SHOWN,
+    Capability,
+    Delivery,
+    Outcome,
+    Settlement,
+    WorkerInfo,
+)
 from worq_core.retry import RetryPolicy
 from worq_core.signals import on_stop_signals
 from worq_core.worker.executors import AsyncExecutor, ThreadExecutor
@@ -666,6 +674,12 @@ class Worker:
                 done=self.counters.done,
                 running=self.busy,
                 seen=time.time(),
+                current=tuple(
+                    itertools.islice(
+                        (r.delivery.id for r in self.held.values() if r.holds_slot),
+                        CURRENT_SHOWN,
+                    )
+                ),
             )
         try:
             self.app.broker.register_worker(info, ttl=3 * self.settings.heartbeat_interval + 5)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from worq_core.errors import ScheduleTaken
 from worq_core.scheduling import Missed, Schedule
 from worq_core.worker.services import Service
 
@@ -38,6 +39,10 @@ ROUNDS = 3
 def iso(timestamp: float) -> str:
     """A Unix time as ISO 8601 in UTC, for logs and ``worq schedule``."""
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+_TAKEN = ScheduleTaken()
+"""Why a tick's job was not sent: another scheduler fired the tick first."""
 
 
 class Scheduler(Service):
@@ -89,8 +94,14 @@ class Scheduler(Service):
                     break
                 late = wall - due
                 skip = schedule.missed is Missed.SKIP and late > schedule.grace
-                message = None if skip else schedule.message(due)
-                if broker.fire_schedule(schedule.key, due, last, message):
+                message, request = (None, None) if skip else schedule.prepare(due)
+                try:
+                    fired = broker.fire_schedule(schedule.key, due, last, message)
+                except BaseException as exc:
+                    schedule.tell_sent(request, exc)
+                    raise
+                schedule.tell_sent(request, None if fired else _TAKEN)
+                if fired:
                     if skip:
                         log.info("schedule %s: skipped the tick of %s", schedule.name, iso(due))
                     else:

@@ -18,6 +18,7 @@ from worq_core.errors import Reject, Retry, SerializationError, WorqError
 from worq_core.job import ErrorInfo, encode_cancelled, encode_failure, encode_success
 from worq_core.middleware import Decision
 from worq_core.models import Capability, JobStatus, Outcome, Settlement
+from worq_core.task import tell_sent
 from worq_core.worker.run import Run, RunState
 
 if TYPE_CHECKING:
@@ -323,3 +324,7 @@ class SettlePath:
                         hook(run.context, run.decision)
                     except Exception:
                         log.exception("middleware after_settle failed for job %s", run.delivery.id)
+        # Workflow steps the applied settlements sent: told after the verdicts that sent them.
+        if worker.app.middleware.after_enqueues:
+            sent = [m for s, ok in zip(settlements, applied, strict=True) if ok for m in s.then]
+            tell_sent(worker.app, sent)
