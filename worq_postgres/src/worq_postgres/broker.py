@@ -395,11 +395,7 @@ class PostgresBroker(Broker):
                 (queues, limit, float(lease)),
             )
             if rows:
-                rows.sort(key=lambda r: (r[0], -r[7], r[8]))
-                return [
-                    Delivery(r[1], r[2], bytes(r[3]), str(r[4]), r[5], cancel_requested=r[6])
-                    for r in rows
-                ]
+                return _deliveries(rows)
             left = deadline - time.monotonic()
             if left <= 0:
                 return []
@@ -436,9 +432,53 @@ class PostgresBroker(Broker):
     def settle(self, settlements: Sequence[Settlement]) -> list[bool]:
         if not settlements:
             return []
+        self._count_settle()
+        query, params = self._settle_call(settlements)
+        if not any(s.then for s in settlements):
+            [(applied,)] = self._call("settle jobs", query, params)
+            return list(applied)
+        with self._connection("settle jobs") as conn, conn.transaction():
+            return self._settle_on(conn, settlements)
+
+    def _count_settle(self) -> None:
         self._settles += 1
         if self._settles % _SWEEP_EVERY == 0:
             self._sweep_results()
+
+    def _settle_on(self, conn: Any, settlements: Sequence[Settlement]) -> list[bool]:
+        """Settle on ``conn``, inside the caller's transaction, with the follow-ups."""
+        query, params = self._settle_call(settlements)
+        [(applied,)] = conn.execute(query, params).fetchall()
+        # Follow-ups of the settlements that applied, in the same transaction.
+        then = [m for s, ok in zip(settlements, applied, strict=True) if ok for m in s.then]
+        self._send(conn, then)
+        return list(applied)
+
+    @override
+    def settle_and_fetch(
+        self,
+        settlements: Sequence[Settlement],
+        queues: Sequence[str],
+        limit: int,
+        *,
+        lease: float,
+        wait: float,
+    ) -> tuple[list[bool], list[Delivery]]:
+        """Settle, then fetch, in one transaction: one commit (one WAL flush) for both."""
+        if not settlements or limit <= 0 or not queues:
+            return super().settle_and_fetch(settlements, queues, limit, lease=lease, wait=wait)
+        self._count_settle()
+        with self._connection("settle and fetch") as conn, conn.transaction():
+            applied = self._settle_on(conn, settlements)
+            rows = conn.execute(
+                f"SELECT * FROM {self.target.q('worq_fetch')}(%s, %s, %s)",
+                (list(queues), limit, float(lease)),
+            ).fetchall()
+        if rows or wait <= 0:
+            return applied, _deliveries(rows)
+        return applied, self.fetch(queues, limit, lease=lease, wait=wait)
+
+    def _settle_call(self, settlements: Sequence[Settlement]) -> tuple[str, tuple[Any, ...]]:
         params = (
             self.target.channel,
             [s.delivery.id for s in settlements],
@@ -451,16 +491,7 @@ class PostgresBroker(Broker):
             [s.output for s in settlements],
         )
         query = f"SELECT {self.target.q('worq_settle')}(%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-        if not any(s.then for s in settlements):
-            [(applied,)] = self._call("settle jobs", query, params)
-            return list(applied)
-        with self._connection("settle jobs") as conn, conn.transaction():
-            [(applied,)] = conn.execute(query, params).fetchall()
-            # Follow-ups of the settlements that applied, in the same transaction.
-            self._send(
-                conn, [m for s, ok in zip(settlements, applied, strict=True) if ok for m in s.then]
-            )
-        return list(applied)
+        return query, params
 
     def _sweep_results(self) -> None:
         """Delete a batch of expired records and groups (bounded work, piggy-backed on settles)."""
@@ -804,3 +835,9 @@ def _event(row: Sequence[Any]) -> Event:
     return Event(
         EventKind(row[1]), row[2], row[3], row[4], row[5], row[6], row[7], row[8], id=str(row[0])
     )
+
+
+def _deliveries(rows: list[tuple[Any, ...]]) -> list[Delivery]:
+    """worq_fetch's rows as deliveries, queue by queue, larger priority first, then FIFO."""
+    rows.sort(key=lambda r: (r[0], -r[7], r[8]))
+    return [Delivery(r[1], r[2], bytes(r[3]), str(r[4]), r[5], cancel_requested=r[6]) for r in rows]
