@@ -8,7 +8,12 @@ nox.options.sessions = ["tests", "lint", "types", "docs"]
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
 
-PACKAGES = ["./worq_core[testing,prometheus,otel,dashboard]", "./worq_memory", "./worq_redis"]
+PACKAGES = [
+    "./worq_core[testing,prometheus,otel,dashboard]",
+    "./worq_memory",
+    "./worq_redis",
+    "./worq_postgres",
+]
 TEST_DEPS = [
     "pytest>=8",
     "pytest-timeout>=2.2",
@@ -28,7 +33,7 @@ def install_worq(session: nox.Session, *extra: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole pytest suite; Redis tests need a Redis (and fail without one under CI=1)."""
+    """The whole pytest suite; Redis and PostgreSQL tests need their servers (CI=1: must)."""
     install_worq(session, *TEST_DEPS)
     session.run("pytest", *session.posargs)
 
@@ -44,7 +49,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def types(session: nox.Session) -> None:
-    """mypy --strict over the three distributions (settings in pyproject.toml)."""
+    """mypy --strict over the four distributions (settings in pyproject.toml)."""
     install_worq(session, "mypy>=1.10", "types-croniter", *TEST_DEPS)
     session.run("mypy", "--strict")
 
@@ -103,6 +108,20 @@ def bench_tracing(session: nox.Session) -> None:
     """What the otel middleware costs per job on the memory broker, with the SDK exporting."""
     install_worq(session, "opentelemetry-sdk>=1.27")
     session.run("python", "bench/tracing_bench.py", *session.posargs)
+
+
+@nox.session(name="bench-postgres")
+def bench_postgres(session: nox.Session) -> None:
+    """worq-postgres against procrastinate and pgqueuer on the local PostgreSQL, as ratios."""
+    install_worq(session, "procrastinate>=3", "pgqueuer>=0.20")
+    session.run("python", "bench/postgres_bench.py", *session.posargs)
+
+
+@nox.session(name="bench-postgres-soak")
+def bench_postgres_soak(session: nox.Session) -> None:
+    """worq-postgres' table size through a long churn, and fetch beside millions of old rows."""
+    install_worq(session)
+    session.run("python", "bench/postgres_soak.py", *session.posargs)
 
 
 @nox.session(name="bench-dashboard")

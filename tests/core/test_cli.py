@@ -676,6 +676,52 @@ def test_worker_subprocess_finishes_its_job_on_sigterm_and_exits_zero() -> None:
     assert "stopped (stopped): succeeded=1 retried=0 dead=0" in seen
 
 
+# -- commands added by plugins -----------------------------------------------------------------
+
+
+@pytest.fixture
+def plugin_commands(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A registry whose plugin adds `worq hello NAME` and tries to shadow `worq stats`."""
+    import types
+
+    from worq_core import Registry, hookimpl
+    from worq_core import cli as cli_module
+
+    said: list[str] = []
+
+    @click.command("hello")
+    @click.argument("name")
+    def hello(name: str) -> None:
+        """Say hello."""
+        said.append(name)
+        click.echo(f"hello {name}")
+
+    @click.command("stats")
+    def fake_stats() -> None:
+        said.append("shadowed")
+
+    namespace = types.SimpleNamespace(worq_register_commands=hookimpl(lambda: [hello, fake_stats]))
+    registry = Registry()
+    registry.register(namespace, name="greeter", distribution="throwaway-greeter")
+    monkeypatch.setattr(cli_module, "default_registry", lambda: registry)
+    return said
+
+
+def test_a_plugin_command_runs_and_is_listed(plugin_commands: list[str]) -> None:
+    assert ok("hello", "world").stdout == "hello world\n"
+    assert plugin_commands == ["world"]
+    assert "hello" in ok("--help").stdout
+    assert "command worq hello" in ok("plugins").stdout
+
+
+def test_a_plugin_command_never_shadows_worqs_own(plugin_commands: list[str]) -> None:
+    result = run("stats", "--help")
+    assert result.exit_code == 0
+    assert "MODULE:ATTR" in result.stdout
+    assert plugin_commands == []
+    assert "command worq stats (shadowed by worq's own: left out)" in ok("plugins").stdout
+
+
 # -- the operator's commands on a broker URL alone ---------------------------------------------
 
 SHARED = "memory://operator"

@@ -168,3 +168,39 @@ def test_an_unknown_serializer_lists_the_available_ones() -> None:
 def test_a_url_without_a_scheme_is_refused() -> None:
     with pytest.raises(UnknownPluginError, match="localhost:6379"):
         Registry().broker_class("localhost:6379")
+
+
+# -- CLI commands from plugins -----------------------------------------------------------------
+
+
+def test_a_plugin_adds_cli_commands_by_name() -> None:
+    import click
+
+    @click.command("hello")
+    def hello() -> None: ...
+
+    registry = Registry()
+    record = registry.register(plugin(worq_register_commands=[hello]), distribution="dist-a")
+    assert record.commands == ["hello"]
+    assert registry.commands() == {"hello": hello}
+
+
+def test_a_command_name_taken_by_another_plugin_is_refused_and_nothing_is_added() -> None:
+    import click
+
+    first, second = click.Command("admin"), click.Command("admin")
+    registry = Registry()
+    registry.register(plugin(worq_register_commands=[first]), distribution="dist-a")
+    with pytest.raises(DuplicatePluginError, match=r"command 'admin'.*dist-a.*dist-b"):
+        registry.register(
+            plugin(worq_register_commands=[second], worq_register_serializers=[JsonSerializer]),
+            distribution="dist-b",
+        )
+    assert registry.commands() == {"admin": first}
+    assert [p.distribution for p in registry.plugins] == ["dist-a"]
+
+
+@pytest.mark.parametrize("returned", [["not a command"], "admin", 42])
+def test_a_command_hook_must_return_click_commands(returned: object) -> None:
+    with pytest.raises(PluginError, match="click"):
+        Registry().register(plugin(worq_register_commands=returned))

@@ -9,6 +9,7 @@ import pytest
 
 from worq_core import (
     BrokerConnectionError,
+    BrokerError,
     Delivery,
     ExitReason,
     JobFailed,
@@ -112,6 +113,33 @@ def test_a_result_that_cannot_be_stored_is_not_acked_so_the_job_runs_again() -> 
     app.worker(settings=settings(lease=0.3)).run(burst=True)
     assert handle.result(timeout=5) == 2
     assert len(runs) == 2
+
+
+class IncompatibleBroker(MemoryBroker):
+    """A broker that can never work (say its database schema is too old)."""
+
+    fetched = False
+
+    def verify(self) -> None:
+        raise BrokerError("schema too old: run the migration")
+
+    def fetch(self, *args: Any, **kwargs: Any) -> list[Delivery]:
+        self.fetched = True
+        return super().fetch(*args, **kwargs)
+
+
+def test_a_worker_refuses_to_start_on_a_broker_that_fails_its_check() -> None:
+    broker = IncompatibleBroker()
+    app = Worq(broker)
+
+    @app.task
+    def job() -> None: ...
+
+    handle = job.enqueue()
+    with pytest.raises(BrokerError, match="schema too old"):
+        app.worker(settings=settings()).run(burst=True)
+    assert not broker.fetched
+    assert handle.status() is JobStatus.QUEUED, "the job waits for a worker that can run it"
 
 
 def test_worker_settings_refuse_nonsense() -> None:

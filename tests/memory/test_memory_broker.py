@@ -29,9 +29,10 @@ class Clock:
 
 
 def test_it_declares_the_whole_contract() -> None:
-    assert MemoryBroker.capabilities == set(Capability) - {Capability.SHARED}, (
-        "all but SHARED: it lives in one process"
-    )
+    assert MemoryBroker.capabilities == set(Capability) - {
+        Capability.SHARED,
+        Capability.TRANSACTIONAL,
+    }, "all but SHARED (it lives in one process) and TRANSACTIONAL (it has no database)"
 
 
 def test_it_stores_results_only_in_the_storage_it_was_given() -> None:

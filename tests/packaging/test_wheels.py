@@ -1,4 +1,4 @@
-"""The three distributions build as wheels and work from a fresh virtualenv, away from the repo."""
+"""The four distributions build as wheels and work from a fresh virtualenv, away from the repo."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-DISTRIBUTIONS = ["worq_core", "worq_memory", "worq_redis"]
+DISTRIBUTIONS = ["worq_core", "worq_memory", "worq_postgres", "worq_redis"]
 
 
 def run(*args: str | Path, cwd: Path, timeout: float = 240) -> str:
@@ -28,7 +28,7 @@ def run(*args: str | Path, cwd: Path, timeout: float = 240) -> str:
 
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The three wheels, built once for this module."""
+    """The wheels, built once for this module."""
     tmp_path = tmp_path_factory.mktemp("wheels")
     wheels = tmp_path / "wheels"
     run(
@@ -70,6 +70,14 @@ def test_each_wheel_ships_the_mit_licence(wheels: Path) -> None:
         assert metadata.get_all("License-File") == ["LICENSE"], wheel.name
 
 
+def test_the_postgres_wheel_ships_its_sql_migrations(wheels: Path) -> None:
+    [wheel] = wheels.glob("worq_postgres-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = archive.read("worq_postgres/migrations/0001_initial.sql").decode()
+    source = ROOT / "worq_postgres/src/worq_postgres/migrations/0001_initial.sql"
+    assert shipped == source.read_text()
+
+
 @pytest.mark.timeout(600)
 def test_the_core_wheel_ships_every_dashboard_asset(wheels: Path) -> None:
     source = ROOT / "worq_core" / "src" / "worq_core" / "dashboard"
@@ -99,6 +107,8 @@ def test_wheels_install_into_a_fresh_virtualenv_and_find_their_plugins(
         "serializer msgpack",
         "serializer json",
         "broker redis",
+        "broker postgres",
+        "command worq postgres",
         "middleware otel",  # registered without its extra, which only naming it needs
     ):
         assert registered in plugins

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, Self
 
-from worq_core.errors import BrokerError
+from worq_core.errors import BrokerError, UnsupportedError
 from worq_core.models import (
     CancelOutcome,
     Capability,
@@ -177,6 +177,21 @@ class Broker(ABC):
         """
         raise BrokerError(f"the {self.name} broker cannot enqueue unique jobs")
 
+    def enqueue_on(self, connection: object, messages: Sequence[Message]) -> list[str | None]:
+        """:meth:`enqueue_unique` on the caller's connection (:attr:`Capability.TRANSACTIONAL`).
+
+        ``connection`` is the application's database connection (of the kind the broker
+        documents), usually inside a transaction it has opened. The jobs are written through
+        it and nothing is committed: they exist (and can be fetched) only once the caller
+        commits, and never if it rolls back. Answers as :meth:`enqueue_unique`. A connection
+        the broker cannot use raises :class:`~worq_core.errors.BrokerError` and adds nothing.
+        The default raises :class:`~worq_core.errors.UnsupportedError`: worq-core checks the
+        capability first.
+        """
+        raise UnsupportedError(
+            self.name, Capability.TRANSACTIONAL.value, "enqueueing on the caller's connection"
+        )
+
     def fire_schedule(
         self, schedule: str, tick: float, last: float | None, message: Message | None
     ) -> bool:
@@ -317,6 +332,15 @@ class Broker(ABC):
         Otherwise, the default, worq-core saves and deletes records in the storage itself.
         """
         return False
+
+    def verify(self) -> None:  # noqa: B027 - optional hook, nothing to check by default
+        """Check, before a worker starts, that this broker can ever work; raise if not.
+
+        For problems no retry can mend, such as a database schema older than the code: raise
+        a :class:`~worq_core.errors.BrokerError` saying what to do, and the worker refuses to
+        start. A server that cannot be reached right now is not such a problem (the worker
+        retries it like any fetch), so a broker lets connection errors pass here.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections and threads. The broker is unusable afterwards."""

@@ -100,6 +100,24 @@ class WorqGroup(click.Group):
             except WorqError as exc:
                 raise CliError(str(exc)) from exc
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """The commands of worq itself and those plugins add, sorted by name."""
+        return sorted({*super().list_commands(ctx), *self._plugin_commands()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command of worq itself of that name, else a plugin's."""
+        return super().get_command(ctx, cmd_name) or self._plugin_commands().get(cmd_name)
+
+    def _plugin_commands(self) -> dict[str, click.Command]:
+        """Commands from ``worq_register_commands``; worq's own names are never shadowed."""
+        with _plugin_warnings_as_lines():
+            registry = default_registry()
+        return {
+            name: command
+            for name, command in registry.commands().items()
+            if name not in self.commands
+        }
+
     def main(
         self,
         args: Sequence[str] | None = None,
@@ -1415,14 +1433,15 @@ def plugins() -> None:
             failed += 1
             provides = Text(f"failed to load: {record.error}", style="red")
         else:
-            provides = Text(
-                "\n".join(
-                    f"{c.kind} {c.name}"
-                    + (f" ({', '.join(f'{s}://' for s in c.schemes)})" if c.schemes else "")
-                    for c in record.components
-                )
-                or "nothing"
-            )
+            lines = [
+                f"{c.kind} {c.name}"
+                + (f" ({', '.join(f'{s}://' for s in c.schemes)})" if c.schemes else "")
+                for c in record.components
+            ]
+            for name in record.commands:
+                shadowed = " (shadowed by worq's own: left out)" if name in main.commands else ""
+                lines.append(f"command worq {name}{shadowed}")
+            provides = Text("\n".join(lines) or "nothing")
         table.add_row(record.distribution, record.version, record.name, provides)
     console = _console()
     console.print(table)

@@ -13,6 +13,7 @@ registry is built, including in ``worq plugins``.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -20,6 +21,9 @@ from worq_core.broker import Broker
 from worq_core.middleware import Middleware
 from worq_core.serializer import Serializer
 from worq_core.storage import Storage
+
+if TYPE_CHECKING:
+    import click
 
 PROJECT_NAME = "worq"
 
@@ -61,4 +65,15 @@ def worq_register_middleware() -> Iterable[type[Middleware]]:  # type: ignore[em
     Called once per registry; every implementation's classes are collected. Each class must set
     a unique ``name`` and be constructible without arguments. Registering a middleware does not
     switch it on: an app names it, ``Worq(middleware=["name"])``.
+    """
+
+
+@hookspec
+def worq_register_commands() -> Iterable[click.Command]:  # type: ignore[empty-body]
+    """Return :mod:`click` commands (or groups) this plugin adds to the ``worq`` command line.
+
+    Each becomes ``worq NAME ...``, say ``worq postgres migrate URL`` for a backend's
+    administration. Names must be unique across plugins and may not shadow worq's own
+    commands (those win, and the plugin's is left out with a warning). Called whenever the
+    CLI lists or looks up a command; build the command objects without any I/O.
     """

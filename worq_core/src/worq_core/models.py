@@ -74,6 +74,10 @@ class Capability(enum.StrEnum):
     EVENTS = "events"
     """Keeps a bounded stream of recent job events (:meth:`Broker.publish_events`) that other
     processes follow (:meth:`Broker.read_events`) without scanning anything."""
+    TRANSACTIONAL = "transactional"
+    """Enqueues on the application's own database connection (:meth:`Broker.enqueue_on`,
+    ``task.options(connection=conn)``), inside its open transaction: the job exists only if
+    that transaction commits."""
 
 
 class LeaseState(enum.StrEnum):

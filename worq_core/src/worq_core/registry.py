@@ -79,6 +79,8 @@ class PluginRecord:
     distribution: str
     version: str
     components: list[Component] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    """Names of the ``worq`` CLI commands it adds (``worq_register_commands``)."""
     error: str | None = None
 
 
@@ -95,6 +97,7 @@ class Registry:
         self._manager.add_hookspecs(hookspecs)
         self._by_name: dict[Kind, dict[str, Component]] = {kind: {} for kind in _BASES}
         self._by_scheme: dict[Kind, dict[str, Component]] = {"broker": {}, "storage": {}}
+        self._commands: dict[str, tuple[Any, str]] = {}  # name -> (click command, distribution)
 
     @classmethod
     def from_entry_points(cls, *, strict: bool = False) -> Registry:
@@ -149,11 +152,14 @@ class Registry:
                 if impl.plugin is plugin
                 for cls in _as_list(impl.function(), distribution, hook)
             ]
+            commands = self._check_commands(plugin, distribution)
             self._add_all(components)
         except Exception:
             self._manager.unregister(plugin)
             raise
+        self._commands.update(commands)
         record.components = components
+        record.commands = sorted(commands)
         self.plugins.append(record)
         return record
 
@@ -179,6 +185,39 @@ class Registry:
         if kind in _NEEDS_SCHEMES and not schemes:
             raise PluginError(f"{where}, but it serves no URL schemes")
         return Component(kind, name, cls, distribution, schemes)
+
+    def _check_commands(self, plugin: object, distribution: str) -> dict[str, tuple[Any, str]]:
+        """The CLI commands ``plugin`` adds, checked: click commands with names of their own."""
+        import click  # only when a plugin is registered: click is a dependency of the CLI
+
+        commands: dict[str, tuple[Any, str]] = {}
+        for impl in self._manager.hook.worq_register_commands.get_hookimpls():
+            if impl.plugin is not plugin:
+                continue
+            returned = impl.function()
+            if returned is None:
+                continue
+            if isinstance(returned, click.Command) or not isinstance(returned, Iterable):
+                raise PluginError(
+                    f"{distribution}'s worq_register_commands must return an iterable of "
+                    "click commands"
+                )
+            for command in returned:
+                if not isinstance(command, click.Command) or not command.name:
+                    raise PluginError(
+                        f"{distribution} registered {command!r} as a command, but it is not "
+                        "a named click.Command"
+                    )
+                name = command.name
+                taken = self._commands.get(name) or commands.get(name)
+                if taken is not None:
+                    raise DuplicatePluginError("command", name, taken[1], distribution)
+                commands[name] = (command, distribution)
+        return commands
+
+    def commands(self) -> dict[str, Any]:
+        """The CLI commands plugins added, by name (click commands)."""
+        return {name: command for name, (command, _) in sorted(self._commands.items())}
 
     def _add_all(self, components: list[Component]) -> None:
         """Add a plugin's components, all or none: every clash is checked before the first add."""

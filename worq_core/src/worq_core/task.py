@@ -77,6 +77,8 @@ class SendOptions:
     """The unique mode for this job; ``False``: none, whatever the task declares."""
     unique_key: str | None = None
     unique_for: float | None = None
+    connection: object | None = None
+    """The application's own database connection to enqueue on (:meth:`Broker.enqueue_on`)."""
 
     def job_options(self) -> dict[str, Any]:
         """The overrides that travel with the job, for the worker."""
@@ -148,6 +150,7 @@ class Task(Generic[P, R]):
         unique: bool | str | UniqueUntil | None = None,
         unique_key: str | None = None,
         unique_for: float | None = None,
+        connection: object | None = None,
     ) -> BoundTask[P, R]:
         """Override options for the next enqueue: ``add.options(delay=30).enqueue(1, 2)``.
 
@@ -160,6 +163,11 @@ class Task(Generic[P, R]):
         unique, or change the task's own unique settings: while an equal job is held, the
         enqueue adds nothing and returns that job's handle (see ``docs/scheduling.md``).
         ``unique=False`` sends this one job without the task's unique key.
+
+        ``connection`` is your own open database connection, on a broker with the
+        ``transactional`` capability (worq-postgres: a ``psycopg.Connection``): the job is
+        written inside that connection's transaction and exists only if it commits. Other
+        brokers raise :class:`~worq_core.errors.UnsupportedError`.
         """
         if delay is not None and eta is not None:
             raise TaskError("give delay or eta, not both")
@@ -196,7 +204,14 @@ class Task(Generic[P, R]):
             False if unique is False else unique_until(unique),
             unique_key,
             unique_for,
+            connection,
         )
+        if connection is not None:
+            broker = self.app.broker
+            if Capability.TRANSACTIONAL not in broker.capabilities:
+                raise UnsupportedError(
+                    broker.name, Capability.TRANSACTIONAL.value, "enqueueing on your connection"
+                )
         return BoundTask(self, send)
 
     def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
@@ -303,7 +318,9 @@ class BoundTask(Generic[P, R]):
         """Send one message; ``None`` if it was added, else the id of the job standing for it."""
         app = self.task.app
         sent_at = time.time()
-        if message.unique is not None:
+        if self.send.connection is not None:
+            [holder] = app.broker.enqueue_on(self.send.connection, [message])
+        elif message.unique is not None:
             [holder] = app.broker.enqueue_unique([message])
         else:
             holder = None if app.broker.enqueue([message]) == [True] else message.id
@@ -344,8 +361,14 @@ class BoundTask(Generic[P, R]):
         messages = [message for message, _, _ in prepared]
         broker = self.task.app.broker
         with self._reporting([request for _, _, request in prepared]):
-            if any(message.unique is not None for message in messages):
-                holders = broker.enqueue_unique(messages)
+            if self.send.connection is not None or any(
+                message.unique is not None for message in messages
+            ):
+                holders = (
+                    broker.enqueue_unique(messages)
+                    if self.send.connection is None
+                    else broker.enqueue_on(self.send.connection, messages)
+                )
                 return [
                     self._standing(job, h) for (_, job, _), h in zip(prepared, holders, strict=True)
                 ]
@@ -402,6 +425,10 @@ class BoundTask(Generic[P, R]):
             )
         if send.delay is not None or send.eta is not None:
             raise TaskError(f"task {task.name!r}: a workflow step cannot be delayed yet")
+        if send.connection is not None:
+            raise TaskError(
+                f"task {task.name!r}: a workflow step cannot be enqueued on a connection yet"
+            )
         job_id = send.job_id or job_id
         queue = send.queue or task.config.queue
         spec: dict[str, Any] = {

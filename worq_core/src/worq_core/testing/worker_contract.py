@@ -13,7 +13,15 @@ import pytest
 from worq_core.app import Worq
 from worq_core.broker import Broker
 from worq_core.context import JobContext, current_job
-from worq_core.errors import JobCancelled, JobFailed, Reject, Retry, SerializationError
+from worq_core.errors import (
+    BrokerError,
+    JobCancelled,
+    JobFailed,
+    Reject,
+    Retry,
+    SerializationError,
+    UnsupportedError,
+)
 from worq_core.models import Capability, JobStatus, Message
 from worq_core.registry import Registry
 from worq_core.retry import RetryPolicy
@@ -53,6 +61,34 @@ class WorkerContract(BrokerCases):
             "handle_signals": False,
         }
         return Worker(app, WorkerSettings(**(defaults | options)))
+
+    # -- enqueueing on the caller's connection -----------------------------------------------
+
+    def test_enqueue_on_a_connection_is_refused_with_a_typed_error_and_adds_nothing(
+        self, app: Worq, queue: str
+    ) -> None:
+        """Without TRANSACTIONAL, ``connection=`` is refused before anything is sent.
+
+        With it, a connection the broker cannot use (here a bare object) is refused with a
+        :class:`BrokerError` and nothing is added either; what a real connection does is the
+        backend's own tests' business (commit, rollback, crash before commit).
+        """
+
+        @app.task(queue=queue)
+        def noop() -> None: ...
+
+        broker = app.broker
+        if Capability.TRANSACTIONAL in broker.capabilities:
+            with pytest.raises(BrokerError):
+                noop.options(connection=object()).enqueue()
+            with pytest.raises(BrokerError):
+                noop.options(connection=object()).enqueue_many([(), ()])
+        else:
+            with pytest.raises(UnsupportedError, match="transactional"):
+                noop.options(connection=object()).enqueue()
+            with pytest.raises(UnsupportedError):
+                broker.enqueue_on(object(), [Message(unique("job"), queue, b"")])
+        assert broker.stats([queue])[0].ready == 0
 
     # -- results -----------------------------------------------------------------------------
 

@@ -124,6 +124,7 @@ class Worker:
         With ``burst``, return once the queues hold no job at all: none ready, delayed or running.
         """
         settings, stack = self.settings, self.app.middleware
+        self.app.broker.verify()  # a broker that can never work stops the worker here
         log.info(
             "worker %s starting: queues=%s concurrency=%d lease=%gs broker=%s",
             self.id,

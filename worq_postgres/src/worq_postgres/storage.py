@@ -1,0 +1,138 @@
+"""Job records in a PostgreSQL table, with a TTL, and waits woken by LISTEN/NOTIFY."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Self
+
+from typing_extensions import override
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg_pool import ConnectionPool
+
+from worq_core import Storage
+from worq_core.errors import StorageConnectionError
+from worq_postgres.connection import (
+    SAFETY_TIMEOUT,
+    Listener,
+    Target,
+    make_pool,
+    parse_url,
+    translated,
+)
+from worq_postgres.migrations import check_version
+
+
+class PostgresStorage(Storage):
+    """Records in ``worq_results`` of the URL's schema; expired rows are never returned.
+
+    A PostgreSQL broker on the same database and schema writes records itself, in the
+    transaction that settles the job (:attr:`~worq_core.Capability.RESULTS`). Expired rows
+    are deleted in small batches as records are saved. :meth:`wait` listens on the schema's
+    ``worq_<schema>_results`` channel, so ``Job.result()`` wakes without polling.
+    """
+
+    name: ClassVar[str] = "postgres"
+    schemes: ClassVar[tuple[str, ...]] = ("postgresql", "postgres")
+
+    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+        self.url = url
+        self.target: Target = parse_url(url)
+        self._pool: ConnectionPool = make_pool(self.target, pool_size, "worq-storage")
+        self._opened = False
+        self._lock = threading.Lock()
+        self._listener = Listener(self.target, self.target.channel + "_results")
+        self._saves = 0
+
+    @override
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        return cls(url)
+
+    def pool(self) -> ConnectionPool:
+        """The connection pool, opened (and the schema version checked) on first use."""
+        if not self._opened:
+            with self._lock:
+                if not self._opened:
+                    with translated(self.url, "connect", storage=True):
+                        self._pool.open(wait=True, timeout=30.0)
+                        with self._pool.connection() as conn:
+                            check_version(conn, self.target)
+                    self._opened = True
+        return self._pool
+
+    @contextlib.contextmanager
+    def _connection(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; after a connection error the pool drops its broken ones."""
+        try:
+            with translated(self.url, what, storage=True), self.pool().connection() as conn:
+                yield conn
+        except StorageConnectionError:
+            if self._opened:
+                with contextlib.suppress(Exception):
+                    self._pool.check()  # a server restart leaves every idle connection dead
+            raise
+
+    @override
+    def save(self, records: Mapping[str, bytes], ttl: float) -> None:
+        if not records:
+            return
+        q = self.target.q
+        with self._connection("save records") as conn:
+            conn.execute(
+                f"SELECT {q('worq_save')}(%s, %s, %s, %s)",
+                (self.target.channel, list(records), list(records.values()), float(ttl)),
+            )
+            self._saves += 1
+            if self._saves % 100 == 0:
+                self._sweep(conn)
+
+    def _sweep(self, conn: Any) -> None:
+        """Delete a batch of expired records (bounded work, piggy-backed on saves)."""
+        q = self.target.q
+        conn.execute(
+            f"DELETE FROM {q('worq_results')} WHERE id IN (SELECT id FROM {q('worq_results')} "
+            f"WHERE expires <= {q('worq_now')}() LIMIT 1000)"
+        )
+
+    @override
+    def load(self, job_id: str) -> bytes | None:
+        q = self.target.q
+        with self._connection("load a record") as conn:
+            row = conn.execute(
+                f"SELECT data FROM {q('worq_results')} "
+                f"WHERE id = %s AND expires > {q('worq_now')}()",
+                (job_id,),
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    @override
+    def wait(self, job_id: str, timeout: float | None) -> bytes | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._listener.start()
+        while True:
+            seen = self._listener.version((job_id,))
+            data = self.load(job_id)
+            if data is not None:
+                return data
+            left = SAFETY_TIMEOUT if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self._listener.wait((job_id,), seen, min(left, SAFETY_TIMEOUT))
+
+    @override
+    def delete(self, job_ids: Sequence[str]) -> None:
+        if not job_ids:
+            return
+        q = self.target.q
+        with self._connection("delete records") as conn:
+            conn.execute(f"DELETE FROM {q('worq_results')} WHERE id = ANY(%s)", (list(job_ids),))
+
+    @override
+    def close(self) -> None:
+        self._listener.close()
+        self._pool.close()
