@@ -156,6 +156,8 @@ def test_an_unknown_scheme_names_the_distribution_to_install() -> None:
         registry.broker_class("redis://localhost:6379/0")
     assert str(error.value).startswith("redis:// needs worq-redis: pip install worq-redis")
     assert error.value.available == ["memory://"]
+    with pytest.raises(UnknownPluginError, match="pip install worq-postgres"):
+        registry.broker_class("postgresql://127.0.0.1/app")
 
 
 def test_an_unknown_serializer_lists_the_available_ones() -> None:

@@ -51,6 +51,8 @@ KNOWN_SCHEMES = {
     "rediss+sentinel": "worq-redis",
     "redis+cluster": "worq-redis",
     "rediss+cluster": "worq-redis",
+    "postgresql": "worq-postgres",
+    "postgres": "worq-postgres",
 }
 
 T = TypeVar("T")
