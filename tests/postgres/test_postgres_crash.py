@@ -97,8 +97,10 @@ def test_jobs_running_in_a_sigkilled_worker_run_again_elsewhere_and_none_is_lost
 # -- a private PostgreSQL restarted mid-run ----------------------------------------------------
 
 
-def _free_port() -> int:
+def _free_port(after: int = 0) -> int:
     for port in PORTS:
+        if port <= after:
+            continue
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) != 0:
                 return port
@@ -124,7 +126,13 @@ class PrivateServer:
         args = [str(c) for c in command]
         if os.geteuid() == 0:  # PostgreSQL refuses to run as root
             args = ["runuser", "-u", "postgres", "--", *args]
-        subprocess.run(args, check=True, capture_output=True, timeout=120)
+        done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            log = self.root / "log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(
+                f"{args[-1]} failed ({done.returncode}): {done.stdout}{done.stderr}\nlog: {tail}"
+            )
 
     @property
     def url(self) -> str:
@@ -135,6 +143,17 @@ class PrivateServer:
         self._run(
             BIN / "pg_ctl", "-D", self.data, "-o", options, "-l", self.root / "log", "-w", "start"
         )
+
+    def first_start(self) -> None:
+        """Start on a free port of ours; another one if that port was taken in the meantime."""
+        for _ in range(3):
+            try:
+                self.start()
+                return
+            except RuntimeError as exc:
+                if "already in use" not in str(exc):
+                    raise
+                self.port = _free_port(after=self.port)
 
     def stop(self, mode: str = "fast") -> None:
         self._run(BIN / "pg_ctl", "-D", self.data, "-m", mode, "-w", "stop")
@@ -149,7 +168,7 @@ class PrivateServer:
 def server() -> Iterator[PrivateServer]:
     server = PrivateServer()
     try:
-        server.start()
+        server.first_start()
         yield server
     finally:
         server.cleanup()
