@@ -52,7 +52,14 @@ from worq_core.errors import (
     UnsupportedError,
     WorqError,
 )
-from worq_core.inspection import UNDECODABLE, Inspector, JobSummary
+from worq_core.inspection import (
+    UNDECODABLE,
+    Inspector,
+    JobSummary,
+    show_arguments,
+    show_value,
+    truncate,
+)
 from worq_core.job import Envelope, Job
 from worq_core.models import Capability, JobStatus
 from worq_core.registry import PluginLoadWarning, default_registry
@@ -856,13 +863,7 @@ MAX_JOBS_PAGE = 1000
 
 def _call(args: Sequence[Any], kwargs: dict[str, Any]) -> str:
     """Arguments written as a call's, values as JSON: ``(1, "a", flag=true)``."""
-    parts = [_show(value) for value in args]
-    parts += [f"{key}={_show(value)}" for key, value in kwargs.items()]
-    return f"({', '.join(parts)})"
-
-
-def _truncate(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "\u2026"
+    return f"({show_arguments(args, kwargs)})"
 
 
 def _split_queue_options(values: tuple[str, ...]) -> list[str] | None:
@@ -1024,10 +1025,10 @@ def _jobs_table(console: Console, found: list[JobSummary], status: JobStatus, st
             item.task,
             str(item.attempts),
             _when(at) if at is not None else "",
-            _truncate(arguments, ARGS_SHOWN),
+            truncate(arguments, ARGS_SHOWN),
         ]
         if dead:
-            cells.append(_truncate(item.reason, 200))
+            cells.append(truncate(item.reason, 200))
         table.add_row(*cells)
     console.print(table)
 
@@ -1083,13 +1084,6 @@ def schedule(state: CliState, app_spec: str) -> None:
 
 
 # -- job ---------------------------------------------------------------------------------------
-
-
-def _show(value: Any) -> str:
-    try:
-        return json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        return repr(value)
 
 
 @main.command()
@@ -1162,7 +1156,7 @@ def _show_job(app: Worq, handle: Job[Any], status: JobStatus) -> None:
     if where is not None and where.cancel_requested:
         click.echo("cancel: requested; the worker is telling the task")
     if status is JobStatus.SUCCEEDED:
-        click.echo(f"result: {_show(handle.result(timeout=0))}")
+        click.echo(f"result: {show_value(handle.result(timeout=0))}")
     elif status is JobStatus.DEAD:
         try:
             handle.result(timeout=0)

@@ -275,5 +275,25 @@ class Inspector:
             raise BadCursor(f"not a listing cursor: {cursor!r}") from exc
 
 
+def show_value(value: Any) -> str:
+    """A value as JSON, as an operator reads it, else its ``repr``."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def show_arguments(args: Sequence[Any], kwargs: dict[str, Any]) -> str:
+    """Arguments written as a call's, values as JSON: ``1, "a", flag=true``."""
+    parts = [show_value(value) for value in args]
+    parts += [f"{key}={show_value(value)}" for key, value in kwargs.items()]
+    return ", ".join(parts)
+
+
+def truncate(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, the last one an ellipsis when cut."""
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+
 def _cursor(queue: str, offset: int) -> str:
     return base64.urlsafe_b64encode(json.dumps([queue, offset]).encode()).decode()

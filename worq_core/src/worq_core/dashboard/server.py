@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hmac
-import json
 import secrets
 import socket
 import threading
@@ -35,7 +34,15 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worq_core.errors import BrokerError, StorageError, WorqError
-from worq_core.inspection import BadCursor, Inspector, JobDetail, JobSummary
+from worq_core.inspection import (
+    BadCursor,
+    Inspector,
+    JobDetail,
+    JobSummary,
+    show_arguments,
+    show_value,
+    truncate,
+)
 from worq_core.models import Capability, JobStatus, QueueStats, WorkerInfo
 
 if TYPE_CHECKING:
@@ -224,24 +231,9 @@ def _time(timestamp: float | None, style: str = "when") -> Markup:
     ).format(moment.isoformat(), timestamp, style, shown, shown)
 
 
-def _show(value: Any, limit: int | None = None) -> str:
-    """A value as JSON where it can be, else its repr; cut to ``limit`` characters."""
-    try:
-        text = json.dumps(value, ensure_ascii=False, default=repr)
-    except (TypeError, ValueError):
-        text = repr(value)
-    if limit is not None and len(text) > limit:
-        return text[: limit - 1] + "…"
-    return text
-
-
 def _call(summary: JobSummary, limit: int | None = 120) -> str:
-    parts = [_show(a) for a in summary.args]
-    parts += [f"{k}={_show(v)}" for k, v in summary.kwargs.items()]
-    text = ", ".join(parts)
-    if limit is not None and len(text) > limit:
-        return text[: limit - 1] + "…"
-    return text
+    text = show_arguments(summary.args, summary.kwargs)
+    return text if limit is None else truncate(text, limit)
 
 
 def _queue_row(stats: QueueStats) -> dict[str, Any]:
@@ -295,7 +287,7 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["when"] = _time
-    env.filters["show"] = _show
+    env.filters["show"] = show_value
     env.filters["call"] = _call
     env.filters["quote"] = lambda value: urllib.parse.quote(str(value), safe="")
     return env
