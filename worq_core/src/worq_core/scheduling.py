@@ -83,9 +83,9 @@ class Schedule:
     def tell_sent(self, request: EnqueueRequest | None, error: BaseException | None) -> None:
         """Call the app's ``after_enqueue`` hooks for a tick's job: sent, or not and why."""
         if request is not None:
-            from worq_core.task import _tell_after_enqueue
+            from worq_core.task import tell_after_enqueue
 
-            _tell_after_enqueue(self.task.app.middleware.after_enqueues, [request], error)
+            tell_after_enqueue(self.task.app.middleware.after_enqueues, [request], error)
 
 
 def make_schedule(

@@ -306,7 +306,7 @@ class BoundTask(Generic[P, R]):
             error = exc
             raise
         finally:
-            _tell_after_enqueue(hooks, sent, error)
+            tell_after_enqueue(hooks, sent, error)
 
     def _standing(self, job: Job[R], holder: str | None) -> Job[R]:
         """``job``, or a handle on ``holder``: the equal job that stands for it."""
@@ -354,7 +354,7 @@ class BoundTask(Generic[P, R]):
             # Nothing of the batch is sent: the items prepared so far hear why.
             earlier = [request for _, _, request in prepared if request is not None]
             if earlier:
-                _tell_after_enqueue(self.task.app.middleware.after_enqueues, earlier, exc)
+                tell_after_enqueue(self.task.app.middleware.after_enqueues, earlier, exc)
             raise
         if not prepared:
             return []
@@ -395,7 +395,7 @@ class BoundTask(Generic[P, R]):
                 raise TaskError(f"middleware set headers that are not all strings: {headers!r}")
         except BaseException as exc:
             # A veto (or a bad header): what an earlier before_enqueue opened must hear of it.
-            _tell_after_enqueue(stack.after_enqueues, [request], exc)
+            tell_after_enqueue(stack.after_enqueues, [request], exc)
             raise
         return headers, request
 
@@ -488,7 +488,7 @@ class BoundTask(Generic[P, R]):
                 )
         except BaseException as exc:
             if request is not None:  # it will not be sent: a span opened for it must end
-                _tell_after_enqueue(app.middleware.after_enqueues, [request], exc)
+                tell_after_enqueue(app.middleware.after_enqueues, [request], exc)
             raise
         return message, Job(app, job_id, queue, task.name), request
 
@@ -517,7 +517,7 @@ class BoundTask(Generic[P, R]):
         return dataclasses.replace(message, unique=unique, rate=rate, concurrency=concurrency)
 
 
-def _tell_after_enqueue(
+def tell_after_enqueue(
     hooks: Sequence[Callable[[Sequence[EnqueueRequest], BaseException | None], None]],
     requests: Sequence[EnqueueRequest],
     error: BaseException | None,
@@ -555,7 +555,7 @@ def tell_sent(app: Worq, messages: Sequence[Message]) -> None:
                 dict(envelope.headers),
             )
         )
-    _tell_after_enqueue(hooks, requests, None)
+    tell_after_enqueue(hooks, requests, None)
 
 
 def _new_job_id() -> str:
