@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "types", "docs"]
@@ -68,78 +70,75 @@ def demo(session: nox.Session) -> None:
     session.run("worq", "demo", *session.posargs)
 
 
-@nox.session
-def bench(session: nox.Session) -> None:
-    """Benchmarks against the local Redis; figures are ratios to a raw redis-py floor."""
-    install_worq(session)
-    session.run("python", "bench/redis_bench.py", *session.posargs)
+# The benchmarks: session name -> (script, what it measures, extra packages). Figures are ratios
+# measured in one run; see each script's docstring and README's list.
+BENCHES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "bench": (
+        "bench/redis_bench.py",
+        "Benchmarks against the local Redis; figures are ratios to a raw redis-py floor.",
+        (),
+    ),
+    "bench-seam": (
+        "bench/seam_bench.py",
+        "What middleware stacks cost per job; --baseline-python PATH compares an older tree.",
+        (),
+    ),
+    "bench-limits": (
+        "bench/limits_bench.py",
+        "Unlimited jobs' throughput with rate- and concurrency-limited jobs in the same queue.",
+        (),
+    ),
+    "bench-workflows": (
+        "bench/workflow_bench.py",
+        "What groups, chords and their counting cost against plain jobs, on the local Redis.",
+        (),
+    ),
+    "bench-metrics": (
+        "bench/metrics_bench.py",
+        "What the Prometheus middleware adds per job, in-process and in multiprocess mode.",
+        (),
+    ),
+    "bench-tracing": (
+        "bench/tracing_bench.py",
+        "What the otel middleware costs per job on the memory broker, with the SDK exporting.",
+        ("opentelemetry-sdk>=1.27",),
+    ),
+    "bench-postgres": (
+        "bench/postgres_bench.py",
+        "worq-postgres against procrastinate and pgqueuer on the local PostgreSQL, as ratios.",
+        ("procrastinate>=3", "pgqueuer>=0.20"),
+    ),
+    "bench-postgres-soak": (
+        "bench/postgres_soak.py",
+        "worq-postgres' table size through a long churn, and fetch beside millions of old rows.",
+        (),
+    ),
+    "bench-dashboard": (
+        "bench/dashboard_bench.py",
+        "The dashboard's page times with 100,000 jobs queued against 1,000, on the local Redis.",
+        (),
+    ),
+    "bench-sentinel": (
+        "bench/sentinel_bench.py",
+        "What wait_replicas costs per job through Sentinel (own servers on ports 17040-17044).",
+        (),
+    ),
+    "bench-cluster": (
+        "bench/cluster_bench.py",
+        "One Redis Cluster master against three (own servers on ports 17060-17063); a ratio.",
+        (),
+    ),
+}
 
 
-@nox.session(name="bench-seam")
-def bench_seam(session: nox.Session) -> None:
-    """What middleware stacks cost per job; --baseline-python PATH compares an older tree."""
-    install_worq(session)
-    session.run("python", "bench/seam_bench.py", *session.posargs)
+def _bench_session(script: str, doc: str, extras: tuple[str, ...]) -> Callable[[nox.Session], None]:
+    def run(session: nox.Session) -> None:
+        install_worq(session, *extras)
+        session.run("python", script, *session.posargs)
+
+    run.__doc__ = doc
+    return run
 
 
-@nox.session(name="bench-limits")
-def bench_limits(session: nox.Session) -> None:
-    """Unlimited jobs' throughput with rate- and concurrency-limited jobs in the same queue."""
-    install_worq(session)
-    session.run("python", "bench/limits_bench.py", *session.posargs)
-
-
-@nox.session(name="bench-workflows")
-def bench_workflows(session: nox.Session) -> None:
-    """What groups, chords and their counting cost against plain jobs, on the local Redis."""
-    install_worq(session)
-    session.run("python", "bench/workflow_bench.py", *session.posargs)
-
-
-@nox.session(name="bench-metrics")
-def bench_metrics(session: nox.Session) -> None:
-    """What the Prometheus middleware adds per job, in-process and in multiprocess mode."""
-    install_worq(session)
-    session.run("python", "bench/metrics_bench.py", *session.posargs)
-
-
-@nox.session(name="bench-tracing")
-def bench_tracing(session: nox.Session) -> None:
-    """What the otel middleware costs per job on the memory broker, with the SDK exporting."""
-    install_worq(session, "opentelemetry-sdk>=1.27")
-    session.run("python", "bench/tracing_bench.py", *session.posargs)
-
-
-@nox.session(name="bench-postgres")
-def bench_postgres(session: nox.Session) -> None:
-    """worq-postgres against procrastinate and pgqueuer on the local PostgreSQL, as ratios."""
-    install_worq(session, "procrastinate>=3", "pgqueuer>=0.20")
-    session.run("python", "bench/postgres_bench.py", *session.posargs)
-
-
-@nox.session(name="bench-postgres-soak")
-def bench_postgres_soak(session: nox.Session) -> None:
-    """worq-postgres' table size through a long churn, and fetch beside millions of old rows."""
-    install_worq(session)
-    session.run("python", "bench/postgres_soak.py", *session.posargs)
-
-
-@nox.session(name="bench-dashboard")
-def bench_dashboard(session: nox.Session) -> None:
-    """The dashboard's page times with 100,000 jobs queued against 1,000, on the local Redis."""
-    install_worq(session)
-    session.run("python", "bench/dashboard_bench.py", *session.posargs)
-
-
-@nox.session(name="bench-sentinel")
-def bench_sentinel(session: nox.Session) -> None:
-    """What wait_replicas costs per job through Sentinel (own servers on ports 17040-17044)."""
-    install_worq(session)
-    session.run("python", "bench/sentinel_bench.py", *session.posargs)
-
-
-@nox.session(name="bench-cluster")
-def bench_cluster(session: nox.Session) -> None:
-    """One Redis Cluster master against three (own servers on ports 17060-17063); a ratio."""
-    install_worq(session)
-    session.run("python", "bench/cluster_bench.py", *session.posargs)
+for _name, (_script, _doc, _extras) in BENCHES.items():
+    nox.session(name=_name)(_bench_session(_script, _doc, _extras))
