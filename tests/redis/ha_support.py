@@ -126,8 +126,18 @@ class SentinelSet:
         """After a failover to the replica: start the killed master again as the new replica.
 
         Empty (no persistence), as a replaced machine would be; it syncs from the new master.
+        Only once the promoted replica says it is a master: a sentinel may report the switch
+        first, and a replica still following the old address would resync from the empty one.
         """
+        wait_until(self._replica_promoted, 30, "the replica taking the master role")
         self.master = self._start(self.master_port, ["--replicaof", HOST, str(self.replica_port)])
+
+    def _replica_promoted(self) -> bool:
+        client = redis.Redis(HOST, self.replica_port, socket_timeout=1)
+        try:
+            return client.info("replication").get("role") == "master"
+        finally:
+            client.close()
 
     def url(self, *, db: int = 0, query: str = "") -> str:
         hosts = ",".join(f"{HOST}:{port}" for port in self.sentinel_ports)
