@@ -12,7 +12,7 @@ import pytest
 
 try:
     import psycopg
-    from pg_support import BASE_URL, drop_schema, new_schema, with_schema
+    from pg_support import BASE_URL, drop_schema, ensure_database, new_schema, with_schema
 
     from worq_postgres import migrate
 except ImportError:  # an editable set-up without worq-postgres (nox always installs it)
@@ -25,6 +25,7 @@ except ImportError:  # an editable set-up without worq-postgres (nox always inst
 def pg_base_url() -> str:
     """The server's URL; skips (or fails under CI) when it does not answer."""
     try:
+        ensure_database(BASE_URL)
         with psycopg.connect(BASE_URL, connect_timeout=2) as conn:
             conn.execute("SELECT 1")
     except psycopg.Error as exc:
