@@ -29,7 +29,10 @@ from worq_core.worker import WorkerSettings
 from worq_postgres import migrate
 
 HERE = Path(__file__).parent
-PORTS = range(55432, 55440)  # the loopback ports these tests may use
+# The loopback ports these tests may use, shifted by WORQ_TEST_PORT_OFFSET so two test runs on one
+# machine can use disjoint ones.
+_OFFSET = int(os.environ.get("WORQ_TEST_PORT_OFFSET", "0"))
+PORTS = range(55432 + _OFFSET, 55440 + _OFFSET)
 BIN = Path(os.environ.get("WORQ_TEST_PG_BIN", "/usr/local/bin"))
 
 

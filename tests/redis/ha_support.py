@@ -1,6 +1,7 @@
 """Redis servers of the tests' own for Sentinel: a master, a replica and three sentinels.
 
-They listen on loopback ports set aside for these tests (17010-17029, no other test uses them)
+They listen on loopback ports set aside for these tests (17010-17029, no other test uses them;
+shifted by ``WORQ_TEST_PORT_OFFSET``)
 and run in a temporary directory without persistence; each is stopped by its own process id,
 never by name.
 """
@@ -19,6 +20,9 @@ import redis
 
 SERVICE = "worqha"
 HOST = "127.0.0.1"
+# Added to every fixed port of these tests, so two test runs on one machine (a developer's and a
+# helper's) can use disjoint ports: WORQ_TEST_PORT_OFFSET=1000 moves 17010 to 18010.
+PORT_OFFSET = int(os.environ.get("WORQ_TEST_PORT_OFFSET", "0"))
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:

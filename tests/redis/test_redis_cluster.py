@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import redis
-from ha_support import HOST, ClusterSet, wait_until
+from ha_support import HOST, PORT_OFFSET, ClusterSet, wait_until
 from redis_support import keyslot, new_prefix
 
 from worq_core import BrokerError, Capability, Worq
@@ -29,7 +29,7 @@ from worq_redis import (
     UnsupportedClient,
 )
 
-BASE = 17050
+BASE = 17050 + PORT_OFFSET
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +282,7 @@ def test_a_queue_whose_slot_migrates_during_a_run_loses_nothing(
         broker.close()
 
 
-FAILOVER_BASE = 17070
+FAILOVER_BASE = 17070 + PORT_OFFSET
 
 
 @pytest.mark.timeout(180)

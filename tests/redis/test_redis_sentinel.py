@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from ha_support import HOST, SERVICE, SentinelSet, wait_until
+from ha_support import HOST, PORT_OFFSET, SERVICE, SentinelSet, wait_until
 from redis.sentinel import Sentinel, SentinelConnectionPool
 from redis_support import children, delete_prefix, new_prefix
 
@@ -26,8 +26,8 @@ from worq_core.testing import BrokerContract, StorageContract
 from worq_redis import RedisBroker, RedisSettings, RedisStorage, ReplicasBehind, UnsupportedClient
 
 HERE = Path(__file__).parent
-SHARED_BASE = 17010
-FAILOVER_BASE = 17015
+SHARED_BASE = 17010 + PORT_OFFSET
+FAILOVER_BASE = 17015 + PORT_OFFSET
 JOBS = 5000
 KILL_AT = 1500
 
