@@ -14,7 +14,9 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -34,8 +36,59 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.02)  # polling a server's state: there is nothing to block on
 
 
-def _answers(port: int) -> bool:
-    client = redis.Redis(HOST, port, socket_timeout=0.5, socket_connect_timeout=0.5)
+@dataclass(frozen=True)
+class Tls:
+    """A test CA and a certificate for 127.0.0.1 that it signed (see ``make_tls``)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def server_args(self, *, cluster: bool = False) -> list[str]:
+        """redis-server options: TLS only (no plain port), replication (and the bus) over TLS."""
+        args = ["--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key)]
+        args += ["--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "no"]
+        args += ["--tls-replication", "yes"]
+        return args + (["--tls-cluster", "yes"] if cluster else [])
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """redis-py keywords that trust the test CA."""
+        return {"ssl": True, "ssl_ca_certs": str(self.ca)}
+
+    @property
+    def query(self) -> str:
+        """The URL query that makes worq-redis trust the test CA."""
+        return f"ssl_ca_certs={self.ca}"
+
+
+def make_tls(directory: Path) -> Tls:
+    """A throwaway CA and a server certificate for ``127.0.0.1`` (SAN IP), valid one day."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise RuntimeError("openssl is not installed")
+    tls = Tls(directory / "ca.crt", directory / "server.crt", directory / "server.key")
+    ca_key, request = directory / "ca.key", directory / "server.csr"
+    extensions = directory / "san.ext"
+    extensions.write_text("subjectAltName = IP:127.0.0.1\n")
+    ca = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=worq-ca"]
+    ca += ["-keyout", str(ca_key), "-out", str(tls.ca)]
+    server = ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1"]
+    server += ["-keyout", str(tls.key), "-out", str(request)]
+    sign = ["x509", "-req", "-in", str(request), "-CA", str(tls.ca), "-CAkey", str(ca_key)]
+    sign += ["-CAcreateserial", "-days", "1", "-extfile", str(extensions), "-out", str(tls.cert)]
+    for command in (ca, server, sign):
+        subprocess.run([openssl, *command], check=True, capture_output=True, timeout=60)
+    return tls
+
+
+def connect(port: int, tls: Tls | None = None, timeout: float = 1.0) -> redis.Redis:
+    """A plain client of one of our servers (over TLS when they use it)."""
+    extra = tls.client_kwargs() if tls else {}
+    return redis.Redis(HOST, port, socket_timeout=timeout, socket_connect_timeout=timeout, **extra)
+
+
+def _answers(port: int, tls: Tls | None = None) -> bool:
+    client = connect(port, tls, 0.5)
     try:
         return bool(client.ping())
     except redis.RedisError:
@@ -47,18 +100,20 @@ def _answers(port: int) -> bool:
 class Server:
     """One redis-server (or sentinel) process of ours."""
 
-    def __init__(self, port: int, args: list[str]) -> None:
+    def __init__(self, port: int, args: list[str], tls: Tls | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed")
         self.port = port
         self.args = args
+        self.tls = tls
         self.process = subprocess.Popen(
             [binary, *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_until(lambda: self.process.poll() is not None or _answers(port), 10, f"port {port}")
+        answers = lambda: self.process.poll() is not None or _answers(port, tls)  # noqa: E731
+        wait_until(answers, 10, f"port {port}")
         if self.process.poll() is not None:
             raise RuntimeError(f"redis-server on port {port} exited: is the port taken?")
 
@@ -69,10 +124,11 @@ class Server:
         self.process.wait(10)
 
 
-def _data_args(port: int, directory: Path) -> list[str]:
+def _data_args(port: int, directory: Path, tls: Tls | None = None) -> list[str]:
+    # Under TLS the port is the TLS port and there is no plain one.
+    ports = ["--port", "0", "--tls-port", str(port)] if tls else ["--port", str(port)]
     return [
-        "--port",
-        str(port),
+        *ports,
         "--bind",
         HOST,
         "--save",
@@ -93,8 +149,9 @@ class SentinelSet:
     ``base + 2`` .. ``base + 4``. The data servers allow ``DEBUG`` (to stall a replica).
     """
 
-    def __init__(self, directory: Path, base: int) -> None:
+    def __init__(self, directory: Path, base: int, tls: Tls | None = None) -> None:
         self.directory = directory
+        self.tls = tls
         self.servers: list[Server] = []
         self.master_port, self.replica_port = base, base + 1
         self.sentinel_ports = (base + 2, base + 3, base + 4)
@@ -106,14 +163,20 @@ class SentinelSet:
             wait_until(self._replica_synced, 10, "the replica in sync with the master")
             for port in self.sentinel_ports:
                 conf = directory / f"sentinel-{port}.conf"
+                listen = f"port {port}\n"
+                if tls:  # the sentinel's own port is TLS, and it talks TLS to the data servers
+                    listen = f"port 0\ntls-port {port}\n" + "".join(
+                        f"{tls.server_args()[i][2:]} {tls.server_args()[i + 1]}\n"
+                        for i in range(0, len(tls.server_args()), 2)
+                    )
                 conf.write_text(
-                    f"port {port}\nbind {HOST}\ndir {directory}\n"
+                    f"{listen}bind {HOST}\ndir {directory}\n"
                     f"sentinel monitor {SERVICE} {HOST} {self.master_port} 2\n"
                     f"sentinel down-after-milliseconds {SERVICE} 1000\n"
                     f"sentinel failover-timeout {SERVICE} 10000\n"
                     f"sentinel parallel-syncs {SERVICE} 1\n"
                 )
-                self.servers.append(Server(port, [str(conf), "--sentinel"]))
+                self.servers.append(Server(port, [str(conf), "--sentinel"], tls))
             wait_until(self._sentinels_agree, 15, "every sentinel seeing the replica")
         except BaseException:
             self.stop()
@@ -122,7 +185,8 @@ class SentinelSet:
     def _start(self, port: int, extra: list[str]) -> Server:
         folder = self.directory / str(port)
         folder.mkdir(exist_ok=True)
-        server = Server(port, [*_data_args(port, folder), "--enable-debug-command", "yes", *extra])
+        args = [*_data_args(port, folder, self.tls), "--enable-debug-command", "yes", *extra]
+        server = Server(port, args + (self.tls.server_args() if self.tls else []), self.tls)
         self.servers.append(server)
         return server
 
@@ -137,7 +201,7 @@ class SentinelSet:
         self.master = self._start(self.master_port, ["--replicaof", HOST, str(self.replica_port)])
 
     def _replica_promoted(self) -> bool:
-        client = redis.Redis(HOST, self.replica_port, socket_timeout=1)
+        client = connect(self.replica_port, self.tls)
         try:
             return client.info("replication").get("role") == "master"
         finally:
@@ -145,11 +209,14 @@ class SentinelSet:
 
     def url(self, *, db: int = 0, query: str = "") -> str:
         hosts = ",".join(f"{HOST}:{port}" for port in self.sentinel_ports)
-        return f"redis+sentinel://{hosts}/{SERVICE}/{db}" + (f"?{query}" if query else "")
+        if self.tls:
+            query = "&".join(part for part in (self.tls.query, query) if part)
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        return f"{scheme}://{hosts}/{SERVICE}/{db}" + (f"?{query}" if query else "")
 
     def current_master(self) -> int:
         """The master's port as the first sentinel sees it now."""
-        client = redis.Redis(HOST, self.sentinel_ports[0], socket_timeout=1)
+        client = connect(self.sentinel_ports[0], self.tls)
         try:
             _, port = client.sentinel_get_master_addr_by_name(SERVICE)
             return int(port)
@@ -157,7 +224,7 @@ class SentinelSet:
             client.close()
 
     def _replica_synced(self) -> bool:
-        client = redis.Redis(HOST, self.replica_port, socket_timeout=1)
+        client = connect(self.replica_port, self.tls)
         try:
             return client.info("replication").get("master_link_status") == "up"
         finally:
@@ -165,7 +232,7 @@ class SentinelSet:
 
     def _sentinels_agree(self) -> bool:
         for port in self.sentinel_ports:
-            client = redis.Redis(HOST, port, socket_timeout=1)
+            client = connect(port, self.tls)
             try:
                 master = client.sentinel_master(SERVICE)
                 if (
@@ -191,27 +258,38 @@ class ClusterSet:
     ``CLUSTER ADDSLOTSRANGE``, since ``--cluster create`` wants three.
     """
 
-    def __init__(self, directory: Path, base: int, masters: int = 3, replicas: int = 1) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        base: int,
+        masters: int = 3,
+        replicas: int = 1,
+        tls: Tls | None = None,
+    ) -> None:
         self.directory = directory
+        self.tls = tls
         self.ports = tuple(range(base, base + masters * (1 + replicas)))
         self.servers: list[Server] = []
         try:
             for port in self.ports:
                 folder = directory / str(port)
                 folder.mkdir(exist_ok=True)
-                args = [*_data_args(port, folder), "--cluster-enabled", "yes"]
+                args = [*_data_args(port, folder, tls), "--cluster-enabled", "yes"]
                 args += ["--cluster-config-file", f"nodes-{port}.conf"]
                 args += ["--cluster-node-timeout", "2000"]
-                self.servers.append(Server(port, args))
+                args += tls.server_args(cluster=True) if tls else []
+                self.servers.append(Server(port, args, tls))
             cli = shutil.which("redis-cli")
             if cli is None:
                 raise RuntimeError("redis-cli is not installed")
             nodes = [f"{HOST}:{port}" for port in self.ports]
+            cli_tls = ["--tls", "--cacert", str(tls.ca)] if tls else []
             if masters == 1 and replicas == 0:
-                command = [cli, "-p", str(self.ports[0]), "CLUSTER", "ADDSLOTSRANGE", "0", "16383"]
+                command = [cli, *cli_tls, "-p", str(self.ports[0]), "CLUSTER", "ADDSLOTSRANGE"]
+                command += ["0", "16383"]
             else:
-                command = [cli, "--cluster", "create", *nodes, "--cluster-replicas", str(replicas)]
-                command.append("--cluster-yes")
+                command = [cli, *cli_tls, "--cluster", "create", *nodes]
+                command += ["--cluster-replicas", str(replicas), "--cluster-yes"]
             subprocess.run(
                 command,
                 check=True,
@@ -226,7 +304,8 @@ class ClusterSet:
 
     @property
     def url(self) -> str:
-        return f"redis+cluster://{HOST}:{self.ports[0]}"
+        """The cluster's URL without a query (under TLS, add ``tls.query`` to it)."""
+        return f"{'rediss' if self.tls else 'redis'}+cluster://{HOST}:{self.ports[0]}"
 
     def server(self, port: int) -> Server:
         return next(s for s in self.servers if s.port == port)
@@ -234,11 +313,11 @@ class ClusterSet:
     def restart(self, port: int) -> None:
         """Start the (killed) node on ``port`` again; its nodes file makes it rejoin."""
         old = self.server(port)
-        self.servers[self.servers.index(old)] = Server(port, old.args)
+        self.servers[self.servers.index(old)] = Server(port, old.args, self.tls)
 
     def _ready(self) -> bool:
         for port in self.ports:
-            client = redis.Redis(HOST, port, socket_timeout=1)
+            client = connect(port, self.tls)
             try:
                 info = client.execute_command("CLUSTER INFO")
                 state = info.get("cluster_state") if isinstance(info, dict) else None
