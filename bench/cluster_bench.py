@@ -11,6 +11,11 @@ start to an empty cluster. Each rate is also given as a ratio to the raw floor m
 same run (an ``LPUSH`` then an ``RPOP`` per item, one round trip each, on the one-master
 cluster); the headline is three masters' rate over one master's. Worker processes share the
 machine's cores with the servers, so the ratio says how far Redis was the bottleneck here.
+
+Beside the rates it reads each master's CPU time (``INFO cpu``) over the drain. The busiest
+master's share shows how evenly the queues spread, and one master's CPU time over the busiest
+of three's is the headroom the layout gives where Redis *is* the bottleneck (masters on cores
+or machines of their own): the rate three masters could reach before one of them saturates.
 """
 
 from __future__ import annotations
@@ -36,8 +41,22 @@ HERE = Path(__file__).resolve().parent
 THREE_BASE, ONE_BASE = 17060, 17063
 
 
-def drain(url: str, jobs: int, queues: list[str], processes: int) -> float:
-    """Jobs per second: ``jobs`` enqueued over ``queues``, drained by ``processes`` workers."""
+def server_cpu(ports: tuple[int, ...]) -> list[float]:
+    """Each server's CPU seconds so far (user + system, its main thread and the rest)."""
+    seconds = []
+    for port in ports:
+        client = redis.Redis(HOST, port)
+        info = client.info("cpu")
+        seconds.append(float(info["used_cpu_user"]) + float(info["used_cpu_sys"]))
+        client.close()
+    return seconds
+
+
+def drain(
+    url: str, jobs: int, queues: list[str], processes: int, ports: tuple[int, ...]
+) -> tuple[float, list[float]]:
+    """Jobs per second, ``jobs`` over ``queues`` drained by ``processes`` workers; and each
+    master's CPU seconds during the drain."""
     broker = RedisClusterBroker(url)
     app_env = dict(os.environ, WORQ_BENCH_URL=url)
     sys.path.insert(0, str(HERE))
@@ -51,6 +70,7 @@ def drain(url: str, jobs: int, queues: list[str], processes: int) -> float:
         for start in range(0, per_queue, 1000):
             bound.enqueue_many([()] * min(1000, per_queue - start))
     options = ["--processes", str(processes), "--concurrency", "8", "--queues", ",".join(queues)]
+    cpu_before = server_cpu(ports)
     begin = time.perf_counter()
     worker = subprocess.Popen(
         [sys.executable, "-m", "worq_core", "worker", "cluster_bench_app:app", *options],
@@ -68,12 +88,13 @@ def drain(url: str, jobs: int, queues: list[str], processes: int) -> float:
                 raise RuntimeError("the workers exited")
             time.sleep(0.05)  # polling the queues' counts: the benchmark's clock, no event
         elapsed = time.perf_counter() - begin
+        cpu = [after - before for after, before in zip(server_cpu(ports), cpu_before, strict=True)]
     finally:
         os.kill(worker.pid, signal.SIGTERM)
         worker.wait(60)
         cluster_bench_app.app.broker.close()
         broker.close()
-    return per_queue * len(queues) / elapsed
+    return per_queue * len(queues) / elapsed, cpu
 
 
 def floor(port: int, items: int) -> float:
@@ -97,21 +118,22 @@ def main() -> None:
     options = parser.parse_args()
     queues = [f"q{n}" for n in range(options.queues)]
     rates: dict[str, float] = {}
+    cpu: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "one").mkdir()
         (Path(folder) / "three").mkdir()
         one = ClusterSet(Path(folder) / "one", ONE_BASE, masters=1, replicas=0)
         try:
             rates["floor: LPUSH + RPOP"] = floor(one.ports[0], options.jobs // 4)
-            rates["one master"] = drain(
-                f"{one.url}?prefix=bench1", options.jobs, queues, options.processes
+            rates["one master"], cpu["one master"] = drain(
+                f"{one.url}?prefix=bench1", options.jobs, queues, options.processes, one.ports
             )
         finally:
             one.stop()
         three = ClusterSet(Path(folder) / "three", THREE_BASE, masters=3, replicas=0)
         try:
-            rates["three masters"] = drain(
-                f"{three.url}?prefix=bench3", options.jobs, queues, options.processes
+            rates["three masters"], cpu["three masters"] = drain(
+                f"{three.url}?prefix=bench3", options.jobs, queues, options.processes, three.ports
             )
         finally:
             three.stop()
@@ -121,8 +143,15 @@ def main() -> None:
         print(f"{name:24} {value:10.0f} {value / base:8.3f}")
     ratio = rates["three masters"] / rates["one master"]
     print(f"three masters / one master: {ratio:.3f} ({os.cpu_count()} cores)")
+    spread = cpu["three masters"]
+    busiest = max(spread)
+    shares = ", ".join(f"{seconds / sum(spread):.2f}" for seconds in spread)
+    headroom = cpu["one master"][0] / busiest
+    print(f"server CPU s: one master {cpu['one master'][0]:.2f}; three masters {shares} of")
+    print(f"  {sum(spread):.2f}; one master's CPU / the busiest of three: {headroom:.2f}")
     if options.json:
-        options.json.write_text(json.dumps({"rates": rates, "ratio": ratio}, indent=2))
+        result = {"rates": rates, "ratio": ratio, "server_cpu": cpu, "headroom": headroom}
+        options.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
