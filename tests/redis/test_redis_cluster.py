@@ -149,7 +149,8 @@ def test_the_cluster_url_picks_the_cluster_broker(cluster: ClusterSet) -> None:
     assert isinstance(app.broker, RedisClusterBroker)
     assert isinstance(app.storage, RedisStorage)
     assert not app.broker_stores_results
-    assert Capability.WORKFLOWS not in app.broker.capabilities
+    assert Capability.WORKFLOWS in app.broker.capabilities
+    assert Capability.RESULTS not in app.broker.capabilities
     app.broker.close()
     app.storage.close()
 
