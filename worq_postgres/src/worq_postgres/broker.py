@@ -279,8 +279,11 @@ class PostgresBroker(Broker):
         message: Message | None,
         queue: str | None = None,
     ) -> bool:
-        """One transaction: the compare-and-set and the enqueue; one record per schedule name
-        (``queue`` is not needed: every queue is in the same database)."""
+        """One transaction: the compare-and-set and the enqueue.
+
+        One record per schedule name: every queue is in the same database, so ``queue`` is not
+        needed.
+        """
         q = self.target.q
         with self._connection("fire a schedule") as conn, conn.transaction():
             [(fired,)] = conn.execute(

@@ -1308,11 +1308,10 @@ class RedisBroker(Broker):
         return message.queue not in self._known
 
     def _sweep(self, queues: Sequence[str]) -> None:
-        """Under Cluster, forward what dead forwarders left in ``queues``' outboxes, now and then."""
+        """Under Cluster, now and then, forward what dead forwarders left in these outboxes."""
 
     def _unwrap(self, queue: str, reply: Any, outbox: dict[str, list[bytes]]) -> Any:
-        """Under Cluster, a script's own reply; the outbox entries that came with it go to
-        ``outbox[queue]``."""
+        """A script's own reply (under Cluster, the outbox entries with it go to ``outbox``)."""
         return reply
 
     def _forward(self, outbox: Mapping[str, Sequence[bytes]]) -> int:
@@ -1465,27 +1464,33 @@ class RedisClusterBroker(RedisBroker):
             if wanted is None or unplaced:
                 members = self._lane.command("SMEMBERS", schedule_queues_key(self.prefix))
                 everywhere = sorted(self._schedule_queues | {_text(q) for q in members})
-            reads: list[tuple[list[str] | None, tuple[Arg, ...]]] = []
+            # (names asked, or None for all; read where the caller placed them; the command)
+            reads: list[tuple[list[str] | None, bool, tuple[Arg, ...]]] = []
             for home, names in placed.items():
-                reads.append((names, ("HMGET", cluster_schedules_key(self.prefix, home), *names)))
+                key = cluster_schedules_key(self.prefix, home)
+                reads.append((names, True, ("HMGET", key, *names)))
             for home in everywhere:
                 key = cluster_schedules_key(self.prefix, home)
                 if wanted is None:
-                    reads.append((None, ("HGETALL", key)))
+                    reads.append((None, False, ("HGETALL", key)))
                 else:
-                    reads.append((unplaced, ("HMGET", key, *unplaced)))
-            replies = self._lane.pipeline([command for _, command in reads]) if reads else []
+                    reads.append((unplaced, False, ("HMGET", key, *unplaced)))
+            replies = self._lane.pipeline([command for _, _, command in reads]) if reads else []
         found: dict[str, float] = {}
         exact: dict[str, float] = {}
-        for (names, _), reply in zip(reads, replies, strict=True):
+        for (asked, where, _), reply in zip(reads, replies, strict=True):
             if isinstance(reply, Exception):
                 raise self._error(reply) if isinstance(reply, RedisError) else reply
-            if names is None:
-                pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2])
-                values = {_text(k): float(v) for k, v in pairs}
+            if asked is None:
+                flat = (
+                    [x for pair in reply.items() for x in pair]
+                    if isinstance(reply, dict)
+                    else reply
+                )
+                values = {_text(flat[i]): float(flat[i + 1]) for i in range(0, len(flat), 2)}
             else:
-                values = {n: float(v) for n, v in zip(names, reply, strict=True) if v is not None}
-            target = exact if names is not None and names is not unplaced else found
+                values = {n: float(v) for n, v in zip(asked, reply, strict=True) if v is not None}
+            target = exact if where else found
             for name, at in values.items():
                 target[name] = max(at, target.get(name, at))
         return found | exact
@@ -1618,11 +1623,7 @@ class RedisClusterBroker(RedisBroker):
         gids = list(counts)
         calls = self._forward_calls(messages)
         calls += [(_GROUP_COUNT, [group_key(self.prefix, g)], counts[g]) for g in gids]
-        results = self._lane.scripts(calls, wait=self._wait) if calls else []
-        if self._wait is not None and calls and int(results.pop()) < self.settings.wait_replicas:
-            raise ReplicasBehind(
-                self.url, self.settings.wait_replicas, 0, self.settings.wait_timeout
-            )
+        results = self._replicated_calls(calls)
         cleanup = self._added(messages, results[: len(messages)])
         callbacks = {
             gid: list(reply)
@@ -1632,17 +1633,50 @@ class RedisClusterBroker(RedisBroker):
         if callbacks:
             cleanup += self._send_callbacks(callbacks, confirm=False)
         if releases:
-            for reply in self._lane.pipeline([("DEL", group_key(self.prefix, g)) for g in releases]):
+            dels = [("DEL", group_key(self.prefix, g)) for g in releases]
+            for reply in self._lane.pipeline(dels):
                 if isinstance(reply, Exception):
                     raise reply
+        self._delete_applied(outbox, cleanup, list(callbacks))
+        return sum(len(raws) for raws in outbox.values())
+
+    def _delete_applied(
+        self,
+        outbox: Mapping[str, Sequence[bytes]],
+        cleanup: Sequence[tuple[Arg, ...]],
+        delivered: Sequence[str],
+    ) -> None:
+        """The last step of :meth:`_apply`, in one round trip.
+
+        ``cleanup`` (records to delete), the groups whose callbacks were ``delivered`` marked
+        so, and the applied entries deleted from their outboxes.
+        """
         commands: list[tuple[Arg, ...]] = [*cleanup]
         for source, raws in outbox.items():
             commands.append(("ZREM", outbox_key(self.prefix, source), *raws))
-        sent = [(_GROUP_SENT, [group_key(self.prefix, g)], ()) for g in callbacks]
+        sent: list[Call] = [(_GROUP_SENT, [group_key(self.prefix, g)], ()) for g in delivered]
         self._lane.scripts(sent, extra=commands)
-        return sum(len(raws) for raws in outbox.values())
 
-    def _forward_calls(self, messages: Mapping[str, Sequence[tuple[bytes, list[bytes]]]]) -> list[Call]:
+    def _replicated_calls(self, calls: Sequence[Call]) -> list[Any]:
+        """Run ``calls`` (pipelined per node), waiting for ``wait_replicas`` if set.
+
+        Too few replicas raise :class:`ReplicasBehind`: the entries are not deleted then, and a
+        sweep applies them again (which adds nothing) until the replicas have them.
+        """
+        if not calls:
+            return []
+        results = self._lane.scripts(calls, wait=self._wait)
+        if self._wait is not None:
+            acked = int(results.pop())
+            if acked < self.settings.wait_replicas:
+                raise ReplicasBehind(
+                    self.url, self.settings.wait_replicas, acked, self.settings.wait_timeout
+                )
+        return results
+
+    def _forward_calls(
+        self, messages: Mapping[str, Sequence[tuple[bytes, list[bytes]]]]
+    ) -> list[Call]:
         """One ``forward`` call per target queue; the queues are registered first."""
         if not messages:
             return []
@@ -1686,12 +1720,7 @@ class RedisClusterBroker(RedisBroker):
             marker = group_key(self.prefix, gid)[len(self.prefix) + 1 :].encode()
             data = [v if isinstance(v, bytes) else str(v).encode() for v in values]
             messages.setdefault(_text(data[0]), []).append((marker, data))
-        calls = self._forward_calls(messages)
-        results = self._lane.scripts(calls, wait=self._wait)
-        if self._wait is not None and int(results.pop()) < self.settings.wait_replicas:
-            raise ReplicasBehind(
-                self.url, self.settings.wait_replicas, 0, self.settings.wait_timeout
-            )
+        results = self._replicated_calls(self._forward_calls(messages))
         cleanup = self._added(messages, results)
         if confirm:
             sent = [(_GROUP_SENT, [group_key(self.prefix, g)], ()) for g in callbacks]

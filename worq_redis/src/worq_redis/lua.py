@@ -249,9 +249,10 @@ def source(name: str) -> str:
     or through other helpers), then ``<name>.lua``. ``<name>@cluster`` (for the
     :data:`CLUSTER_VARIANTS`) and the :data:`CLUSTER_SCRIPTS` take the helpers of
     ``cluster.lua`` in place of their namesakes (after its head); a variant's body runs as a
-    function whose reply goes back with the outbox entries it added. Only the helpers it uses: Redis runs a
-    script's whole chunk on every call, and each ``local function`` in it is a closure built on
-    every call (all 41 in every script made ``extend`` cost twice its server time). Raises
+    function whose reply goes back with the outbox entries it added. Only the helpers it uses:
+    Redis runs a script's whole chunk on every call, and each ``local function`` in it is a
+    closure built on every call (all 41 in every script made ``extend`` cost twice its server
+    time). Raises
     ``KeyError`` for a name that is no script.
     """
     return _compose(name)[0]
