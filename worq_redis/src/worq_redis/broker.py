@@ -110,6 +110,8 @@ _GROUP_OPEN, _GROUP_COUNT, _GROUP_SENT = (
 )
 _SWEEP_BATCH: Final = 100
 """Outbox entries a sweep forwards per queue at a time."""
+_SWEEP_ROUNDS: Final = 10
+"""Batches a worker's sweep forwards at most, one after the other, while they come full."""
 _NO_MESSAGE: Final[tuple[Arg, ...]] = ("",) * 10
 """The ten message values of ``open_group`` for a group without a callback."""
 _CLUSTER_POLL: Final = 0.1
@@ -1566,7 +1568,9 @@ class RedisClusterBroker(RedisBroker):
             return
         self._sweep_at = now + self.settings.outbox_sweep
         try:
-            self.forward_outbox(queues)
+            for _ in range(_SWEEP_ROUNDS):  # a backlog (say, after an outage) goes faster
+                if self.forward_outbox(queues) < _SWEEP_BATCH:
+                    break
         except BrokerError as exc:
             log.warning("sweeping the outboxes of %s failed; trying again later: %s", queues, exc)
 
