@@ -692,3 +692,25 @@ def test_a_chord_goes_on_while_its_groups_slot_migrates(
     finally:
         delete_prefix(cluster_client, prefix)
         broker.close()
+
+
+def test_an_outbox_entry_that_cannot_be_read_is_left_and_the_others_are_forwarded(
+    cluster: ClusterSet, cluster_client: redis.RedisCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    prefix = new_prefix()
+    src, dst = _queues_on_distinct_masters(cluster_client, prefix, 2)
+    broker = RedisClusterBroker(f"{cluster.url}?prefix={prefix}")
+    try:
+        broker.enqueue([Message("step", src, b"step")])
+        [got] = broker.fetch([src], 1, lease=30, wait=0)
+        broker._forward = lambda outbox: 0  # type: ignore[method-assign]  # dies at once
+        then = (Message("next", dst, b"next"),)
+        assert broker.settle([Settlement(got, Outcome.ACK, then=then)]) == [True]
+        cluster_client.zadd(outbox_key(prefix, src), {b"1:q3:junk": 0})
+        assert broker.forward_outbox([src], older_than=0) == 1
+        assert broker.job_state("next") == JobState(dst, JobStatus.QUEUED)
+        assert cluster_client.zrange(outbox_key(prefix, src), 0, -1) == [b"1:q3:junk"]
+        assert "cannot read" in caplog.text
+    finally:
+        delete_prefix(cluster_client, prefix)
+        broker.close()
