@@ -18,6 +18,12 @@ first write, so a script that fails changes nothing. The one exception is ``job_
 read-only lookup by job id alone: it takes the index and reads the keys of the queue it finds
 there.
 
+Under Redis Cluster, the scripts whose single-server form reaches other slots by name (a
+settlement's ``then`` messages and group counts, a cancel's, a tick's job for another queue) run
+as ``<name>@cluster`` (:data:`CLUSTER_VARIANTS`): the same file, with the helpers of
+``cluster.lua`` in place of their namesakes, which append those effects to the queue's outbox
+instead; the :data:`CLUSTER_SCRIPTS` apply them in their own slots (see ``docs/redis.md``).
+
 ``ARGV[1]`` of every script is the clock: empty for Redis ``TIME`` (the normal case), or a Unix
 time in seconds that tests pass to drive time by hand.
 
