@@ -128,6 +128,11 @@ BENCHES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "One Redis Cluster master against three (own servers on ports 17060-17063); a ratio.",
         (),
     ),
+    "bench-cluster-workflows": (
+        "bench/cluster_workflow_bench.py",
+        "Workflow steps against plain acks on Redis Cluster (own servers on ports 17064-17066).",
+        (),
+    ),
 }
 
 

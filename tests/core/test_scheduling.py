@@ -9,7 +9,7 @@ builds on it: which tick fires, what a missed hour does, which handle a unique e
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from worq_core import EventKind, JobStatus, TaskError, UnsupportedError, Worq
 from worq_core.cli import main
 from worq_core.limits import argument_hash, parse_rate
 from worq_core.middleware import EnqueueRequest, Middleware
-from worq_core.models import Capability, UniqueUntil
+from worq_core.models import Capability, Message, UniqueUntil
 from worq_core.scheduling import SCHEDULE_HEADER, TICK_HEADER, Missed
 from worq_core.triggers import ScheduleError
 from worq_core.worker import WorkerSettings
@@ -157,6 +157,82 @@ def test_middleware_hears_how_each_scheduler_s_tick_ended() -> None:
     assert enqueued.task == beat.name
     assert float(headers[TICK_HEADER]) == START + 1
     app.close()
+
+
+class QueueRecordingBroker(MemoryBroker):
+    """A broker that notes the queue each schedule call names."""
+
+    def __init__(self, storage: MemoryStorage) -> None:
+        super().__init__(storage=storage)
+        self.named: list[tuple[str, str | None]] = []
+
+    def fire_schedule(
+        self,
+        schedule: str,
+        tick: float,
+        last: float | None,
+        message: Message | None,
+        queue: str | None = None,
+    ) -> bool:
+        self.named.append(("fire", queue))
+        return super().fire_schedule(schedule, tick, last, message, queue)
+
+    def schedule_fires(
+        self, schedules: Sequence[str] | None = None, queues: Mapping[str, str] | None = None
+    ) -> dict[str, float]:
+        self.named += [("read", None if queues is None else queues.get(s)) for s in schedules or ()]
+        return super().schedule_fires(schedules, queues)
+
+
+class BrokerOfBefore(MemoryBroker):
+    """A third-party broker written before the schedule calls took a queue."""
+
+    def fire_schedule(  # type: ignore[override]
+        self, schedule: str, tick: float, last: float | None, message: Message | None
+    ) -> bool:
+        return super().fire_schedule(schedule, tick, last, message)
+
+    def schedule_fires(  # type: ignore[override]
+        self, schedules: Sequence[str] | None = None
+    ) -> dict[str, float]:
+        return super().schedule_fires(schedules)
+
+
+def test_the_scheduler_names_the_queue_of_each_schedules_jobs_in_every_call() -> None:
+    storage = MemoryStorage()
+    broker = QueueRecordingBroker(storage)
+    app = Worq(broker=broker, storage=storage)
+
+    @app.periodic(every=10.0, name="own", queue="reports")  # the task's own queue
+    def report() -> None: ...
+
+    app.schedule(report, every=10.0, name="moved", queue="elsewhere")  # the schedule's
+
+    clock = Clock(START + 5)
+    scheduler = Scheduler(broker, list(app.schedules.values()), clock)
+    scheduler.tick(0.0)  # first seen: fired without a job
+    clock.now += 10.0
+    scheduler.tick(0.0)  # a tick with its job
+    assert {queue for _, queue in broker.named} == {"reports", "elsewhere"}
+    assert {"fire", "read"} == {call for call, _ in broker.named}
+    assert [h[SCHEDULE_HEADER] for h in queued(app, "reports")] == ["own"]
+    assert [h[SCHEDULE_HEADER] for h in queued(app, "elsewhere")] == ["moved"]
+
+
+def test_a_broker_of_before_the_queue_argument_still_fires_schedules() -> None:
+    storage = MemoryStorage()
+    app = Worq(broker=BrokerOfBefore(storage=storage), storage=storage)
+
+    @app.periodic(every=10.0)
+    def report() -> None: ...
+
+    clock = Clock(START + 5)
+    scheduler = Scheduler(app.broker, list(app.schedules.values()), clock)
+    scheduler.tick(0.0)
+    clock.now += 10.0
+    scheduler.tick(0.0)
+    assert ticks(app) == [START + 10]
+    assert scheduler.fired == 1
 
 
 def test_missed_ticks_fire_once_by_default(app: Worq) -> None:

@@ -531,16 +531,34 @@ def test_every_script_is_a_lua_file_shipped_in_the_package() -> None:
     from importlib import resources
 
     folder = resources.files("worq_redis").joinpath("lua")
-    names = [*lua.QUEUE_SCRIPTS, *lua.SCHEDULE_SCRIPTS, *lua.LOOKUP_SCRIPTS, *lua.RESULT_SCRIPTS]
+    names = [
+        *lua.QUEUE_SCRIPTS,
+        *lua.SCHEDULE_SCRIPTS,
+        *lua.LOOKUP_SCRIPTS,
+        *lua.RESULT_SCRIPTS,
+        *lua.CLUSTER_SCRIPTS,
+    ]
     files = {entry.name for entry in folder.iterdir() if entry.name.endswith(".lua")}
-    assert files == {f"{name}.lua" for name in [*names, lua.HELPERS]}
-    for name in names:
-        body = folder.joinpath(f"{name}.lua").read_text("utf-8").rstrip("\n")
-        assert lua.source(name).rstrip("\n").endswith(body)
-        # every line Redis would report maps back to the same text in a file
+    assert files == {f"{name}.lua" for name in [*names, lua.HELPERS, lua.CLUSTER]}
+    for name in [*names, *(f"{n}@cluster" for n in lua.CLUSTER_VARIANTS)]:
+        file_name = name.removesuffix("@cluster")
+        body = folder.joinpath(f"{file_name}.lua").read_text("utf-8").rstrip("\n")
+        source = lua.source(name).rstrip("\n")
+        if name.endswith("@cluster"):  # run as a function, with the outbox entries it added
+            assert source.endswith(f"{body}\nend return cluster_reply(script_body())")
+            assert "local function script_body() " + body.split("\n")[0] in source
+        else:
+            assert source.endswith(body)
+        # every line Redis would report maps back to the same text in a file (the wrapped
+        # script's first line ends with its file's first line; its added last line is none)
         for number, line in enumerate(lua.source(name).split("\n")[:-1], start=1):
             file, at = lua.locate(name, f"user_script:{number}").split(":")
-            assert folder.joinpath(file).read_text("utf-8").split("\n")[int(at) - 1] == line
+            lines = folder.joinpath(file).read_text("utf-8").split("\n")
+            if int(at) > len(lines) - 1 and file == f"{file_name}.lua":
+                assert line == "end return cluster_reply(script_body())"
+                continue
+            expected = lines[int(at) - 1]
+            assert line in (expected, f"local function script_body() {expected}")
 
 
 def test_a_script_error_names_the_lua_file_and_line(real_backend: Backend) -> None:

@@ -2,10 +2,14 @@
 
 The cluster (three masters, one replica each) is started by the module's fixture on loopback
 ports 17050-17055 (bus ports 27050-27055, no other test uses them), and stopped by pid.
+Workflows and schedules are checked here too: every script call within one slot (by scripts
+instrumented to refuse any other), a chord over three masters, and what a forwarder that dies
+leaves in its queue's outbox.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -18,16 +22,32 @@ import redis
 from ha_support import HOST, PORT_OFFSET, ClusterSet, wait_until
 from redis_support import keyslot, new_prefix
 
-from worq_core import BrokerError, Capability, Worq
-from worq_core.models import Message, Outcome, Settlement
+from worq_core import BrokerError, Capability, Worq, chain, chord
+from worq_core.models import (
+    Delivery,
+    GroupMember,
+    GroupSpec,
+    JobState,
+    JobStatus,
+    Message,
+    Outcome,
+    Settlement,
+)
 from worq_core.testing import BrokerContract, StorageContract, WorkerContract
+from worq_core.testing.scheduling_contract import SchedulingBrokerContract
+from worq_core.testing.support import eventually, running
+from worq_core.testing.workflow_contract import WorkflowBrokerContract
+from worq_core.worker import Worker, WorkerSettings
 from worq_redis import (
     ClusterNotSupported,
     RedisBroker,
     RedisClusterBroker,
+    RedisSettings,
     RedisStorage,
     UnsupportedClient,
 )
+from worq_redis import broker as broker_module
+from worq_redis.connection import SCRIPTS, Script, group_key, outbox_key
 
 BASE = 17050 + PORT_OFFSET
 
@@ -149,7 +169,8 @@ def test_the_cluster_url_picks_the_cluster_broker(cluster: ClusterSet) -> None:
     assert isinstance(app.broker, RedisClusterBroker)
     assert isinstance(app.storage, RedisStorage)
     assert not app.broker_stores_results
-    assert Capability.WORKFLOWS not in app.broker.capabilities
+    assert Capability.WORKFLOWS in app.broker.capabilities
+    assert Capability.RESULTS not in app.broker.capabilities
     app.broker.close()
     app.storage.close()
 
@@ -384,3 +405,312 @@ def test_wait_replicas_waits_on_the_master_each_write_went_to(
         delete_prefix(cluster_client, prefix)
         broker.close()
         storage.close()
+
+
+# -- every script in one slot ----------------------------------------------------------------------
+
+_ONE_SLOT = """\
+local function __slot(key)
+  local open = string.find(key, "{", 1, true)
+  if open then
+    local close = string.find(key, "}", open + 1, true)
+    if close and close > open + 1 then
+      key = string.sub(key, open + 1, close - 1)
+    end
+  end
+  local crc = 0
+  for i = 1, #key do
+    crc = bit.bxor(crc, bit.lshift(string.byte(key, i), 8))
+    for _ = 1, 8 do
+      if bit.band(crc, 0x8000) ~= 0 then
+        crc = bit.band(bit.bxor(bit.lshift(crc, 1), 0x1021), 0xFFFF)
+      else
+        crc = bit.band(bit.lshift(crc, 1), 0xFFFF)
+      end
+    end
+  end
+  return crc % 16384
+end
+local __home = __slot(KEYS[1])
+local function __call(command, key, ...)
+  if key == nil then
+    return redis.call(command) -- TIME
+  end
+  if __slot(key) ~= __home then
+    error("worq-test: " .. command .. " " .. key .. " is not in the slot of " .. KEYS[1])
+  end
+  return redis.call(command, key, ...)
+end
+"""
+"""Put first in a script: every ``redis.call`` (made ``__call``) refuses a key of another slot
+than ``KEYS[1]``'s. Redis 7.0 itself lets a script touch an undeclared key of another slot when
+the same node serves it, so the suite passing on the cluster alone would not show it."""
+
+
+def _one_slot(script: Script) -> Script:
+    text = _ONE_SLOT + script.source.replace("redis.call(", "__call(")
+    return Script(script.name, text, hashlib.sha1(text.encode()).hexdigest())
+
+
+@pytest.fixture
+def one_slot_scripts(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> Iterator[None]:
+    """Every script the cluster broker runs refuses to touch a key outside its first key's slot.
+
+    A forward that fails is only logged (a sweep would retry it), so a logged failure fails the
+    test too.
+    """
+    guarded = {name: _one_slot(script) for name, script in SCRIPTS.items()}
+    for name, script in guarded.items():
+        monkeypatch.setitem(SCRIPTS, name, script)
+    for attr, value in list(vars(broker_module).items()):
+        if isinstance(value, Script):
+            monkeypatch.setattr(broker_module, attr, guarded[value.name])
+    for attr in ("_settle_script", "_settle_fetch_script", "_cancel_script"):
+        monkeypatch.setattr(
+            RedisClusterBroker, attr, guarded[getattr(RedisClusterBroker, attr).name]
+        )
+    yield
+    failed = [r.getMessage() for r in caplog.records if r.name == "worq.redis"]
+    assert not failed, failed
+
+
+def test_the_slot_guard_refuses_a_key_of_another_slot(
+    cluster: ClusterSet, cluster_client: redis.RedisCluster
+) -> None:
+    """The guard of the next cases, shown to work: the same node, another slot, refused."""
+    key = "worqtest-guard:{a}"
+    node = cluster_client.get_node_from_key(key)
+    other = next(
+        f"worqtest-guard:{{{n}}}"
+        for n in range(1000)
+        if cluster_client.get_node_from_key(f"worqtest-guard:{{{n}}}").name == node.name
+        and keyslot(f"worqtest-guard:{{{n}}}".encode()) != keyslot(key.encode())
+    )
+    direct = redis.Redis(node.host, node.port)
+    try:
+        body = 'redis.call("GET", KEYS[1]) return redis.call("GET", ARGV[1])'
+        plain = Script("probe", body, hashlib.sha1(body.encode()).hexdigest())
+        assert direct.eval(plain.source, 1, key, other) is None, "Redis 7.0 lets it through"
+        with pytest.raises(redis.ResponseError, match="worq-test: GET"):
+            direct.eval(_one_slot(plain).source, 1, key, other)
+        assert direct.eval(_one_slot(plain).source, 1, key, key + "x") is None
+    finally:
+        direct.close()
+
+
+@pytest.mark.usefixtures("one_slot_scripts")
+class TestClusterWorkflowsStayInOneSlot(ClusterBackend, WorkflowBrokerContract):
+    """worq-core's workflow cases, every script call instrumented (``one_slot_scripts``)."""
+
+
+@pytest.mark.usefixtures("one_slot_scripts")
+class TestClusterSchedulesStayInOneSlot(ClusterBackend, SchedulingBrokerContract):
+    """worq-core's schedule cases (and unique jobs, limits), every script call instrumented."""
+
+
+# -- workflows across masters ----------------------------------------------------------------------
+
+
+def _queues_on_distinct_masters(client: redis.RedisCluster, prefix: str, count: int) -> list[str]:
+    """``count`` queue names whose slots are served by ``count`` different masters."""
+    found: dict[str, str] = {}
+    for n in range(1000):
+        node = client.get_node_from_key(f"{prefix}:{{q{n}}}:ready").name
+        found.setdefault(node, f"q{n}")
+        if len(found) == count:
+            return list(found.values())
+    raise AssertionError("not enough masters")
+
+
+def test_a_chord_over_three_masters_runs_its_callback_once_with_every_result(
+    cluster: ClusterSet, cluster_client: redis.RedisCluster
+) -> None:
+    prefix = new_prefix()
+    a, b, c = _queues_on_distinct_masters(cluster_client, prefix, 3)
+    app = Worq(f"{cluster.url}?prefix={prefix}")
+    totals: list[list[int]] = []
+
+    @app.task(queue=a)
+    def square(x: int) -> int:
+        return x * x
+
+    @app.task(queue=b)
+    def cube(x: int) -> int:
+        return x**3
+
+    @app.task(queue=c)
+    def total(values: list[int], label: str) -> str:
+        totals.append(values)
+        return f"{label}: {sum(values)}"
+
+    members = [*(square.s(i) for i in range(4)), *(cube.s(i) for i in range(4))]
+    try:
+        flow = chord(members, total.s(label="sum")).enqueue()
+        steps = chain(square.s(2), cube.s(), square.s()).enqueue()  # a, then b, then a
+        settings = WorkerSettings(
+            queues=(a, b, c), concurrency=4, idle_wait=0.05, handle_signals=False
+        )
+        with running(Worker(app, settings)):
+            assert flow.result(timeout=30) == "sum: 50"
+            assert steps.result(timeout=30) == 4096
+            # the callback's own settlement (after its result was saved) releases the group
+            eventually(lambda: app.broker.group_state(flow.id) is None, what="the release")
+        assert totals == [[0, 1, 4, 9, 0, 1, 8, 27]], "one callback, every result in order"
+        names = [k.decode() for k in cluster_client.scan_iter(match=f"{prefix}:*")]
+        assert not [k for k in names if k.endswith(":outbox")], "every entry was forwarded"
+        for name in (k for k in names if k.endswith(":applied")):
+            assert 0 < cluster_client.pttl(name) <= 3_600_000, "remembered an hour at most"
+    finally:
+        delete_prefix(cluster_client, prefix)
+        app.close()
+
+
+# -- the outbox when a forwarder dies ------------------------------------------------------------
+
+
+def _outbox(client: redis.RedisCluster, prefix: str, queue: str) -> int:
+    return int(client.zcard(outbox_key(prefix, queue)))
+
+
+def test_what_a_forwarder_left_in_its_outbox_is_forwarded_by_a_workers_sweep(
+    cluster: ClusterSet, cluster_client: redis.RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process settling dies right after its script: the then step, the member counts and so
+    the callback exist only as outbox entries, until a worker's fetch of that queue sweeps."""
+    prefix = new_prefix()
+    src, dst = _queues_on_distinct_masters(cluster_client, prefix, 2)
+    broker = RedisClusterBroker(f"{cluster.url}?prefix={prefix}")
+    sweeper = RedisClusterBroker(
+        f"{cluster.url}?prefix={prefix}", RedisSettings(outbox_sweep=0.2, outbox_memory=60)
+    )
+    try:
+        callback = Message("callback", dst, b"callback")
+        members = [Message(f"m{i}", src, b"member", member=GroupMember("g", i)) for i in range(2)]
+        spec = GroupSpec("g", 2, callback, run_on_failure=True)
+        assert broker.open_group(spec, members) == [True, True]
+        broker.enqueue([Message("step", src, b"step")])
+        got = {d.id: d for d in broker.fetch([src], 10, lease=30, wait=0)}
+        monkeypatch.setattr(broker, "_forward", lambda outbox: 0)  # dies before forwarding
+        assert broker.settle(
+            [
+                Settlement(got["step"], Outcome.ACK, then=(Message("next", dst, b"next"),)),
+                Settlement(got["m0"], Outcome.ACK, output=b"0"),
+                Settlement(got["m1"], Outcome.DEAD, reason="KeyError", output=b"1"),
+            ]
+        ) == [True, True, True]
+        assert broker.job_state("next") is None, "not forwarded"
+        untouched = sweeper.group_state("g")
+        assert untouched is not None
+        assert untouched.finished == frozenset(), "not counted yet"
+        assert _outbox(cluster_client, prefix, src) == 3
+        delivered: list[Delivery] = []
+
+        def swept() -> bool:
+            # a worker of the source queue (and of the target) fetching as usual
+            delivered.extend(sweeper.fetch([src, dst], 10, lease=30, wait=0.05))
+            return len(delivered) >= 2 and _outbox(cluster_client, prefix, src) == 0
+
+        eventually(swept, timeout=10, what="the sweep")
+        assert sorted(d.id for d in delivered) == ["callback", "next"]
+        assert sweeper.fetch([src, dst], 10, lease=30, wait=0) == [], "each once"
+        state = sweeper.group_state("g")
+        assert state is not None
+        assert (state.outputs, state.failed, state.complete) == ((b"0", b"1"), {1}, True)
+        assert state.callback_sent
+        assert sweeper.forward_outbox([src], older_than=0) == 0, "nothing left"
+    finally:
+        delete_prefix(cluster_client, prefix)
+        broker.close()
+        sweeper.close()
+
+
+def test_entries_applied_by_a_forwarder_that_died_before_deleting_them_apply_once(
+    cluster: ClusterSet, cluster_client: redis.RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forwarder applied the entries, then died: the sweep applies them again, and neither
+    the then step (whose id is free again once it ran) nor the callback is added twice."""
+    prefix = new_prefix()
+    src, dst = _queues_on_distinct_masters(cluster_client, prefix, 2)
+    broker = RedisClusterBroker(f"{cluster.url}?prefix={prefix}")
+
+    def died(*args: Any) -> None:
+        raise redis.ConnectionError("the forwarder died before deleting its entries")
+
+    try:
+        callback = Message("callback", dst, b"callback")
+        member = Message("m0", src, b"member", member=GroupMember("g", 0))
+        broker.open_group(GroupSpec("g", 1, callback), [member])
+        broker.enqueue([Message("step", src, b"step")])
+        got = {d.id: d for d in broker.fetch([src], 10, lease=30, wait=0)}
+        with monkeypatch.context() as patch:
+            patch.setattr(broker, "_delete_applied", died)
+            assert broker.settle(
+                [
+                    Settlement(got["step"], Outcome.ACK, then=(Message("next", dst, b"n"),)),
+                    Settlement(got["m0"], Outcome.ACK, output=b"out"),
+                ]
+            ) == [True, True]
+        assert _outbox(cluster_client, prefix, src) == 2, "applied, not deleted"
+        ran = broker.fetch([dst], 10, lease=30, wait=0)
+        assert sorted(d.id for d in ran) == ["callback", "next"]
+        assert broker.settle([Settlement(d, Outcome.ACK) for d in ran]) == [True, True]
+        assert broker.job_state("next") is None, "its id is free: an enqueue would add it"
+        counted = broker.group_state("g")
+        assert broker.forward_outbox([src], older_than=0) == 2, "the sweep applies both again"
+        assert _outbox(cluster_client, prefix, src) == 0
+        assert broker.fetch([dst], 10, lease=30, wait=0) == [], "and adds nothing"
+        assert broker.group_state("g") == counted, "the member counted once"
+        assert broker.forward_outbox([src], older_than=0) == 0
+    finally:
+        delete_prefix(cluster_client, prefix)
+        broker.close()
+
+
+def test_a_chord_goes_on_while_its_groups_slot_migrates(
+    cluster: ClusterSet, cluster_client: redis.RedisCluster
+) -> None:
+    prefix = new_prefix()
+    src, dst = _queues_on_distinct_masters(cluster_client, prefix, 2)
+    broker = RedisClusterBroker(f"{cluster.url}?prefix={prefix}")
+    try:
+        callback = Message("callback", dst, b"callback")
+        members = [Message(f"m{i}", src, b"m", member=GroupMember("g", i)) for i in range(4)]
+        broker.open_group(GroupSpec("g", 4, callback), members)
+        got = broker.fetch([src], 10, lease=60, wait=0)
+        settle = [Settlement(d, Outcome.ACK, output=d.id.encode()) for d in got]
+        assert broker.settle(settle[:2]) == [True, True]
+        before, after = _migrate_slot(cluster_client, group_key(prefix, "g"))
+        assert before != after
+        assert broker.settle(settle[2:]) == [True, True]
+        state = broker.group_state("g")
+        assert state is not None
+        assert state.outputs == (b"m0", b"m1", b"m2", b"m3")
+        assert [d.id for d in broker.fetch([dst], 10, lease=60, wait=0)] == ["callback"]
+        assert broker.job_state("callback") == JobState(dst, JobStatus.RUNNING, attempts=1)
+    finally:
+        delete_prefix(cluster_client, prefix)
+        broker.close()
+
+
+def test_an_outbox_entry_that_cannot_be_read_is_left_and_the_others_are_forwarded(
+    cluster: ClusterSet, cluster_client: redis.RedisCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    prefix = new_prefix()
+    src, dst = _queues_on_distinct_masters(cluster_client, prefix, 2)
+    broker = RedisClusterBroker(f"{cluster.url}?prefix={prefix}")
+    try:
+        broker.enqueue([Message("step", src, b"step")])
+        [got] = broker.fetch([src], 1, lease=30, wait=0)
+        broker._forward = lambda outbox: 0  # type: ignore[method-assign]  # dies at once
+        then = (Message("next", dst, b"next"),)
+        assert broker.settle([Settlement(got, Outcome.ACK, then=then)]) == [True]
+        cluster_client.zadd(outbox_key(prefix, src), {b"1:q3:junk": 0})
+        assert broker.forward_outbox([src], older_than=0) == 1
+        assert broker.job_state("next") == JobState(dst, JobStatus.QUEUED)
+        assert cluster_client.zrange(outbox_key(prefix, src), 0, -1) == [b"1:q3:junk"]
+        assert "cannot read" in caplog.text
+    finally:
+        delete_prefix(cluster_client, prefix)
+        broker.close()

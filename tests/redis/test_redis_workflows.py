@@ -273,6 +273,9 @@ def test_plain_jobs_make_the_calls_they_always_made(
         ("_SETTLE_FETCH", "settle_fetch"),
     ]:
         monkeypatch.setattr(broker_module, attr, _instrumented(name, counter))
+    # the settle scripts as the broker picks them (RedisClusterBroker picks other ones)
+    monkeypatch.setattr(RedisBroker, "_settle_script", broker_module._SETTLE)
+    monkeypatch.setattr(RedisBroker, "_settle_fetch_script", broker_module._SETTLE_FETCH)
     client = real_backend.client
     broker = real_backend.broker()
 

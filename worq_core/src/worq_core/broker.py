@@ -193,7 +193,12 @@ class Broker(ABC):
         )
 
     def fire_schedule(
-        self, schedule: str, tick: float, last: float | None, message: Message | None
+        self,
+        schedule: str,
+        tick: float,
+        last: float | None,
+        message: Message | None,
+        queue: str | None = None,
     ) -> bool:
         """Fire one tick of a schedule; only for :attr:`Capability.SCHEDULES`.
 
@@ -202,15 +207,28 @@ class Broker(ABC):
         becomes ``tick`` and ``message`` (if not ``None``) is enqueued as
         :meth:`enqueue_unique` would (a held id or unique key adds nothing, and the tick still
         counts as fired); returns ``True``. Otherwise nothing changes and it returns ``False``.
-        Times are Unix seconds, compared exactly. The default raises
+        Times are Unix seconds, compared exactly.
+
+        ``queue`` is the queue the schedule's jobs go to (``message.queue`` when left out). A
+        broker may keep each record with that queue (Redis Cluster keeps it in the queue's
+        slot, so the compare-and-set and the enqueue stay one step), so a schedule is always
+        fired, and read by :meth:`schedule_fires`, with the same queue; the scheduler passes
+        it on every call, with a message or without. Should a schedule's queue change, such a
+        broker starts it afresh (no record under the new queue). A ``message`` for another
+        queue than ``queue`` (moved by a middleware) is still enqueued with the tick. Brokers
+        that keep one record per name (the others) ignore it. The default raises
         :class:`~worq_core.errors.BrokerError`: worq-core checks the capability first.
         """
         raise BrokerError(f"the {self.name} broker cannot keep schedules")
 
-    def schedule_fires(self, schedules: Sequence[str] | None = None) -> dict[str, float]:
+    def schedule_fires(
+        self, schedules: Sequence[str] | None = None, queues: Mapping[str, str] | None = None
+    ) -> dict[str, float]:
         """The recorded last fire of each of ``schedules`` that has one (``None``: all).
 
-        Only for :attr:`Capability.SCHEDULES`; the default knows none.
+        ``queues`` maps schedule names to the queue they are fired with (the ``queue`` of
+        :meth:`fire_schedule`), for brokers that keep records per queue; a name it leaves out
+        is looked up everywhere. Only for :attr:`Capability.SCHEDULES`; the default knows none.
         """
         return {}
 

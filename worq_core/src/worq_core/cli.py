@@ -63,6 +63,7 @@ from worq_core.inspection import (
 from worq_core.job import Envelope, Job
 from worq_core.models import Capability, JobStatus
 from worq_core.registry import PluginLoadWarning, default_registry
+from worq_core.scheduling import recorded_fires
 from worq_core.supervisor import REPLACE_ME, Supervisor
 from worq_core.validation import check_queue
 from worq_core.worker import WorkerSettings
@@ -1056,7 +1057,7 @@ def schedule(state: CliState, app_spec: str) -> None:
     broker = app.broker
     if Capability.SCHEDULES not in broker.capabilities:
         raise CliError(f"the {broker.name} broker cannot keep schedules")
-    records = broker.schedule_fires([s.key for s in schedules])
+    records = recorded_fires(broker, schedules)
     now = time.time()
     table = Table(
         title=f"schedules on {broker.name} broker {broker.shown_url}", title_justify="left"

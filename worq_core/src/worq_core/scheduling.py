@@ -9,7 +9,9 @@ last fire, and firing a tick is one atomic compare-and-set with its enqueue
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -18,6 +20,7 @@ from zoneinfo import ZoneInfo
 from worq_core.limits import argument_hash
 
 if TYPE_CHECKING:
+    from worq_core.broker import Broker
     from worq_core.middleware import EnqueueRequest
     from worq_core.models import Message
     from worq_core.task import Task
@@ -57,6 +60,14 @@ class Schedule:
     """The queue its jobs go to; ``None`` means the task's own."""
 
     @property
+    def job_queue(self) -> str:
+        """The queue its jobs go to: :attr:`queue`, or else the task's own.
+
+        What the scheduler passes to :meth:`Broker.fire_schedule` as ``queue``.
+        """
+        return self.queue or self.task.config.queue
+
+    @property
     def key(self) -> str:
         """The broker's name for this schedule's record: its name and its trigger.
 
@@ -86,6 +97,42 @@ class Schedule:
             from worq_core.task import tell_after_enqueue
 
             tell_after_enqueue(self.task.app.middleware.after_enqueues, [request], error)
+
+
+@functools.cache
+def _takes(method: Callable[..., object], parameter: str) -> bool:
+    """Whether ``method`` accepts the keyword ``parameter`` (or any keyword)."""
+    found = inspect.signature(method).parameters.values()
+    return any(p.name == parameter or p.kind is inspect.Parameter.VAR_KEYWORD for p in found)
+
+
+def fire_tick(
+    broker: Broker,
+    schedule: Schedule,
+    tick: float,
+    last: float | None,
+    message: Message | None,
+) -> bool:
+    """:meth:`Broker.fire_schedule` for ``schedule``'s tick, with its :attr:`~Schedule.job_queue`.
+
+    A broker written before ``fire_schedule`` took a ``queue`` is called without one.
+    """
+    if _takes(type(broker).fire_schedule, "queue"):
+        return broker.fire_schedule(schedule.key, tick, last, message, queue=schedule.job_queue)
+    return broker.fire_schedule(schedule.key, tick, last, message)
+
+
+def recorded_fires(broker: Broker, schedules: Sequence[Schedule]) -> dict[str, float]:
+    """:meth:`Broker.schedule_fires` of ``schedules``, by key, each with its queue.
+
+    A broker written before ``schedule_fires`` took ``queues`` is called with the keys alone.
+    """
+    keys = [s.key for s in schedules]
+    if not keys:
+        return {}
+    if _takes(type(broker).schedule_fires, "queues"):
+        return broker.schedule_fires(keys, queues={s.key: s.job_queue for s in schedules})
+    return broker.schedule_fires(keys)
 
 
 def make_schedule(
@@ -135,4 +182,4 @@ def make_schedule(
     return Schedule(name, task, trigger, fixed_args, fixed_kwargs, policy, grace, queue)
 
 
-__all__ = ["Missed", "Schedule", "make_schedule"]
+__all__ = ["Missed", "Schedule", "fire_tick", "make_schedule", "recorded_fires"]

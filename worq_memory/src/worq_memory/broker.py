@@ -217,8 +217,14 @@ class MemoryBroker(Broker):
 
     @override
     def fire_schedule(
-        self, schedule: str, tick: float, last: float | None, message: Message | None
+        self,
+        schedule: str,
+        tick: float,
+        last: float | None,
+        message: Message | None,
+        queue: str | None = None,
     ) -> bool:
+        """One record per schedule name, whatever its ``queue``."""
         with self._changed:
             if self._schedules.get(schedule) != last:
                 return False
@@ -229,7 +235,9 @@ class MemoryBroker(Broker):
             return True
 
     @override
-    def schedule_fires(self, schedules: Sequence[str] | None = None) -> dict[str, float]:
+    def schedule_fires(
+        self, schedules: Sequence[str] | None = None, queues: Mapping[str, str] | None = None
+    ) -> dict[str, float]:
         with self._changed:
             if schedules is None:
                 return dict(self._schedules)

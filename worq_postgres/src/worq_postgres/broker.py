@@ -272,8 +272,18 @@ class PostgresBroker(Broker):
 
     @override
     def fire_schedule(
-        self, schedule: str, tick: float, last: float | None, message: Message | None
+        self,
+        schedule: str,
+        tick: float,
+        last: float | None,
+        message: Message | None,
+        queue: str | None = None,
     ) -> bool:
+        """One transaction: the compare-and-set and the enqueue.
+
+        One record per schedule name: every queue is in the same database, so ``queue`` is not
+        needed.
+        """
         q = self.target.q
         with self._connection("fire a schedule") as conn, conn.transaction():
             [(fired,)] = conn.execute(
@@ -285,7 +295,9 @@ class PostgresBroker(Broker):
         return bool(fired)
 
     @override
-    def schedule_fires(self, schedules: Sequence[str] | None = None) -> dict[str, float]:
+    def schedule_fires(
+        self, schedules: Sequence[str] | None = None, queues: Mapping[str, str] | None = None
+    ) -> dict[str, float]:
         q = self.target.q
         if schedules is None:
             rows = self._call(

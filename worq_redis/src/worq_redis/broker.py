@@ -48,9 +48,11 @@ from worq_redis.connection import (
     Lane,
     RedisSettings,
     ReplicasBehind,
+    Script,
     clock_arg,
     close_client,
     cluster_ids_key,
+    cluster_schedules_key,
     command,
     connect,
     connect_cluster,
@@ -58,10 +60,12 @@ from worq_redis.connection import (
     group_key,
     ids_key,
     located,
+    outbox_key,
     queue_keys,
     redact,
     registry_key,
     result_keys,
+    schedule_queues_key,
     schedules_key,
     server_identity,
     translate_errors,
@@ -98,6 +102,16 @@ _LISTED = {
 }
 _FIRE_SCHEDULE, _SCHEDULE_CAS = SCRIPTS["fire_schedule"], SCRIPTS["schedule_cas"]
 _OPEN_GROUP = SCRIPTS["open_group"]
+_FORWARD, _OUTBOX_CLAIM = SCRIPTS["forward"], SCRIPTS["outbox_claim"]
+_GROUP_OPEN, _GROUP_COUNT, _GROUP_SENT = (
+    SCRIPTS["group_open"],
+    SCRIPTS["group_count"],
+    SCRIPTS["group_sent"],
+)
+_SWEEP_BATCH: Final = 100
+"""Outbox entries a sweep forwards per queue at a time."""
+_SWEEP_ROUNDS: Final = 10
+"""Batches a worker's sweep forwards at most, one after the other, while they come full."""
 _NO_MESSAGE: Final[tuple[Arg, ...]] = ("",) * 10
 """The ten message values of ``open_group`` for a group without a callback."""
 _CLUSTER_POLL: Final = 0.1
@@ -170,6 +184,32 @@ def _message_values(message: Message, register: bool) -> tuple[Arg, ...]:
         lspec,
         _wspec(m),
     )
+
+
+def _check_group(group: GroupSpec, members: Sequence[Message]) -> None:
+    """Raise ``ValueError`` for a group :meth:`Broker.open_group` must refuse before any write."""
+    if group.size < 0:
+        raise ValueError(f"group {group.id!r}: size must be >= 0")
+    seen: set[int] = set()
+    for m in members:
+        if m.member is None or m.member.group != group.id:
+            raise ValueError(f"message {m.id!r} is not a member of group {group.id!r}")
+        index = m.member.index
+        if not 0 <= index < group.size or index in seen:
+            raise ValueError(f"group {group.id!r}: bad or repeated member index {index}")
+        seen.add(index)
+
+
+def _netstrings(data: bytes) -> list[bytes]:
+    """An outbox entry's values (written by ``netstrings`` in ``cluster.lua``)."""
+    values: list[bytes] = []
+    at = 0
+    while at < len(data):
+        colon = data.index(b":", at)
+        end = colon + 1 + int(data[at:colon])
+        values.append(data[colon + 1 : end])
+        at = end
+    return values
 
 
 def _holder(reply: Any, own: str) -> str | None:
@@ -319,6 +359,9 @@ class RedisBroker(Broker):
 
     _cluster: ClassVar[bool] = False
     """Redis Cluster layout: each queue's own id index, lookups by id queue by queue."""
+    _settle_script: ClassVar[Script] = _SETTLE
+    _settle_fetch_script: ClassVar[Script] = _SETTLE_FETCH
+    _cancel_script: ClassVar[Script] = _CANCEL
 
     @staticmethod
     def _connect(
@@ -504,14 +547,20 @@ class RedisBroker(Broker):
 
     @override
     def fire_schedule(
-        self, schedule: str, tick: float, last: float | None, message: Message | None
+        self,
+        schedule: str,
+        tick: float,
+        last: float | None,
+        message: Message | None,
+        queue: str | None = None,
     ) -> bool:
         """One script: the compare-and-set on ``<prefix>:schedules`` and the job's enqueue.
 
-        The record is the ``repr`` of the tick, compared as text (so exactly). With a message,
-        the script runs on that queue's keys (plus the schedules hash) and sends the job as a
-        workflow's messages are sent (the same ten values, added as ``enqueue`` adds a job);
-        without one it is a script on the hash alone.
+        The record is the ``repr`` of the tick, compared as text (so exactly); one hash holds
+        every queue's schedules, so ``queue`` is not needed. With a message, the script runs on
+        that queue's keys (plus the schedules hash) and sends the job as a workflow's messages
+        are sent (the same ten values, added as ``enqueue`` adds a job); without one it is a
+        script on the hash alone.
         """
         tick_arg = repr(float(tick))
         last_arg = "" if last is None else repr(float(last))
@@ -539,7 +588,9 @@ class RedisBroker(Broker):
         return bool(applied)
 
     @override
-    def schedule_fires(self, schedules: Sequence[str] | None = None) -> dict[str, float]:
+    def schedule_fires(
+        self, schedules: Sequence[str] | None = None, queues: Mapping[str, str] | None = None
+    ) -> dict[str, float]:
         """The records in ``<prefix>:schedules``: one ``HGETALL``, or one ``HMGET`` of the names."""
         with self._errors():
             if schedules is None:
@@ -562,16 +613,7 @@ class RedisBroker(Broker):
         Each member (and later the callback) goes to its own queue, whose keys the script builds
         by name. A group already recorded raises :class:`ValueError` and adds nothing.
         """
-        if group.size < 0:
-            raise ValueError(f"group {group.id!r}: size must be >= 0")
-        seen: set[int] = set()
-        for m in members:
-            if m.member is None or m.member.group != group.id:
-                raise ValueError(f"message {m.id!r} is not a member of group {group.id!r}")
-            index = m.member.index
-            if not 0 <= index < group.size or index in seen:
-                raise ValueError(f"group {group.id!r}: bad or repeated member index {index}")
-            seen.add(index)
+        _check_group(group, members)
         cb = group.callback
         home = members[0].queue if members else cb.queue if cb is not None else "-"
         keys = (*self._queue_keys(home), self._registry, group_key(self.prefix, group.id))
@@ -675,10 +717,12 @@ class RedisBroker(Broker):
         if settlements and any(s.delivery.queue != first for s in settlements):
             mine = [s for s in settlements if s.delivery.queue == first]
             others = [(i, s) for i, s in enumerate(settlements) if s.delivery.queue != first]
+        if self._cluster:
+            self._sweep(queues)
         keys = self._queue_keys(first)
         args: list[Arg] = [clock, *self._retention, len(mine)]
         blocks: list[Arg] = []
-        all_keys = self._settle_args(mine, keys, args, blocks) if mine else keys
+        all_keys = self._settle_args(mine, first, args, blocks) if mine else keys
         head: tuple[Arg, ...] = (len(all_keys), *all_keys) if mine else self._heads[first]
         args += (limit, lease_arg, *self._fetch_tail)
         if blocks:
@@ -686,17 +730,27 @@ class RedisBroker(Broker):
         replicas = self._wait if settlements else None
         try:
             if not others and replicas is None:
-                flags, reply = self._lane.script(_SETTLE_FETCH, head, args)
+                replied = self._lane.script(self._settle_fetch_script, head, args)
                 other_flags: list[Any] = []
             else:
                 calls, groups = self._settle_calls([s for _, s in others], clock)
-                calls.append((_SETTLE_FETCH, all_keys, args))
+                calls.append((self._settle_fetch_script, all_keys, args))
                 replies = self._lane.scripts(calls, wait=replicas)
                 if replicas is not None:
                     self._replicated(replies.pop(), strict=False)
-                *other_flags, (flags, reply) = replies
+                *other_flags, replied = replies
         except RedisError as exc:
             raise self._error(exc) from exc
+        if self._cluster:  # each reply comes with the outbox entries its script added
+            outbox: dict[str, list[bytes]] = {}
+            replied = self._unwrap(first, replied, outbox)
+            if others:
+                other_flags = [
+                    self._unwrap(queue, flags, outbox)
+                    for (queue, _), flags in zip(groups, other_flags, strict=True)
+                ]
+            self._forward(outbox)
+        flags, reply = replied
         if others:
             applied = [False] * len(settlements)
             mine_at = [i for i, s in enumerate(settlements) if s.delivery.queue == first]
@@ -785,6 +839,13 @@ class RedisBroker(Broker):
             results = self._lane.scripts(calls, wait=self._wait)
         if self._wait is not None:
             self._replicated(results.pop(), strict=False)
+        if self._cluster:  # each reply comes with the outbox entries its script added
+            outbox: dict[str, list[bytes]] = {}
+            results = [
+                self._unwrap(queue, result, outbox)
+                for (queue, _), result in zip(groups, results, strict=True)
+            ]
+            self._forward(outbox)
         return [bool(flag) for flag in _scatter(groups, results, len(settlements))]
 
     @override
@@ -858,7 +919,11 @@ class RedisBroker(Broker):
                 if record is not None:
                     keys = (*keys, *result_keys(self.prefix, job_id))
                     args[3:] = [int(ttl * 1000), record]
-                reply = self._lane.script(_CANCEL, (len(keys), *keys), args)
+                reply = self._lane.script(self._cancel_script, (len(keys), *keys), args)
+                if self._cluster:
+                    outbox: dict[str, list[bytes]] = {}
+                    reply = self._unwrap(queue, reply, outbox)
+                    self._forward(outbox)
                 outcome = _CANCELS.get(bytes(reply))
                 if outcome is not None:
                     return outcome
@@ -1164,11 +1229,11 @@ class RedisBroker(Broker):
     def _settle_args(
         self,
         settlements: Iterable[Settlement],
-        queue_keys: Sequence[str],
+        queue: str,
         args: list[Arg],
         blocks: list[Arg],
     ) -> Sequence[str]:
-        """Append the script values of ``settlements`` (one queue's) to ``args``.
+        """Append the script values of ``settlements`` (all of ``queue``) to ``args``.
 
         A settlement with ``then`` messages or an ``output`` has its outcome in capitals and its
         workflow block appended to ``blocks`` (output flag, output, count, then ten values per
@@ -1176,6 +1241,7 @@ class RedisBroker(Broker):
         queue's keys, then the result keys of each job whose record the script writes (every
         settlement with a ``record``).
         """
+        queue_keys = self._queue_keys(queue)
         extra_keys: list[str] = []
         for s in settlements:
             delivery, outcome = s.delivery, s.outcome
@@ -1184,7 +1250,7 @@ class RedisBroker(Broker):
                 code = code.upper()
                 blocks += (0, b"", len(s.then)) if s.output is None else (1, s.output, len(s.then))
                 for m in s.then:
-                    blocks += _message_values(m, m.queue not in self._known)
+                    blocks += _message_values(m, self._register(m, queue))
             if s.record is not None:
                 index = len(queue_keys) + 1 + len(extra_keys)
                 extra_keys += result_keys(self.prefix, delivery.id)
@@ -1220,7 +1286,7 @@ class RedisBroker(Broker):
         for queue, items in groups:
             args: list[Arg] = [clock, *self._retention]
             blocks: list[Arg] = []
-            keys = self._settle_args((s for _, s in items), self._queue_keys(queue), args, blocks)
+            keys = self._settle_args((s for _, s in items), queue, args, blocks)
             if blocks:
                 start = len(args) + 1  # ARGV index of the first block
                 args += blocks
@@ -1228,8 +1294,31 @@ class RedisBroker(Broker):
                     args.append(b"")  # so the script sees the values after the first 3 are no
                     # multiple of 8, which says the last one is where the blocks start
                 args.append(start)
-            calls.append((_SETTLE, keys, args))
+            calls.append((self._settle_script, keys, args))
         return calls, groups
+
+    def _register(self, message: Message, source: str) -> bool:
+        """The register value of ``message`` sent by a script of queue ``source``.
+
+        On one server: whether the script adds its queue to the registry (one this broker has
+        not seen). Under Cluster (where the registry is in another slot) it means something
+        else: the message is added by the script itself, in ``source``'s slot (a message for
+        ``source`` with no record to clear); otherwise it goes through ``source``'s outbox.
+        """
+        if self._cluster:
+            return message.queue == source and not message.clear_record
+        return message.queue not in self._known
+
+    def _sweep(self, queues: Sequence[str]) -> None:
+        """Under Cluster, now and then, forward what dead forwarders left in these outboxes."""
+
+    def _unwrap(self, queue: str, reply: Any, outbox: dict[str, list[bytes]]) -> Any:
+        """A script's own reply (under Cluster, the outbox entries with it go to ``outbox``)."""
+        return reply
+
+    def _forward(self, outbox: Mapping[str, Sequence[bytes]]) -> int:
+        """Under Cluster, apply outbox entries in their own slots; how many were applied."""
+        return 0
 
 
 class RedisClusterBroker(RedisBroker):
@@ -1237,24 +1326,34 @@ class RedisClusterBroker(RedisBroker):
 
     Build it from a ``redis+cluster://host:port`` URL (any node; ``rediss+cluster://`` for TLS;
     ``?prefix=`` as usual) or a ``redis.RedisCluster`` client made with
-    ``decode_responses=False``. Every script touches one slot, its queue's: each queue keeps its
-    own id index (``<prefix>:{<queue>}:ids``), so job ids are unique per queue, not across the
-    queues of a prefix; a lookup by id alone (``job_state``, ``find_job``, ``cancel``) asks each
-    known queue's index in turn, pipelined per node. Results live in their own slot and are
-    written by the storage, not by the ack script (no ``RESULTS``); schedules and workflows,
-    whose scripts span queues, are not offered yet (no ``SCHEDULES``, no ``WORKFLOWS``). An
-    ``enqueue_many`` over several queues or chunks is atomic per queue and chunk, not as a whole.
-    ``wait_replicas`` waits on the master each write went to. See ``docs/redis.md``.
+    ``decode_responses=False``. Every script touches one slot, its queue's (or a workflow
+    group's): each queue keeps its own id index (``<prefix>:{<queue>}:ids``), and the check
+    that no other queue holds an id is a step before the enqueue script; a lookup by id alone
+    (``job_state``, ``find_job``, ``cancel``) asks each known queue's index in turn, pipelined
+    per node. Results live in their own slot and are written by the storage, not by the ack
+    script (no ``RESULTS``). An ``enqueue_many`` over several queues or chunks is atomic per
+    queue and chunk, not as a whole. ``wait_replicas`` waits on the master each write went to.
+
+    Schedules keep their records in the slot of their jobs' queue
+    (``<prefix>:{<queue>}:schedules``), so a tick's compare-and-set and its enqueue stay one
+    script. Workflows go through a transactional outbox: a settle or cancel script appends its
+    effects on other slots (a ``then`` message for another queue, a group member's count, a
+    group's release) to its queue's outbox in the same step; the broker then applies each in its
+    own slot (idempotently) and deletes it. Entries a dead forwarder left behind are forwarded
+    by the next sweep of a worker of that queue (every ``RedisSettings.outbox_sweep`` seconds,
+    or :meth:`forward_outbox`). :meth:`open_group` records the group, then enqueues the members:
+    two steps, not one. See ``docs/redis.md``.
     """
 
     name: ClassVar[str] = "redis-cluster"
     schemes: ClassVar[tuple[str, ...]] = CLUSTER_SCHEMES
     capabilities: ClassVar[frozenset[Capability]] = RedisBroker.capabilities - {
         Capability.RESULTS,
-        Capability.SCHEDULES,
-        Capability.WORKFLOWS,
     }
     _cluster: ClassVar[bool] = True
+    _settle_script: ClassVar[Script] = SCRIPTS["settle@cluster"]
+    _settle_fetch_script: ClassVar[Script] = SCRIPTS["settle_fetch@cluster"]
+    _cancel_script: ClassVar[Script] = SCRIPTS["cancel@cluster"]
 
     def __init__(
         self,
@@ -1272,6 +1371,8 @@ class RedisClusterBroker(RedisBroker):
             clock=clock,
             wait_replicas=wait_replicas,
         )
+        self._sweep_at = 0.0  # monotonic time of the next sweep of the fetched queues' outboxes
+        self._schedule_queues: set[str] = set()  # in <prefix>:schedule-queues for sure
 
     @staticmethod
     def _connect(
@@ -1282,20 +1383,367 @@ class RedisClusterBroker(RedisBroker):
         # commands, non-transactional pipelines) are the ones RedisCluster routes by key.
         return cast("redis.Redis", client), url, settings, owned
 
-    @override
-    def fire_schedule(
-        self, schedule: str, tick: float, last: float | None, message: Message | None
-    ) -> bool:
-        return Broker.fire_schedule(self, schedule, tick, last, message)
+    # -- schedules ---------------------------------------------------------------------------
 
     @override
-    def schedule_fires(self, schedules: Sequence[str] | None = None) -> dict[str, float]:
-        return Broker.schedule_fires(self, schedules)
+    def fire_schedule(
+        self,
+        schedule: str,
+        tick: float,
+        last: float | None,
+        message: Message | None,
+        queue: str | None = None,
+    ) -> bool:
+        """One script in the slot of ``queue``: the compare-and-set and the job's enqueue.
+
+        The record lives in ``<prefix>:{<queue>}:schedules`` (``queue`` defaults to the
+        message's; a call without either raises ``ValueError``: there is no slot to look in).
+        A job for that queue is added by the same script; a job for another queue (a
+        middleware moved it) goes through the queue's outbox, so it is added right after, by
+        the broker, or by a sweep if this process dies first.
+        """
+        home = queue if queue is not None else None if message is None else message.queue
+        if home is None:
+            raise ValueError(
+                f"schedule {schedule!r}: under Redis Cluster a schedule's record lives in the "
+                "slot of its queue: pass queue="
+            )
+        records = cluster_schedules_key(self.prefix, home)
+        tick_arg = repr(float(tick))
+        last_arg = "" if last is None else repr(float(last))
+        clock = clock_arg(self.clock)
+        with self._errors():
+            if home not in self._schedule_queues:  # before the record: schedule_fires() finds it
+                self._lane.command("SADD", schedule_queues_key(self.prefix), home)
+                with self._lock:
+                    self._schedule_queues.add(home)
+            if message is None:
+                values = (clock, schedule, tick_arg, last_arg)
+                return bool(self._lane.script(_SCHEDULE_CAS, (1, records), values))
+            # KEYS[12] stands for the queue registry, which Cluster scripts never write.
+            keys = [*self._queue_keys(home), records, records]
+            args = (
+                clock,
+                schedule,
+                tick_arg,
+                last_arg,
+                *_message_values(message, self._register(message, home)),
+            )
+            script = SCRIPTS["fire_schedule@cluster"]
+            replies = self._lane.scripts([(script, keys, args)], wait=self._wait)
+            if self._wait is not None:
+                self._replicated(replies.pop(), strict=True)
+            outbox: dict[str, list[bytes]] = {}
+            applied, added = self._unwrap(home, replies[0], outbox)
+            if added == 1:
+                self._register_queues([message.queue])
+        self._forward(outbox)
+        return bool(applied)
+
+    @override
+    def schedule_fires(
+        self, schedules: Sequence[str] | None = None, queues: Mapping[str, str] | None = None
+    ) -> dict[str, float]:
+        """The records of the named schedules, each read in its queue's hash (``queues``).
+
+        A name without a queue, and ``schedules=None``, are looked up in every queue that has
+        schedules (``<prefix>:schedule-queues``), pipelined per node; a name found in several
+        (a schedule whose queue changed) answers its latest fire.
+        """
+        wanted = None if schedules is None else list(schedules)
+        if wanted == []:
+            return {}
+        placed: dict[str, list[str]] = {}
+        unplaced: list[str] = []
+        for name in wanted or ():
+            home = None if queues is None else queues.get(name)
+            if home is None:
+                unplaced.append(name)
+            else:
+                placed.setdefault(home, []).append(name)
+        with self._errors():
+            everywhere: list[str] = []
+            if wanted is None or unplaced:
+                members = self._lane.command("SMEMBERS", schedule_queues_key(self.prefix))
+                everywhere = sorted(self._schedule_queues | {_text(q) for q in members})
+            # (names asked, or None for all; read where the caller placed them; the command)
+            reads: list[tuple[list[str] | None, bool, tuple[Arg, ...]]] = []
+            for home, names in placed.items():
+                key = cluster_schedules_key(self.prefix, home)
+                reads.append((names, True, ("HMGET", key, *names)))
+            for home in everywhere:
+                key = cluster_schedules_key(self.prefix, home)
+                if wanted is None:
+                    reads.append((None, False, ("HGETALL", key)))
+                else:
+                    reads.append((unplaced, False, ("HMGET", key, *unplaced)))
+            replies = self._lane.pipeline([command for _, _, command in reads]) if reads else []
+        found: dict[str, float] = {}
+        exact: dict[str, float] = {}
+        for (asked, where, _), reply in zip(reads, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise self._error(reply) if isinstance(reply, RedisError) else reply
+            if asked is None:
+                flat = (
+                    [x for pair in reply.items() for x in pair]
+                    if isinstance(reply, dict)
+                    else reply
+                )
+                values = {_text(flat[i]): float(flat[i + 1]) for i in range(0, len(flat), 2)}
+            else:
+                values = {n: float(v) for n, v in zip(asked, reply, strict=True) if v is not None}
+            target = exact if where else found
+            for name, at in values.items():
+                target[name] = max(at, target.get(name, at))
+        return found | exact
+
+    # -- workflows ---------------------------------------------------------------------------
 
     @override
     def open_group(self, group: GroupSpec, members: Sequence[Message]) -> list[bool]:
-        return Broker.open_group(self, group, members)
+        """Record the group in its slot (one script), then enqueue the members: two steps.
+
+        A group already recorded raises :class:`ValueError` and adds nothing. The members are
+        enqueued as :meth:`enqueue` adds them (atomic per queue); should that fail or the
+        process die in between, the group stays recorded with members missing, and opening it
+        again raises ``ValueError``. A group of size 0 sends its callback right away.
+        """
+        _check_group(group, members)
+        cb = group.callback
+        gkey = group_key(self.prefix, group.id)
+        args: list[Arg] = [
+            clock_arg(self.clock),
+            group.size,
+            max(1, round(group.ttl * 1000)),
+            1 if group.run_on_failure else 0,
+            0 if cb is None else 1,
+            *(_NO_MESSAGE if cb is None else _message_values(cb, False)),
+        ]
+        with self._errors():
+            replies = self._lane.scripts([(_GROUP_OPEN, [gkey], args)], wait=self._wait)
+            if self._wait is not None:
+                self._replicated(replies.pop(), strict=True)
+        reply = replies[0]
+        if reply is None:
+            raise ValueError(f"group {group.id!r} is already recorded")
+        added = [flag == 1 for flag in self._add(members)] if members else []
+        if reply:  # complete at once (size 0), its callback due
+            with self._errors():
+                self._send_callbacks({group.id: list(reply)})
+        return added
+
+    # -- the outbox --------------------------------------------------------------------------
+
+    def forward_outbox(
+        self, queues: Sequence[str] | None = None, *, older_than: float | None = None
+    ) -> int:
+        """Forward the outbox entries of ``queues`` (every known queue for ``None``) now.
+
+        Only entries added at least ``older_than`` seconds ago (default
+        ``RedisSettings.outbox_sweep``), up to 100 per queue: younger ones are still being
+        forwarded by the process whose script added them. Each is re-scored as it is taken, so
+        concurrent sweeps do not forward it twice; applying it again would add nothing anyway.
+        Workers run this for their queues every ``outbox_sweep`` seconds. Returns how many
+        entries were applied; raises :class:`BrokerError` if some could not be.
+        """
+        age = self.settings.outbox_sweep if older_than is None else older_than
+        with self._errors():
+            if queues is None:
+                members = self._lane.command("SMEMBERS", self._registry)
+                queues = sorted(self._known | {_text(q) for q in members})
+            if not queues:
+                return 0
+            tail: tuple[Arg, ...] = (clock_arg(self.clock), repr(float(age)), _SWEEP_BATCH)
+            calls: list[Call] = [
+                (_OUTBOX_CLAIM, [outbox_key(self.prefix, q)], tail) for q in queues
+            ]
+            replies = self._lane.scripts(calls)
+            outbox = {q: [bytes(e) for e in r] for q, r in zip(queues, replies, strict=True) if r}
+            return self._apply(outbox) if outbox else 0
 
     @override
-    def group_state(self, group_id: str) -> GroupState | None:
-        return Broker.group_state(self, group_id)
+    def _sweep(self, queues: Sequence[str]) -> None:
+        now = time.monotonic()
+        if now < self._sweep_at:
+            return
+        self._sweep_at = now + self.settings.outbox_sweep
+        try:
+            for _ in range(_SWEEP_ROUNDS):  # a backlog (say, after an outage) goes faster
+                if self.forward_outbox(queues) < _SWEEP_BATCH:
+                    break
+        except BrokerError as exc:
+            log.warning("sweeping the outboxes of %s failed; trying again later: %s", queues, exc)
+
+    @override
+    def _unwrap(self, queue: str, reply: Any, outbox: dict[str, list[bytes]]) -> Any:
+        own, entries = reply
+        if entries:
+            outbox.setdefault(queue, []).extend(bytes(entry) for entry in entries)
+        return own
+
+    @override
+    def _forward(self, outbox: Mapping[str, Sequence[bytes]]) -> int:
+        """Apply the entries settle, cancel or fire_schedule just added; a sweep does on failure.
+
+        The script that added them has applied its own part, so a failure here is logged, not
+        raised: the entries stay in their outbox until a sweep forwards them.
+        """
+        if not outbox:
+            return 0
+        try:
+            with self._errors():
+                return self._apply(outbox)
+        except BrokerError as exc:
+            log.warning(
+                "outbox entries of %s not forwarded yet (a sweep will): %s", sorted(outbox), exc
+            )
+            return 0
+
+    def _apply(self, outbox: Mapping[str, Sequence[bytes]]) -> int:
+        """Apply outbox entries (by source queue) in their own slots, then delete them.
+
+        First, in one pipelined round trip: each message added to its queue by ``forward``
+        (which remembers the entry's id, so a repeat adds nothing), and each group member
+        counted by ``group_count`` (each index once). A group completed then has its callback
+        sent (by ``forward`` too, under the group's id) and marked delivered. Groups released
+        by a closing job are deleted, the records of added ``clear_record`` messages deleted,
+        and the entries deleted from their outboxes last: a failure anywhere before leaves
+        them for a sweep, and applying them again changes nothing.
+        """
+        messages: dict[str, list[tuple[bytes, list[bytes]]]] = {}
+        counts: dict[str, list[Arg]] = {}
+        releases: list[str] = []
+        done: dict[str, list[bytes]] = {}  # the entries applied, by outbox
+        for source, raws in outbox.items():
+            for raw in raws:
+                try:
+                    kind, marker, *data = _netstrings(raw)
+                    if kind == b"m" and len(data) == 10:
+                        messages.setdefault(_text(data[0]), []).append((marker, data))
+                    elif kind == b"c" and len(data) == 5:
+                        counts.setdefault(_text(data[0]), []).extend(data[1:5])
+                    elif kind == b"x" and len(data) == 1:
+                        releases.append(_text(data[0]))
+                    else:
+                        raise ValueError(kind)
+                except ValueError:
+                    # Left where it is for someone to look at; the others go on.
+                    log.error("outbox of %s: an entry this version cannot read: %r", source, raw)
+                    continue
+                done.setdefault(source, []).append(raw)
+        gids = list(counts)
+        calls = self._forward_calls(messages)
+        calls += [(_GROUP_COUNT, [group_key(self.prefix, g)], counts[g]) for g in gids]
+        results = self._replicated_calls(calls)
+        cleanup = self._added(messages, results[: len(messages)])
+        callbacks = {
+            gid: list(reply)
+            for gid, reply in zip(gids, results[len(messages) :], strict=True)
+            if reply
+        }
+        if callbacks:
+            cleanup += self._send_callbacks(callbacks, confirm=False)
+        if releases:
+            dels = [("DEL", group_key(self.prefix, g)) for g in releases]
+            for reply in self._lane.pipeline(dels):
+                if isinstance(reply, Exception):
+                    raise reply
+        if done:
+            self._delete_applied(done, cleanup, list(callbacks))
+        return sum(len(raws) for raws in done.values())
+
+    def _delete_applied(
+        self,
+        outbox: Mapping[str, Sequence[bytes]],
+        cleanup: Sequence[tuple[Arg, ...]],
+        delivered: Sequence[str],
+    ) -> None:
+        """The last step of :meth:`_apply`, in one round trip.
+
+        ``cleanup`` (records to delete), the groups whose callbacks were ``delivered`` marked
+        so, and the applied entries deleted from their outboxes.
+        """
+        commands: list[tuple[Arg, ...]] = [*cleanup]
+        for source, raws in outbox.items():
+            commands.append(("ZREM", outbox_key(self.prefix, source), *raws))
+        sent: list[Call] = [(_GROUP_SENT, [group_key(self.prefix, g)], ()) for g in delivered]
+        self._lane.scripts(sent, extra=commands)
+
+    def _replicated_calls(self, calls: Sequence[Call]) -> list[Any]:
+        """Run ``calls`` (pipelined per node), waiting for ``wait_replicas`` if set.
+
+        Too few replicas raise :class:`ReplicasBehind`: the entries are not deleted then, and a
+        sweep applies them again (which adds nothing) until the replicas have them.
+        """
+        if not calls:
+            return []
+        results = self._lane.scripts(calls, wait=self._wait)
+        if self._wait is not None:
+            acked = int(results.pop())
+            if acked < self.settings.wait_replicas:
+                raise ReplicasBehind(
+                    self.url, self.settings.wait_replicas, acked, self.settings.wait_timeout
+                )
+        return results
+
+    def _forward_calls(
+        self, messages: Mapping[str, Sequence[tuple[bytes, list[bytes]]]]
+    ) -> list[Call]:
+        """One ``forward`` call per target queue; the queues are registered first."""
+        if not messages:
+            return []
+        self._register_queues(list(messages))
+        head: tuple[Arg, ...] = (clock_arg(self.clock), int(self.settings.outbox_memory * 1000))
+        calls: list[Call] = []
+        for queue, items in messages.items():
+            args: list[Arg] = [*head]
+            for marker, values in items:
+                args += (marker, *values)
+            calls.append((_FORWARD, self._queue_keys(queue), args))
+        return calls
+
+    def _added(
+        self, messages: Mapping[str, Sequence[tuple[bytes, list[bytes]]]], results: Sequence[Any]
+    ) -> list[tuple[Arg, ...]]:
+        """The ``DEL`` of the old record of each forwarded ``clear_record`` message added.
+
+        Not in the step that added it, as on one server: the record is in another slot. (A
+        separate storage has the same gap, see ``Task`` enqueue.)
+        """
+        dels: list[tuple[Arg, ...]] = []
+        for items, answers in zip(messages.values(), results, strict=True):
+            for (_, values), answer in zip(items, answers, strict=True):
+                if answer == 1 and values[6] == b"1":
+                    dels.append(("DEL", result_keys(self.prefix, _text(values[2]))[0]))
+        return dels
+
+    def _send_callbacks(
+        self, callbacks: Mapping[str, list[Any]], *, confirm: bool = True
+    ) -> list[tuple[Arg, ...]]:
+        """Send the due callbacks of complete groups (ten message values each, by group id).
+
+        Each goes through ``forward`` under the group's key as its entry id, so a group's
+        callback is added once however often its members' entries are applied. With
+        ``confirm``, the groups are marked delivered here; otherwise the caller does (with the
+        deletion of the entries that completed them). Returns the records to delete.
+        """
+        messages: dict[str, list[tuple[bytes, list[bytes]]]] = {}
+        for gid, values in callbacks.items():
+            marker = group_key(self.prefix, gid)[len(self.prefix) + 1 :].encode()
+            data = [v if isinstance(v, bytes) else str(v).encode() for v in values]
+            messages.setdefault(_text(data[0]), []).append((marker, data))
+        results = self._replicated_calls(self._forward_calls(messages))
+        cleanup = self._added(messages, results)
+        if confirm:
+            sent = [(_GROUP_SENT, [group_key(self.prefix, g)], ()) for g in callbacks]
+            self._lane.scripts(sent, extra=cleanup)
+            return []
+        return cleanup
+
+    def _register_queues(self, queues: Sequence[str]) -> None:
+        """Add queues this broker has not seen to the registry (a plain ``SADD``, in its slot)."""
+        new = [q for q in queues if q not in self._known]
+        if new:
+            self._lane.command("SADD", self._registry, *new)
+            with self._lock:
+                self._known.update(new)

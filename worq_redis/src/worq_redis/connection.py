@@ -81,6 +81,13 @@ class RedisSettings:
     wait_timeout: float = 1.0
     """Longest ``WAIT`` for :attr:`wait_replicas`, in seconds; must be below ``socket_timeout``
     when :attr:`wait_replicas` is set."""
+    outbox_sweep: float = 5.0
+    """Redis Cluster only: how often (seconds) a worker sweeps the outboxes of its queues, and
+    how old an entry must be for a sweep to forward it (its own forwarder died or failed)."""
+    outbox_memory: float = 3600.0
+    """Redis Cluster only: how long (seconds) a queue remembers the outbox entries it applied,
+    so that one applied again (its forwarder died after applying it, before deleting it) adds
+    nothing. An entry left in an outbox longer than this may be applied twice."""
 
     def __post_init__(self) -> None:
         if not self.prefix or "{" in self.prefix or "}" in self.prefix:
@@ -95,6 +102,8 @@ class RedisSettings:
             raise ValueError("wait_replicas must be >= 0, wait_timeout positive")
         if self.wait_replicas and self.wait_timeout >= self.socket_timeout:
             raise ValueError("wait_timeout must be below socket_timeout (WAIT blocks the reply)")
+        if self.outbox_sweep <= 0 or self.outbox_memory <= self.outbox_sweep:
+            raise ValueError("outbox_sweep must be positive, and outbox_memory longer")
 
     @property
     def blocking_timeout(self) -> float:
@@ -513,6 +522,31 @@ def schedules_key(prefix: str) -> str:
     return f"{prefix}:schedules"
 
 
+def cluster_schedules_key(prefix: str, queue: str) -> str:
+    """Under Redis Cluster, the schedules whose jobs go to ``queue``, in its slot.
+
+    A HASH of schedule name -> ``repr`` of its last fire time, as :func:`schedules_key`, so
+    ``fire_schedule`` stays one script in one slot. :func:`schedule_queues_key` names the queues
+    that have one.
+    """
+    return f"{prefix}:{{{queue}}}:schedules"
+
+
+def schedule_queues_key(prefix: str) -> str:
+    """Under Redis Cluster, the SET of queues with a schedules hash, for ``schedule_fires()``."""
+    return f"{prefix}:schedule-queues"
+
+
+def outbox_key(prefix: str, queue: str) -> str:
+    """Under Redis Cluster, ``queue``'s outbox: a ZSET of effects on other slots, by age.
+
+    The settle, cancel and fire_schedule scripts add an entry for each effect of theirs that
+    belongs to another slot (a ``then`` message for another queue, a group member counted, a
+    group released); the broker applies it there and deletes it (see ``docs/redis.md``).
+    """
+    return f"{prefix}:{{{queue}}}:outbox"
+
+
 def events_key(prefix: str) -> str:
     """The recent-events STREAM of ``prefix``, capped near ``RedisSettings.events_max``."""
     return f"{prefix}:events"
@@ -558,6 +592,8 @@ SCRIPTS: Final = {
         *lua.LOOKUP_SCRIPTS,
         *lua.SCHEDULE_SCRIPTS,
         *lua.RESULT_SCRIPTS,
+        *(f"{name}@cluster" for name in lua.CLUSTER_VARIANTS),
+        *lua.CLUSTER_SCRIPTS,
     ]
 }
 

@@ -18,6 +18,12 @@ first write, so a script that fails changes nothing. The one exception is ``job_
 read-only lookup by job id alone: it takes the index and reads the keys of the queue it finds
 there.
 
+Under Redis Cluster, the scripts whose single-server form reaches other slots by name (a
+settlement's ``then`` messages and group counts, a cancel's, a tick's job for another queue) run
+as ``<name>@cluster`` (:data:`CLUSTER_VARIANTS`): the same file, with the helpers of
+``cluster.lua`` in place of their namesakes, which append those effects to the queue's outbox
+instead; the :data:`CLUSTER_SCRIPTS` apply them in their own slots (see ``docs/redis.md``).
+
 ``ARGV[1]`` of every script is the clock: empty for Redis ``TIME`` (the normal case), or a Unix
 time in seconds that tests pass to drive time by hand.
 
@@ -126,6 +132,21 @@ RESULT_SCRIPTS: Final = ("save_result", "arm_wait")
 HELPERS: Final = "helpers"
 """The file every script starts with: the queue's key locals and the shared ``local function``s."""
 
+CLUSTER: Final = "cluster"
+"""The helpers of the Redis Cluster layout (``cluster.lua``): its head, the outbox, and helpers
+that replace those of ``helpers.lua`` with the same name (see :func:`source`)."""
+
+CLUSTER_VARIANTS: Final = ("settle", "settle_fetch", "cancel", "fire_schedule")
+"""Scripts that run under Redis Cluster as ``<name>@cluster``: the same file with the helpers of
+``cluster.lua`` in place of their namesakes (effects on other slots go to the queue's outbox),
+answering ``{reply, outbox entries added}``."""
+
+CLUSTER_SCRIPTS: Final = ("forward", "outbox_claim", "group_open", "group_count", "group_sent")
+"""Scripts of the Redis Cluster layout alone: ``forward`` and ``outbox_claim`` take one queue's
+keys (``outbox_claim`` its outbox alone), the ``group_*`` scripts one group's key."""
+
+_SUFFIX: Final = "@cluster"
+
 
 @functools.cache
 def _file(name: str) -> str:
@@ -140,20 +161,21 @@ class _Block:
     name: str
     line: int
     text: str
+    file: str = HELPERS
 
 
 _DEFINES = re.compile(r"local function (\w+)\(")
 
 
 @functools.cache
-def _helpers() -> tuple[_Block, ...]:
-    """``helpers.lua`` cut at its blank lines: the head (key locals), then one block per helper.
+def _helpers(file: str = HELPERS) -> tuple[_Block, ...]:
+    """A helper file cut at its blank lines: the head, then one block per helper.
 
     The file's one convention: at the top level it holds, between blank lines, the head, then
     ``local function`` definitions (their comments above them), each ending with ``end`` alone
     on its line, a helper calling only helpers defined above it. Anything else is an error here.
     """
-    lines = _file(HELPERS).split("\n")
+    lines = _file(file).split("\n")
     blocks: list[_Block] = []
     start = 0
     for number, line in enumerate([*lines, ""]):
@@ -162,32 +184,66 @@ def _helpers() -> tuple[_Block, ...]:
             found = _DEFINES.search(text)
             name = "" if not blocks else found[1] if found else "?"
             if blocks and (found is None or not text.endswith("\nend")):
-                raise ValueError(f"helpers.lua:{start + 1}: not one local function ending in end")
-            blocks.append(_Block(name, start + 1, text))
+                raise ValueError(f"{file}.lua:{start + 1}: not one local function ending in end")
+            blocks.append(_Block(name, start + 1, text, file))
         if line == "":
             start = number + 1
     return tuple(blocks)
 
 
 @functools.cache
+def _layout(cluster: bool) -> tuple[tuple[_Block, ...], tuple[_Block, ...]]:
+    """The heads and the helpers, in order, of the single-server or the Cluster scripts.
+
+    Under Cluster, each helper of ``cluster.lua`` that has a namesake in ``helpers.lua`` takes
+    its place, and the new ones before it in ``cluster.lua`` come just before it (so they may
+    call every helper above the one replaced); new ones after the last replacement come last.
+    """
+    head, *shared = _helpers(HELPERS)
+    if not cluster:
+        return (head,), tuple(shared)
+    cluster_head, *own = _helpers(CLUSTER)
+    replaced = {block.name for block in shared} & {block.name for block in own}
+    pending = list(own)
+    merged: list[_Block] = []
+    for block in shared:
+        if block.name not in replaced:
+            merged.append(block)
+            continue
+        while pending:
+            ours = pending.pop(0)
+            merged.append(ours)
+            if ours.name == block.name:
+                break
+    return (head, cluster_head), (*merged, *pending)
+
+
+@functools.cache
 def _compose(name: str) -> tuple[str, tuple[tuple[int, str, int], ...]]:
     """The source of script ``name`` and its line map: (first line, file, its line there)."""
-    if name not in (*QUEUE_SCRIPTS, *SCHEDULE_SCRIPTS, *LOOKUP_SCRIPTS, *RESULT_SCRIPTS):
+    base, variant = name.removesuffix(_SUFFIX), name.endswith(_SUFFIX)
+    known = (*QUEUE_SCRIPTS, *SCHEDULE_SCRIPTS, *LOOKUP_SCRIPTS, *RESULT_SCRIPTS, *CLUSTER_SCRIPTS)
+    if (variant and base not in CLUSTER_VARIANTS) or base not in known:
         raise KeyError(name)
-    body = _file(name).rstrip("\n")
-    head, *helpers = _helpers()
+    cluster = variant or base in CLUSTER_SCRIPTS
+    body = _file(base).rstrip("\n")
+    if variant:
+        # The script's reply and the outbox entries it added. Its first line is prefixed and
+        # one line follows its last, so every line of the file keeps its number.
+        body = f"local function script_body() {body}\nend return cluster_reply(script_body())"
+    heads, helpers = _layout(cluster)
     needed: set[str] = set()
     text = body
     for block in reversed(helpers):  # a helper only calls helpers defined above it
         if re.search(rf"\b{block.name}\(", text):
             needed.add(block.name)
             text += block.text
-    parts = [head, *(block for block in helpers if block.name in needed)]
-    parts.append(_Block(name, 1, body))
+    parts = [*heads, *(block for block in helpers if block.name in needed)]
+    parts.append(_Block(base, 1, body, base))
     places: list[tuple[int, str, int]] = []
     at = 1
     for part in parts:
-        places.append((at, f"{HELPERS if part is not parts[-1] else name}.lua", part.line))
+        places.append((at, f"{part.file}.lua", part.line))
         at += part.text.count("\n") + 2  # its lines, and the blank line joining the next
     return "\n\n".join(part.text for part in parts) + "\n", tuple(places)
 
@@ -196,9 +252,13 @@ def source(name: str) -> str:
     """The full source Redis runs for script ``name``.
 
     The head of ``helpers.lua`` (the queue's key locals), the helpers the script uses (directly
-    or through other helpers), then ``<name>.lua``. Only the helpers it uses: Redis runs a
-    script's whole chunk on every call, and each ``local function`` in it is a closure built on
-    every call (all 41 in every script made ``extend`` cost twice its server time). Raises
+    or through other helpers), then ``<name>.lua``. ``<name>@cluster`` (for the
+    :data:`CLUSTER_VARIANTS`) and the :data:`CLUSTER_SCRIPTS` take the helpers of
+    ``cluster.lua`` in place of their namesakes (after its head); a variant's body runs as a
+    function whose reply goes back with the outbox entries it added. Only the helpers it uses:
+    Redis runs a script's whole chunk on every call, and each ``local function`` in it is a
+    closure built on every call (all 41 in every script made ``extend`` cost twice its server
+    time). Raises
     ``KeyError`` for a name that is no script.
     """
     return _compose(name)[0]

@@ -44,6 +44,7 @@ from worq_core.inspection import (
     truncate,
 )
 from worq_core.models import Capability, JobStatus, QueueStats, WorkerInfo
+from worq_core.scheduling import recorded_fires
 
 if TYPE_CHECKING:
     from worq_core.app import Worq
@@ -524,7 +525,7 @@ class _Views:
                 {"name": key, "task": "", "trigger": "", "last": at, "seen": None, "next": None}
                 for key, at in sorted(fires.items())
             ]
-        fires = broker.schedule_fires([s.key for s in declared])
+        fires = recorded_fires(broker, declared)
         rows = []
         for item in declared:
             last = fires.get(item.key)

@@ -273,20 +273,25 @@ class SchedulingBrokerContract(BrokerCases):
         assert counts(broker, queue)[0] == 1
 
     # -- schedules ---------------------------------------------------------------------------
+    # Every call names the queue the schedule's jobs go to, as the scheduler does: a broker may
+    # keep a schedule's record with its queue (Redis Cluster keeps it in the queue's slot).
 
     @requires(Capability.SCHEDULES)
-    def test_fire_schedule_is_a_compare_and_set_on_the_last_fire(self, broker: Broker) -> None:
+    def test_fire_schedule_is_a_compare_and_set_on_the_last_fire(
+        self, broker: Broker, queue: str
+    ) -> None:
         name = unique("schedule")
         tick, later = 1_800_000_000.123456, 1_800_000_060.123456
-        assert broker.schedule_fires([name]) == {}
-        assert broker.fire_schedule(name, tick, None, None) is True
-        assert broker.schedule_fires([name]) == {name: tick}
-        assert broker.fire_schedule(name, later, None, None) is False, "it has a record now"
-        assert broker.fire_schedule(name, later, tick + 1e-6, None) is False, "compared exactly"
-        assert broker.schedule_fires([name]) == {name: tick}
-        assert broker.fire_schedule(name, later, tick, None) is True
-        assert broker.schedule_fires([name]) == {name: later}
-        assert broker.fire_schedule(name, later + 60, tick, None) is False, "already moved on"
+        mine = {name: queue}
+        assert broker.schedule_fires([name], mine) == {}
+        assert broker.fire_schedule(name, tick, None, None, queue) is True
+        assert broker.schedule_fires([name], mine) == {name: tick}
+        assert broker.fire_schedule(name, later, None, None, queue) is False, "it has a record"
+        assert broker.fire_schedule(name, later, tick + 1e-6, None, queue) is False, "exactly"
+        assert broker.schedule_fires([name], mine) == {name: tick}
+        assert broker.fire_schedule(name, later, tick, None, queue) is True
+        assert broker.schedule_fires([name], mine) == {name: later}
+        assert broker.fire_schedule(name, later + 60, tick, None, queue) is False, "moved on"
 
     @requires(Capability.SCHEDULES)
     def test_a_fired_tick_enqueues_its_job_and_a_refused_one_enqueues_nothing(
@@ -294,12 +299,38 @@ class SchedulingBrokerContract(BrokerCases):
     ) -> None:
         name = unique("schedule")
         fired, refused = job(queue), job(queue)
-        assert broker.fire_schedule(name, 100.0, None, fired) is True
+        assert broker.fire_schedule(name, 100.0, None, fired, queue) is True
         assert broker.job_state(fired.id) == JobState(queue, JobStatus.QUEUED)
-        assert broker.fire_schedule(name, 200.0, 50.0, refused) is False
+        assert broker.fire_schedule(name, 200.0, 50.0, refused, queue) is False
         assert broker.job_state(refused.id) is None
-        assert broker.schedule_fires([name]) == {name: 100.0}
+        assert broker.schedule_fires([name], {name: queue}) == {name: 100.0}
         assert ids(fetch_all(broker, queue)) == [fired.id]
+
+    @requires(Capability.SCHEDULES)
+    def test_a_tick_without_a_job_and_the_ticks_with_jobs_share_one_record(
+        self, broker: Broker, queue: str
+    ) -> None:
+        name = unique("schedule")
+        assert broker.fire_schedule(name, 100.0, None, None, queue) is True, "first seen"
+        first = job(queue)
+        assert broker.fire_schedule(name, 200.0, 100.0, first) is True, "queue: the message's"
+        assert broker.fire_schedule(name, 300.0, 200.0, None, queue) is True, "a skipped tick"
+        assert broker.fire_schedule(name, 400.0, 300.0, job(queue), queue) is True
+        assert broker.schedule_fires([name], {name: queue}) == {name: 400.0}
+        assert len(fetch_all(broker, queue)) == 2
+
+    @requires(Capability.SCHEDULES)
+    def test_a_ticks_job_may_go_to_another_queue_than_the_schedules(
+        self, broker: Broker, queue: str
+    ) -> None:
+        name, elsewhere = unique("schedule"), unique()
+        moved = job(elsewhere)  # as a middleware may route a scheduled job
+        assert broker.fire_schedule(name, 100.0, None, None, queue) is True
+        assert broker.fire_schedule(name, 200.0, 100.0, moved, queue) is True
+        assert broker.job_state(moved.id) == JobState(elsewhere, JobStatus.QUEUED)
+        assert broker.fire_schedule(name, 300.0, 100.0, job(elsewhere), queue) is False
+        assert broker.schedule_fires([name], {name: queue}) == {name: 200.0}
+        assert ids(fetch_all(broker, elsewhere)) == [moved.id]
 
     @requires(Capability.SCHEDULES)
     def test_a_tick_whose_job_id_is_held_adds_nothing_but_still_fires(
@@ -308,8 +339,9 @@ class SchedulingBrokerContract(BrokerCases):
         name = unique("schedule")
         held = job(queue)
         broker.enqueue([held])
-        assert broker.fire_schedule(name, 100.0, None, Message(held.id, queue, b"tick")) is True
-        assert broker.schedule_fires([name]) == {name: 100.0}
+        replacement = Message(held.id, queue, b"tick")
+        assert broker.fire_schedule(name, 100.0, None, replacement, queue) is True
+        assert broker.schedule_fires([name], {name: queue}) == {name: 100.0}
         assert [d.body for d in fetch_all(broker, queue)] == [b"payload"]
 
     @requires(Capability.SCHEDULES, Capability.UNIQUE)
@@ -319,20 +351,26 @@ class SchedulingBrokerContract(BrokerCases):
         name = unique("schedule")
         holder, tick = job(queue, key="report"), job(queue, key="report")
         broker.enqueue_unique([holder])
-        assert broker.fire_schedule(name, 100.0, None, tick) is True
-        assert broker.schedule_fires([name]) == {name: 100.0}
+        assert broker.fire_schedule(name, 100.0, None, tick, queue) is True
+        assert broker.schedule_fires([name], {name: queue}) == {name: 100.0}
         assert broker.job_state(tick.id) is None
         unheld = job(queue, key="other")
-        assert broker.fire_schedule(name, 200.0, 100.0, unheld) is True
+        assert broker.fire_schedule(name, 200.0, 100.0, unheld, queue) is True
         assert ids(fetch_all(broker, queue)) == [holder.id, unheld.id]
 
     @requires(Capability.SCHEDULES)
-    def test_schedule_fires_lists_the_recorded_schedules(self, broker: Broker) -> None:
+    def test_schedule_fires_lists_the_recorded_schedules(self, broker: Broker, queue: str) -> None:
         first, second, unknown = unique("schedule"), unique("schedule"), unique("schedule")
-        broker.fire_schedule(first, 10.0, None, None)
-        broker.fire_schedule(second, 20.5, None, None)
-        assert broker.schedule_fires([first, unknown, second]) == {first: 10.0, second: 20.5}
-        assert broker.schedule_fires([unknown]) == {}
+        other = unique()
+        broker.fire_schedule(first, 10.0, None, None, queue)
+        broker.fire_schedule(second, 20.5, None, None, other)
+        homes = {first: queue, second: other, unknown: queue}
+        assert broker.schedule_fires([first, unknown, second], homes) == {
+            first: 10.0,
+            second: 20.5,
+        }
+        assert broker.schedule_fires([unknown], homes) == {}
+        assert broker.schedule_fires([first, second]) == {first: 10.0, second: 20.5}, "anywhere"
         everything = broker.schedule_fires()
         assert (everything[first], everything[second]) == (10.0, 20.5)
         assert unknown not in everything
@@ -342,14 +380,14 @@ class SchedulingBrokerContract(BrokerCases):
         self, broker: Broker, queue: str
     ) -> None:
         name, threads = unique("schedule"), 8
-        broker.fire_schedule(name, 100.0, None, None)
+        broker.fire_schedule(name, 100.0, None, None, queue)
         barrier = threading.Barrier(threads)
         results: list[bool] = []
         lock = threading.Lock()
 
         def fire() -> None:
             barrier.wait(WAIT)
-            fired = broker.fire_schedule(name, 200.0, 100.0, job(queue))
+            fired = broker.fire_schedule(name, 200.0, 100.0, job(queue), queue)
             with lock:
                 results.append(fired)
 
@@ -359,7 +397,7 @@ class SchedulingBrokerContract(BrokerCases):
         for racer in racers:
             racer.join(WAIT * 2)
         assert sorted(results) == [False] * (threads - 1) + [True]
-        assert broker.schedule_fires([name]) == {name: 200.0}
+        assert broker.schedule_fires([name], {name: queue}) == {name: 200.0}
         assert len(fetch_all(broker, queue)) == 1, "exactly one job"
 
     # -- rate limits -------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Every worker may run it (``worq worker`` does unless ``--no-scheduler``). It hol
 its own: the broker keeps each schedule's last fire, and :meth:`Broker.fire_schedule` records a
 tick and enqueues its job in one atomic compare-and-set. Ten workers that reach the same tick
 all ask; one wins, the rest see the new record and go back to sleep. A worker killed between
-computing a tick and firing it has changed nothing, so another fires it.
+computing a tick and firing it has changed nothing, so another fires it. Each call names the
+queue the schedule's jobs go to, where a broker may keep its record (Redis Cluster does).
 
 Tick times come from the trigger alone (a cron tick is a wall-clock instant, an ``every`` tick a
 multiple of its interval since the epoch), never from when a worker woke, so workers with
@@ -20,7 +21,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from worq_core.errors import ScheduleTaken
-from worq_core.scheduling import Missed, Schedule
+from worq_core.scheduling import Missed, Schedule, fire_tick, recorded_fires
 from worq_core.worker.services import Service
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class Scheduler(Service):
     def tick(self, now: float) -> float:
         """Fire what is due; returns when (monotonic) the next tick of any schedule is."""
         wall = self.clock()
-        records = self.broker.schedule_fires([s.key for s in self.schedules])
+        records = recorded_fires(self.broker, self.schedules)
         soonest = wall + MAX_SLEEP
         for schedule in self.schedules:
             try:
@@ -84,7 +85,7 @@ class Scheduler(Service):
         broker = self.broker
         for _ in range(ROUNDS):
             if last is None:
-                if broker.fire_schedule(schedule.key, wall, None, None):
+                if fire_tick(broker, schedule, wall, None, None):
                     log.info("schedule %s: first seen; fires from its next tick", schedule.name)
                     last = wall
                     break
@@ -96,7 +97,7 @@ class Scheduler(Service):
                 skip = schedule.missed is Missed.SKIP and late > schedule.grace
                 message, request = (None, None) if skip else schedule.prepare(due)
                 try:
-                    fired = broker.fire_schedule(schedule.key, due, last, message)
+                    fired = fire_tick(broker, schedule, due, last, message)
                 except BaseException as exc:
                     schedule.tell_sent(request, exc)
                     raise
@@ -116,5 +117,5 @@ class Scheduler(Service):
                     last = due
                     break
             # Another worker changed the record first: look again.
-            last = broker.schedule_fires([schedule.key]).get(schedule.key)
+            last = recorded_fires(broker, [schedule]).get(schedule.key)
         return schedule.trigger.next_after(wall if last is None else max(wall, last))
