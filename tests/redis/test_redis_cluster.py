@@ -798,6 +798,7 @@ def test_a_then_step_is_not_dropped_when_its_queues_seq_goes_back(
         broker.enqueue([Message("one", src, b"1"), Message("two", src, b"2")])
         one, two = broker.fetch([src], 2, lease=30, wait=0)
         before = cluster_client.get(seq)
+        assert before is not None
         assert broker.settle([Settlement(one, Outcome.ACK, then=(Message("n1", dst, b"n1"),))])
         cluster_client.set(seq, before)  # what the replica promoted had
         assert broker.settle([Settlement(two, Outcome.ACK, then=(Message("n2", dst, b"n2"),))])
