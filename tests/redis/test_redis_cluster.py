@@ -714,3 +714,95 @@ def test_an_outbox_entry_that_cannot_be_read_is_left_and_the_others_are_forwarde
     finally:
         delete_prefix(cluster_client, prefix)
         broker.close()
+
+
+# -- review: what the outbox must not lose or double ----------------------------------------------
+
+
+def test_a_fixed_id_then_step_keeps_the_record_its_new_run_saved(
+    cluster: ClusterSet, cluster_client: redis.RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``then`` message with ``clear_record`` (a step whose id the caller fixed) drops the record
+    of an earlier run of that id, never the record of the run it starts, which a worker of the
+    target queue may save as soon as the forward made the job visible."""
+    prefix = new_prefix()
+    src, dst = _queues_on_distinct_masters(cluster_client, prefix, 2)
+    url = f"{cluster.url}?prefix={prefix}"
+    broker, worker, storage = RedisClusterBroker(url), RedisClusterBroker(url), RedisStorage(url)
+    try:
+        storage.save({"fixed": b"earlier run"}, 60)
+        broker.enqueue([Message("step", src, b"step")])
+        [got] = broker.fetch([src], 1, lease=30, wait=0)
+        last_step = broker._delete_applied
+
+        def new_run_finishes_first(*args: Any) -> None:
+            # a worker of dst, blocked in its fetch, takes the new run at once and finishes it
+            [run] = worker.fetch([dst], 1, lease=30, wait=0)
+            storage.save({"fixed": b"new run"}, 60)
+            assert worker.settle([Settlement(run, Outcome.ACK)]) == [True]
+            last_step(*args)
+
+        monkeypatch.setattr(broker, "_delete_applied", new_run_finishes_first)
+        then = (Message("fixed", dst, b"fixed", clear_record=True),)
+        assert broker.settle([Settlement(got, Outcome.ACK, then=then)]) == [True]
+        assert storage.load("fixed") == b"new run"
+    finally:
+        delete_prefix(cluster_client, prefix)
+        for closing in (broker, worker, storage):
+            closing.close()
+
+
+def test_an_entry_swept_again_and_again_is_remembered_while_it_is_swept(
+    cluster: ClusterSet, cluster_client: redis.RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries applied whose deletion keeps failing (a target's replica behind ``wait_replicas``,
+    a target slot down) are applied again by every sweep; the then step must not come back once
+    ``outbox_memory`` has passed since the first application, while sweeps keep coming."""
+    prefix = new_prefix()
+    src, dst = _queues_on_distinct_masters(cluster_client, prefix, 2)
+    now = [time.time()]
+    settings = RedisSettings(outbox_sweep=1, outbox_memory=60)
+    broker = RedisClusterBroker(f"{cluster.url}?prefix={prefix}", settings, clock=lambda: now[0])
+
+    def fails(*args: Any) -> None:
+        raise redis.ConnectionError("the deletion fails, as every time")
+
+    try:
+        broker.enqueue([Message("step", src, b"step")])
+        [got] = broker.fetch([src], 1, lease=30, wait=0)
+        monkeypatch.setattr(broker, "_delete_applied", fails)
+        then = (Message("next", dst, b"next"),)
+        assert broker.settle([Settlement(got, Outcome.ACK, then=then)]) == [True]
+        [ran] = broker.fetch([dst], 1, lease=30, wait=0)
+        assert broker.settle([Settlement(ran, Outcome.ACK)]) == [True], "the then step ran"
+        for _ in range(3):  # a sweep every 40 s, each failing to delete
+            now[0] += 40
+            with pytest.raises(BrokerError):
+                broker.forward_outbox([src], older_than=0)
+        assert broker.job_state("next") is None, "the then step ran once, and not again"
+    finally:
+        delete_prefix(cluster_client, prefix)
+        broker.close()
+
+
+def test_a_then_step_is_not_dropped_when_its_queues_seq_goes_back(
+    cluster: ClusterSet, cluster_client: redis.RedisCluster
+) -> None:
+    """A failover to a replica that missed the master's last writes takes the queue's ``seq``
+    back; the entry ids numbered from it must still never repeat one already applied."""
+    prefix = new_prefix()
+    src, dst = _queues_on_distinct_masters(cluster_client, prefix, 2)
+    broker = RedisClusterBroker(f"{cluster.url}?prefix={prefix}")
+    seq = f"{prefix}:{{{src}}}:seq"
+    try:
+        broker.enqueue([Message("one", src, b"1"), Message("two", src, b"2")])
+        one, two = broker.fetch([src], 2, lease=30, wait=0)
+        before = cluster_client.get(seq)
+        assert before is not None
+        assert broker.settle([Settlement(one, Outcome.ACK, then=(Message("n1", dst, b"n1"),))])
+        cluster_client.set(seq, before)  # what the replica promoted had
+        assert broker.settle([Settlement(two, Outcome.ACK, then=(Message("n2", dst, b"n2"),))])
+        assert broker.job_state("n2") == JobState(dst, JobStatus.QUEUED), "n2 was not dropped"
+    finally:
+        delete_prefix(cluster_client, prefix)
+        broker.close()

@@ -49,6 +49,7 @@ from worq_redis.connection import (
     RedisSettings,
     ReplicasBehind,
     Script,
+    applied_key,
     clock_arg,
     close_client,
     cluster_ids_key,
@@ -1606,9 +1607,10 @@ class RedisClusterBroker(RedisBroker):
         (which remembers the entry's id, so a repeat adds nothing), and each group member
         counted by ``group_count`` (each index once). A group completed then has its callback
         sent (by ``forward`` too, under the group's id) and marked delivered. Groups released
-        by a closing job are deleted, the records of added ``clear_record`` messages deleted,
-        and the entries deleted from their outboxes last: a failure anywhere before leaves
-        them for a sweep, and applying them again changes nothing.
+        by a closing job are deleted, and the entries deleted from their outboxes last: a
+        failure anywhere before leaves them for a sweep, and applying them again changes
+        nothing. (The old records of ``clear_record`` messages go before their forward, see
+        :meth:`_clear_records`.)
         """
         messages: dict[str, list[tuple[bytes, list[bytes]]]] = {}
         counts: dict[str, list[Arg]] = {}
@@ -1635,35 +1637,31 @@ class RedisClusterBroker(RedisBroker):
         calls = self._forward_calls(messages)
         calls += [(_GROUP_COUNT, [group_key(self.prefix, g)], counts[g]) for g in gids]
         results = self._replicated_calls(calls)
-        cleanup = self._added(messages, results[: len(messages)])
         callbacks = {
             gid: list(reply)
             for gid, reply in zip(gids, results[len(messages) :], strict=True)
             if reply
         }
         if callbacks:
-            cleanup += self._send_callbacks(callbacks, confirm=False)
+            self._send_callbacks(callbacks, confirm=False)
         if releases:
             dels = [("DEL", group_key(self.prefix, g)) for g in releases]
             for reply in self._lane.pipeline(dels):
                 if isinstance(reply, Exception):
                     raise reply
         if done:
-            self._delete_applied(done, cleanup, list(callbacks))
+            self._delete_applied(done, list(callbacks))
         return sum(len(raws) for raws in done.values())
 
     def _delete_applied(
-        self,
-        outbox: Mapping[str, Sequence[bytes]],
-        cleanup: Sequence[tuple[Arg, ...]],
-        delivered: Sequence[str],
+        self, outbox: Mapping[str, Sequence[bytes]], delivered: Sequence[str]
     ) -> None:
         """The last step of :meth:`_apply`, in one round trip.
 
-        ``cleanup`` (records to delete), the groups whose callbacks were ``delivered`` marked
-        so, and the applied entries deleted from their outboxes.
+        The groups whose callbacks were ``delivered`` marked so, and the applied entries
+        deleted from their outboxes.
         """
-        commands: list[tuple[Arg, ...]] = [*cleanup]
+        commands: list[tuple[Arg, ...]] = []
         for source, raws in outbox.items():
             commands.append(("ZREM", outbox_key(self.prefix, source), *raws))
         sent: list[Call] = [(_GROUP_SENT, [group_key(self.prefix, g)], ()) for g in delivered]
@@ -1693,6 +1691,7 @@ class RedisClusterBroker(RedisBroker):
         if not messages:
             return []
         self._register_queues(list(messages))
+        self._clear_records(messages)
         head: tuple[Arg, ...] = (clock_arg(self.clock), int(self.settings.outbox_memory * 1000))
         calls: list[Call] = []
         for queue, items in messages.items():
@@ -1702,43 +1701,57 @@ class RedisClusterBroker(RedisBroker):
             calls.append((_FORWARD, self._queue_keys(queue), args))
         return calls
 
-    def _added(
-        self, messages: Mapping[str, Sequence[tuple[bytes, list[bytes]]]], results: Sequence[Any]
-    ) -> list[tuple[Arg, ...]]:
-        """The ``DEL`` of the old record of each forwarded ``clear_record`` message added.
+    def _clear_records(self, messages: Mapping[str, Sequence[tuple[bytes, list[bytes]]]]) -> None:
+        """Delete the old record of each ``clear_record`` message about to be added.
 
-        Not in the step that added it, as on one server: the record is in another slot. (A
-        separate storage has the same gap, see ``Task`` enqueue.)
+        On one server the record goes in the step that adds the job. Here it is in another
+        slot, and it must go *before* the forward: once the job is in its queue a worker may
+        run it and save the new run's record, which a later ``DEL`` would destroy. So first
+        one pipelined look at each target queue (is the entry in ``applied``, is the id held),
+        then the ``DEL`` of those the forward will add. A repeated entry is skipped: its job
+        may have run already. Two round trips, for these messages only.
         """
-        dels: list[tuple[Arg, ...]] = []
-        for items, answers in zip(messages.values(), results, strict=True):
-            for (_, values), answer in zip(items, answers, strict=True):
-                if answer == 1 and values[6] == b"1":
-                    dels.append(("DEL", result_keys(self.prefix, _text(values[2]))[0]))
-        return dels
+        wanted = [
+            (queue, marker, _text(values[2]))
+            for queue, items in messages.items()
+            for marker, values in items
+            if values[6] == b"1"
+        ]
+        if not wanted:
+            return
+        looks: list[tuple[Arg, ...]] = []
+        for queue, marker, job_id in wanted:
+            looks.append(("ZSCORE", applied_key(self.prefix, queue), marker))
+            looks.append(("HEXISTS", cluster_ids_key(self.prefix, queue), job_id))
+        seen = self._lane.pipeline(looks)
+        for reply in seen:
+            if isinstance(reply, Exception):
+                raise reply
+        dels = [
+            ("DEL", result_keys(self.prefix, job_id)[0])
+            for (_, _, job_id), applied, held in zip(wanted, seen[::2], seen[1::2], strict=True)
+            if applied is None and not held
+        ]
+        for reply in self._lane.pipeline(dels) if dels else ():
+            if isinstance(reply, Exception):
+                raise reply
 
-    def _send_callbacks(
-        self, callbacks: Mapping[str, list[Any]], *, confirm: bool = True
-    ) -> list[tuple[Arg, ...]]:
+    def _send_callbacks(self, callbacks: Mapping[str, list[Any]], *, confirm: bool = True) -> None:
         """Send the due callbacks of complete groups (ten message values each, by group id).
 
         Each goes through ``forward`` under the group's key as its entry id, so a group's
         callback is added once however often its members' entries are applied. With
         ``confirm``, the groups are marked delivered here; otherwise the caller does (with the
-        deletion of the entries that completed them). Returns the records to delete.
+        deletion of the entries that completed them).
         """
         messages: dict[str, list[tuple[bytes, list[bytes]]]] = {}
         for gid, values in callbacks.items():
             marker = group_key(self.prefix, gid)[len(self.prefix) + 1 :].encode()
             data = [v if isinstance(v, bytes) else str(v).encode() for v in values]
             messages.setdefault(_text(data[0]), []).append((marker, data))
-        results = self._replicated_calls(self._forward_calls(messages))
-        cleanup = self._added(messages, results)
+        self._replicated_calls(self._forward_calls(messages))
         if confirm:
-            sent = [(_GROUP_SENT, [group_key(self.prefix, g)], ()) for g in callbacks]
-            self._lane.scripts(sent, extra=cleanup)
-            return []
-        return cleanup
+            self._lane.scripts([(_GROUP_SENT, [group_key(self.prefix, g)], ()) for g in callbacks])
 
     def _register_queues(self, queues: Sequence[str]) -> None:
         """Add queues this broker has not seen to the registry (a plain ``SADD``, in its slot)."""

@@ -85,9 +85,10 @@ class RedisSettings:
     """Redis Cluster only: how often (seconds) a worker sweeps the outboxes of its queues, and
     how old an entry must be for a sweep to forward it (its own forwarder died or failed)."""
     outbox_memory: float = 3600.0
-    """Redis Cluster only: how long (seconds) a queue remembers the outbox entries it applied,
-    so that one applied again (its forwarder died after applying it, before deleting it) adds
-    nothing. An entry left in an outbox longer than this may be applied twice."""
+    """Redis Cluster only: how long (seconds) a queue remembers the outbox entries it applied
+    (from the last time each was applied), so that one applied again (its forwarder died after
+    applying it, before deleting it) adds nothing. An entry no sweep applied for longer than
+    this may be applied twice."""
 
     def __post_init__(self) -> None:
         if not self.prefix or "{" in self.prefix or "}" in self.prefix:
@@ -545,6 +546,14 @@ def outbox_key(prefix: str, queue: str) -> str:
     group released); the broker applies it there and deletes it (see ``docs/redis.md``).
     """
     return f"{prefix}:{{{queue}}}:outbox"
+
+
+def applied_key(prefix: str, queue: str) -> str:
+    """Under Redis Cluster, the outbox entries ``queue`` applied lately (a ZSET by time).
+
+    ``forward`` answers a repeat of one of them with -1 and adds nothing (see ``docs/redis.md``).
+    """
+    return f"{prefix}:{{{queue}}}:applied"
 
 
 def events_key(prefix: str) -> str:

@@ -19,14 +19,16 @@ end
 -- Append an effect on another slot to this queue's outbox (`outbox`, a ZSET of entries scored
 -- by the time they were added): `values` are its kind ("m" a message to enqueue, "c" a group
 -- member to count, "x" a group to release) and its data; the entry's id goes second: this
--- queue's tag and a number of its `seq`, unique for good, so the slot that applies it can tell
--- a repeat. Never called while in_queue points the queue locals at another queue.
+-- queue's tag, a number of its `seq` and the time, unique for good, so the slot that applies it
+-- can tell a repeat. The time because `seq` alone may go back: a failover to a replica that
+-- missed the last writes would number a new entry as one already applied, and drop it.
+-- Never called while in_queue points the queue locals at another queue.
 local function outbox_add(now, values)
   if now == 0 then
     now = clock(ARGV[1]) -- fire_schedule reads the clock only for a job with an eta
   end
   local tag = string.sub(qkey(""), #key_prefix() + 2)
-  table.insert(values, 2, tag .. redis.call("INCR", K_SEQ))
+  table.insert(values, 2, tag .. redis.call("INCR", K_SEQ) .. "@" .. f6(now))
   local entry = netstrings(values)
   redis.call("ZADD", qkey("outbox"), f6(now), entry)
   OUTBOX_NEW[#OUTBOX_NEW + 1] = entry
