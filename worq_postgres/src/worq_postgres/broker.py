@@ -42,6 +42,7 @@ from worq_postgres.connection import (
     Target,
     make_pool,
     parse_url,
+    setting,
     translated,
 )
 from worq_postgres.migrations import check_version
@@ -49,7 +50,9 @@ from worq_postgres.storage import PostgresStorage
 
 _OUTCOMES = {Outcome.ACK: "ack", Outcome.RETRY: "retry", Outcome.DEAD: "dead"}
 _LEASES = {"held": LeaseState.HELD, "cancelling": LeaseState.CANCELLING, "lost": LeaseState.LOST}
-_SWEEP_EVERY = 100  # settle calls between two sweeps of expired records
+_SWEEP_EVERY = 100  # settle calls between two sweeps (expired rows, dead jobs past retention)
+_SWEEP_BATCH = 1000  # rows one statement of a sweep deletes at most
+_SWEEP_BATCHES = 50  # statements per table and sweep at most: bounded work, yet it keeps up
 _NO_TOKEN = -1  # a token that no lease holds (a delivery from another broker)
 
 
@@ -103,18 +106,35 @@ class PostgresBroker(Broker):
         pool_size: int = 10,
         events_max: int = 10_000,
         vacuum_after: int | None = 50_000,
+        dead_max_count: int | None = None,
+        dead_max_age: float | None = None,
     ) -> None:
         self.url = url
         self.target: Target = parse_url(url)
         self.events_max = events_max
         self.vacuum_after = vacuum_after
         """Dead rows in ``worq_jobs`` past which a settling broker vacuums it (``None``: never)."""
+        self.dead_max_count: int = setting(
+            self.target, "dead_max_count", dead_max_count, int, 10_000
+        )
+        """Dead jobs kept per queue (``?dead_max_count=``); the oldest beyond it are dropped."""
+        self.dead_max_age: float = setting(
+            self.target, "dead_max_age", dead_max_age, float, 7 * 24 * 3600.0
+        )
+        """Seconds a dead job is kept (``?dead_max_age=``)."""
+        if self.dead_max_count < 0 or not 0 <= self.dead_max_age < float("inf"):
+            raise PostgresError(
+                f"dead_max_count and dead_max_age must be finite and >= 0, not "
+                f"{self.dead_max_count!r} and {self.dead_max_age!r}"
+            )
+        self._dead_queues: set[str] = set()  # queues dead-lettered into since the last sweep
         self._pool: ConnectionPool = make_pool(self.target, pool_size, "worq-broker")
         self._opened = False
         self._lock = threading.Lock()
         self._listener = Listener(self.target, self.target.channel)
         self._event_listener = Listener(self.target, self.target.channel + "_events")
-        self._settles = 0  # settle calls, to sweep expired records every _SWEEP_EVERY
+        self._settles = 0  # settle calls, to sweep every _SWEEP_EVERY
+        self._sweep_lock = threading.Lock()
 
     @override
     @classmethod
@@ -436,14 +456,30 @@ class PostgresBroker(Broker):
         query, params = self._settle_call(settlements)
         if not any(s.then for s in settlements):
             [(applied,)] = self._call("settle jobs", query, params)
-            return list(applied)
-        with self._connection("settle jobs") as conn, conn.transaction():
-            return self._settle_on(conn, settlements)
+        else:
+            with self._connection("settle jobs") as conn, conn.transaction():
+                applied = self._settle_on(conn, settlements)
+        self._note_dead(settlements, applied)
+        return list(applied)
 
     def _count_settle(self) -> None:
-        self._settles += 1
-        if self._settles % _SWEEP_EVERY == 0:
-            self._sweep_results()
+        """Sweep every _SWEEP_EVERY settle calls, before the call's own work."""
+        with self._sweep_lock:
+            self._settles += 1
+            due = self._settles % _SWEEP_EVERY == 0
+        if due:
+            self._sweep()
+
+    def _note_dead(self, settlements: Sequence[Settlement], applied: Sequence[bool]) -> None:
+        """Remember the queues that got dead jobs: the next sweep checks their count."""
+        dead = {
+            s.delivery.queue
+            for s, ok in zip(settlements, applied, strict=True)
+            if ok and s.outcome is Outcome.DEAD
+        }
+        if dead:
+            with self._sweep_lock:
+                self._dead_queues |= dead
 
     def _settle_on(self, conn: Any, settlements: Sequence[Settlement]) -> list[bool]:
         """Settle on ``conn``, inside the caller's transaction, with the follow-ups."""
@@ -474,6 +510,7 @@ class PostgresBroker(Broker):
                 f"SELECT * FROM {self.target.q('worq_fetch')}(%s, %s, %s)",
                 (list(queues), limit, float(lease)),
             ).fetchall()
+        self._note_dead(settlements, applied)
         if rows or wait <= 0:
             return applied, _deliveries(rows)
         return applied, self.fetch(queues, limit, lease=lease, wait=wait)
@@ -493,21 +530,29 @@ class PostgresBroker(Broker):
         query = f"SELECT {self.target.q('worq_settle')}(%s, %s, %s, %s, %s, %s, %s, %s, %s)"
         return query, params
 
-    def _sweep_results(self) -> None:
-        """Delete a batch of expired records and groups (bounded work, piggy-backed on settles)."""
+    def _sweep(self) -> None:
+        """Bounded upkeep piggy-backed on settles, off their transactions.
+
+        Expired records and groups go in batches until a batch comes back short (so a sweep
+        keeps up with however many records the settles since the last one wrote); dead jobs
+        past retention in one batch (a queue that got new dead jobs is checked for its count,
+        every queue for age); and ``worq_jobs`` is vacuumed if autovacuum lags.
+        """
         q = self.target.q
-        self._call_none(
-            "delete expired records",
-            f"DELETE FROM {q('worq_results')} WHERE id IN (SELECT id FROM {q('worq_results')} "
-            f"WHERE expires <= {q('worq_now')}() LIMIT 1000)",
-            (),
-        )
-        self._call_none(
-            "delete expired groups",
-            f"DELETE FROM {q('worq_groups')} WHERE id IN (SELECT id FROM {q('worq_groups')} "
-            f"WHERE expires <= {q('worq_now')}() LIMIT 1000)",
-            (),
-        )
+        for table in ("worq_results", "worq_groups"):
+            for _ in range(_SWEEP_BATCHES):
+                with self._connection("delete expired rows") as conn:
+                    gone = conn.execute(
+                        f"DELETE FROM {q(table)} WHERE id IN (SELECT id FROM {q(table)} "
+                        f"WHERE expires <= {q('worq_now')}() LIMIT {_SWEEP_BATCH})"
+                    ).rowcount
+                if gone < _SWEEP_BATCH:
+                    break
+        with self._sweep_lock:
+            queues, self._dead_queues = self._dead_queues, set()
+        if self._trim_dead(sorted(queues), _SWEEP_BATCH) >= _SWEEP_BATCH:
+            with self._sweep_lock:  # more to drop: the next sweep goes on
+                self._dead_queues |= queues
         if self.vacuum_after is None:
             return
         # Autovacuum looks at a database once a minute at most; a busy queue leaves tens of
@@ -521,6 +566,15 @@ class PostgresBroker(Broker):
         )
         if dead > self.vacuum_after:
             self._call_none("vacuum", f"VACUUM (SKIP_LOCKED) {q('worq_jobs')}", ())
+
+    def _trim_dead(self, queues: Sequence[str], limit: int | None = None) -> int:
+        """Drop dead jobs past retention (see :sql:`worq_trim_dead`); how many went."""
+        [(gone,)] = self._call(
+            "drop dead jobs past retention",
+            f"SELECT {self.target.q('worq_trim_dead')}(%s, %s, %s, %s)",
+            (list(queues), self.dead_max_count, self.dead_max_age, limit),
+        )
+        return int(gone)
 
     @override
     def release(self, deliveries: Sequence[Delivery]) -> None:
@@ -596,6 +650,7 @@ class PostgresBroker(Broker):
             names = list(queues)
         if not names:
             return []
+        self._trim_dead(names)
         rows = self._call(
             "count jobs",
             f"WITH now AS (SELECT {q('worq_now')}() AS t) "
@@ -615,6 +670,7 @@ class PostgresBroker(Broker):
 
     @override
     def dead_jobs(self, queue: str, limit: int = 100) -> list[DeadJob]:
+        self._trim_dead([queue])
         rows = self._call(
             "list dead jobs",
             f"SELECT id, queue, body, reason, attempts, died_at FROM {self.target.q('worq_jobs')} "
@@ -628,6 +684,7 @@ class PostgresBroker(Broker):
         q = self.target.q
         only = "" if job_ids is None else "AND id = ANY(%s)"
         params: list[Any] = [queue] if job_ids is None else [queue, list(job_ids)]
+        self._trim_dead([queue])
         with self._connection("requeue dead jobs") as conn, conn.transaction():
             moved = conn.execute(
                 f"UPDATE {q('worq_jobs')} SET state = 'queued', attempts = 0, reason = '', "
@@ -642,6 +699,7 @@ class PostgresBroker(Broker):
 
     @override
     def purge_dead(self, queue: str) -> int:
+        self._trim_dead([queue])
         with self._connection("purge dead jobs") as conn:
             return conn.execute(
                 f"DELETE FROM {self.target.q('worq_jobs')} WHERE queue = %s AND state = 'dead'",
@@ -693,6 +751,8 @@ class PostgresBroker(Broker):
         if limit <= 0:
             return []
         condition, order, at = self._LISTINGS[status]
+        if status is JobStatus.DEAD:
+            self._trim_dead([queue])
         rows = self._call(
             "list jobs",
             self._listed_sql(f"queue = %s AND {condition}", at)
