@@ -113,7 +113,8 @@ class PostgresBroker(Broker):
         self.target: Target = parse_url(url)
         self.events_max = events_max
         self.vacuum_after = vacuum_after
-        """Dead rows in ``worq_jobs`` past which a settling broker vacuums it (``None``: never)."""
+        """Dead rows in ``worq_jobs``, ``worq_results`` or ``worq_events`` past which a settling
+        broker vacuums that table (``None``: never, leave it to autovacuum)."""
         self.dead_max_count: int = setting(
             self.target, "dead_max_count", dead_max_count, int, 10_000
         )
@@ -536,7 +537,7 @@ class PostgresBroker(Broker):
         Expired records and groups go in batches until a batch comes back short (so a sweep
         keeps up with however many records the settles since the last one wrote); dead jobs
         past retention in one batch (a queue that got new dead jobs is checked for its count,
-        every queue for age); and ``worq_jobs`` is vacuumed if autovacuum lags.
+        every queue for age); and the churned tables are vacuumed if autovacuum lags.
         """
         q = self.target.q
         for table in ("worq_results", "worq_groups"):
@@ -555,17 +556,20 @@ class PostgresBroker(Broker):
                 self._dead_queues |= queues
         if self.vacuum_after is None:
             return
-        # Autovacuum looks at a database once a minute at most; a busy queue leaves tens of
-        # thousands of dead rows in that time. Past the threshold, the settling broker vacuums
-        # the table itself (SKIP_LOCKED: when another one is at it already, it does not wait).
-        [(dead,)] = self._call(
+        # Autovacuum looks at a database once a minute at most (and may be off); a busy queue
+        # leaves tens of thousands of dead rows in that time, in the jobs table and in the
+        # records' (each acknowledged job deletes one row from each). Past the threshold, the
+        # settling broker vacuums the table itself (SKIP_LOCKED: when another one is at it
+        # already, it does not wait).
+        rows = self._call(
             "read the dead rows",
-            "SELECT coalesce(sum(n_dead_tup), 0) FROM pg_stat_user_tables "
-            "WHERE schemaname = %s AND relname = 'worq_jobs'",
-            (self.target.schema,),
+            "SELECT relname FROM pg_stat_user_tables WHERE schemaname = %s "
+            "AND relname IN ('worq_jobs', 'worq_results', 'worq_events') AND n_dead_tup > %s "
+            "ORDER BY relname",
+            (self.target.schema, self.vacuum_after),
         )
-        if dead > self.vacuum_after:
-            self._call_none("vacuum", f"VACUUM (SKIP_LOCKED) {q('worq_jobs')}", ())
+        for (table,) in rows:
+            self._call_none("vacuum", f"VACUUM (SKIP_LOCKED) {q(table)}", ())
 
     def _trim_dead(self, queues: Sequence[str], limit: int | None = None) -> int:
         """Drop dead jobs past retention (see :sql:`worq_trim_dead`); how many went."""
