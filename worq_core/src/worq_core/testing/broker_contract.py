@@ -383,6 +383,56 @@ class BrokerContract(SchedulingBrokerContract, WorkflowBrokerContract, Inspectio
         assert ids(got) == [second.id]
         assert broker.job_state(first.id) is None
 
+    def test_settle_and_fetch_waits_for_a_job_enqueued_meanwhile(
+        self, broker: Broker, queue: str
+    ) -> None:
+        first, later = message(queue), message(queue)
+        broker.enqueue([first])
+        delivery = fetch_one(broker, queue)
+        timer = threading.Timer(0.2, lambda: broker.enqueue([later]))
+        timer.start()
+        try:
+            applied, got = broker.settle_and_fetch(
+                [Settlement(delivery, Outcome.ACK)], [queue], 5, lease=LEASE, wait=WAIT
+            )
+        finally:
+            timer.join()
+        assert applied == [True]
+        assert ids(got) == [later.id]
+
+    @requires(Capability.DELAYED)
+    def test_settle_and_fetch_waits_for_a_delayed_job_to_come_due(
+        self, broker: Broker, queue: str
+    ) -> None:
+        now = message(queue)
+        broker.enqueue([now])
+        delivery = fetch_one(broker, queue)
+        eta = time.time() + 0.3
+        delayed = message(queue, eta=eta)
+        broker.enqueue([delayed])
+        applied, got = broker.settle_and_fetch(
+            [Settlement(delivery, Outcome.ACK)], [queue], 5, lease=LEASE, wait=WAIT
+        )
+        assert applied == [True]
+        assert ids(got) == [delayed.id]
+        assert time.time() >= eta - CLOCK_SLACK, "never before its time"
+
+    def test_settle_and_fetch_with_a_stale_token_settles_nothing_and_still_fetches(
+        self, broker: Broker, queue: str
+    ) -> None:
+        first, second = message(queue), message(queue)
+        broker.enqueue([first])
+        stale = fetch_one(broker, queue, lease=SHORT_LEASE)
+        [current] = broker.fetch([queue], 1, lease=LEASE, wait=WAIT)  # once the lease ran out
+        broker.enqueue([second])
+        applied, got = broker.settle_and_fetch(
+            [Settlement(stale, Outcome.ACK)], [queue], 5, lease=LEASE, wait=0
+        )
+        assert applied == [False]
+        assert ids(got) == [second.id]
+        assert status(broker, first.id) is JobStatus.RUNNING
+        assert broker.settle([Settlement(current, Outcome.ACK)]) == [True]
+
     def test_stats_count_jobs_by_state(self, broker: Broker, queue: str) -> None:
         broker.enqueue([message(queue) for _ in range(4)])
         if Capability.DELAYED in broker.capabilities:
