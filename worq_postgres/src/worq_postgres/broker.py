@@ -7,6 +7,7 @@ import dataclasses
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
@@ -211,13 +212,24 @@ class PostgresBroker(Broker):
         return f"SELECT {self.target.q('worq_enqueue')}(%s, {_one(_ENQUEUE_TYPES)})"
 
     @staticmethod
-    def _added(messages: Sequence[Message], rows: Sequence[tuple[Any, ...]]) -> list[str | None]:
-        """Per message, ``None`` if :sql:`worq_enqueue` added it, else its own id (held)."""
-        added = {row[0] for row in rows}
+    def _added(messages: Sequence[Message], refused: Sequence[str]) -> list[str | None]:
+        """Per message, ``None`` if :sql:`worq_enqueue` added it, else its own id (held).
+
+        ``refused`` has an id once per message not added: as many times as the batch holds it
+        when none was (the id was held), once fewer when the first was.
+        """
+        if not refused:
+            return [None] * len(messages)
+        left = Counter(refused)
+        sent = Counter(m.id for m in messages)
         answer: list[str | None] = []
+        first = set()
         for message in messages:
-            answer.append(None if message.id in added else message.id)
-            added.discard(message.id)  # a second message with the id in the batch was not
+            if message.id in first:  # a second message with the id in the batch never is
+                answer.append(message.id)
+                continue
+            first.add(message.id)
+            answer.append(None if sent[message.id] > left[message.id] else message.id)
         return answer
 
     def _send(self, conn: Any, messages: Sequence[Message]) -> list[str | None]:
@@ -232,14 +244,20 @@ class PostgresBroker(Broker):
             or m.concurrency is not None
             for m in messages
         ):
+            channel, *columns = self._enqueue_params(messages)
             if len(messages) == 1:  # one by one: scalars, which psycopg dumps much faster
-                channel, *columns = self._enqueue_params(messages)
-                rows = conn.execute(
+                [(refused,)] = conn.execute(
                     self._enqueue_one_sql, (channel, *(c[0] for c in columns))
                 ).fetchall()
             else:
-                rows = conn.execute(self._enqueue_sql, self._enqueue_params(messages)).fetchall()
-            return self._added(messages, rows)
+                # A uniform column (queue, priority, eta, clear) goes as one element: psycopg
+                # dumps lists element by element, the largest cost of a big batch.
+                ids, queues, bodies, *rest = columns
+                [(refused,)] = conn.execute(
+                    self._enqueue_sql,
+                    (channel, ids, _uniform(queues), bodies, *map(_uniform, rest)),
+                ).fetchall()
+            return self._added(messages, refused)
         [(holders,)] = conn.execute(
             f"SELECT {self.target.q('worq_add')}"
             "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
@@ -960,6 +978,12 @@ class PostgresBroker(Broker):
 # The SQL types of worq_enqueue's and worq_settle's array parameters, in order.
 _ENQUEUE_TYPES = ("text", "text", "bytea", "integer", "float8", "boolean")
 _SETTLE_TYPES = ("text", "bigint", "text", "float8", "text", "bytea", "float8", "bytea")
+
+
+def _uniform(values: list[Any]) -> list[Any]:
+    """``values``, or its one value when every element is equal (worq_enqueue broadcasts it)."""
+    first = values[0]
+    return [first] if all(v == first for v in values) else values
 
 
 def _one(types: Sequence[str]) -> str:
