@@ -41,6 +41,7 @@ from worq_postgres.connection import (
     Listener,
     PostgresError,
     Target,
+    logger,
     make_pool,
     parse_url,
     setting,
@@ -137,6 +138,7 @@ class PostgresBroker(Broker):
         self._event_listener = Listener(self.target, self.target.channel + "_events")
         self._settles = 0  # settle calls, to sweep every _SWEEP_EVERY
         self._sweep_lock = threading.Lock()
+        self._sweeper: threading.Thread | None = None  # the running sweep, if any
 
     @override
     @classmethod
@@ -522,12 +524,28 @@ class PostgresBroker(Broker):
         return list(applied)
 
     def _count_settle(self) -> None:
-        """Sweep every _SWEEP_EVERY settle calls, before the call's own work."""
+        """Every _SWEEP_EVERY settle calls, start a sweep on a thread of its own.
+
+        The settling worker never waits for it (a sweep may vacuum), and one runs at a time:
+        a sweep still running when the next is due makes it skip a turn.
+        """
         with self._sweep_lock:
             self._settles += 1
-            due = self._settles % _SWEEP_EVERY == 0
-        if due:
+            if self._settles % _SWEEP_EVERY or self._sweeper is not None:
+                return
+            self._sweeper = threading.Thread(
+                target=self._sweep_quietly, name="worq-postgres-sweep", daemon=True
+            )
+            self._sweeper.start()
+
+    def _sweep_quietly(self) -> None:
+        try:
             self._sweep()
+        except Exception as exc:  # noqa: BLE001 - upkeep: the next sweep tries again
+            logger.warning("worq-postgres upkeep failed, the next sweep tries again: %s", exc)
+        finally:
+            with self._sweep_lock:
+                self._sweeper = None
 
     def _note_dead(self, settlements: Sequence[Settlement], applied: Sequence[bool]) -> None:
         """Remember the queues that got dead jobs: the next sweep checks their count."""
@@ -970,6 +988,9 @@ class PostgresBroker(Broker):
 
     @override
     def close(self) -> None:
+        sweeper = self._sweeper
+        if sweeper is not None:
+            sweeper.join(timeout=10.0)  # a vacuum under way ends on its own; only upkeep is lost
         self._event_listener.close()
         self._listener.close()
         self._pool.close()
