@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from worq_redis import (
     ClusterNotSupported,
     RedisBroker,
     RedisClusterBroker,
+    RedisSettings,
     RedisStorage,
     UnsupportedClient,
 )
@@ -69,6 +70,21 @@ class ClusterBackend:
         broker = RedisClusterBroker(f"{cluster.url}?prefix={prefix}")
         yield broker
         broker.close()
+
+    @pytest.fixture
+    def retaining_broker(
+        self, cluster: ClusterSet, prefix: str
+    ) -> Iterator[Callable[[int, float], RedisClusterBroker]]:
+        made: list[RedisClusterBroker] = []
+
+        def make(max_count: int, max_age: float) -> RedisClusterBroker:
+            settings = RedisSettings(dead_max_count=max_count, dead_max_age=max_age)
+            made.append(RedisClusterBroker(f"{cluster.url}?prefix={prefix}", settings))
+            return made[-1]
+
+        yield make
+        for broker in made:
+            broker.close()
 
     @pytest.fixture
     def storage(self, cluster: ClusterSet, prefix: str) -> Iterator[RedisStorage]:

@@ -657,8 +657,8 @@ class PostgresBroker(Broker):
         # Autovacuum looks at a database once a minute at most (and may be off); a busy queue
         # leaves tens of thousands of dead rows in that time, in the jobs table and in the
         # records' (each acknowledged job deletes one row from each). Past the threshold, the
-        # settling broker vacuums the table itself (SKIP_LOCKED: when another one is at it
-        # already, it does not wait).
+        # upkeep vacuums the table itself (SKIP_LOCKED: when another one is at it already, it
+        # does not wait).
         rows = self._call(
             "read the dead rows",
             "SELECT relname FROM pg_stat_user_tables WHERE schemaname = %s "
