@@ -24,6 +24,8 @@ TEST_DEPS = [
     "opentelemetry-sdk>=1.27",
     # Drives Debian's chromium (never a downloaded browser) in the dashboard's browser test.
     "playwright>=1.40",
+    # Runs docs/postgres.md's SQLAlchemy recipe for transactional enqueue; never a runtime need.
+    "sqlalchemy>=2",
 ]
 
 

@@ -12,6 +12,9 @@
    floor), then again after ``--old`` rows were added elsewhere in the table (dead jobs of
    other queues, and jobs delayed for a day in the same queue); the figure is their ratio.
 
+Every tenth of the churn also prints ``worq_results``' size (the records, written with a
+5-second ttl and swept by the settles) and the jobs per second of that tenth.
+
 Everything lives in a database created for the run (``worq_pg_soak_<random>``) and dropped at
 the end; ``WORQ_BENCH_POSTGRES_URL`` points at the server (default
 ``postgresql://postgres@127.0.0.1:5432/postgres``, used only to create and drop it).
@@ -35,23 +38,29 @@ BASE = os.environ.get("WORQ_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.
 BATCH = 5000
 
 
-def sizes(conn: psycopg.Connection[Any]) -> tuple[int, int, int]:
-    [(table, indexes, dead)] = conn.execute(
+def sizes(conn: psycopg.Connection[Any]) -> tuple[int, int, int, int]:
+    """worq_jobs' size, its indexes' size, its dead tuples, and worq_results' total size."""
+    [(table, indexes, dead, results)] = conn.execute(
         "SELECT pg_relation_size('worq.worq_jobs'), pg_indexes_size('worq.worq_jobs'), "
         "coalesce((SELECT n_dead_tup FROM pg_stat_user_tables "
-        "WHERE schemaname = 'worq' AND relname = 'worq_jobs'), 0)"
+        "WHERE schemaname = 'worq' AND relname = 'worq_jobs'), 0), "
+        "pg_total_relation_size('worq.worq_results')"
     ).fetchall()
-    return int(table), int(indexes), int(dead)
+    return int(table), int(indexes), int(dead), int(results)
 
 
 def churn(broker: PostgresBroker, conn: psycopg.Connection[Any], jobs: int) -> float:
     queue = "soak"
     done = 0
-    marks: list[tuple[int, int, int]] = []
+    marks: list[tuple[int, int, int, int]] = []
     body = b"x" * 100
     step = max(BATCH, jobs // 10)
     next_mark = step
-    print(f"{'jobs':>10}{'table MB':>10}{'indexes MB':>12}{'dead tuples':>13}")
+    print(
+        f"{'jobs':>10}{'table MB':>10}{'indexes MB':>12}{'dead tuples':>13}"
+        f"{'results MB':>12}{'jobs/s':>9}"
+    )
+    begin = last_mark = time.perf_counter()
     while done < jobs:
         broker.enqueue([Message(uuid.uuid4().hex, queue, body) for _ in range(BATCH)])
 
@@ -68,10 +77,18 @@ def churn(broker: PostgresBroker, conn: psycopg.Connection[Any], jobs: int) -> f
         done += BATCH
         if done >= next_mark:
             next_mark += step
-            table, indexes, dead = sizes(conn)
-            marks.append((table, indexes, dead))
-            print(f"{done:>10}{table / 2**20:>10.1f}{indexes / 2**20:>12.1f}{dead:>13}")
+            now = time.perf_counter()
+            table, indexes, dead, results = sizes(conn)
+            marks.append((table, indexes, dead, results))
+            print(
+                f"{done:>10}{table / 2**20:>10.1f}{indexes / 2**20:>12.1f}{dead:>13}"
+                f"{results / 2**20:>12.1f}{step / (now - last_mark):>9.0f}",
+                flush=True,
+            )
+            last_mark = now
+    print(f"churn: {jobs / (time.perf_counter() - begin):.0f} jobs/s overall")
     half, last = marks[len(marks) // 2 - 1], marks[-1]
+    print(f"worq_results after {jobs:,} jobs / half-way: {last[3] / max(1, half[3]):.2f}")
     return (last[0] + last[1]) / max(1, half[0] + half[1])
 
 
@@ -89,8 +106,10 @@ def old_rows(broker: PostgresBroker, conn: psycopg.Connection[Any], old: int) ->
     floor = fetch_time(broker, "fresh", 2000)
     conn.execute(
         "INSERT INTO worq.worq_jobs (id, queue, body, priority, seq, state, died_at, reason) "
-        "SELECT 'dead-' || n, 'old-' || (n %% 50), 'x', 0, nextval('worq.worq_seq'), "
-        "'dead', 0, 'r' "
+        # Dead jobs within the default retention (10,000 per queue, 7 days): recent, and
+        # spread over enough queues that no sweep drops them while fetch is timed.
+        "SELECT 'dead-' || n, 'old-' || (n %% 250), 'x', 0, nextval('worq.worq_seq'), "
+        "'dead', extract(epoch FROM now()), 'r' "
         "FROM generate_series(1, %s) n",
         (old // 2,),
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -24,6 +24,22 @@ class MemoryBackend:
         broker = MemoryBroker(storage=storage)
         yield broker
         broker.close()
+
+    @pytest.fixture
+    def retaining_broker(
+        self, storage: MemoryStorage
+    ) -> Iterator[Callable[[int, float], MemoryBroker]]:
+        made: list[MemoryBroker] = []
+
+        def make(max_count: int, max_age: float) -> MemoryBroker:
+            made.append(
+                MemoryBroker(storage=storage, dead_max_count=max_count, dead_max_age=max_age)
+            )
+            return made[-1]
+
+        yield make
+        for broker in made:
+            broker.close()
 
 
 class TestMemoryBroker(MemoryBackend, BrokerContract):

@@ -8,9 +8,10 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from worq_core import Worq
 from worq_core.models import Message, Outcome, Settlement
 from worq_core.testing.support import eventually
-from worq_postgres import PostgresBroker
+from worq_postgres import PostgresBroker, PostgresError
 from worq_postgres import broker as broker_module
 
 
@@ -37,10 +38,15 @@ def test_settlements_sweep_expired_records_out_of_the_table(
         broker.enqueue([Message(f"{tag}-job", queue, b"")])
         [delivery] = broker.fetch([queue], 1, lease=30, wait=0)
         assert broker.settle([Settlement(delivery, Outcome.ACK, record=b"kept", ttl=60)]) == [True]
-        [(left,)] = conn.execute(
-            f"SELECT count(*) FROM {q('worq_results')} WHERE id LIKE %s", (f"{tag}%",)
-        ).fetchall()
-    assert left == 1, "the expired records are gone, the fresh one is kept"
+
+        def left() -> int:
+            [(count,)] = conn.execute(
+                f"SELECT count(*) FROM {q('worq_results')} WHERE id LIKE %s", (f"{tag}%",)
+            ).fetchall()
+            return int(count)
+
+        # The sweep runs on a thread of its own, off the settlement.
+        eventually(lambda: left() == 1, what="the expired records to go, the fresh one kept")
 
 
 def test_fetch_reads_ready_jobs_through_the_partial_index(broker: PostgresBroker) -> None:
@@ -85,3 +91,60 @@ def test_a_settling_broker_vacuums_the_jobs_table_once_dead_rows_pile_up(
         return vacuums() > before  # stats arrive a moment late: ack again until they show
 
     eventually(acked_and_vacuumed, timeout=15, what="the broker to vacuum worq_jobs")
+
+
+def test_dead_letter_retention_comes_from_the_url_or_the_keywords(pg_url: str) -> None:
+    url = f"{pg_url}&dead_max_count=3&dead_max_age=60"
+    app = Worq(url)
+    try:
+        broker = app.broker
+        assert isinstance(broker, PostgresBroker)
+        assert (broker.dead_max_count, broker.dead_max_age) == (3, 60.0)
+        # worq's parameters never reach libpq, which would refuse them: both connect
+        assert broker.stats(["nothing-here"])[0].dead == 0
+        assert app.storage.load("no-such-job") is None
+    finally:
+        app.close()
+    explicit = PostgresBroker(url, dead_max_count=5)
+    assert (explicit.dead_max_count, explicit.dead_max_age) == (5, 60.0), "a keyword wins"
+    explicit.close()
+    default = PostgresBroker(pg_url)
+    assert (default.dead_max_count, default.dead_max_age) == (10_000, 7 * 24 * 3600.0)
+    default.close()
+    with pytest.raises(PostgresError, match="dead_max_count='many'"):
+        PostgresBroker(f"{pg_url}&dead_max_count=many")
+    with pytest.raises(PostgresError, match="must be finite and >= 0"):
+        PostgresBroker(pg_url, dead_max_age=-1.0)
+
+
+def test_settlements_trim_dead_jobs_past_retention_without_anyone_reading_them(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only reads trim: the sweep every hundredth settle call does, off the settlement."""
+    monkeypatch.setattr(broker_module, "_SWEEP_EVERY", 1)
+    broker = PostgresBroker(pg_url, dead_max_count=2)
+    queue = f"retain-{uuid.uuid4().hex[:8]}"
+    sent = [Message(uuid.uuid4().hex, queue, b"") for _ in range(5)]
+    try:
+        broker.enqueue(sent)
+        for _ in sent:
+            [delivery] = broker.fetch([queue], 1, lease=30, wait=0)
+            assert broker.settle([Settlement(delivery, Outcome.DEAD, reason="r")]) == [True]
+
+        def held() -> set[str]:
+            with psycopg.connect(pg_url.split("?")[0], autocommit=True) as conn:
+                rows = conn.execute(
+                    f"SELECT id FROM {broker.target.q('worq_jobs')} WHERE queue = %s", (queue,)
+                ).fetchall()
+            return {r[0] for r in rows}
+
+        def acked_and_trimmed() -> bool:
+            other = Message(uuid.uuid4().hex, f"{queue}-other", b"")
+            broker.enqueue([other])
+            [delivery] = broker.fetch([other.queue], 1, lease=30, wait=0)
+            broker.settle([Settlement(delivery, Outcome.ACK)])  # a sweep, on its own thread
+            return held() == {sent[3].id, sent[4].id}
+
+        eventually(acked_and_trimmed, what="a sweep to drop the oldest dead jobs")
+    finally:
+        broker.close()

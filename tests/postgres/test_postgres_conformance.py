@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from pg_support import drop_schema, new_schema, with_schema
@@ -17,6 +17,18 @@ class PostgresBackend:
         broker = PostgresBroker(pg_url)
         yield broker
         broker.close()
+
+    @pytest.fixture
+    def retaining_broker(self, pg_url: str) -> Iterator[Callable[[int, float], PostgresBroker]]:
+        made: list[PostgresBroker] = []
+
+        def make(max_count: int, max_age: float) -> PostgresBroker:
+            made.append(PostgresBroker(pg_url, dead_max_count=max_count, dead_max_age=max_age))
+            return made[-1]
+
+        yield make
+        for broker in made:
+            broker.close()
 
     @pytest.fixture
     def storage(self, pg_url: str) -> Iterator[PostgresStorage]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,7 +12,9 @@ import pytest
 from pg_support import drop_schema, new_schema, with_schema
 
 from worq_core import Worq
+from worq_core.models import Message
 from worq_postgres import PostgresBroker, PostgresStorage, SchemaError, latest_version, migrate
+from worq_postgres import migrations as migrations_module
 
 
 @pytest.fixture
@@ -63,36 +66,59 @@ def test_a_broker_on_an_unmigrated_schema_refuses_with_the_command_to_run(bare_u
         storage.close()
 
 
+@contextlib.contextmanager
+def one_more_migration(sql: str = "SELECT 1;") -> Iterator[int]:
+    """As if a later release shipped one more migration (in this process only); its version.
+
+    The schema ships as a single migration until a release changes it, so the tests of an
+    outdated schema and of an upgrade add the next one themselves.
+    """
+    shipped = migrations_module.migrations()
+    later = migrations_module.Migration(shipped[-1].version + 1, "later", sql)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(migrations_module, "migrations", lambda: [*shipped, later])
+        yield later.version
+
+
 def test_a_worker_on_an_outdated_schema_refuses_to_start(bare_url: str) -> None:
-    migrate(bare_url, to=1)
-    app = Worq(bare_url)
-    try:
-        with pytest.raises(
-            SchemaError, match=f"version 1; this worq-postgres needs version {latest_version()}"
-        ):
-            app.worker(queues=["default"]).run(burst=True)
-    finally:
-        app.close()
+    migrate(bare_url)
+    with one_more_migration() as needed:
+        app = Worq(bare_url)
+        try:
+            with pytest.raises(
+                SchemaError,
+                match=f"version {needed - 1}; this worq-postgres needs version {needed}",
+            ):
+                app.worker(queues=["default"]).run(burst=True)
+        finally:
+            app.close()
 
 
 def test_a_schema_one_version_behind_is_refused_until_it_is_upgraded_in_place(
     bare_url: str,
 ) -> None:
-    assert migrate(bare_url, to=1) == [1]
+    shipped = migrate(bare_url)
+    assert shipped == list(range(1, latest_version() + 1))
     broker = PostgresBroker(bare_url)
     try:
-        with pytest.raises(SchemaError, match="is at worq schema version 1") as caught:
+        broker.enqueue([Message("kept-across-the-upgrade", "q", b"body")])
+    finally:
+        broker.close()
+    with one_more_migration("CREATE TABLE worq_upgrade_probe (id integer);") as later:
+        broker = PostgresBroker(bare_url)
+        try:
+            with pytest.raises(SchemaError, match=f"is at worq schema version {later - 1}"):
+                broker.verify()
+        finally:
+            broker.close()
+        assert migrate(bare_url) == [later], "only the new version is applied"
+        broker = PostgresBroker(bare_url)
+        try:
             broker.verify()
-        assert caught.value.found == 1
-    finally:
-        broker.close()
-    assert migrate(bare_url) == list(range(2, latest_version() + 1))
-    broker = PostgresBroker(bare_url)
-    try:
-        broker.verify()
-        assert broker.fire_schedule("nightly", 1.0, None, None)
-    finally:
-        broker.close()
+            [delivery] = broker.fetch(["q"], 1, lease=30, wait=0)
+            assert delivery.id == "kept-across-the-upgrade", "an upgrade keeps the jobs"
+        finally:
+            broker.close()
 
 
 def test_a_worker_started_from_the_cli_on_an_unmigrated_schema_says_what_to_do(

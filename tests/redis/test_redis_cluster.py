@@ -13,7 +13,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,21 @@ class ClusterBackend:
         broker = RedisClusterBroker(f"{cluster.url}?prefix={prefix}")
         yield broker
         broker.close()
+
+    @pytest.fixture
+    def retaining_broker(
+        self, cluster: ClusterSet, prefix: str
+    ) -> Iterator[Callable[[int, float], RedisClusterBroker]]:
+        made: list[RedisClusterBroker] = []
+
+        def make(max_count: int, max_age: float) -> RedisClusterBroker:
+            settings = RedisSettings(dead_max_count=max_count, dead_max_age=max_age)
+            made.append(RedisClusterBroker(f"{cluster.url}?prefix={prefix}", settings))
+            return made[-1]
+
+        yield make
+        for broker in made:
+            broker.close()
 
     @pytest.fixture
     def storage(self, cluster: ClusterSet, prefix: str) -> Iterator[RedisStorage]:

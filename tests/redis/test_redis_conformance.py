@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from redis_support import Backend, new_prefix
 
 from worq_core.testing import BrokerContract, StorageContract, WorkerContract
-from worq_redis import RedisBroker, RedisStorage
+from worq_redis import RedisBroker, RedisSettings, RedisStorage
 
 
 class RedisBackend:
@@ -17,6 +17,20 @@ class RedisBackend:
         broker = backend.broker()
         yield broker
         broker.close()
+
+    @pytest.fixture
+    def retaining_broker(self, backend: Backend) -> Iterator[Callable[[int, float], RedisBroker]]:
+        made: list[RedisBroker] = []
+
+        def make(max_count: int, max_age: float) -> RedisBroker:
+            made.append(
+                backend.broker(RedisSettings(dead_max_count=max_count, dead_max_age=max_age))
+            )
+            return made[-1]
+
+        yield make
+        for broker in made:
+            broker.close()
 
     @pytest.fixture
     def storage(self, backend: Backend) -> Iterator[RedisStorage]:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -206,6 +206,23 @@ class SentinelBackend:
         yield broker
         delete_prefix(broker.client, broker.prefix)
         broker.close()
+
+    @pytest.fixture
+    def retaining_broker(
+        self, sentinels: SentinelSet, ha_prefix: str
+    ) -> Iterator[Callable[[int, float], RedisBroker]]:
+        made: list[RedisBroker] = []
+
+        def make(max_count: int, max_age: float) -> RedisBroker:
+            settings = RedisSettings(dead_max_count=max_count, dead_max_age=max_age)
+            url = sentinels.url(query=f"prefix={ha_prefix}&wait_replicas=1")
+            made.append(RedisBroker(url, settings))
+            return made[-1]
+
+        yield make
+        for broker in made:
+            delete_prefix(broker.client, broker.prefix)
+            broker.close()
 
     @pytest.fixture
     def storage(self, sentinels: SentinelSet, ha_prefix: str) -> Iterator[RedisStorage]:

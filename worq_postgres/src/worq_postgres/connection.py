@@ -7,9 +7,9 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 if TYPE_CHECKING:  # psycopg is imported on first use: `worq plugins` and workers start fast
@@ -29,6 +29,10 @@ logger = logging.getLogger("worq.postgres")
 SCHEMES = ("postgresql", "postgres")
 DEFAULT_SCHEMA = "worq"
 _SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
+T = TypeVar("T")
+
+#: Query parameters of a URL that are worq's settings (``schema`` aside), not libpq's.
+OPTIONS = ("dead_max_count", "dead_max_age")
 
 #: Longest an idle fetch or wait sleeps between two looks, even with nothing announced: a
 #: safety net for a notification lost with a dropped connection, never the wake-up path.
@@ -71,6 +75,8 @@ class Target:
     url: str
     conninfo: str
     schema: str
+    options: tuple[tuple[str, str], ...] = ()
+    """worq's settings given in the URL (names from :data:`OPTIONS`), as written."""
 
     @property
     def channel(self) -> str:
@@ -90,9 +96,12 @@ def parse_url(url: str) -> Target:
     query = parse_qsl(parts.query, keep_blank_values=True)
     schema = DEFAULT_SCHEMA
     rest = []
+    options = []
     for key, value in query:
         if key == "schema":
             schema = value
+        elif key in OPTIONS:
+            options.append((key, value))
         else:
             rest.append((key, value))
     if not _SCHEMA.match(schema):
@@ -100,7 +109,24 @@ def parse_url(url: str) -> Target:
             f"bad schema {schema!r} in {url!r}: lowercase letters, digits and _, up to 40"
         )
     conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), ""))
-    return Target(url, conninfo, schema)
+    return Target(url, conninfo, schema, tuple(options))
+
+
+def setting(
+    target: Target, name: str, given: T | None, convert: Callable[[str], T], default: T
+) -> T:
+    """A setting: the keyword ``given`` if not ``None``, else the URL's, else ``default``."""
+    if given is not None:
+        return given
+    found = dict(target.options).get(name)
+    if found is None:
+        return default
+    try:
+        return convert(found)
+    except ValueError:
+        raise PostgresError(
+            f"bad {name}={found!r} in {redact_url(target.url)}: not a {convert.__name__}"
+        ) from None
 
 
 def make_pool(target: Target, max_size: int, name: str) -> ConnectionPool:

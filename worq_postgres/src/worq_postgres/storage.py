@@ -92,12 +92,19 @@ class PostgresStorage(Storage):
                 self._sweep(conn)
 
     def _sweep(self, conn: Any) -> None:
-        """Delete a batch of expired records (bounded work, piggy-backed on saves)."""
+        """Delete expired records in batches, piggy-backed on saves.
+
+        Batches go until one comes back short, so the sweep keeps up with however many
+        records the saves since the last one wrote (a save may hold many); at most 50.
+        """
         q = self.target.q
-        conn.execute(
-            f"DELETE FROM {q('worq_results')} WHERE id IN (SELECT id FROM {q('worq_results')} "
-            f"WHERE expires <= {q('worq_now')}() LIMIT 1000)"
-        )
+        for _ in range(50):
+            gone = conn.execute(
+                f"DELETE FROM {q('worq_results')} WHERE id IN (SELECT id FROM "
+                f"{q('worq_results')} WHERE expires <= {q('worq_now')}() LIMIT 1000)"
+            ).rowcount
+            if gone < 1000:
+                break
 
     @override
     def load(self, job_id: str) -> bytes | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 
@@ -74,6 +75,13 @@ class BrokerContract(SchedulingBrokerContract, WorkflowBrokerContract, Inspectio
     fixture: a storage that :meth:`~worq_core.Broker.stores_results_in` answers ``True`` for
     (the one an app on that backend gets by default). The results cases read the records the
     broker writes from it; other cases never ask for it.
+
+    Optionally, a ``retaining_broker`` fixture yields a function ``(max_count, max_age)`` that
+    makes another broker on the same backend whose dead-letter queue keeps at most
+    ``max_count`` dead jobs per queue (the newest) and none dead for longer than ``max_age``
+    seconds, as seen by the next read of that queue's dead jobs (``dead_jobs``, ``stats``),
+    and closes the brokers it made afterwards. Without it, the two retention cases skip
+    (retention settings are each backend's own, so the contract cannot make one itself).
     """
 
     @pytest.fixture
@@ -306,6 +314,51 @@ class BrokerContract(SchedulingBrokerContract, WorkflowBrokerContract, Inspectio
         assert ids(broker.fetch([queue], 3, lease=LEASE, wait=0)) == [sent[1].id]
         assert {d.id for d in broker.dead_jobs(queue)} == {sent[0].id, sent[2].id}
 
+    @staticmethod
+    def _retaining(
+        request: pytest.FixtureRequest, broker: Broker
+    ) -> Callable[[int, float], Broker]:
+        """The optional ``retaining_broker`` fixture; the retention cases skip without it."""
+        try:
+            make: Callable[[int, float], Broker] = request.getfixturevalue("retaining_broker")
+        except pytest.FixtureLookupError:
+            pytest.skip(
+                f"no `retaining_broker` fixture: give one to test {type(broker).__name__}'s "
+                "dead-letter retention"
+            )
+        return make
+
+    @requires(Capability.DEAD_LETTER)
+    def test_dead_letter_retention_keeps_the_newest_dead_jobs_of_each_queue(
+        self, request: pytest.FixtureRequest, broker: Broker, queue: str
+    ) -> None:
+        retaining = self._retaining(request, broker)(2, 3600.0)
+        other = unique("contract")
+        sent = [message(queue) for _ in range(3)]
+        elsewhere = message(other)
+        for msg in [*sent, elsewhere]:  # one after the other: the first died first
+            retaining.enqueue([msg])
+            [delivery] = retaining.fetch([msg.queue], 1, lease=LEASE, wait=0)
+            assert retaining.settle([Settlement(delivery, Outcome.DEAD, reason="r")]) == [True]
+        assert [d.id for d in retaining.dead_jobs(queue)] == [sent[2].id, sent[1].id]
+        assert retaining.stats([queue])[0].dead == 2
+        assert [d.id for d in retaining.dead_jobs(other)] == [elsewhere.id], "a bound per queue"
+        assert retaining.enqueue([sent[0]]) == [True], "a dropped dead job's id is free again"
+        assert retaining.requeue_dead(queue) == 2
+
+    @requires(Capability.DEAD_LETTER)
+    def test_dead_letter_retention_drops_jobs_dead_for_longer_than_its_age(
+        self, request: pytest.FixtureRequest, broker: Broker, queue: str
+    ) -> None:
+        retaining = self._retaining(request, broker)(1000, 0.5)
+        msg = message(queue)
+        retaining.enqueue([msg])
+        [delivery] = retaining.fetch([queue], 1, lease=LEASE, wait=0)
+        assert retaining.settle([Settlement(delivery, Outcome.DEAD, reason="r")]) == [True]
+        eventually(lambda: retaining.dead_jobs(queue) == [], what="the dead job to age out")
+        assert retaining.stats([queue])[0].dead == 0
+        assert retaining.enqueue([msg]) == [True], "an aged-out dead job's id is free again"
+
     def test_released_jobs_go_back_to_the_front_without_counting_an_attempt(
         self, broker: Broker, queue: str
     ) -> None:
@@ -329,6 +382,56 @@ class BrokerContract(SchedulingBrokerContract, WorkflowBrokerContract, Inspectio
         assert applied == [True]
         assert ids(got) == [second.id]
         assert broker.job_state(first.id) is None
+
+    def test_settle_and_fetch_waits_for_a_job_enqueued_meanwhile(
+        self, broker: Broker, queue: str
+    ) -> None:
+        first, later = message(queue), message(queue)
+        broker.enqueue([first])
+        delivery = fetch_one(broker, queue)
+        timer = threading.Timer(0.2, lambda: broker.enqueue([later]))
+        timer.start()
+        try:
+            applied, got = broker.settle_and_fetch(
+                [Settlement(delivery, Outcome.ACK)], [queue], 5, lease=LEASE, wait=WAIT
+            )
+        finally:
+            timer.join()
+        assert applied == [True]
+        assert ids(got) == [later.id]
+
+    @requires(Capability.DELAYED)
+    def test_settle_and_fetch_waits_for_a_delayed_job_to_come_due(
+        self, broker: Broker, queue: str
+    ) -> None:
+        now = message(queue)
+        broker.enqueue([now])
+        delivery = fetch_one(broker, queue)
+        eta = time.time() + 0.3
+        delayed = message(queue, eta=eta)
+        broker.enqueue([delayed])
+        applied, got = broker.settle_and_fetch(
+            [Settlement(delivery, Outcome.ACK)], [queue], 5, lease=LEASE, wait=WAIT
+        )
+        assert applied == [True]
+        assert ids(got) == [delayed.id]
+        assert time.time() >= eta - CLOCK_SLACK, "never before its time"
+
+    def test_settle_and_fetch_with_a_stale_token_settles_nothing_and_still_fetches(
+        self, broker: Broker, queue: str
+    ) -> None:
+        first, second = message(queue), message(queue)
+        broker.enqueue([first])
+        stale = fetch_one(broker, queue, lease=SHORT_LEASE)
+        [current] = broker.fetch([queue], 1, lease=LEASE, wait=WAIT)  # once the lease ran out
+        broker.enqueue([second])
+        applied, got = broker.settle_and_fetch(
+            [Settlement(stale, Outcome.ACK)], [queue], 5, lease=LEASE, wait=0
+        )
+        assert applied == [False]
+        assert ids(got) == [second.id]
+        assert status(broker, first.id) is JobStatus.RUNNING
+        assert broker.settle([Settlement(current, Outcome.ACK)]) == [True]
 
     def test_stats_count_jobs_by_state(self, broker: Broker, queue: str) -> None:
         broker.enqueue([message(queue) for _ in range(4)])
