@@ -137,6 +137,8 @@ def _data_args(port: int, directory: Path, tls: Tls | None = None) -> list[str]:
         "no",
         "--dir",
         str(directory),
+        "--logfile",
+        str(directory / "redis.log"),  # read by a failing test's diagnostics
         "--daemonize",
         "no",
     ]
@@ -171,6 +173,7 @@ class SentinelSet:
                     )
                 conf.write_text(
                     f"{listen}bind {HOST}\ndir {directory}\n"
+                    f"logfile {directory / f'sentinel-{port}.log'}\n"
                     f"sentinel monitor {SERVICE} {HOST} {self.master_port} 2\n"
                     f"sentinel down-after-milliseconds {SERVICE} 1000\n"
                     f"sentinel failover-timeout {SERVICE} 10000\n"
@@ -243,6 +246,22 @@ class SentinelSet:
             finally:
                 client.close()
         return True
+
+    def diagnostics(self) -> str:
+        """What the servers' logs say of failovers and full resyncs: for a failing test's report."""
+        lines = []
+        for log in sorted(self.directory.glob("sentinel-*.log")):
+            events = [ln for ln in log.read_text(errors="replace").splitlines() if "+" in ln]
+            wanted = ("+switch-master", "+failover-end", "+promoted", "+sdown master", "+odown")
+            lines += [f"{log.name}: {ln}" for ln in events if any(w in ln for w in wanted)]
+        for log in sorted(self.directory.glob("*/redis.log")):
+            words = ("MASTER MODE", "Full resync", "Loading", "Discarding", "REPLICAOF", "flush")
+            lines += [
+                f"{log.parent.name}: {ln}"
+                for ln in log.read_text(errors="replace").splitlines()
+                if any(w.lower() in ln.lower() for w in words)
+            ]
+        return "\n".join(lines[-80:])
 
     def stop(self) -> None:
         for server in reversed(self.servers):

@@ -306,11 +306,16 @@ def _failover_run(directory: Path, ledger_url: str, wait_replicas: int) -> dict[
         assert worker.poll() is None, "the workers followed the failover"
         # Every job enqueued after the failover ran: producers and workers reach the new master.
         assert set(range(KILL_AT + 100, JOBS)) <= ran
+        lost = sorted(set(acknowledged) - ran)
+        if lost:  # what the servers did, to tell a lost write from a wiped server
+            stats = ha_app.app.broker.stats(["ha"])[0]
+            print(f"\nlost ids {lost[0]}..{lost[-1]}; on the master now: {stats}")
+            print(servers.diagnostics())
         return {
             "acknowledged": len(acknowledged),
             "ran": len(ran),
             "duplicate_runs": len(runs) - len(ran),
-            "lost": len(set(acknowledged) - ran),
+            "lost": len(lost),
         }
     finally:
         if worker.poll() is None:
