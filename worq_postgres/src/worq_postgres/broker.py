@@ -8,7 +8,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from typing_extensions import override
@@ -38,16 +38,15 @@ from worq_core.models import (
 )
 from worq_postgres.connection import (
     SAFETY_TIMEOUT,
+    LazyPool,
     Listener,
     PostgresError,
     Target,
     logger,
-    make_pool,
     parse_url,
     setting,
     translated,
 )
-from worq_postgres.migrations import check_version
 from worq_postgres.storage import PostgresStorage
 
 _OUTCOMES = {Outcome.ACK: "ack", Outcome.RETRY: "retry", Outcome.DEAD: "dead"}
@@ -131,9 +130,7 @@ class PostgresBroker(Broker):
                 f"{self.dead_max_count!r} and {self.dead_max_age!r}"
             )
         self._dead_queues: set[str] = set()  # queues dead-lettered into since the last sweep
-        self._pool: ConnectionPool = make_pool(self.target, pool_size, "worq-broker")
-        self._opened = False
-        self._lock = threading.Lock()
+        self._pool = LazyPool(self.target, self.url, pool_size, "worq-broker")
         self._listener = Listener(self.target, self.target.channel)
         self._event_listener = Listener(self.target, self.target.channel + "_events")
         self._settles = 0  # settle calls, to sweep every _SWEEP_EVERY
@@ -147,15 +144,7 @@ class PostgresBroker(Broker):
 
     def pool(self) -> ConnectionPool:
         """The connection pool, opened (and the schema version checked) on first use."""
-        if not self._opened:
-            with self._lock:
-                if not self._opened:
-                    with translated(self.url, "connect"):
-                        self._pool.open(wait=True, timeout=30.0)
-                        with self._pool.connection() as conn:
-                            check_version(conn, self.target)
-                    self._opened = True
-        return self._pool
+        return self._pool.get()
 
     @override
     def verify(self) -> None:
@@ -172,17 +161,9 @@ class PostgresBroker(Broker):
         with self._connection(what) as conn:
             return conn.execute(query, params).fetchall()
 
-    @contextlib.contextmanager
-    def _connection(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+    def _connection(self, what: str) -> contextlib.AbstractContextManager[psycopg.Connection[Any]]:
         """A pooled connection; after a connection error the pool drops its broken ones."""
-        try:
-            with translated(self.url, what), self.pool().connection() as conn:
-                yield conn
-        except BrokerConnectionError:
-            if self._opened:
-                with contextlib.suppress(Exception):
-                    self._pool.check()  # a server restart leaves every idle connection dead
-            raise
+        return self._pool.connection(what)
 
     @override
     def stores_results_in(self, storage: Storage) -> bool:

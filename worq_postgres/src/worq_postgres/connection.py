@@ -145,6 +145,53 @@ def make_pool(target: Target, max_size: int, name: str) -> ConnectionPool:
     )
 
 
+class LazyPool:
+    """A connection pool opened, and the schema version checked, on first use.
+
+    Shared by the broker and the storage; errors come out as theirs (``storage``). After a
+    connection error the pool checks its idle connections, since a server restart leaves
+    every one of them dead.
+    """
+
+    def __init__(
+        self, target: Target, url: str, max_size: int, name: str, *, storage: bool = False
+    ) -> None:
+        self.target, self.url, self.storage = target, url, storage
+        self._pool = make_pool(target, max_size, name)
+        self._opened = False
+        self._lock = threading.Lock()
+
+    def get(self) -> ConnectionPool:
+        """The pool, opened (and the schema version checked) on first use."""
+        if not self._opened:
+            with self._lock:
+                if not self._opened:
+                    from worq_postgres.migrations import check_version
+
+                    with translated(self.url, "connect", storage=self.storage):
+                        self._pool.open(wait=True, timeout=30.0)
+                        with self._pool.connection() as conn:
+                            check_version(conn, self.target)
+                    self._opened = True
+        return self._pool
+
+    @contextlib.contextmanager
+    def connection(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection, errors translated; ``what`` names the call in them."""
+        try:
+            with translated(self.url, what, storage=self.storage), self.get().connection() as conn:
+                yield conn
+        except (BrokerConnectionError, StorageConnectionError):
+            if self._opened:
+                with contextlib.suppress(Exception):
+                    self._pool.check()
+            raise
+
+    def close(self) -> None:
+        """Close the pool's connections."""
+        self._pool.close()
+
+
 @contextlib.contextmanager
 def translated(url: str, what: str, *, storage: bool = False) -> Iterator[None]:
     """Turn psycopg and pool errors into worq's: connection problems and everything else."""

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from typing_extensions import override
@@ -15,16 +14,13 @@ if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool
 
 from worq_core import Storage
-from worq_core.errors import StorageConnectionError
 from worq_postgres.connection import (
     SAFETY_TIMEOUT,
+    LazyPool,
     Listener,
     Target,
-    make_pool,
     parse_url,
-    translated,
 )
-from worq_postgres.migrations import check_version
 
 
 class PostgresStorage(Storage):
@@ -42,9 +38,7 @@ class PostgresStorage(Storage):
     def __init__(self, url: str, *, pool_size: int = 4) -> None:
         self.url = url
         self.target: Target = parse_url(url)
-        self._pool: ConnectionPool = make_pool(self.target, pool_size, "worq-storage")
-        self._opened = False
-        self._lock = threading.Lock()
+        self._pool = LazyPool(self.target, self.url, pool_size, "worq-storage", storage=True)
         self._listener = Listener(self.target, self.target.channel + "_results")
         self._saves = 0
 
@@ -55,27 +49,11 @@ class PostgresStorage(Storage):
 
     def pool(self) -> ConnectionPool:
         """The connection pool, opened (and the schema version checked) on first use."""
-        if not self._opened:
-            with self._lock:
-                if not self._opened:
-                    with translated(self.url, "connect", storage=True):
-                        self._pool.open(wait=True, timeout=30.0)
-                        with self._pool.connection() as conn:
-                            check_version(conn, self.target)
-                    self._opened = True
-        return self._pool
+        return self._pool.get()
 
-    @contextlib.contextmanager
-    def _connection(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+    def _connection(self, what: str) -> contextlib.AbstractContextManager[psycopg.Connection[Any]]:
         """A pooled connection; after a connection error the pool drops its broken ones."""
-        try:
-            with translated(self.url, what, storage=True), self.pool().connection() as conn:
-                yield conn
-        except StorageConnectionError:
-            if self._opened:
-                with contextlib.suppress(Exception):
-                    self._pool.check()  # a server restart leaves every idle connection dead
-            raise
+        return self._pool.connection(what)
 
     @override
     def save(self, records: Mapping[str, bytes], ttl: float) -> None:
