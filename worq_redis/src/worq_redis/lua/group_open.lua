@@ -6,7 +6,7 @@
 -- a group of size 0 is complete at once: then its callback's 10 values if it is due, else {}.
 local gkey = KEYS[1]
 local size = number_arg(ARGV[2], "size")
-local ttl = number_arg(ARGV[3], "ttl")
+number_arg(ARGV[3], "ttl")
 local cb = ARGV[5] == "1"
 if #ARGV ~= 15 then
   error("worq: bad argument count")
@@ -14,18 +14,9 @@ end
 if cb then
   check_message(6)
 end
-if redis.call("EXISTS", gkey) == 1 then
+if not record_group(gkey) then
   return false
 end
-local fields = {"size", ARGV[2], "ttl", string.format("%d", math.max(1, ttl)), "rof", ARGV[4]}
-if cb then
-  local names = {"cq", "cr", "ci", "cb", "cs", "ce", "cc", "cu", "cl", "cw"}
-  for k = 1, 10 do
-    fields[#fields + 1] = names[k]
-    fields[#fields + 1] = ARGV[5 + k]
-  end
-end
-redis.call("HSET", gkey, unpack(fields))
 if size == 0 then
   group_done(gkey)
   return group_callback(gkey) or {}

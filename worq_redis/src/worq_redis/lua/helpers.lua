@@ -445,6 +445,25 @@ local function send(now, m)
   return added
 end
 
+-- Record a group on `gkey` from open_group's ARGV[2..15] (size, ttl ms, run on failure, has
+-- callback, the callback's 10 message values): false, changing nothing, if it is recorded.
+local function record_group(gkey)
+  if redis.call("EXISTS", gkey) == 1 then
+    return false
+  end
+  local ttl = string.format("%d", math.max(1, tonumber(ARGV[3])))
+  local fields = {"size", ARGV[2], "ttl", ttl, "rof", ARGV[4]}
+  if ARGV[5] == "1" then
+    local names = {"cq", "cr", "ci", "cb", "cs", "ce", "cc", "cu", "cl", "cw"}
+    for k = 1, 10 do
+      fields[#fields + 1] = names[k]
+      fields[#fields + 1] = ARGV[5 + k]
+    end
+  end
+  redis.call("HSET", gkey, unpack(fields))
+  return true
+end
+
 -- The step that counted a group's last index: mark it complete, enqueue its callback unless a
 -- member failed and not run-on-failure, and let the state expire after its ttl.
 local function group_complete(now, gkey)

@@ -9,7 +9,7 @@
 -- at once (its callback is sent, its ttl starts).
 local gkey = KEYS[13]
 local size = number_arg(ARGV[2], "size")
-local ttl = number_arg(ARGV[3], "ttl")
+number_arg(ARGV[3], "ttl")
 local cb = ARGV[5] == "1"
 if cb then
   check_message(6)
@@ -21,19 +21,10 @@ end
 for q = 17, 16 + 10 * n, 10 do
   check_message(q)
 end
-if redis.call("EXISTS", gkey) == 1 then
+if not record_group(gkey) then
   return false
 end
 local now = clock(ARGV[1])
-local fields = {"size", ARGV[2], "ttl", string.format("%d", math.max(1, ttl)), "rof", ARGV[4]}
-if cb then
-  local names = {"cq", "cr", "ci", "cb", "cs", "ce", "cc", "cu", "cl", "cw"}
-  for k = 1, 10 do
-    fields[#fields + 1] = names[k]
-    fields[#fields + 1] = ARGV[5 + k]
-  end
-end
-redis.call("HSET", gkey, unpack(fields))
 local out = {}
 for q = 17, 16 + 10 * n, 10 do
   out[#out + 1] = send(now, {unpack(ARGV, q, q + 9)})
