@@ -115,6 +115,11 @@ BENCHES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "worq-postgres' table size through a long churn, and fetch beside millions of old rows.",
         (),
     ),
+    "bench-postgres-batch-delete": (
+        "bench/postgres_batch_delete.py",
+        "Deleting each acknowledged job at once against marking it done and deleting in batches.",
+        (),
+    ),
     "bench-dashboard": (
         "bench/dashboard_bench.py",
         "The dashboard's page times with 100,000 jobs queued against 1,000, on the local Redis.",
