@@ -119,7 +119,11 @@ class SettlePath:
                     dead = ErrorInfo.from_exception(exc)
                 else:
                     worker.count("succeeded")
-                    settlement = Settlement(run.delivery, Outcome.ACK)
+                    if self.broker_stores_results:
+                        ttl = worker.app.result_ttl
+                        settlement = Settlement(run.delivery, Outcome.ACK, record=result, ttl=ttl)
+                    else:
+                        settlement = Settlement(run.delivery, Outcome.ACK)
                     self._send(run, settlement, result, pull, value, succeeded=True)
                     return True
             decision = (
@@ -256,7 +260,8 @@ class SettlePath:
             self.drop(run)
             return
         if record is not None and self.broker_stores_results:
-            settlement = dataclasses.replace(settlement, record=record, ttl=app.result_ttl)
+            if settlement.record is not record:  # the fast path of decide built it with it
+                settlement = dataclasses.replace(settlement, record=record, ttl=app.result_ttl)
         elif record is not None:
             try:
                 app.storage.save({job_id: record}, app.result_ttl)
