@@ -176,6 +176,31 @@ def test_a_deep_queue_is_drained_with_one_broker_call_per_batch() -> None:
     assert calls[16] <= 5 + 300 // 17 + 3
 
 
+@pytest.mark.parametrize("depth", [0, 16])
+def test_the_fetch_loop_sleeps_while_a_slot_fetches_its_own_jobs(
+    depth: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    duties: list[object] = []
+    await_duty = core.Worker._await_duty
+
+    def counted(worker: core.Worker) -> object:
+        duty = await_duty(worker)
+        duties.append(duty)
+        return duty
+
+    monkeypatch.setattr(core.Worker, "_await_duty", counted)
+    app = Worq(MemoryBroker())
+
+    @app.task
+    def noop() -> None:
+        pass
+
+    noop.enqueue_many([() for _ in range(300)])
+    app.worker(settings=settings(concurrency=1, prefetch=depth)).run(burst=True)
+    # The first fetch, then the last ones once the queue is empty: never once per job.
+    assert len(duties) <= 6, duties
+
+
 def test_long_jobs_are_not_prefetched() -> None:
     broker = CountingBroker()
     app = Worq(broker)
