@@ -2,10 +2,15 @@
 
 One worker is one process-level object with:
 
-* the *fetch loop* (the thread that calls :meth:`Worker.run`): fetches at most as many jobs as
-  it has free slots, sending the settlements of finished jobs with the next fetch;
+* fetches, one at a time, each carrying the settlements of the jobs finished since the last:
+  for the free slots and, while the queues are deep and jobs short, a few more that wait in
+  :attr:`Worker.ready` (:mod:`~worq_core.worker.prefetch`);
+* the *fetch loop* (the thread that calls :meth:`Worker.run`), which fetches while slots are
+  idle and otherwise sleeps, but for settlements no fetch carried in time and prefetched runs
+  that waited too long;
 * executors (:mod:`~worq_core.worker.executors`): ``concurrency`` slot threads for sync tasks
-  and one event loop for ``async def`` tasks, all counted against the same slots;
+  and one event loop for ``async def`` tasks, all counted against the same slots; a slot
+  thread takes its next run itself, and makes the next fetch when few are ready;
 * services (:mod:`~worq_core.worker.services`) on one thread: lease renewal, the timeout
   watchdog, registration, resource limits, and any that middleware adds;
 * the settle path (:mod:`~worq_core.worker.settle`), which decides and settles each run.
