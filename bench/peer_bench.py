@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib.metadata
 import json
 import os
@@ -49,7 +50,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,19 @@ import redis
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from redis_bench import delete_prefix, drain_processes, pipelined_lpush, raw_floor, timed  # noqa: E402
+from redis_bench import delete_prefix, drain_processes, pipelined_lpush, raw_floor  # noqa: E402
 
 SECTIONS = ("drain1", "drain8", "startup", "enqueue", "asgi")
+# The measures worq is compared with its peers on (rows are found by system and measure).
+DRAIN1 = "drain, concurrency 1"
+DRAIN8 = "drain, concurrency 8"
+DRAIN8_P2 = "drain, --processes 2, concurrency 8"
+STARTUP = "start-up to the first job (median)"
+STARTUP_FLOOR = "interpreter + redis-py + the body (median)"
+ENQUEUE = "enqueue one by one"
+ENQUEUE_MANY = "enqueue_many, 1,000 per call"
+ASGI_RAW = "handler awaits one redis.asyncio LPUSH"
+ASGI_WORQ = "handler awaits task.enqueue_async"
 
 
 @dataclass
@@ -82,10 +93,13 @@ class Settings:
     url: str
     prefix: str
     drain_jobs: int
+    rounds: int  # of every drain; the best counts
     floor_jobs: int
+    enqueue_jobs: int
     bulk_jobs: int
     startups: int
     wrk_seconds: int
+    asgi_rounds: int
     use_wrk: bool  # else the asyncio load generator
     logs: Path
 
@@ -291,30 +305,64 @@ def drain(
     client: redis.Redis,
     library: Library,
     concurrency: int,
-    processes: int = 1,
-    *,
-    time_enqueue: bool = False,
-) -> tuple[float, float | None]:
-    """Queue N jobs, start the worker, time the jobs: (drain jobs/s, enqueue jobs/s or None).
-
-    With ``time_enqueue`` the jobs are sent one by one and that is timed too.
-    """
+    processes: int,
+    attempt: int,
+) -> float:
+    """Queue N jobs, start the worker, and time the jobs themselves: jobs/s."""
     n = settings.drain_jobs
     label = f"{library.name}-c{concurrency}-p{processes}"
-    key = f"{settings.prefix}:count:{label}"
+    key = f"{settings.prefix}:count:{label}:{attempt}"
     library.enqueue(f"{key}:warm", 0)  # the worker's first job warms it, outside the window
-    enqueue_rate = None
-    if time_enqueue:
-        begin = time.perf_counter()
-        for _ in range(n):
-            library.enqueue(key, n)
-        enqueue_rate = n / (time.perf_counter() - begin)
-    else:
-        library.enqueue_bulk(key, n)
+    library.enqueue_bulk(key, n)
     with running(settings, label, library.worker(concurrency, processes)) as proc:
         first, last = wait_stamps(settings, client, key, n, proc, label, timeout=60 + n / 100)
     check_count(client, key, n, label)
-    return n / (last - first), enqueue_rate
+    return n / (last - first)
+
+
+@dataclass
+class DrainCase:
+    section: str
+    name: str
+    library: Library | None  # None: worq's no-op drain, redis_bench's
+    concurrency: int = 1
+    processes: int = 1
+
+
+def drain_rows(
+    settings: Settings,
+    client: redis.Redis,
+    libraries: dict[str, Library],
+    sections: set[str],
+    floor_runs: list[dict[str, float]],
+) -> list[Row]:
+    """Every drain once per round, a raw floor before each round; the best round counts."""
+    cases = []
+    if "drain1" in sections:
+        cases += [DrainCase("drain1", DRAIN1, library) for library in libraries.values()]
+        cases.append(DrainCase("drain1", "drain no-op jobs, concurrency 1", None))
+    if "drain8" in sections:
+        cases += [DrainCase("drain8", DRAIN8, library, 8) for library in libraries.values()]
+        cases.append(DrainCase("drain8", DRAIN8_P2, libraries["worq"], 8, 2))
+    rates: list[list[float]] = [[] for _ in cases]
+    n = settings.drain_jobs
+    for attempt in range(settings.rounds):
+        floor_runs.append(floors(client, settings))
+        for case, values in zip(cases, rates, strict=True):
+            if case.library is None:
+                values.append(n / drain_processes(settings.url, settings.prefix, n, 1, 1))
+            else:
+                values.append(
+                    drain(settings, client, case.library, case.concurrency, case.processes, attempt)
+                )
+    rows = []
+    for case, values in zip(cases, rates, strict=True):
+        note = runs(values)
+        if case.library is None:
+            note += "; bench_app's noop, timed by polling the queue; issue 13: >= 10k jobs/s"
+        system = case.library.name if case.library else "worq"
+        rows.append(Row(case.section, system, case.name, max(values), "jobs/s", "rpop", note=note))
+    return rows
 
 
 def startup(
@@ -339,41 +387,115 @@ def startup(
     return first - spawned
 
 
-# -- enqueue_many against the pipelined floor --------------------------------------------------
+def startup_rows(
+    settings: Settings, client: redis.Redis, libraries: dict[str, Library]
+) -> list[Row]:
+    """Each worker started ``startups`` times, the libraries in turn; the median counts."""
+    samples: dict[str, list[float]] = {"raw": [], **{name: [] for name in libraries}}
+    for attempt in range(settings.startups):
+        for name, values in samples.items():
+            values.append(startup(settings, client, libraries.get(name), attempt))
+    rows = []
+    for name, values in samples.items():
+        note = "runs: " + ", ".join(f"{v:.2f}" for v in values)
+        if name == "raw":
+            rows.append(
+                Row("startup", name, STARTUP_FLOOR, statistics.median(values), "s", note=note)
+            )
+        else:
+            rows.append(
+                Row(
+                    "startup",
+                    name,
+                    STARTUP,
+                    statistics.median(values),
+                    "s",
+                    "raw start-up",
+                    note=note,
+                )
+            )
+    return rows
 
 
-def enqueue_many_rows(settings: Settings, client: redis.Redis, worq: WorqLibrary) -> list[Row]:
-    """worq's ``enqueue_many`` (1,000 per call) and a pipelined LPUSH of payloads as large."""
+# -- enqueue -----------------------------------------------------------------------------------
+
+
+def enqueue_rows(
+    settings: Settings, client: redis.Redis, libraries: dict[str, Library]
+) -> list[Row]:
+    """One by one, 500 jobs at a time from each library and a raw LPUSH in turn, so the
+    machine's other load falls on all of them alike.
+
+    The jobs stay queued (no worker runs after this section); the run's clean-up deletes them.
+    """
+    n, chunk = settings.enqueue_jobs, 500
+    key = f"{settings.prefix}:count:parked"
+    raw_key = f"{settings.prefix}:raw:one"
+    payload = b"x" * 100
+    senders: dict[str, Callable[[], object]] = {"raw": lambda: client.lpush(raw_key, payload)}
+    for name, library in libraries.items():
+        library.enqueue(key, 0)  # connections and scripts warmed up
+        senders[name] = functools.partial(library.enqueue, key, 0)
+    spent = dict.fromkeys(senders, 0.0)
+    for start in range(0, n, chunk):
+        for name, send in senders.items():
+            begin = time.perf_counter()
+            for _ in range(min(chunk, n - start)):
+                send()
+            spent[name] += time.perf_counter() - begin
+    client.delete(raw_key)
+    raw = n / spent["raw"]
+    note = f"{n:,} each, in turns of {chunk}"
+    rows = [Row("enqueue", "raw", "LPUSH of 100 B, one round trip each, in turn", raw, "jobs/s")]
+    for name in libraries:
+        rate = n / spent[name]
+        rows.append(
+            Row("enqueue", name, ENQUEUE, rate, "jobs/s", "LPUSH in turn", rate / raw, note=note)
+        )
+    return rows
+
+
+def stash_payload(worq: WorqLibrary) -> int:
+    """Bytes a stash job puts on the wire (id and body), as worq encodes it; warms up too."""
     from peers import STASH_KEY
 
     from worq_core import JobStatus
 
-    n = settings.bulk_jobs
-    worq.stash.enqueue_many([(STASH_KEY, 1)] * 100)  # warm up; and the size of what is sent
+    worq.stash.enqueue_many([(STASH_KEY, 1)] * 100)
     sample = worq.app.broker.list_jobs("stash", JobStatus.QUEUED, 0, 100)
-    size = round(statistics.mean(len(job.id) + len(job.body) for job in sample))
+    return round(statistics.mean(len(job.id) + len(job.body) for job in sample))
 
-    def bulk() -> None:
-        for start in range(0, n, 1000):
-            worq.stash.enqueue_many([(STASH_KEY, 1)] * min(1000, n - start))
 
+def enqueue_many_rows(settings: Settings, client: redis.Redis, worq: WorqLibrary) -> list[Row]:
+    """worq's ``enqueue_many`` (1,000 per call) and a pipeline of 1,000 LPUSHes of payloads as
+    large, in turn."""
+    from peers import STASH_KEY
+
+    n = settings.bulk_jobs
+    size = stash_payload(worq)
+    payload = b"x" * size
     raw_key = f"{settings.prefix}:raw:bulk"
-    floor = n / pipelined_lpush(client, raw_key, b"x" * size, n)
+    worq_spent = raw_spent = 0.0
+    for start in range(0, n, 1000):
+        calls = [(STASH_KEY, 1)] * min(1000, n - start)
+        begin = time.perf_counter()
+        worq.stash.enqueue_many(calls)
+        worq_spent += time.perf_counter() - begin
+        raw_spent += pipelined_lpush(client, raw_key, payload, len(calls))
     client.delete(raw_key)
-    rate = n / timed(bulk)
-    floor_name = f"pipelined LPUSH of {size} B"
+    raw, rate = n / raw_spent, n / worq_spent
     return [
-        Row("enqueue", "raw", f"LPUSH of {size} B payloads, pipelined by 1,000", floor, "jobs/s"),
+        Row("enqueue", "raw", f"LPUSH of {size} B, pipelined by 1,000, in turn", raw, "jobs/s"),
         Row(
             "enqueue",
             "worq",
-            "enqueue_many, 1,000 per call",
+            ENQUEUE_MANY,
             rate,
             "jobs/s",
-            floor_name,
-            rate / floor,
+            "pipelined LPUSH",
+            rate / raw,
             "issue 13 target: >= 0.7x the floor",
-            f"{n:,} jobs of {size} B (id and body)",
+            f"{n:,} jobs of {size} B (id and body), in turns of 1,000",
         ),
     ]
 
@@ -430,7 +552,8 @@ async def _load(host: str, port: int, path: str, seconds: float, connections: in
     return done / (time.perf_counter() - begin)
 
 
-def asgi_rows(settings: Settings, client: redis.Redis, payload: int) -> list[Row]:
+def asgi_rows(settings: Settings, payload: int) -> list[Row]:
+    """Requests/s of the two routes, in turn, ``asgi_rounds`` times; the best counts."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     command = [
@@ -448,7 +571,7 @@ def asgi_rows(settings: Settings, client: redis.Redis, payload: int) -> list[Row
     ]
     use_wrk = settings.use_wrk
     load = "wrk -c 32 -t 2" if use_wrk else "asyncio load generator, 32 connections, not wrk"
-    rates: dict[str, float] = {}
+    rates: dict[str, list[float]] = {"/raw": [], "/worq": []}
     with running(settings, "uvicorn", command, PEER_BENCH_PAYLOAD=str(payload)) as proc:
         deadline = time.monotonic() + 30
         while True:
@@ -463,25 +586,28 @@ def asgi_rows(settings: Settings, client: redis.Redis, payload: int) -> list[Row
         for path in ("/raw", "/worq"):
             for _ in range(50):  # connections, scripts and the thread pool warmed up
                 assert get(base + path) == 204
-        for path in ("/raw", "/worq"):
-            if use_wrk:
-                rates[path] = wrk(base + path, settings.wrk_seconds)
-            else:
-                rates[path] = asyncio.run(_load("127.0.0.1", port, path, settings.wrk_seconds, 32))
-    note = f"{load}, {settings.wrk_seconds} s; uvicorn, one process"
-    raw, worq = rates["/raw"], rates["/worq"]
+        for _ in range(settings.asgi_rounds):
+            for path, values in rates.items():
+                if use_wrk:
+                    values.append(wrk(base + path, settings.wrk_seconds))
+                else:
+                    values.append(
+                        asyncio.run(_load("127.0.0.1", port, path, settings.wrk_seconds, 32))
+                    )
+    note = f"{load}, {settings.wrk_seconds} s; uvicorn, one process; {{}}"
+    raw, worq = max(rates["/raw"]), max(rates["/worq"])
     return [
-        Row("asgi", "raw", "handler awaits one redis.asyncio LPUSH", raw, "req/s", note=note),
+        Row("asgi", "raw", ASGI_RAW, raw, "req/s", note=note.format(runs(rates["/raw"]))),
         Row(
             "asgi",
             "worq",
-            "handler awaits task.enqueue_async",
+            ASGI_WORQ,
             worq,
             "req/s",
             "raw asyncio LPUSH",
             worq / raw,
             "issue 13 target: >= 0.8x the floor",
-            note,
+            note.format(runs(rates["/worq"])),
         ),
     ]
 
@@ -491,6 +617,10 @@ def asgi_rows(settings: Settings, client: redis.Redis, payload: int) -> list[Row
 
 def floors(client: redis.Redis, settings: Settings) -> dict[str, float]:
     return raw_floor(client, f"{settings.prefix}:floor", settings.floor_jobs)
+
+
+def runs(values: list[float]) -> str:
+    return "runs: " + ", ".join(f"{v:,.0f}" for v in values)
 
 
 def run(
@@ -504,73 +634,19 @@ def run(
     worq = libraries["worq"]
     assert isinstance(worq, WorqLibrary)
     rows: list[Row] = []
-    floor_runs = [floors(client, settings)]
-    n = settings.drain_jobs
-
-    if "drain1" in sections or "enqueue" in sections:
-        for library in libraries.values():
-            rate, enqueue_rate = drain(settings, client, library, 1, time_enqueue=True)
-            assert enqueue_rate is not None
-            rows.append(Row("drain1", library.name, "drain, concurrency 1", rate, "jobs/s", "rpop"))
-            rows.append(
-                Row("enqueue", library.name, "enqueue one by one", enqueue_rate, "jobs/s", "lpush")
-            )
-        elapsed = drain_processes(settings.url, settings.prefix, n, 1, 1)
-        rows.append(
-            Row(
-                "drain1",
-                "worq",
-                "drain no-op jobs, concurrency 1",
-                n / elapsed,
-                "jobs/s",
-                "rpop",
-                note="bench_app noop, queue polled; issue 13: >= 10k jobs/s",
-            )
-        )
-
-    if "drain8" in sections:
-        for library in libraries.values():
-            rate, _ = drain(settings, client, library, 8)
-            rows.append(Row("drain8", library.name, "drain, concurrency 8", rate, "jobs/s", "rpop"))
-        rate, _ = drain(settings, client, worq, 8, 2)
-        rows.append(
-            Row("drain8", "worq", "drain, --processes 2, concurrency 8", rate, "jobs/s", "rpop")
-        )
-
+    floor_runs: list[dict[str, float]] = []
+    # In this order: the drains and start-ups need empty queues, the enqueues leave jobs queued.
+    if sections & {"drain1", "drain8"}:
+        rows += drain_rows(settings, client, libraries, sections, floor_runs)
     if "startup" in sections:
-        samples: dict[str, list[float]] = {"raw": [], **{name: [] for name in libraries}}
-        for attempt in range(settings.startups):  # interleaved: noise falls on every library
-            for name in samples:
-                samples[name].append(startup(settings, client, libraries.get(name), attempt))
-        for name, values in samples.items():
-            rows.append(
-                Row(
-                    "startup",
-                    name,
-                    "start-up to the first job (median)"
-                    if name != "raw"
-                    else "interpreter + redis-py + the body (median)",
-                    statistics.median(values),
-                    "s",
-                    "raw start-up" if name != "raw" else "",
-                    note="runs: " + ", ".join(f"{v:.2f}" for v in values),
-                )
-            )
-
+        rows += startup_rows(settings, client, libraries)
     if "enqueue" in sections:
+        rows += enqueue_rows(settings, client, libraries)
         rows += enqueue_many_rows(settings, client, worq)
-
     if "asgi" in sections:
-        from peers import STASH_KEY
-
-        worq.stash.enqueue(STASH_KEY, 1)
-        from worq_core import JobStatus
-
-        [sample] = worq.app.broker.list_jobs("stash", JobStatus.QUEUED, 0, 1)
-        rows += asgi_rows(settings, client, len(sample.id) + len(sample.body))
-
+        rows += asgi_rows(settings, stash_payload(worq))
     floor_runs.append(floors(client, settings))
-    floor = {k: statistics.mean(run[k] for run in floor_runs) for k in floor_runs[0]}
+    floor = {key: max(run[key] for run in floor_runs) for key in floor_runs[0]}
     return finish(rows, floor), {"floor_runs": floor_runs, "floor": floor}
 
 
@@ -580,57 +656,42 @@ def finish(rows: list[Row], floor: dict[str, float]) -> list[Row]:
         (r.value for r in rows if r.section == "startup" and r.system == "raw"), None
     )
     for row in rows:
-        if row.floor in ("rpop", "lpush"):
+        if row.floor == "rpop":
             row.ratio = row.value / floor[row.floor]
         elif row.floor == "raw start-up" and startup_floor:
             row.ratio = row.value / startup_floor
 
-    def find(section: str, system: str, name: str) -> Row | None:
-        return next(
-            (r for r in rows if (r.section, r.system, r.name) == (section, system, name)), None
-        )
+    def find(system: str, name: str) -> Row | None:
+        return next((r for r in rows if (r.system, r.name) == (system, name)), None)
 
-    targets = [  # worq's row, the row it is compared with, issue 13's target
-        (("drain1", "drain, concurrency 1"), ("huey", "drain, concurrency 1"), ">= 3x"),
-        (("drain1", "drain, concurrency 1"), ("dramatiq", "drain, concurrency 1"), ""),
-        (("drain8", "drain, concurrency 8"), ("dramatiq", "drain, concurrency 8"), ">= 3x"),
-        (("drain8", "drain, concurrency 8"), ("huey", "drain, concurrency 8"), ""),
-        (("enqueue", "enqueue one by one"), ("huey", "enqueue one by one"), ">= 1x"),
-        (("enqueue", "enqueue one by one"), ("dramatiq", "enqueue one by one"), ""),
+    targets = [  # worq's row, the peer it is compared with, issue 13's target
+        (DRAIN1, "huey", ">= 3x"),
+        (DRAIN1, "dramatiq", ""),
+        (DRAIN8, "dramatiq", ">= 3x"),
+        (DRAIN8, "huey", ""),
+        (ENQUEUE, "huey", ">= 1x"),
+        (ENQUEUE, "dramatiq", ""),
     ]
-    for (section, name), (peer, peer_name), target in targets:
-        ours, theirs = find(section, "worq", name), find(section, peer, peer_name)
+    for name, peer, target in targets:
+        ours, theirs = find("worq", name), find(peer, name)
         if ours and theirs:
             ours.versus += "; " if ours.versus else ""
             ours.versus += f"{ours.value / theirs.value:.2f}x {peer}"
             ours.versus += f" (target {target})" if target else ""
-    one, two = (
-        find("drain8", "worq", "drain, concurrency 8"),
-        find("drain8", "worq", "drain, --processes 2, concurrency 8"),
-    )
+    one, two = find("worq", DRAIN8), find("worq", DRAIN8_P2)
     if one and two:
         two.versus = f"{two.value / one.value:.2f}x one process (target >= 1.7x)"
-    ours, huey = (
-        find("startup", "worq", "start-up to the first job (median)"),
-        find("startup", "huey", "start-up to the first job (median)"),
-    )
+    ours, huey, dramatiq = (find(system, STARTUP) for system in ("worq", "huey", "dramatiq"))
     if ours and huey:
         ours.versus = f"{ours.value / huey.value:.2f}x huey's time (target <= 1x)"
-    dramatiq = find("startup", "dramatiq", "start-up to the first job (median)")
     if ours and dramatiq:
         ours.versus += f"; {ours.value / dramatiq.value:.2f}x dramatiq's"
 
     floor_rows = [
-        Row("floor", "raw", "RPOP, one round trip each", floor["rpop"], "jobs/s", "rpop", 1.0),
-        Row("floor", "raw", "LPUSH, one round trip each", floor["lpush"], "jobs/s", "lpush", 1.0),
+        Row("floor", "raw", "RPOP, one round trip each", floor["rpop"], "jobs/s"),
+        Row("floor", "raw", "LPUSH, one round trip each", floor["lpush"], "jobs/s"),
         Row(
-            "floor",
-            "raw",
-            "LPUSH of 100 B, pipelined by 1,000",
-            floor["pipelined_lpush"],
-            "jobs/s",
-            "pipelined",
-            1.0,
+            "floor", "raw", "LPUSH of 100 B, pipelined by 1,000", floor["pipelined_lpush"], "jobs/s"
         ),
     ]
     return floor_rows + rows
@@ -682,7 +743,8 @@ def main() -> int:
     )
     parser.add_argument("--url", help="a Redis URL instead of 127.0.0.1:6379/DB")
     parser.add_argument("--quick", action="store_true", help="smaller runs, under ~2 minutes")
-    parser.add_argument("--jobs", type=int, help="jobs per drain (default 20,000; quick 3,000)")
+    parser.add_argument("--jobs", type=int, help="jobs per drain (default 10,000; quick 3,000)")
+    parser.add_argument("--rounds", type=int, help="runs of every drain (default 3; quick 1)")
     parser.add_argument(
         "--only",
         default=",".join(SECTIONS),
@@ -721,11 +783,14 @@ def main() -> int:
         settings = Settings(
             url=url,
             prefix=prefix,
-            drain_jobs=args.jobs or (3_000 if args.quick else 20_000),
+            drain_jobs=args.jobs or (3_000 if args.quick else 10_000),
+            rounds=args.rounds or (1 if args.quick else 3),
             floor_jobs=5_000 if args.quick else 10_000,
+            enqueue_jobs=5_000 if args.quick else 20_000,
             bulk_jobs=20_000 if args.quick else 100_000,
             startups=3 if args.quick else 7,
             wrk_seconds=3 if args.quick else 10,
+            asgi_rounds=1 if args.quick else 2,
             use_wrk=use_wrk,
             logs=Path(logs),
         )
@@ -736,11 +801,11 @@ def main() -> int:
             delete_huey_keys(client, prefix.replace("-", "_"))
             client.close()
     load_after = os.getloadavg()[0]
-    start, end = floor["floor_runs"]
+    rpops = ", ".join(f"{run['rpop']:,.0f}" for run in floor["floor_runs"])
     header = (
         f"peer bench, {'quick' if args.quick else 'full'}: {settings.drain_jobs:,}-job drains, "
-        f"one run on {url} ({time.monotonic() - begin:.0f} s); RPOP floor at start "
-        f"{start['rpop']:,.0f}/s, at end {end['rpop']:,.0f}/s; load average {load_before:.1f} "
+        f"best of {settings.rounds}; one run on {url}, {time.monotonic() - begin:.0f} s; "
+        f"RPOP floor/s per round and at the end: {rpops}; load average {load_before:.1f} "
         f"before, {load_after:.1f} after"
     )
     render(rows, header)
