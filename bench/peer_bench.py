@@ -1,28 +1,33 @@
 """worq against huey and dramatiq on the local Redis, in one run, as ratios to raw floors.
 
-    nox -s bench-peers                      # full run (20,000-job drains), about 5 minutes
-    nox -s bench-peers -- --quick           # 3,000-job drains, under 2 minutes
+    nox -s bench-peers                      # full: 10,000-job drains, best of 3; about 6 minutes
+    nox -s bench-peers -- --quick           # 3,000-job drains, once each; under 2 minutes
     nox -s bench-peers -- --json out.json   # also write the figures as JSON
     python bench/peer_bench.py --db 11      # in a venv with huey, dramatiq, starlette, uvicorn
 
 Every job, whichever library runs it, has the same body (``bench/peers``): one Redis INCR on a
 client of its own. Each library's jobs run in its real worker CLI: ``worq worker``,
 ``huey_consumer`` (worker threads) and ``dramatiq`` (one process, worker threads), each
-with its defaults but for logging (warnings only). The figures:
+with its defaults but for logging (warnings only: huey logs two lines per job at INFO). Rates
+are the best of ``--rounds`` runs (contention only ever slows a run; every run is in the
+notes and the JSON). The figures:
 
 1. drain at concurrency 1: N jobs queued before the worker starts, timed from the first job
    starting to the N-th finishing (the jobs stamp both; never from a process's start); and
    worq on no-op jobs (``redis_bench.drain_processes``: worq's own figure);
 2. drain at concurrency 8 (threads), and worq ``--processes 2`` against one process;
 3. start-up: from spawning the worker command to the body of the one waiting job running
-   (median of several); its floor is an interpreter that imports redis-py and runs the body;
-4. enqueue one by one (the N jobs of the concurrency-1 drains), and worq's ``enqueue_many``
-   against a pipelined LPUSH of payloads the size of worq's (id and body);
+   (median of several, the libraries in turn); its floor is an interpreter that imports
+   redis-py and runs the body;
+4. enqueue one by one, each library and a raw LPUSH taking turns 500 jobs at a time; and
+   worq's ``enqueue_many`` against a pipelined LPUSH of payloads the size of worq's (id and
+   body), taking turns 1,000 jobs at a time;
 5. an ASGI producer: Starlette on uvicorn (one process) under ``wrk -c 32 -t 2``, one route
-   awaiting ``enqueue_async`` and one awaiting a raw ``redis.asyncio`` LPUSH (without wrk, a
-   small asyncio load generator with 32 connections does it, and the table says so);
+   awaiting ``enqueue_async`` and one awaiting a raw ``redis.asyncio`` LPUSH, in turn (without
+   wrk, or with ``--load asyncio``, a small asyncio load generator with 32 connections does
+   it, and the table says so);
 6. the raw redis-py floors: RPOP and LPUSH one round trip each, LPUSH pipelined by 1,000,
-   measured at the start and at the end of the run (ratios use their mean).
+   measured before each round of drains and at the end (the drains' ratios use the best).
 
 Each figure is given as a ratio to its floor and, where issue 13 sets a target, to the peer it
 names. Everything lives under a fresh prefix (huey's keys under ``huey.*.<its name>``), deleted
