@@ -108,6 +108,7 @@ class Task(Generic[P, R]):
         self.is_async = inspect.iscoroutinefunction(fn)
         self._signature = inspect.signature(fn)
         self._bound_arities: set[int] = set()  # positional-argument counts known to bind
+        self._plain: BoundTask[P, R] = BoundTask(self, SendOptions())  # enqueue's, made once
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -221,7 +222,7 @@ class Task(Generic[P, R]):
         every step but the first gets the previous step's result as its first argument, so its
         own arguments here leave that one out (why they are not typed like the task's).
         """
-        return BoundTask(self, SendOptions()).s(*args, **kwargs)
+        return self._plain.s(*args, **kwargs)
 
     def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """Send one job and return its :class:`Job`.
@@ -229,7 +230,7 @@ class Task(Generic[P, R]):
         Raises before sending anything if the arguments do not fit the signature
         (:class:`TaskArgumentsError`) or cannot be serialized (:class:`SerializationError`).
         """
-        return BoundTask(self, SendOptions()).enqueue(*args, **kwargs)
+        return self._plain.enqueue(*args, **kwargs)
 
     async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """:meth:`enqueue` for asyncio code, through :meth:`Broker.enqueue_async`.
@@ -237,14 +238,14 @@ class Task(Generic[P, R]):
         A broker with an asyncio client (worq-redis) sends the job from the event loop itself;
         any other runs its blocking enqueue on a thread.
         """
-        return await BoundTask(self, SendOptions()).enqueue_async(*args, **kwargs)
+        return await self._plain.enqueue_async(*args, **kwargs)
 
     def enqueue_many(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[Job[R]]:
         """Send many jobs in one broker batch, all or nothing.
 
         Each item is a tuple of positional arguments, or a mapping of keyword arguments.
         """
-        return BoundTask(self, SendOptions()).enqueue_many(calls)
+        return self._plain.enqueue_many(calls)
 
 
 class AsyncTask(Task[P, R]):
