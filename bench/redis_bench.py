@@ -8,6 +8,12 @@ Every figure is measured in the same run as the raw redis-py floor (a plain LPUS
 one round trip per item, and a pipelined LPUSH) and reported as a ratio to it. All keys live
 under a fresh prefix that is deleted at the end; no database is flushed.
 
+The producer rows alternate each figure with its floor, round after round (9 with ``--quick``,
+15 otherwise), and report medians. The web handler rows serve ``bench/asgi_app.py`` (Starlette)
+with uvicorn in a subprocess and load it with ``wrk`` (32 connections), a raw ``redis.asyncio``
+LPUSH handler against one doing ``await task.enqueue_async()``, alternating. ``--producers``
+runs only these rows (under a minute).
+
 The worker-runtime figures (issue 4) run real ``python -m worq_core worker`` subprocesses on
 ``bench/bench_app.py``: a drain with ``--processes 2``; a mixed workload (10% of the jobs sleep
 50 ms) at a steady arrival rate, whose short jobs' pickup latency is compared with an all-short
@@ -20,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -469,23 +476,26 @@ def main() -> int:
             rate = statistics.median(found[measure])
             rows.append(Row(name, jobs, rate, base, statistics.median(ratios), note))
         rows.append(Row("raw RPOP, one round trip each", one_by_one, floor["rpop"], "rpop", 1.0))
-        web_rounds, web_seconds = (2, 3.0) if args.quick else (3, 5.0)
-        web = web_enqueue(args.url, prefix, web_rounds, web_seconds, connections=32)
-        note = f"wrk -c 32, median of {web_rounds} x {web_seconds:g} s, alternating"
-        (raw_rate, raw_sent), (enqueue_rate, enqueue_sent) = web["raw"], web["enqueue"]
-        rows.append(
-            Row("web handler: one redis.asyncio LPUSH", raw_sent, raw_rate, "web", 1.0, note)
-        )
-        rows.append(
-            Row(
-                "web handler: await task.enqueue_async()",
-                enqueue_sent,
-                enqueue_rate,
-                "web",
-                enqueue_rate / raw_rate,
-                note,
+        if shutil.which("wrk") is None:
+            print("wrk is not installed (Debian: apt-get install wrk): no web handler rows")
+        else:
+            web_rounds, web_seconds = (2, 3.0) if args.quick else (3, 5.0)
+            web = web_enqueue(args.url, prefix, web_rounds, web_seconds, connections=32)
+            note = f"wrk -c 32, median of {web_rounds} x {web_seconds:g} s, alternating"
+            (raw_rate, raw_sent), (enqueue_rate, enqueue_sent) = web["raw"], web["enqueue"]
+            rows.append(
+                Row("web handler: one redis.asyncio LPUSH", raw_sent, raw_rate, "web", 1.0, note)
             )
-        )
+            rows.append(
+                Row(
+                    "web handler: await task.enqueue_async()",
+                    enqueue_sent,
+                    enqueue_rate,
+                    "web",
+                    enqueue_rate / raw_rate,
+                    note,
+                )
+            )
         if args.producers:
             app.close()
             return finish(rows, rtt, args.json, args.url)
