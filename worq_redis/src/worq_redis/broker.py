@@ -98,6 +98,7 @@ _CANCELS = {
     b"n": CancelOutcome.NOT_FOUND,
 }
 _ENQUEUE, _FETCH, _SETTLE = SCRIPTS["enqueue"], SCRIPTS["fetch"], SCRIPTS["settle"]
+_ENQUEUE_ONE = SCRIPTS["enqueue_one"]
 _SETTLE_FETCH, _EXTEND = SCRIPTS["settle_fetch"], SCRIPTS["extend"]
 _JOB_STATE, _CANCEL = SCRIPTS["job_state"], SCRIPTS["cancel"]
 _FIND_JOB = SCRIPTS["find_job"]
@@ -356,6 +357,7 @@ class RedisBroker(Broker):
         self._keys: dict[str, tuple[str, ...]] = {}
         self._heads: dict[str, tuple[Arg, ...]] = {}  # numkeys and keys, as EVALSHA takes them
         self._enqueue_heads: dict[str, tuple[Arg, ...]] = {}  # the same and the queue registry
+        self._one_heads: dict[str, tuple[Arg, ...]] = {}  # enqueue_one's: 5 queue keys, the index
         self._known: set[str] = set()
         self._lock = threading.Lock()
         self._ids = ids_key(self.prefix)
@@ -460,12 +462,12 @@ class RedisBroker(Broker):
         single = self._single_call(messages)
         try:
             if single is not None:
-                head, args = single
+                script, head, args = single
                 if self._wait is None:
-                    flags = await lane.script(_ENQUEUE, head, args)
+                    flags = await lane.script(script, head, args)
                 else:
                     keys = cast("Sequence[str]", head[1:])
-                    flags, acked = await lane.scripts([(_ENQUEUE, keys, args)], wait=self._wait)
+                    flags, acked = await lane.scripts([(script, keys, args)], wait=self._wait)
                     self._replicated(acked, strict=True)
                 return [flags[0]]
             batch = self._batch_calls(messages)
@@ -543,13 +545,13 @@ class RedisBroker(Broker):
         """:meth:`_add` after the checks that precede the scripts (none but under Cluster)."""
         single = self._single_call(messages)
         if single is not None:
-            head, args = single
+            script, head, args = single
             try:
                 if self._wait is None:
-                    flags = self._lane.script(_ENQUEUE, head, args)
+                    flags = self._lane.script(script, head, args)
                 else:
                     keys = cast("Sequence[str]", head[1:])
-                    flags, acked = self._lane.scripts([(_ENQUEUE, keys, args)], wait=self._wait)
+                    flags, acked = self._lane.scripts([(script, keys, args)], wait=self._wait)
                     self._replicated(acked, strict=True)
             except RedisError as exc:
                 raise self._error(exc) from exc
@@ -565,15 +567,29 @@ class RedisBroker(Broker):
                 results = self._lane.transaction(batch.calls, wait=self._wait)
             return self._batch_replies(batch, results)
 
-    def _single_call(self, messages: Sequence[Message]) -> tuple[tuple[Arg, ...], list[Arg]] | None:
-        """The key part and values of the one ``enqueue`` call of one message, or ``None``.
+    def _single_call(
+        self, messages: Sequence[Message]
+    ) -> tuple[Script, tuple[Arg, ...], list[Arg]] | None:
+        """The script, key part and values of the one call that enqueues one message, or ``None``.
 
         The common case, kept lean: one message for a queue this broker registered (its keys
-        are cached). ``None`` for anything else, which :meth:`_batch_calls` sends.
+        are cached). A plain job (no eta, unique key, limits, workflow record or record to
+        clear) goes through ``enqueue_one``, the rest through ``enqueue``. ``None`` for anything
+        else, which :meth:`_batch_calls` sends.
         """
         if len(messages) != 1 or messages[0].queue not in self._known:
             return None
         m = messages[0]
+        if (
+            m.eta is None
+            and not (m.clear_record and not self._cluster)
+            and m.unique is None
+            and m.rate is None
+            and m.concurrency is None
+            and m.member is None
+            and not m.closes
+        ):
+            return _ENQUEUE_ONE, self._one_heads[m.queue], [m.queue, m.id, m.body, str(-m.priority)]
         head = self._enqueue_heads[m.queue]
         clear: Arg = 0
         if m.clear_record and not self._cluster:  # under Cluster worq-core clears it
@@ -594,7 +610,7 @@ class RedisBroker(Broker):
             args += (*(_specs(m) or (b"", b"")), _wspec(m))
         elif m.unique is not None or m.rate is not None or m.concurrency is not None:
             args += _specs(m) or ()
-        return head, args
+        return _ENQUEUE, head, args
 
     def _batch_calls(self, messages: Sequence[Message]) -> _Batch:
         """The ``enqueue`` calls of ``messages`` (one per queue and chunk), each id sent once."""
@@ -1339,6 +1355,8 @@ class RedisBroker(Broker):
                 self._enqueue_heads[queue] = self._heads[queue]
             else:
                 self._enqueue_heads[queue] = (len(keys) + 1, *keys, self._registry)
+            ready, _, _, jobs, meta, _, signal, seq, _, _, ids = keys
+            self._one_heads[queue] = (6, ready, jobs, meta, signal, seq, ids)
             self._keys[queue] = keys
         return keys
 

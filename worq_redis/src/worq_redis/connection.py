@@ -612,6 +612,7 @@ SCRIPTS: Final = {
     name: Script.named(name)
     for name in [
         *lua.QUEUE_SCRIPTS,
+        *lua.ONE_JOB_SCRIPTS,
         *lua.LOOKUP_SCRIPTS,
         *lua.SCHEDULE_SCRIPTS,
         *lua.RESULT_SCRIPTS,
