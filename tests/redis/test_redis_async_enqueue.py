@@ -188,3 +188,24 @@ def test_enqueue_async_on_a_redis_that_went_away_fails_fast_and_recovers(
     ]
     assert app.broker.job_state(after) is not None
     app.close()
+
+
+def test_closing_the_broker_on_its_loop_closes_that_loops_connections(
+    real_backend: Backend,
+) -> None:
+    broker = real_backend.broker()
+
+    async def main() -> tuple[int, int]:
+        await asyncio.gather(
+            *(broker.enqueue_async([Message(f"c{n}", "c", b"")]) for n in range(5))
+        )
+        [lane] = broker._async_lanes.values()
+        opened = len(lane._taken)
+        broker.close()
+        await asyncio.sleep(0.05)  # the closing task runs on this loop
+        return opened, len(lane._taken)
+
+    opened, left = asyncio.run(main())
+    assert opened >= 1
+    assert left == 0
+    assert broker._async_lanes == {}

@@ -124,6 +124,8 @@ _NO_MESSAGE: Final[tuple[Arg, ...]] = ("",) * 10
 """The ten message values of ``open_group`` for a group without a callback."""
 _CLUSTER_POLL: Final = 0.1
 """Under Cluster, the longest wait before a worker looks again at its queues in other slots."""
+_CLOSING: set[Any] = set()
+"""The tasks closing asyncio lanes that :meth:`RedisBroker.close` started, until they are done."""
 _CANCEL_LOOKUPS: Final = 16
 """How often :meth:`RedisBroker.cancel` looks a job's queue up again when the job keeps moving
 to another queue between the lookup and the script (acked and enqueued elsewhere each time)."""
@@ -1280,7 +1282,9 @@ class RedisBroker(Broker):
                 running = None
             for loop, lane in lanes:
                 if loop is running:
-                    loop.create_task(lane.close())
+                    closing = loop.create_task(lane.close())
+                    _CLOSING.add(closing)  # a task nothing refers to may be collected half done
+                    closing.add_done_callback(_CLOSING.discard)
                 elif not loop.is_closed():
                     asyncio.run_coroutine_threadsafe(lane.close(), loop)
 
