@@ -120,6 +120,11 @@ BENCHES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Deleting each acknowledged job at once against marking it done and deleting in batches.",
         (),
     ),
+    "bench-peers": (
+        "bench/peer_bench.py",
+        "worq against huey and dramatiq on the local Redis, in one run, as ratios to raw floors.",
+        ("huey>=2.5", "dramatiq[redis]>=1.17", "starlette>=0.37", "uvicorn>=0.30"),
+    ),
     "bench-dashboard": (
         "bench/dashboard_bench.py",
         "The dashboard's page times with 100,000 jobs queued against 1,000, on the local Redis.",

@@ -8,6 +8,12 @@ Every figure is measured in the same run as the raw redis-py floor (a plain LPUS
 one round trip per item, and a pipelined LPUSH) and reported as a ratio to it. All keys live
 under a fresh prefix that is deleted at the end; no database is flushed.
 
+The producer rows alternate each figure with its floor, round after round (9 with ``--quick``,
+15 otherwise), and report medians. The web handler rows serve ``bench/asgi_app.py`` (Starlette)
+with uvicorn in a subprocess and load it with ``wrk`` (32 connections), a raw ``redis.asyncio``
+LPUSH handler against one doing ``await task.enqueue_async()``, alternating. ``--producers``
+runs only these rows (under a minute).
+
 The worker-runtime figures (issue 4) run real ``python -m worq_core worker`` subprocesses on
 ``bench/bench_app.py``: a drain by one process and by ``--processes 2``; a mixed workload (10%
 of the jobs sleep 50 ms) at a steady arrival rate, whose short jobs' pickup latency is compared
@@ -20,7 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -69,6 +78,13 @@ def raw_floor(client: redis.Redis, prefix: str, n: int) -> dict[str, float]:
     payload = b"x" * 100
     push = timed(lambda: [client.lpush(key, payload) for _ in range(n)])
     pop = timed(lambda: [client.rpop(key) for _ in range(n)])
+    piped = pipelined_lpush(client, key, payload, n)
+    client.delete(key)
+    return {"lpush": n / push, "rpop": n / pop, "pipelined_lpush": n / piped}
+
+
+def pipelined_lpush(client: redis.Redis, key: str, payload: bytes, n: int) -> float:
+    """Seconds to LPUSH ``payload`` ``n`` times onto ``key``, 1,000 per pipeline."""
 
     def pipelined() -> None:
         for start in range(0, n, 1000):
@@ -77,9 +93,49 @@ def raw_floor(client: redis.Redis, prefix: str, n: int) -> dict[str, float]:
                 pipe.lpush(key, payload)
             pipe.execute()
 
-    piped = timed(pipelined)
-    client.delete(key)
-    return {"lpush": n / push, "rpop": n / pop, "pipelined_lpush": n / piped}
+    return timed(pipelined)
+
+
+def enqueue_rounds(
+    client: redis.Redis, prefix: str, task: Any, rounds: int, single: int, batch: int
+) -> dict[str, list[float]]:
+    """Raw LPUSH, enqueue one by one, pipelined LPUSH and ``enqueue_many``, in alternation.
+
+    Each round times ``single`` LPUSHes and as many ``task.enqueue()`` calls, then its share of
+    ``batch`` LPUSHes pipelined by 1,000 and as many jobs by ``enqueue_many`` calls of 1,000, so
+    every figure has its floor measured moments apart. Returns each measure's rate per round.
+    """
+    key = f"{prefix}:raw-rounds"
+    payload = b"x" * 100
+    per_round = batch // rounds
+
+    def pushes() -> None:
+        for _ in range(single):
+            client.lpush(key, payload)
+
+    def enqueues() -> None:
+        for _ in range(single):
+            task.enqueue()
+
+    def pipelined() -> None:
+        for start in range(0, per_round, 1000):
+            pipe = client.pipeline(transaction=False)
+            for _ in range(min(1000, per_round - start)):
+                pipe.lpush(key, payload)
+            pipe.execute()
+
+    def many() -> None:
+        for start in range(0, per_round, 1000):
+            task.enqueue_many([() for _ in range(min(1000, per_round - start))])
+
+    found: dict[str, list[float]] = {"lpush": [], "one": [], "pipelined": [], "many": []}
+    for _ in range(rounds):
+        found["lpush"].append(single / timed(pushes))
+        found["one"].append(single / timed(enqueues))
+        found["pipelined"].append(per_round / timed(pipelined))
+        found["many"].append(per_round / timed(many))
+        client.delete(key)
+    return found
 
 
 def make_app(url: str, prefix: str) -> Worq:
@@ -300,6 +356,78 @@ def memory_growth(url: str, prefix: str, first: int, total: int) -> tuple[int, i
     return readings[0], readings[1]
 
 
+def wrk(url: str, seconds: float, connections: int) -> tuple[float, int, int]:
+    """``wrk`` on ``url`` for ``seconds`` with ``connections`` open.
+
+    Returns (requests/s, requests, failed requests and socket errors).
+    """
+    out = subprocess.run(
+        ["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds:g}s", url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 30,
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
+    requests = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
+    failed = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    failures = int(failed[1]) if failed else 0
+    if errors:
+        failures += sum(int(n) for n in errors.groups())
+    return rate, requests, failures
+
+
+def web_enqueue(
+    url: str, prefix: str, rounds: int, seconds: float, connections: int
+) -> dict[str, tuple[float, int]]:
+    """Requests/s of a Starlette handler (uvicorn, ``bench/asgi_app.py``) under ``wrk``.
+
+    One server process serves both handlers: one raw ``redis.asyncio`` LPUSH (the floor) and
+    ``await noop.enqueue_async()``. They are measured in alternation, ``rounds`` times each,
+    ``seconds`` a time with ``connections`` open, after a warm-up of each; the rate of a
+    handler is its median. Returns, per handler, that rate and the requests sent. Any
+    failed request fails the benchmark.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, WORQ_BENCH_URL=url, WORQ_BENCH_PREFIX=prefix)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "uvicorn", "asgi_app:app", "--host", "127.0.0.1"]
+    server = subprocess.Popen(
+        [*command, "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the web app did not start") from None
+                time.sleep(0.1)
+        rates: dict[str, list[float]] = {"raw": [], "enqueue": []}
+        sent = dict.fromkeys(rates, 0)
+        for path in rates:
+            wrk(f"{base}/{path}", 1, connections)  # warm up: connections, scripts, JIT caches
+        for _ in range(rounds):
+            for path, found in rates.items():
+                rate, requests, failures = wrk(f"{base}/{path}", seconds, connections)
+                if failures:
+                    raise RuntimeError(f"{failures} requests to /{path} failed")
+                found.append(rate)
+                sent[path] += requests
+    finally:
+        stop_process(server)
+    return {path: (statistics.median(found), sent[path]) for path, found in rates.items()}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -314,6 +442,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller runs, under ~30 s")
     parser.add_argument("--jobs", type=int, default=None, help="jobs per drain (default 20,000)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument(
+        "--producers",
+        action="store_true",
+        help="only the producer rows: the floors, enqueues and the web handler",
+    )
     args = parser.parse_args()
 
     drain_jobs = args.jobs or (5_000 if args.quick else 20_000)
@@ -331,41 +464,47 @@ def main() -> int:
     try:
         floor = raw_floor(client, prefix, one_by_one)
         rtt = 1.0 / floor["lpush"]
-        rows.append(Row("raw LPUSH, one round trip each", one_by_one, floor["lpush"], "lpush", 1.0))
-        rows.append(Row("raw RPOP, one round trip each", one_by_one, floor["rpop"], "rpop", 1.0))
-        rows.append(
-            Row(
-                "raw LPUSH pipelined by 1,000",
-                one_by_one,
-                floor["pipelined_lpush"],
-                "pipelined",
-                1.0,
-            )
-        )
-
         app = make_app(args.url, prefix)
         task = app.tasks["noop"]
         task.enqueue()  # warm up: connection, script cache, queue registry
+        task.enqueue_many([()])
         app.broker.purge_dead("bench")
-        elapsed = timed(lambda: [task.enqueue() for _ in range(one_by_one)])
-        rate = one_by_one / elapsed
-        rows.append(Row("enqueue one by one", one_by_one, rate, "lpush", rate / floor["lpush"]))
-
-        def batch() -> None:
-            for _ in range(0, batch_jobs, 1000):
-                task.enqueue_many([() for _ in range(1000)])
-
-        elapsed = timed(batch)
-        rate = batch_jobs / elapsed
-        rows.append(
-            Row(
-                "enqueue_many (1,000 per call)",
-                batch_jobs,
-                rate,
-                "pipelined",
-                rate / floor["pipelined_lpush"],
+        rounds = 9 if args.quick else 15
+        found = enqueue_rounds(client, prefix, task, rounds, one_by_one // rounds, batch_jobs)
+        note = f"median of {rounds} rounds, alternating with its floor"
+        for name, measure, base, jobs in [
+            ("raw LPUSH, one round trip each", "lpush", "lpush", one_by_one),
+            ("enqueue one by one", "one", "lpush", one_by_one),
+            ("raw LPUSH pipelined by 1,000", "pipelined", "pipelined", batch_jobs),
+            ("enqueue_many (1,000 per call)", "many", "pipelined", batch_jobs),
+        ]:
+            ratios = [a / b for a, b in zip(found[measure], found[base], strict=True)]
+            rate = statistics.median(found[measure])
+            rows.append(Row(name, jobs, rate, base, statistics.median(ratios), note))
+        rows.append(Row("raw RPOP, one round trip each", one_by_one, floor["rpop"], "rpop", 1.0))
+        if shutil.which("wrk") is None:
+            print("wrk is not installed (Debian: apt-get install wrk): no web handler rows")
+        else:
+            web_rounds, web_seconds = (2, 3.0) if args.quick else (3, 5.0)
+            web = web_enqueue(args.url, prefix, web_rounds, web_seconds, connections=32)
+            note = f"wrk -c 32, median of {web_rounds} x {web_seconds:g} s, alternating"
+            (raw_rate, raw_sent), (enqueue_rate, enqueue_sent) = web["raw"], web["enqueue"]
+            rows.append(
+                Row("web handler: one redis.asyncio LPUSH", raw_sent, raw_rate, "web", 1.0, note)
             )
-        )
+            rows.append(
+                Row(
+                    "web handler: await task.enqueue_async()",
+                    enqueue_sent,
+                    enqueue_rate,
+                    "web",
+                    enqueue_rate / raw_rate,
+                    note,
+                )
+            )
+        if args.producers:
+            app.close()
+            return finish(rows, rtt, args.json, args.url)
         Worker(
             app,
             WorkerSettings(queues=("bench",), concurrency=8, idle_wait=0.01, handle_signals=False),
@@ -488,12 +627,16 @@ def main() -> int:
     finally:
         delete_prefix(client, prefix)
         client.close()
+    return finish(rows, rtt, args.json, args.url)
 
+
+def finish(rows: list[Row], rtt: float, json_path: str | None, url: str) -> int:
+    """Print the table, write the JSON if asked."""
     render(rows, rtt)
-    if args.json:
-        with open(args.json, "w") as out:
+    if json_path:
+        with open(json_path, "w") as out:
             json.dump(
-                {"url": args.url, "rtt_ms": rtt * 1000, "rows": [asdict(r) for r in rows]},
+                {"url": url, "rtt_ms": rtt * 1000, "rows": [asdict(r) for r in rows]},
                 out,
                 indent=2,
             )

@@ -33,3 +33,13 @@ def test_msgpack_refuses_integers_wider_than_64_bits() -> None:
     with pytest.raises(SerializationError) as error:
         MsgpackSerializer().dumps(2**64)
     assert error.value.serializer == "msgpack"
+
+
+def test_msgpack_packs_the_next_value_whole_after_one_it_refused() -> None:
+    serializer = MsgpackSerializer()
+    with pytest.raises(SerializationError):
+        serializer.dumps([1, "two", object()])
+    with pytest.raises(SerializationError):
+        serializer.dumps([1, 2**70])
+    value = {"after": [1, "two", b"3"]}
+    assert serializer.loads(serializer.dumps(value)) == value

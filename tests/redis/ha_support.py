@@ -201,12 +201,30 @@ class SentinelSet:
         first, and a replica still following the old address would resync from the empty one.
         """
         wait_until(self._replica_promoted, 30, "the replica taking the master role")
+        wait_until(self._sentinels_follow_replica, 30, "every sentinel naming the new master")
         self.master = self._start(self.master_port, ["--replicaof", HOST, str(self.replica_port)])
 
     def _replica_promoted(self) -> bool:
         client = connect(self.replica_port, self.tls)
         try:
             return client.info("replication").get("role") == "master"
+        finally:
+            client.close()
+
+    def _sentinels_follow_replica(self) -> bool:
+        # A sentinel still configured with the old master would, once that address answers
+        # again and looks like a master from its last INFO, turn the promoted replica back
+        # into its replica (+convert-to-slave): a full resync from an empty server.
+        return all(self.master_seen_by(port) == self.replica_port for port in self.sentinel_ports)
+
+    def master_seen_by(self, sentinel_port: int) -> int | None:
+        """The master's port as one sentinel names it (``None`` if it does not answer)."""
+        client = connect(sentinel_port, self.tls)
+        try:
+            _, port = client.sentinel_get_master_addr_by_name(SERVICE)
+            return int(port)
+        except redis.RedisError:
+            return None
         finally:
             client.close()
 
@@ -217,14 +235,9 @@ class SentinelSet:
         scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
         return f"{scheme}://{hosts}/{SERVICE}/{db}" + (f"?{query}" if query else "")
 
-    def current_master(self) -> int:
+    def current_master(self) -> int | None:
         """The master's port as the first sentinel sees it now."""
-        client = connect(self.sentinel_ports[0], self.tls)
-        try:
-            _, port = client.sentinel_get_master_addr_by_name(SERVICE)
-            return int(port)
-        finally:
-            client.close()
+        return self.master_seen_by(self.sentinel_ports[0])
 
     def _replica_synced(self) -> bool:
         client = connect(self.replica_port, self.tls)
@@ -253,6 +266,8 @@ class SentinelSet:
         for log in sorted(self.directory.glob("sentinel-*.log")):
             events = [ln for ln in log.read_text(errors="replace").splitlines() if "+" in ln]
             wanted = ("+switch-master", "+failover-end", "+promoted", "+sdown master", "+odown")
+            wanted += ("+convert-to-slave", "+config-update-from", "+fix-slave-config", "+tilt")
+            wanted += ("+slave-reconf", "-sdown", "+elected-leader", "+try-failover")
             lines += [f"{log.name}: {ln}" for ln in events if any(w in ln for w in wanted)]
         for log in sorted(self.directory.glob("*/redis.log")):
             words = ("MASTER MODE", "Full resync", "Loading", "Discarding", "REPLICAOF", "flush")
@@ -261,7 +276,21 @@ class SentinelSet:
                 for ln in log.read_text(errors="replace").splitlines()
                 if any(w.lower() in ln.lower() for w in words)
             ]
-        return "\n".join(lines[-80:])
+        for server in self.servers:
+            try:
+                client = connect(server.port, self.tls)
+                if server.port in self.sentinel_ports:
+                    view = client.sentinel_master(SERVICE)
+                    keys = ("ip", "port", "flags", "config-epoch", "num-slaves")
+                else:
+                    view = {**client.info("replication"), **client.info("stats")}
+                    keys = ("role", "master_port", "master_link_status", "master_repl_offset")
+                    keys += ("sync_full", "sync_partial_ok")
+                client.close()
+                lines.append(f"{server.port}: " + " ".join(f"{k}={view.get(k)}" for k in keys))
+            except redis.RedisError as exc:
+                lines.append(f"{server.port}: {exc}")
+        return "\n".join(lines[-100:])
 
     def stop(self) -> None:
         for server in reversed(self.servers):

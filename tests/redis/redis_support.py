@@ -75,22 +75,28 @@ class CountingConnection(redis.Connection):
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         type(self).round_trips += 1
+        data = command if isinstance(command, bytes) else b"".join(command)
+        type(self).commands.extend(_commands(data))
         super().send_packed_command(command, check_health)
 
-    def send_command(self, *args: Any, **kwargs: Any) -> None:
-        type(self).commands.append(tuple(_b(a) for a in args))
-        super().send_command(*args, **kwargs)
 
-    def pack_commands(self, commands: Any) -> Any:
-        for args in commands:
-            type(self).commands.append(tuple(_b(a) for a in args))
-        return super().pack_commands(commands)
-
-
-def _b(value: Any) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    return str(value).encode()
+def _commands(data: bytes) -> list[tuple[bytes, ...]]:
+    """The commands of a packed write (RESP arrays of bulk strings), however they were packed."""
+    commands: list[tuple[bytes, ...]] = []
+    at = 0
+    while at < len(data):
+        end = data.index(b"\r\n", at)
+        assert data[at : at + 1] == b"*", data[at : at + 20]
+        count, at = int(data[at + 1 : end]), end + 2
+        args = []
+        for _ in range(count):
+            end = data.index(b"\r\n", at)
+            assert data[at : at + 1] == b"$", data[at : at + 20]
+            size, at = int(data[at + 1 : end]), end + 2
+            args.append(data[at : at + size])
+            at += size + 2
+        commands.append(tuple(args))
+    return commands
 
 
 def counting_client(url: str) -> tuple[redis.Redis, type[CountingConnection]]:

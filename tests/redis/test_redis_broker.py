@@ -273,6 +273,7 @@ def test_every_script_call_keeps_its_queue_keys_in_one_cluster_slot(
 
         jobs = work.enqueue_many([(n,) for n in range(30)])
         work.options(delay=0.05).enqueue(1)
+        work.enqueue(2)  # a plain job one by one: enqueue_one
         worker = Worker(
             app,
             WorkerSettings(queues=("slots",), concurrency=4, idle_wait=0.05, handle_signals=False),
@@ -293,7 +294,7 @@ def test_every_script_call_keeps_its_queue_keys_in_one_cluster_slot(
         broker.cancel(running.id)
         scripts = [c for c in counter.commands if c[0] in (b"EVALSHA", b"EVAL")]
         ids, registry = f"{prefix}:ids".encode(), f"{prefix}:queues".encode()
-        names = set()
+        names, one_job = set(), set()
         for command in scripts:
             count = int(command[2])
             keys = command[3 : 3 + count]
@@ -302,6 +303,11 @@ def test_every_script_call_keeps_its_queue_keys_in_one_cluster_slot(
                 continue
             if count == 1:  # job_state: the id index alone (it reads the queue's keys by name)
                 assert keys == [ids] or keys == (ids,), keys
+                continue
+            if count == 6:  # enqueue_one: five keys of the queue, then the id index
+                one_job.add(keys[0].rsplit(b":", 1)[-1])
+                assert len({keyslot(k) for k in keys[:5]}) == 1, keys
+                assert keys[5] == ids
                 continue
             queue_keys, shared, rest = keys[:10], keys[10], keys[11:]
             names.add(queue_keys[0].rsplit(b":", 1)[-1])
@@ -315,7 +321,7 @@ def test_every_script_call_keeps_its_queue_keys_in_one_cluster_slot(
             for key in rest:
                 assert key.startswith(f"{prefix}:res:{{".encode()), key
         assert len(scripts) > 30
-        assert names == {b"ready"}
+        assert names == one_job == {b"ready"}
     finally:
         client.close()
 
@@ -533,6 +539,7 @@ def test_every_script_is_a_lua_file_shipped_in_the_package() -> None:
     folder = resources.files("worq_redis").joinpath("lua")
     names = [
         *lua.QUEUE_SCRIPTS,
+        *lua.ONE_JOB_SCRIPTS,
         *lua.SCHEDULE_SCRIPTS,
         *lua.LOOKUP_SCRIPTS,
         *lua.RESULT_SCRIPTS,

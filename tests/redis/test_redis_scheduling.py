@@ -406,6 +406,8 @@ def test_plain_enqueues_send_the_arguments_they_always_sent(
     broker.enqueue([msg("a", "m9"), msg("a", "l1", concurrency=ConcurrencyLimit("c", 1))])
     scripts = [c for c in counter.commands if c[0] == b"EVALSHA"]
     argc = [len(c) - 3 - int(c[2]) for c in scripts]
-    # clock, queue, register, n, then 5 per job; 2 more per job once one is unique or limited
-    assert argc == [4 + 5, 4 + 5 * 3, 4 + 7, 4 + 7 * 2]
-    assert all(int(c[2]) == 12 for c in scripts), "the queue's keys, the index, the registry"
+    # a plain job alone (enqueue_one): queue, id, body, score; then enqueue's clock, queue,
+    # register, n, then 5 per job; 2 more per job once one is unique or limited
+    assert argc == [4, 4 + 5 * 3, 4 + 7, 4 + 7 * 2]
+    assert int(scripts[0][2]) == 6, "enqueue_one: five of the queue's keys and the index"
+    assert all(int(c[2]) == 12 for c in scripts[1:]), "the queue's keys, the index, the registry"

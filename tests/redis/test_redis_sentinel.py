@@ -272,6 +272,7 @@ def _failover_run(directory: Path, ledger_url: str, wait_replicas: int) -> dict[
     import ha_app
 
     acknowledged: list[int] = []
+    missing_after_failover = -1
     try:
         deadline = time.monotonic() + 60
         for n in range(JOBS):
@@ -284,6 +285,7 @@ def _failover_run(directory: Path, ledger_url: str, wait_replicas: int) -> dict[
                 )
                 # A replica again for wait_replicas=1 to count: the old machine comes back.
                 servers.bring_back_old_master()
+                missing_after_failover = _missing(servers, prefix, ledger, ledger_key, KILL_AT)
             while True:
                 assert time.monotonic() < deadline, f"enqueue {n} never got through"
                 try:
@@ -310,6 +312,7 @@ def _failover_run(directory: Path, ledger_url: str, wait_replicas: int) -> dict[
         if lost:  # what the servers did, to tell a lost write from a wiped server
             stats = ha_app.app.broker.stats(["ha"])[0]
             print(f"\nlost ids {lost[0]}..{lost[-1]}; on the master now: {stats}")
+            print(f"missing on the new master right after the failover: {missing_after_failover}")
             print(servers.diagnostics())
         return {
             "acknowledged": len(acknowledged),
@@ -327,6 +330,20 @@ def _failover_run(directory: Path, ledger_url: str, wait_replicas: int) -> dict[
         servers.stop()
         ledger.delete(ledger_key)
         ledger.close()
+
+
+def _missing(
+    servers: SentinelSet, prefix: str, ledger: redis.Redis, ledger_key: str, enqueued: int
+) -> int:
+    """Jobs ``ha-0`` .. that the new master lacks and that never ran: lost at the failover."""
+    master = redis.Redis(HOST, servers.replica_port)
+    try:
+        present = master.hmget(f"{prefix}:ids", [f"ha-{n}" for n in range(enqueued)])
+    finally:
+        master.close()
+    # Read after the master: a job acked in between was recorded in the ledger before its ack.
+    ran = {int(x) for x in ledger.lrange(ledger_key, 0, -1)}
+    return sum(1 for n, there in enumerate(present) if there is None and n not in ran)
 
 
 @pytest.mark.timeout(180)

@@ -151,6 +151,30 @@ class Machine(RuleBasedStateMachine):
         assert got == expected
 
     @precondition(lambda self: self.leases)
+    @rule(data=st.data())
+    def settle_many(self, data: st.DataObject) -> None:
+        """Several settlements in one call, as a worker settling a batch sends them: mostly
+        acks (the script applies plain acks together), with retries, deaths, stale tokens and
+        the same lease twice mixed in, per queue in the order given."""
+        settlement = st.tuples(
+            st.sampled_from(self.leases),
+            st.sampled_from([Outcome.ACK, Outcome.ACK, Outcome.ACK, Outcome.RETRY, Outcome.DEAD]),
+            records,
+        )
+        chosen = data.draw(st.lists(settlement, min_size=2, max_size=6))
+        made = []
+        for pair, outcome, record in chosen:
+            ttl = RECORD_TTL if record is not None else 0.0
+            made.append(
+                (
+                    Settlement(pair.memory, outcome, 1.0, "why", record, ttl),
+                    Settlement(pair.redis, outcome, 1.0, "why", record, ttl),
+                )
+            )
+        expected = self.memory.settle([m for m, _ in made])
+        assert self.redis.settle([r for _, r in made]) == expected
+
+    @precondition(lambda self: self.leases)
     @rule(data=st.data(), lease=st.sampled_from([1.0, 3.0]))
     def extend(self, data: st.DataObject, lease: float) -> None:
         pairs = data.draw(st.lists(st.sampled_from(self.leases), min_size=1, max_size=3))

@@ -268,6 +268,7 @@ def test_plain_jobs_make_the_calls_they_always_made(
     counter = f"{real_backend.prefix}:calls"
     for attr, name in [
         ("_ENQUEUE", "enqueue"),
+        ("_ENQUEUE_ONE", "enqueue_one"),
         ("_FETCH", "fetch"),
         ("_SETTLE", "settle"),
         ("_SETTLE_FETCH", "settle_fetch"),

@@ -177,6 +177,23 @@ class Broker(ABC):
         """
         raise BrokerError(f"the {self.name} broker cannot enqueue unique jobs")
 
+    async def enqueue_async(self, messages: Sequence[Message]) -> list[bool]:
+        """:meth:`enqueue` for asyncio code: the same answers, errors and atomicity.
+
+        The default runs :meth:`enqueue` on a thread (``asyncio.to_thread``). A broker with an
+        asyncio client overrides it to send from the event loop itself, as worq-redis does, so
+        a web app's enqueue costs no thread hand-off. Awaited by :meth:`Task.enqueue_async`.
+        """
+        import asyncio  # here, not at the top: a worker with no async task never imports it
+
+        return await asyncio.to_thread(self.enqueue, messages)
+
+    async def enqueue_unique_async(self, messages: Sequence[Message]) -> list[str | None]:
+        """:meth:`enqueue_unique` for asyncio code; the default runs it on a thread."""
+        import asyncio
+
+        return await asyncio.to_thread(self.enqueue_unique, messages)
+
     def enqueue_on(self, connection: object, messages: Sequence[Message]) -> list[str | None]:
         """:meth:`enqueue_unique` on the caller's connection (:attr:`Capability.TRANSACTIONAL`).
 

@@ -19,8 +19,38 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 
-ENVELOPE_VERSION = 1
+ENVELOPE_VERSION = 2
+"""The envelope format producers write: an array (see :class:`Envelope`). Version 1, a map, still
+decodes."""
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+def envelope_body(
+    serializer: Serializer,
+    job_id: str,
+    task: str,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    enqueued_at: float,
+    headers: Mapping[str, str] = _NO_HEADERS,
+    options: Mapping[str, Any] = _NO_HEADERS,
+    workflow: Mapping[str, Any] = _NO_HEADERS,
+) -> bytes:
+    """The bytes of :meth:`Envelope.encode`, without building an :class:`Envelope` first.
+
+    For the enqueue paths, which only send them. Raises
+    :class:`~worq_core.errors.SerializationError` for unsupported arguments.
+    """
+    if workflow:
+        parts = [dict(headers), dict(options), dict(workflow)]
+        return serializer.dumps([2, job_id, task, args, kwargs, enqueued_at, *parts])
+    if options:
+        return serializer.dumps(
+            [2, job_id, task, args, kwargs, enqueued_at, dict(headers), dict(options)]
+        )
+    if headers:
+        return serializer.dumps([2, job_id, task, args, kwargs, enqueued_at, dict(headers)])
+    return serializer.dumps([2, job_id, task, args, kwargs, enqueued_at])
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +61,13 @@ class Envelope:
     ``options`` are per-enqueue overrides of the task's ``timeout``, ``max_retries`` and
     ``retry`` (as ``[base, factor, max_delay, jitter]``). ``workflow`` holds a workflow
     step's links (:mod:`worq_core.canvas`): what to send when it succeeds, and where its
-    arguments and its output go. An envelope without them (an older producer's) decodes with
-    none.
+    arguments and its output go.
+
+    Encoded as an array, ``[2, id, task, args, kwargs, enqueued_at, headers, options,
+    workflow]``, the last three left out from the end while empty (an empty one before a
+    non-empty one is ``{}``): no key names to write and read on every job. The first format, a
+    map (``{"v": 1, "id": ..., "task": ..., "args": ..., "kwargs": ..., "at": ..., "h": ...,
+    "o": ..., "w": ...}``), still decodes, so jobs an older producer queued run as before.
     """
 
     id: str
@@ -46,47 +81,54 @@ class Envelope:
 
     def encode(self, serializer: Serializer) -> bytes:
         """Serialize; raises :class:`~worq_core.errors.SerializationError` for unsupported args."""
-        data = {
-            "v": ENVELOPE_VERSION,
-            "id": self.id,
-            "task": self.task,
-            "args": self.args,
-            "kwargs": self.kwargs,
-            "at": self.enqueued_at,
-        }
-        if self.headers:
-            data["h"] = dict(self.headers)
-        if self.options:
-            data["o"] = dict(self.options)
-        if self.workflow:
-            data["w"] = dict(self.workflow)
-        return serializer.dumps(data)
+        return envelope_body(
+            serializer,
+            self.id,
+            self.task,
+            self.args,
+            self.kwargs,
+            self.enqueued_at,
+            self.headers,
+            self.options,
+            self.workflow,
+        )
 
     @classmethod
     def decode(cls, data: bytes, serializer: Serializer) -> Envelope:
-        """Deserialize and validate; raises :class:`~worq_core.errors.DeserializationError`."""
+        """Deserialize and validate; raises :class:`~worq_core.errors.DeserializationError`.
+
+        Reads both formats: the array producers write now, and the map of version 1.
+        """
         value = serializer.loads(data)
         try:
-            if value["v"] != ENVELOPE_VERSION:
-                raise ValueError(f"unsupported envelope version {value['v']!r}")
-            headers = value.get("h") or _NO_HEADERS
-            options = value.get("o") or _NO_HEADERS
-            workflow = value.get("w") or _NO_HEADERS
-            envelope = cls(
-                value["id"],
-                value["task"],
-                value["args"],
-                value["kwargs"],
-                value["at"],
-                headers,
-                options,
-                workflow,
-            )
+            if type(value) is list:
+                if not 6 <= len(value) <= 9 or value[0] != ENVELOPE_VERSION:
+                    raise ValueError("not an envelope array of version 2")
+                job_id, task, args, kwargs, at = value[1:6]
+                headers = (value[6] if len(value) > 6 else None) or _NO_HEADERS
+                options = (value[7] if len(value) > 7 else None) or _NO_HEADERS
+                workflow = (value[8] if len(value) > 8 else None) or _NO_HEADERS
+            elif type(value) is dict:
+                if value["v"] != 1:
+                    raise ValueError(f"unsupported envelope version {value['v']!r}")
+                job_id, task, args, kwargs, at = (
+                    value["id"],
+                    value["task"],
+                    value["args"],
+                    value["kwargs"],
+                    value["at"],
+                )
+                headers = value.get("h") or _NO_HEADERS
+                options = value.get("o") or _NO_HEADERS
+                workflow = value.get("w") or _NO_HEADERS
+            else:
+                raise ValueError(f"an envelope is an array or a map, not {type(value).__name__}")
             if not (
-                type(envelope.id) is str
-                and type(envelope.task) is str
-                and type(envelope.args) is list
-                and type(envelope.kwargs) is dict
+                type(job_id) is str
+                and type(task) is str
+                and type(args) is list
+                and type(kwargs) is dict
+                and type(at) in (int, float)
             ):
                 raise ValueError("malformed job envelope")
             if headers is not _NO_HEADERS and not (
@@ -102,7 +144,7 @@ class Envelope:
                 raise ValueError("job workflow links must be a mapping")
         except (TypeError, KeyError, ValueError) as exc:
             raise DeserializationError(serializer.name, f"not a worq job: {exc!r}") from exc
-        return envelope
+        return cls(job_id, task, args, kwargs, at, headers, options, workflow)
 
 
 def check_options(options: Mapping[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -15,6 +16,9 @@ from worq_core.hookspecs import hookimpl
 from worq_core.serializer import Serializer
 
 _CONTAINERS = (dict, list, tuple)
+_packers = threading.local()
+"""Each thread's msgpack ``Packer``: ``packb`` builds one per call, which cost more than packing
+a small envelope."""
 
 
 def _check_keys(value: Any) -> None:
@@ -42,9 +46,14 @@ class MsgpackSerializer(Serializer):
     @override
     def dumps(self, value: Any) -> bytes:
         try:
+            packer = _packers.packer
+        except AttributeError:
+            packer = _packers.packer = msgpack.Packer(use_bin_type=True, datetime=False)
+        try:
             _check_keys(value)  # msgpack would pack {(1, 2): x} and then refuse to unpack it
-            data: bytes = msgpack.packb(value, use_bin_type=True, datetime=False)
+            data: bytes = packer.pack(value)
         except (TypeError, ValueError, OverflowError) as exc:
+            del _packers.packer  # it may hold half of the value: the next call takes a new one
             raise SerializationError(self.name, str(exc)) from exc
         return data
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
 from worq_core.context import JobContext
 from worq_core.context import _current as _current_job
 from worq_core.errors import PayloadTooLarge, TaskError, UnsupportedError, WorqError
-from worq_core.job import _NO_HEADERS, Envelope, Job
+from worq_core.job import _NO_HEADERS, Envelope, Job, envelope_body
 from worq_core.limits import TaskLimits, named_arguments, unique_key_for, unique_until
 from worq_core.middleware import EnqueueRequest
 from worq_core.models import Capability, Message, UniqueUntil
@@ -108,6 +108,7 @@ class Task(Generic[P, R]):
         self.is_async = inspect.iscoroutinefunction(fn)
         self._signature = inspect.signature(fn)
         self._bound_arities: set[int] = set()  # positional-argument counts known to bind
+        self._plain: BoundTask[P, R] = BoundTask(self, SendOptions())  # enqueue's, made once
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -221,7 +222,7 @@ class Task(Generic[P, R]):
         every step but the first gets the previous step's result as its first argument, so its
         own arguments here leave that one out (why they are not typed like the task's).
         """
-        return BoundTask(self, SendOptions()).s(*args, **kwargs)
+        return self._plain.s(*args, **kwargs)
 
     def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """Send one job and return its :class:`Job`.
@@ -229,18 +230,22 @@ class Task(Generic[P, R]):
         Raises before sending anything if the arguments do not fit the signature
         (:class:`TaskArgumentsError`) or cannot be serialized (:class:`SerializationError`).
         """
-        return BoundTask(self, SendOptions()).enqueue(*args, **kwargs)
+        return self._plain.enqueue(*args, **kwargs)
 
     async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
-        """:meth:`enqueue` for asyncio code; the broker call runs on a thread."""
-        return await BoundTask(self, SendOptions()).enqueue_async(*args, **kwargs)
+        """:meth:`enqueue` for asyncio code, through :meth:`Broker.enqueue_async`.
+
+        A broker with an asyncio client (worq-redis) sends the job from the event loop itself;
+        any other runs its blocking enqueue on a thread.
+        """
+        return await self._plain.enqueue_async(*args, **kwargs)
 
     def enqueue_many(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[Job[R]]:
         """Send many jobs in one broker batch, all or nothing.
 
         Each item is a tuple of positional arguments, or a mapping of keyword arguments.
         """
-        return BoundTask(self, SendOptions()).enqueue_many(calls)
+        return self._plain.enqueue_many(calls)
 
 
 class AsyncTask(Task[P, R]):
@@ -286,10 +291,15 @@ class BoundTask(Generic[P, R]):
             return self._standing(job, self._send(message))
 
     async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
-        """:meth:`enqueue` for asyncio code; the broker call runs on a thread."""
+        """:meth:`enqueue` for asyncio code, through :meth:`Broker.enqueue_async`.
+
+        A broker with an asyncio client sends the job from the event loop itself; any other runs
+        its :meth:`Broker.enqueue` on a thread. The same middleware hooks, answers and errors as
+        :meth:`enqueue`.
+        """
         message, job, request = self._prepare(list(args), dict(kwargs), self.send.job_id)
         with self._reporting([request]):
-            return self._standing(job, await asyncio.to_thread(self._send, message))
+            return self._standing(job, await self._send_async(message))
 
     @contextlib.contextmanager
     def _reporting(self, requests: Sequence[EnqueueRequest | None]) -> Iterator[None]:
@@ -324,20 +334,55 @@ class BoundTask(Generic[P, R]):
             [holder] = app.broker.enqueue_unique([message])
         else:
             holder = None if app.broker.enqueue([message]) == [True] else message.id
-        if not message.clear_record or holder is not None or app.broker_stores_results:
-            return holder  # a broker that stores results dropped an old record in the same step
-        # A separate storage: an earlier run of this id may have left a record, which must not
-        # answer for the new run. It is deleted only if the id was added (a job still held
-        # keeps its record) and only if it is older than this enqueue (never the new run's).
-        old = app.storage.load(message.id)
-        if old is not None and _record_time(old, app) < sent_at:
-            app.storage.delete([message.id])
+        if message.clear_record and holder is None and not app.broker_stores_results:
+            self._clear_stale_record(message.id, sent_at)
         return holder
+
+    async def _send_async(self, message: Message) -> str | None:
+        """:meth:`_send` from an event loop, through the broker's asyncio enqueue."""
+        if self.send.connection is not None:  # the caller's connection is a blocking one
+            return await asyncio.to_thread(self._send, message)
+        app = self.task.app
+        sent_at = time.time()
+        if message.unique is not None:
+            [holder] = await app.broker.enqueue_unique_async([message])
+        else:
+            added = await app.broker.enqueue_async([message])
+            holder = None if added == [True] else message.id
+        if message.clear_record and holder is None and not app.broker_stores_results:
+            await asyncio.to_thread(self._clear_stale_record, message.id, sent_at)
+        return holder
+
+    def _clear_stale_record(self, job_id: str, sent_at: float) -> None:
+        """Delete what an earlier run of a caller's id left in a storage the broker does not write.
+
+        A broker that stores results dropped the old record in the step that added the job.
+        Here it must not answer for the new run: it is deleted only if the id was added (a job
+        still held keeps its record, the caller checks) and only if it is older than this
+        enqueue (never the new run's).
+        """
+        app = self.task.app
+        old = app.storage.load(job_id)
+        if old is not None and _record_time(old, app) < sent_at:
+            app.storage.delete([job_id])
 
     def enqueue_many(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[Job[R]]:
         """Send many jobs in one broker batch, all or nothing."""
         if self.send.job_id is not None:
             raise TaskError("job_id names one job; it cannot be used with enqueue_many")
+        send, task = self.send, self.task
+        stack = task.app.middleware
+        if (
+            send.connection is None
+            and send.unique is None
+            and send.unique_key is None
+            and task.config.limits is None
+            and not (stack.enqueue or stack.after_enqueues)
+        ):
+            messages, jobs = self._plain_batch(calls)
+            if messages:
+                task.app.broker.enqueue(messages)
+            return jobs
         prepared = []
         try:
             for call in calls:
@@ -374,6 +419,53 @@ class BoundTask(Generic[P, R]):
                 ]
             broker.enqueue(messages)
         return [job for _, job, _ in prepared]
+
+    def _plain_batch(
+        self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]
+    ) -> tuple[list[Message], list[Job[R]]]:
+        """The messages and handles of ``calls``, for a batch :meth:`_prepare` need not see.
+
+        A batch with no middleware, unique keys, limits or caller's ids: its per-call work is cut
+        to what differs per call. Everything the calls share is worked out once (queue,
+        priority, eta, headers, options, the enqueue time), and the ids come from one read of
+        the OS's randomness.
+        """
+        task, send = self.task, self.send
+        app, config = task.app, task.config
+        items = calls if isinstance(calls, list | tuple) else list(calls)
+        queue = send.queue or config.queue
+        priority = config.priority if send.priority is None else send.priority
+        now = time.time()
+        eta = send.eta if send.eta is not None else (now + send.delay if send.delay else None)
+        name, headers, options = task.name, send.headers or _NO_HEADERS, self._job_options
+        serializer, limit = app.serializer, app.max_payload
+        signature, arities = task._signature, task._bound_arities
+        messages: list[Message] = []
+        jobs: list[Job[R]] = []
+        for job_id, call in zip(_new_job_ids(len(items)), items, strict=True):
+            if type(call) is tuple or type(call) is list:
+                args, kwargs = list(call), {}
+            elif isinstance(call, Mapping):
+                args, kwargs = [], dict(call)
+            elif isinstance(call, Sequence) and not isinstance(call, str | bytes):
+                args, kwargs = list(call), {}
+            else:
+                raise TaskArgumentsError(
+                    task.name, "each enqueue_many item is a tuple of args or a dict of kwargs"
+                )
+            if kwargs or len(args) not in arities:
+                try:
+                    signature.bind(*args, **kwargs)
+                except TypeError as exc:
+                    raise TaskArgumentsError(task.name, str(exc)) from exc
+                if not kwargs:
+                    arities.add(len(args))
+            body = envelope_body(serializer, job_id, name, args, kwargs, now, headers, options)
+            if len(body) > limit:
+                raise PayloadTooLarge(serializer.name, len(body), limit)
+            messages.append(Message(job_id, queue, body, priority, eta))
+            jobs.append(Job(app, job_id, queue, name))
+        return messages, jobs
 
     def _headers(
         self, job_id: str, queue: str, args: list[Any], kwargs: dict[str, Any]
@@ -471,21 +563,23 @@ class BoundTask(Generic[P, R]):
         headers, request = self._headers(job_id, queue, args, kwargs)
         try:
             now = time.time()
-            envelope = Envelope(
-                job_id, task.name, args, kwargs, now, headers or _NO_HEADERS, self._job_options
+            body = envelope_body(
+                app.serializer,
+                job_id,
+                task.name,
+                args,
+                kwargs,
+                now,
+                headers or _NO_HEADERS,
+                self._job_options,
             )
-            body = envelope.encode(app.serializer)
             if len(body) > app.max_payload:
                 raise PayloadTooLarge(app.serializer.name, len(body), app.max_payload)
             eta = send.eta if send.eta is not None else (now + send.delay if send.delay else None)
             priority = config.priority if send.priority is None else send.priority
-            limits = config.limits
-            if limits is None and send.unique is None and send.unique_key is None:
-                message = Message(job_id, queue, body, priority, eta, clear_record=fixed)
-            else:
-                message = self._limited(
-                    Message(job_id, queue, body, priority, eta, clear_record=fixed), args, kwargs
-                )
+            message = Message(job_id, queue, body, priority, eta, fixed)
+            if config.limits is not None or send.unique is not None or send.unique_key is not None:
+                message = self._limited(message, args, kwargs)
         except BaseException as exc:
             if request is not None:  # it will not be sent: a span opened for it must end
                 tell_after_enqueue(app.middleware.after_enqueues, [request], exc)
@@ -564,6 +658,23 @@ def _new_job_id() -> str:
     raw[6] = raw[6] & 0x0F | 0x40
     raw[8] = raw[8] & 0x3F | 0x80
     return raw.hex()
+
+
+_VERSION_4 = bytes(b & 0x0F | 0x40 for b in range(256))
+_VARIANT = bytes(b & 0x3F | 0x80 for b in range(256))
+
+
+def _new_job_ids(count: int) -> list[str]:
+    """``count`` ids as :func:`_new_job_id` makes them, from one read of the OS's randomness.
+
+    The version and variant bits of every id are set by two C-level translations of strided
+    slices, and the hex text is made once and cut.
+    """
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = raw[6::16].translate(_VERSION_4)
+    raw[8::16] = raw[8::16].translate(_VARIANT)
+    text = raw.hex()
+    return [text[at : at + 32] for at in range(0, 32 * count, 32)]
 
 
 def _record_time(data: bytes, app: Worq) -> float:

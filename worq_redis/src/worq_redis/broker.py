@@ -7,8 +7,9 @@ import json
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Final, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Self, TypeVar, cast
 
 import redis
 from redis.crc import key_slot
@@ -42,6 +43,7 @@ from worq_redis.connection import (
     SCRIPTS,
     SENTINEL_SCHEMES,
     Arg,
+    AsyncLane,
     Call,
     Clock,
     ClusterLane,
@@ -50,6 +52,7 @@ from worq_redis.connection import (
     ReplicasBehind,
     Script,
     applied_key,
+    async_pool,
     clock_arg,
     close_client,
     cluster_ids_key,
@@ -73,6 +76,9 @@ from worq_redis.connection import (
 )
 from worq_redis.storage import RedisStorage
 
+if TYPE_CHECKING:
+    from asyncio import AbstractEventLoop
+
 T = TypeVar("T")
 log = logging.getLogger("worq.redis")
 
@@ -92,6 +98,7 @@ _CANCELS = {
     b"n": CancelOutcome.NOT_FOUND,
 }
 _ENQUEUE, _FETCH, _SETTLE = SCRIPTS["enqueue"], SCRIPTS["fetch"], SCRIPTS["settle"]
+_ENQUEUE_ONE = SCRIPTS["enqueue_one"]
 _SETTLE_FETCH, _EXTEND = SCRIPTS["settle_fetch"], SCRIPTS["extend"]
 _JOB_STATE, _CANCEL = SCRIPTS["job_state"], SCRIPTS["cancel"]
 _FIND_JOB = SCRIPTS["find_job"]
@@ -117,6 +124,8 @@ _NO_MESSAGE: Final[tuple[Arg, ...]] = ("",) * 10
 """The ten message values of ``open_group`` for a group without a callback."""
 _CLUSTER_POLL: Final = 0.1
 """Under Cluster, the longest wait before a worker looks again at its queues in other slots."""
+_CLOSING: set[Any] = set()
+"""The tasks closing asyncio lanes that :meth:`RedisBroker.close` started, until they are done."""
 _CANCEL_LOOKUPS: Final = 16
 """How often :meth:`RedisBroker.cancel` looks a job's queue up again when the job keeps moving
 to another queue between the lookup and the script (acked and enqueued elsewhere each time)."""
@@ -279,6 +288,19 @@ def _scatter(
     return values
 
 
+@dataclasses.dataclass(slots=True)
+class _Batch:
+    """The ``enqueue`` script calls of a batch of messages, and where their replies go."""
+
+    count: int
+    """How many messages."""
+    calls: list[Call] = dataclasses.field(default_factory=list)
+    order: list[tuple[str, list[int]]] = dataclasses.field(default_factory=list)
+    """Per call, its queue and the indexes of its messages in the batch."""
+    repeats: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    """Messages whose id an earlier one has, sent once: (index, the earlier one's index)."""
+
+
 class RedisBroker(Broker):
     """Jobs in Redis, shared by every producer and worker that reaches the same server.
 
@@ -337,6 +359,7 @@ class RedisBroker(Broker):
         self._keys: dict[str, tuple[str, ...]] = {}
         self._heads: dict[str, tuple[Arg, ...]] = {}  # numkeys and keys, as EVALSHA takes them
         self._enqueue_heads: dict[str, tuple[Arg, ...]] = {}  # the same and the queue registry
+        self._one_heads: dict[str, tuple[Arg, ...]] = {}  # enqueue_one's: 5 queue keys, the index
         self._known: set[str] = set()
         self._lock = threading.Lock()
         self._ids = ids_key(self.prefix)
@@ -357,6 +380,12 @@ class RedisBroker(Broker):
         self._wait: tuple[Arg, ...] | None = None
         if s.wait_replicas:
             self._wait = (s.wait_replicas, max(1, round(s.wait_timeout * 1000)))
+        # the asyncio enqueue's lane of each event loop that used it (its connections are bound
+        # to that loop); False once the client turned out to have no asyncio twin
+        self._async_lanes: weakref.WeakKeyDictionary[AbstractEventLoop, AsyncLane] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._async_ok = not self._cluster
 
     _cluster: ClassVar[bool] = False
     """Redis Cluster layout: each queue's own id index, lookups by id queue by queue."""
@@ -405,6 +434,77 @@ class RedisBroker(Broker):
         replies = self._add(messages)
         return [_holder(reply, m.id) for reply, m in zip(replies, messages, strict=True)]
 
+    @override
+    async def enqueue_async(self, messages: Sequence[Message]) -> list[bool]:
+        """:meth:`enqueue` from the event loop itself, on a ``redis.asyncio`` connection.
+
+        The same script, answers and errors as :meth:`enqueue` (``BrokerConnectionError`` when
+        Redis cannot be reached, :class:`ReplicasBehind` with ``wait_replicas``), with no thread
+        hand-off. Each event loop gets connections of its own. On a Sentinel master it follows
+        failovers as the blocking client does. Under Redis Cluster (and for a client whose
+        connection class has no asyncio twin) it runs :meth:`enqueue` on a thread.
+        """
+        return [reply == 1 for reply in await self._add_async(messages)]
+
+    @override
+    async def enqueue_unique_async(self, messages: Sequence[Message]) -> list[str | None]:
+        """:meth:`enqueue_unique` from the event loop itself, as :meth:`enqueue_async`."""
+        replies = await self._add_async(messages)
+        return [_holder(reply, m.id) for reply, m in zip(replies, messages, strict=True)]
+
+    async def _add_async(self, messages: Sequence[Message]) -> list[Any]:
+        """:meth:`_add` on this event loop's :class:`AsyncLane`, or on a thread without one."""
+        lane = await self._async_lane()
+        if lane is None:
+            import asyncio
+
+            return await asyncio.to_thread(self._add, messages)
+        if not messages:
+            return []
+        single = self._single_call(messages)
+        try:
+            if single is not None:
+                script, head, args = single
+                if self._wait is None:
+                    flags = await lane.script(script, head, args)
+                else:
+                    keys = cast("Sequence[str]", head[1:])
+                    flags, acked = await lane.scripts([(script, keys, args)], wait=self._wait)
+                    self._replicated(acked, strict=True)
+                return [flags[0]]
+            batch = self._batch_calls(messages)
+            if len(batch.calls) == 1:
+                results = await lane.scripts(batch.calls, wait=self._wait)
+            else:
+                results = await lane.transaction(batch.calls, wait=self._wait)
+            return self._batch_replies(batch, results)
+        except RedisError as exc:
+            raise self._error(exc) from exc
+
+    async def _async_lane(self) -> AsyncLane | None:
+        """The running event loop's lane (made on its first enqueue), or ``None`` for none.
+
+        A lane's connections are closed when its loop shuts down its async generators (as
+        ``asyncio.run`` and uvicorn do before closing it), through a generator that waits for
+        that moment, or by :meth:`close`.
+        """
+        if not self._async_ok:
+            return None
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        lane = self._async_lanes.get(loop)
+        if lane is None:
+            pool = async_pool(self.client, self.settings)
+            if pool is None:
+                self._async_ok = False
+                return None
+            s = self.settings
+            lane = AsyncLane(pool, s.retries, s.async_connections)
+            self._async_lanes[loop] = lane
+            await lane.close_with_loop()
+        return lane
+
     def _add(self, messages: Sequence[Message]) -> list[Any]:
         """Enqueue; per message the script's answer: 1 added, 0 id held, or the key's holder."""
         if self._cluster and messages:
@@ -445,50 +545,89 @@ class RedisBroker(Broker):
 
     def _send(self, messages: Sequence[Message]) -> list[Any]:
         """:meth:`_add` after the checks that precede the scripts (none but under Cluster)."""
-        if len(messages) == 1 and messages[0].queue in self._known:
-            # The common case, kept lean: one EVALSHA on the lane (the queue's keys are cached).
-            m = messages[0]
-            head = self._enqueue_heads[m.queue]
-            clear: Arg = 0
-            if m.clear_record and not self._cluster:  # under Cluster worq-core clears it
-                clear = len(head)  # the result key goes last: KEYS[numkeys + 1]
-                head = (clear, *head[1:], result_keys(self.prefix, m.id)[0])
-            fast: tuple[Arg, ...] = (
-                "" if self.clock is None else clock_arg(self.clock),
-                m.queue,
-                0,
-                1,
-                m.id,
-                m.body,
-                str(-m.priority),
-                "" if m.eta is None else repr(float(m.eta)),
-                clear,
-            )
-            if m.member is not None or m.closes:
-                fast += (*(_specs(m) or (b"", b"")), _wspec(m))
-            elif m.unique is not None or m.rate is not None or m.concurrency is not None:
-                fast += _specs(m) or ()
+        single = self._single_call(messages)
+        if single is not None:
+            script, head, args = single
             try:
                 if self._wait is None:
-                    flags = self._lane.script(_ENQUEUE, head, fast)
+                    flags = self._lane.script(script, head, args)
                 else:
                     keys = cast("Sequence[str]", head[1:])
-                    flags, acked = self._lane.scripts([(_ENQUEUE, keys, fast)], wait=self._wait)
+                    flags, acked = self._lane.scripts([(script, keys, args)], wait=self._wait)
                     self._replicated(acked, strict=True)
             except RedisError as exc:
                 raise self._error(exc) from exc
             return [flags[0]]
         if not messages:
             return []
-        replies: list[Any] = [0] * len(messages)
+        batch = self._batch_calls(messages)
+        with self._errors():
+            if len(batch.calls) == 1 or isinstance(self._lane, ClusterLane):
+                # Under Cluster each call is atomic alone: a MULTI cannot span slots.
+                results = self._lane.scripts(batch.calls, wait=self._wait)
+            else:
+                results = self._lane.transaction(batch.calls, wait=self._wait)
+            return self._batch_replies(batch, results)
+
+    def _single_call(
+        self, messages: Sequence[Message]
+    ) -> tuple[Script, tuple[Arg, ...], list[Arg]] | None:
+        """The script, key part and values of the one call that enqueues one message, or ``None``.
+
+        The common case, kept lean: one message for a queue this broker registered (its keys
+        are cached). A plain job (no eta, unique key, limits, workflow record or record to
+        clear) goes through ``enqueue_one``, the rest through ``enqueue``. ``None`` for anything
+        else, which :meth:`_batch_calls` sends.
+        """
+        if len(messages) != 1 or messages[0].queue not in self._known:
+            return None
+        m = messages[0]
+        if (
+            m.eta is None
+            and not (m.clear_record and not self._cluster)
+            and m.unique is None
+            and m.rate is None
+            and m.concurrency is None
+            and m.member is None
+            and not m.closes
+        ):
+            return _ENQUEUE_ONE, self._one_heads[m.queue], [m.queue, m.id, m.body, str(-m.priority)]
+        head = self._enqueue_heads[m.queue]
+        clear: Arg = 0
+        if m.clear_record and not self._cluster:  # under Cluster worq-core clears it
+            clear = len(head)  # the result key goes last: KEYS[numkeys + 1]
+            head = (clear, *head[1:], result_keys(self.prefix, m.id)[0])
+        args: list[Arg] = [
+            "" if self.clock is None else clock_arg(self.clock),
+            m.queue,
+            0,
+            1,
+            m.id,
+            m.body,
+            str(-m.priority),
+            "" if m.eta is None else repr(float(m.eta)),
+            clear,
+        ]
+        if m.member is not None or m.closes:
+            args += (*(_specs(m) or (b"", b"")), _wspec(m))
+        elif m.unique is not None or m.rate is not None or m.concurrency is not None:
+            args += _specs(m) or ()
+        return _ENQUEUE, head, args
+
+    def _batch_calls(self, messages: Sequence[Message]) -> _Batch:
+        """The ``enqueue`` calls of ``messages`` (one per queue and chunk), each id sent once."""
+        batch = _Batch(len(messages))
         first: dict[str, int] = {}
+        unique: list[tuple[int, Message]] = []
         for index, message in enumerate(messages):
-            first.setdefault(message.id, index)
-        unique = [(i, m) for i, m in enumerate(messages) if first[m.id] == i]
-        calls: list[Call] = []
-        order: list[tuple[str, list[int]]] = []
+            earlier = first.setdefault(message.id, index)
+            if earlier == index:
+                unique.append((index, message))
+            else:
+                batch.repeats.append((index, earlier))
         chunk = self.settings.enqueue_chunk
         clock = clock_arg(self.clock)
+        scores: dict[int, str] = {}
         for queue, items in _by_queue(unique, lambda item: item[1].queue).items():
             if self._cluster:  # the registry is in another slot: added to after the script
                 keys, register = self._queue_keys(queue), 0
@@ -506,42 +645,50 @@ class RedisBroker(Broker):
                     if message.clear_record and not self._cluster:
                         extra_keys.append(result_keys(self.prefix, message.id)[0])
                         clear = len(keys) + len(extra_keys)
-                    args += [
+                    score = scores.get(message.priority)
+                    if score is None:
+                        score = scores[message.priority] = str(-message.priority)
+                    args += (
                         message.id,
                         message.body,
-                        str(-message.priority),
+                        score,
                         "" if message.eta is None else repr(float(message.eta)),
                         clear,
-                    ]
-                    spec: tuple[bytes, ...] | None = _specs(message)
-                    if width == 3:
-                        spec = (*(spec or (b"", b"")), _wspec(message))
+                    )
+                    if (
+                        message.unique is None
+                        and message.rate is None
+                        and message.concurrency is None
+                        and width == 2
+                    ):
+                        spec: tuple[bytes, ...] | None = None
+                    else:
+                        spec = _specs(message)
+                        if width == 3:
+                            spec = (*(spec or (b"", b"")), _wspec(message))
                     if spec is not None and specs is None:
                         specs = [b""] * (width * done)  # the plain messages before this one
                     if specs is not None:
                         specs += spec or (b"", b"")
-                calls.append((_ENQUEUE, [*keys, *extra_keys], args + (specs or [])))
-                order.append((queue, [index for _, (index, _) in part]))
-        with self._errors():
-            if len(calls) == 1 or isinstance(self._lane, ClusterLane):
-                # Under Cluster each call is atomic alone: a MULTI cannot span slots.
-                results = self._lane.scripts(calls, wait=self._wait)
-            else:
-                results = self._lane.transaction(calls, wait=self._wait)
-            if self._wait is not None:
-                self._replicated(results.pop(), strict=True)
-            for (queue, indexes), result in zip(order, results, strict=True):
-                for index, reply in zip(indexes, result, strict=True):
-                    replies[index] = reply
-                if queue not in self._known and any(reply == 1 for reply in result):
-                    if self._cluster:
-                        self._lane.command("SADD", self._registry, queue)
-                    with self._lock:  # registered by the script that added a job to it
-                        self._known.add(queue)
-        for index, message in enumerate(messages):
-            earlier = first[message.id]
-            if earlier != index:  # an id sent twice: held by the first if that was added
-                replies[index] = 0 if replies[earlier] == 1 else replies[earlier]
+                batch.calls.append((_ENQUEUE, [*keys, *extra_keys], args + (specs or [])))
+                batch.order.append((queue, [index for _, (index, _) in part]))
+        return batch
+
+    def _batch_replies(self, batch: _Batch, results: list[Any]) -> list[Any]:
+        """Per message, the reply of :meth:`_batch_calls`' scripts (``WAIT``'s last, if any)."""
+        if self._wait is not None:
+            self._replicated(results.pop(), strict=True)
+        replies: list[Any] = [0] * batch.count
+        for (queue, indexes), result in zip(batch.order, results, strict=True):
+            for index, reply in zip(indexes, result, strict=True):
+                replies[index] = reply
+            if queue not in self._known and any(reply == 1 for reply in result):
+                if self._cluster:
+                    self._lane.command("SADD", self._registry, queue)
+                with self._lock:  # registered by the script that added a job to it
+                    self._known.add(queue)
+        for index, earlier in batch.repeats:  # an id sent twice: held by the first if added
+            replies[index] = 0 if replies[earlier] == 1 else replies[earlier]
         return replies
 
     # -- schedules ---------------------------------------------------------------------------
@@ -1115,10 +1262,31 @@ class RedisBroker(Broker):
 
     @override
     def close(self) -> None:
-        """Give the lane's connections back; close the pool unless the client was handed to us."""
+        """Give the lane's connections back; close the pool unless the client was handed to us.
+
+        The asyncio connections of :meth:`enqueue_async` are closed on their own event loop:
+        at once when it is this thread's running loop, else handed to it (a loop already closed
+        took its sockets with it).
+        """
         self._lane.close()
         if self._owned:
             close_client(self.client)
+        lanes = list(self._async_lanes.items())
+        self._async_lanes.clear()
+        if lanes:
+            import asyncio
+
+            try:
+                running: AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            for loop, lane in lanes:
+                if loop is running:
+                    closing = loop.create_task(lane.close())
+                    _CLOSING.add(closing)  # a task nothing refers to may be collected half done
+                    closing.add_done_callback(_CLOSING.discard)
+                elif not loop.is_closed():
+                    asyncio.run_coroutine_threadsafe(lane.close(), loop)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -1191,6 +1359,8 @@ class RedisBroker(Broker):
                 self._enqueue_heads[queue] = self._heads[queue]
             else:
                 self._enqueue_heads[queue] = (len(keys) + 1, *keys, self._registry)
+            ready, _, _, jobs, meta, _, signal, seq, _, _, ids = keys
+            self._one_heads[queue] = (6, ready, jobs, meta, signal, seq, ids)
             self._keys[queue] = keys
         return keys
 

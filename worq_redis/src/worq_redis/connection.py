@@ -10,9 +10,10 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -33,6 +34,14 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from worq_core import BrokerError, StorageError, WorqError
 from worq_redis import lua
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    import hiredis
+except ImportError:  # pragma: no cover - a dependency of worq-redis (redis[hiredis])
+    _hiredis_pack = None
+else:
+    _hiredis_pack = cast("Callable[[tuple[Any, ...]], bytes]", hiredis.pack_command)
 
 DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
 
@@ -89,6 +98,9 @@ class RedisSettings:
     (from the last time each was applied), so that one applied again (its forwarder died after
     applying it, before deleting it) adds nothing. An entry no sweep applied for longer than
     this may be applied twice."""
+    async_connections: int = 32
+    """Most connections an event loop's enqueues (``enqueue_async``) open at once; more
+    concurrent enqueues wait for one of them."""
 
     def __post_init__(self) -> None:
         if not self.prefix or "{" in self.prefix or "}" in self.prefix:
@@ -103,6 +115,8 @@ class RedisSettings:
             raise ValueError("wait_replicas must be >= 0, wait_timeout positive")
         if self.wait_replicas and self.wait_timeout >= self.socket_timeout:
             raise ValueError("wait_timeout must be below socket_timeout (WAIT blocks the reply)")
+        if self.async_connections < 1:
+            raise ValueError("async_connections must be >= 1")
         if self.outbox_sweep <= 0 or self.outbox_memory <= self.outbox_sweep:
             raise ValueError("outbox_sweep must be positive, and outbox_memory longer")
 
@@ -598,6 +612,7 @@ SCRIPTS: Final = {
     name: Script.named(name)
     for name in [
         *lua.QUEUE_SCRIPTS,
+        *lua.ONE_JOB_SCRIPTS,
         *lua.LOOKUP_SCRIPTS,
         *lua.SCHEDULE_SCRIPTS,
         *lua.RESULT_SCRIPTS,
@@ -696,7 +711,7 @@ class Lane:
     ``Retry`` wrapper, response callbacks and a pool release per command; a pipeline adds its own
     command stack. A lane keeps the connections it took from the client's pool on a stack of idle
     ones (``list.pop``/``append``, atomic under the GIL): a call pops one (or takes a new one from
-    the pool when all are busy), writes with ``send_command``/``send_packed_command``, reads with
+    the pool when all are busy), writes with ``send_packed_command`` (packed by hiredis), reads with
     ``read_response`` and pushes it back. So the fetch loop, the heartbeat and job threads never
     share a connection, and a lane holds at most as many connections as calls ever ran at once.
 
@@ -838,13 +853,30 @@ class Lane:
         return conn
 
 
+def _packed(conn: Any, args: Sequence[Arg]) -> bytes:
+    """``args`` as one command in the Redis protocol, as ``conn`` would pack it.
+
+    hiredis packs a whole command in C, several times faster than redis-py's encoder, which
+    checks and converts one argument at a time (for a one-job enqueue that cost more than the
+    script's own run). What hiredis does not take (a bool, a bytearray), or a client that
+    encodes text otherwise than as UTF-8, goes through redis-py's packer, which also raises
+    redis-py's errors for bad values.
+    """
+    if _hiredis_pack is not None and conn.encoder.encoding == "utf-8":
+        try:
+            return _hiredis_pack(args if type(args) is tuple else tuple(args))
+        except TypeError:
+            pass
+    return b"".join(conn.pack_command(*args))
+
+
 def _one(conn: Any, args: Sequence[Arg]) -> Any:
-    conn.send_command(*args)
+    conn.send_packed_command([_packed(conn, args)])
     return conn.read_response()
 
 
 def _many(conn: Any, commands: Sequence[Sequence[Arg]]) -> list[Any]:
-    conn.send_packed_command(conn.pack_commands(commands))
+    conn.send_packed_command([b"".join([_packed(conn, args) for args in commands])])
     replies: list[Any] = []
     for _ in commands:
         try:
@@ -1000,6 +1032,273 @@ class ClusterLane:
         """Give back the connections of the per-node lanes; the others are the client's."""
         for lane in self._nodes.values():
             lane.close()
+
+
+# -- the asyncio lane ---------------------------------------------------------------------------
+
+_ASYNC_KWARGS: Final = frozenset(
+    {
+        "host",
+        "port",
+        "path",
+        "db",
+        "username",
+        "password",
+        "credential_provider",
+        "client_name",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "socket_keepalive_options",
+        "health_check_interval",
+        "protocol",
+        "ssl_keyfile",
+        "ssl_certfile",
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_ca_data",
+        "ssl_check_hostname",
+        "ssl_min_version",
+        "ssl_ciphers",
+        "ssl_password",
+    }
+)
+"""The connection settings a blocking client's pool shares with its asyncio twin: where to
+connect and how to authenticate, the timeouts and TLS, never objects made for blocking I/O
+(its retry policy, parser, callbacks)."""
+
+
+def async_pool(client: redis.Redis, settings: RedisSettings) -> Any | None:
+    """A ``redis.asyncio`` connection pool that reaches what ``client`` reaches, or ``None``.
+
+    The same server and database (or the same Sentinel service, found again after a failover)
+    with the same credentials, timeouts and TLS settings, and ``settings.retries``. ``None``
+    for a client whose connections have no asyncio twin (a custom connection class of its
+    own), which then enqueues on a thread. Does no I/O; the pool belongs to the event loop
+    that first uses it.
+    """
+    import redis.asyncio as aredis
+    from redis.asyncio.retry import Retry as AsyncRetry
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+    from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelPool
+
+    pool = client.connection_pool
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k in _ASYNC_KWARGS}
+    kwargs["decode_responses"] = False
+    kwargs["retry"] = AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), settings.retries)
+    if isinstance(pool, SentinelConnectionPool):
+        tls = pool.connection_class is redis.sentinel.SentinelManagedSSLConnection
+        if not tls and pool.connection_class is not redis.sentinel.SentinelManagedConnection:
+            return None
+        manager = pool.sentinel_manager
+        sentinels = []
+        for sentinel in manager.sentinels:
+            kw = sentinel.get_connection_kwargs()
+            sentinels.append((kw.get("host", "localhost"), kw.get("port", 26379)))
+        sentinel_kwargs = {
+            k: v for k, v in manager.sentinel_kwargs.items() if k in _ASYNC_KWARGS or k == "ssl"
+        }
+        if tls:
+            kwargs["ssl"] = True
+        return AsyncSentinelPool(  # type: ignore[no-untyped-call]
+            pool.service_name,
+            AsyncSentinel(sentinels, sentinel_kwargs=sentinel_kwargs),
+            **kwargs,
+        )
+    twins = {
+        redis.SSLConnection: aredis.SSLConnection,
+        redis.UnixDomainSocketConnection: aredis.UnixDomainSocketConnection,
+        redis.Connection: aredis.Connection,
+    }
+    twin = twins.get(pool.connection_class)
+    if twin is None:
+        return None
+    return aredis.ConnectionPool(connection_class=twin, **kwargs)
+
+
+class AsyncLane:
+    """:class:`Lane` for asyncio code: one event loop's calls, on an asyncio pool's connections.
+
+    Idle connections on a stack, each call on one of its own (so concurrent tasks of the loop
+    never wait for one another's replies), packed by hiredis, read with ``read_response``. A
+    connection or timeout error is retried on a fresh connection like the blocking lane's calls
+    (``RedisSettings.retries``, capped backoff); a Redis error reply leaves the connection in
+    sync and usable; anything else (a cancelled task among them) drops the connection's socket,
+    since a reply may be half read. Not thread-safe: one lane per event loop.
+    """
+
+    def __init__(self, pool: Any, retries: int, most: int) -> None:
+        self._pool = pool
+        self._retries = retries
+        self._most = max(1, min(most, pool.max_connections))
+        self._idle: list[Any] = []
+        self._taken: list[Any] = []
+        self._waiting: deque[Any] = deque()  # futures of calls waiting for a connection
+        self._guard: AsyncIterator[None] | None = None
+
+    async def script(self, script: Script, head: Sequence[Arg], args: Sequence[Arg]) -> Any:
+        """``EVALSHA`` of ``script``; loads it and runs it again if Redis lost it (NOSCRIPT)."""
+        call = ("EVALSHA", script.sha, *head, *args)
+        try:
+            return (await self.pipeline([call]))[0]
+        except NoScriptError:
+            await self.pipeline([("SCRIPT", "LOAD", script.source)])
+            return (await self.pipeline([call]))[0]
+
+    async def scripts(
+        self, calls: Sequence[Call], *, wait: Sequence[Arg] | None = None
+    ) -> list[Any]:
+        """:meth:`Lane.scripts` (without ``extra``): one round trip, NOSCRIPT calls rerun."""
+        if len(calls) == 1 and wait is None:
+            script, keys, args = calls[0]
+            return [await self.script(script, (len(keys), *keys), args)]
+        tail: list[Sequence[Arg]] = [] if wait is None else [("WAIT", *wait)]
+        commands = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
+        replies = await self.pipeline([*commands, *tail], raise_errors=False)
+        if any(isinstance(r, NoScriptError) for r in replies[: len(commands)]):
+            loads = [("SCRIPT", "LOAD", source) for source in {s.source for s, _, _ in calls}]
+            replies = (await self.pipeline([*loads, *commands, *tail], raise_errors=False))[
+                len(loads) :
+            ]
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    async def transaction(
+        self, calls: Sequence[Call], *, wait: Sequence[Arg] | None = None
+    ) -> list[Any]:
+        """:meth:`Lane.transaction`: the scripts in one ``MULTI``/``EXEC``, all or none."""
+        commands: list[Sequence[Arg]] = [("MULTI",)]
+        commands += [("EVAL", s.source, len(keys), *keys, *args) for s, keys, args in calls]
+        commands.append(("EXEC",))
+        if wait is not None:
+            commands.append(("WAIT", *wait))
+        replies = await self.pipeline(commands)
+        results = list(replies[len(calls) + 1])
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        if wait is not None:
+            results.append(replies[-1])
+        return results
+
+    async def pipeline(
+        self, commands: Sequence[Sequence[Arg]], *, raise_errors: bool = True
+    ) -> list[Any]:
+        """Commands in one write and one round trip.
+
+        The first error reply is raised, unless ``raise_errors`` is false: then error replies
+        come back as exceptions.
+        """
+        conn = await self._acquire()
+        attempt = 0
+        while True:
+            try:
+                replies = await _exchange(conn, commands)
+                break
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                await _drop(conn)
+                if attempt >= self._retries:
+                    self._release(conn)
+                    raise
+                attempt += 1
+                await asyncio_sleep(min(0.5, 0.05 * 2**attempt))
+            except BaseException:
+                await _drop(conn)  # a reply may be half read: start afresh on the next use
+                self._release(conn)
+                raise
+        self._release(conn)
+        if raise_errors:
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return replies
+
+    async def close_with_loop(self) -> None:
+        """Close this lane when its event loop shuts down its async generators.
+
+        ``asyncio.run`` (and servers built on it, such as uvicorn) close every async generator
+        still suspended before closing the loop: one suspended here closes the lane's
+        connections in time, while their loop can still close them.
+        """
+        self._guard = _closed_at_shutdown(self)
+        await anext(self._guard)
+
+    async def close(self) -> None:
+        """Close every connection and the pool; the lane takes new ones if used again."""
+        self._idle.clear()
+        while self._taken:
+            conn = self._taken.pop()
+            if conn is not None:
+                await _drop(conn)
+        await self._pool.disconnect()
+
+    async def _acquire(self) -> Any:
+        """An idle connection, a new one while fewer than the most are open, or the next freed."""
+        if self._idle:
+            return self._idle.pop()
+        if len(self._taken) < self._most:
+            self._taken.append(None)  # counted before the await, so no other call overshoots
+            try:
+                conn = await self._pool.get_connection()
+            finally:
+                self._taken.remove(None)
+            self._taken.append(conn)
+            return conn
+        import asyncio
+
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release(waiter.result())  # handed over as the caller was cancelled
+            else:
+                self._waiting.remove(waiter)
+            raise
+
+    def _release(self, conn: Any) -> None:
+        """Hand ``conn`` to the longest-waiting call, or put it back on the idle stack."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        self._idle.append(conn)
+
+
+async def _closed_at_shutdown(lane: AsyncLane) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        await lane.close()
+
+
+async def asyncio_sleep(seconds: float) -> None:
+    """``asyncio.sleep``, imported on first use (a worker with no async task never needs it)."""
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
+async def _exchange(conn: Any, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+    data = b"".join([_packed(conn, args) for args in commands])
+    await conn.send_packed_command([data])
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(await conn.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+async def _drop(conn: Any) -> None:
+    """Close ``conn``'s socket without waiting for the peer; it reconnects on its next use."""
+    with contextlib.suppress(Exception):
+        await conn.disconnect(nowait=True)
 
 
 _OWNER_ATTEMPTS: Final = 8

@@ -120,6 +120,12 @@ QUEUE_SCRIPTS: Final = (
 ``fire_schedule`` take the queue registry as ``KEYS[12]``, and ``fire_schedule`` the schedules
 hash as ``KEYS[13]``)."""
 
+ONE_JOB_SCRIPTS: Final = ("enqueue_one",)
+"""The one-by-one enqueue of a plain job (no eta, unique key, limits, workflow record or record to
+clear) into a registered queue: it takes that queue's ``ready``, ``jobs``, ``meta``, ``signal``
+and ``seq`` and the id index alone, and makes exactly the calls ``enqueue`` makes for such a job,
+with half the arguments to hand over."""
+
 SCHEDULE_SCRIPTS: Final = ("schedule_cas",)
 """Scripts that take the prefix's schedules hash alone."""
 
@@ -222,7 +228,14 @@ def _layout(cluster: bool) -> tuple[tuple[_Block, ...], tuple[_Block, ...]]:
 def _compose(name: str) -> tuple[str, tuple[tuple[int, str, int], ...]]:
     """The source of script ``name`` and its line map: (first line, file, its line there)."""
     base, variant = name.removesuffix(_SUFFIX), name.endswith(_SUFFIX)
-    known = (*QUEUE_SCRIPTS, *SCHEDULE_SCRIPTS, *LOOKUP_SCRIPTS, *RESULT_SCRIPTS, *CLUSTER_SCRIPTS)
+    known = (
+        *QUEUE_SCRIPTS,
+        *ONE_JOB_SCRIPTS,
+        *SCHEDULE_SCRIPTS,
+        *LOOKUP_SCRIPTS,
+        *RESULT_SCRIPTS,
+        *CLUSTER_SCRIPTS,
+    )
     if (variant and base not in CLUSTER_VARIANTS) or base not in known:
         raise KeyError(name)
     cluster = variant or base in CLUSTER_SCRIPTS

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import threading
 import time
 import uuid
@@ -21,6 +23,7 @@ from worq_core.models import (
     Outcome,
     QueueStats,
     Settlement,
+    UniqueKey,
     WorkerInfo,
 )
 from worq_core.storage import Storage
@@ -156,6 +159,79 @@ class BrokerContract(SchedulingBrokerContract, WorkflowBrokerContract, Inspectio
         assert len(got) == 2
         # still held (leased): still not added twice
         assert broker.enqueue([again]) == [False]
+
+    # -- enqueue from asyncio code ---------------------------------------------------------
+    # Each case runs its own event loop with asyncio.run, so no async test plugin is needed.
+
+    def test_enqueue_async_adds_jobs_as_enqueue_does(self, broker: Broker, queue: str) -> None:
+        first, second, third = message(queue, b"1"), message(queue, b"2"), message(queue, b"3")
+
+        async def main() -> tuple[list[bool], list[bool], list[bool]]:
+            added = await broker.enqueue_async([first])
+            again = await broker.enqueue_async([Message(first.id, queue, b"other"), second])
+            empty = await broker.enqueue_async([])
+            return added, again, empty
+
+        assert asyncio.run(main()) == ([True], [False, True], [])
+        broker.enqueue([third])
+        got = broker.fetch([queue], 10, lease=LEASE, wait=0)
+        assert [(d.id, d.body) for d in got] == [(m.id, m.body) for m in (first, second, third)]
+
+    def test_enqueue_async_from_many_tasks_and_event_loops_adds_every_job_once(
+        self, broker: Broker, queue: str
+    ) -> None:
+        sent = [message(queue) for _ in range(60)]
+
+        async def send(part: list[Message]) -> list[list[bool]]:
+            return list(await asyncio.gather(*(broker.enqueue_async([m]) for m in part)))
+
+        assert asyncio.run(send(sent[:40])) == [[True]] * 40
+        assert asyncio.run(send(sent[40:] + sent[:5])) == [[True]] * 20 + [[False]] * 5
+        got = broker.fetch([queue], 100, lease=LEASE, wait=0)
+        assert sorted(ids(got)) == sorted(m.id for m in sent)
+
+    @requires(Capability.PRIORITIES, Capability.DELAYED)
+    def test_enqueue_async_honours_priorities_and_etas(self, broker: Broker, queue: str) -> None:
+        low, high = message(queue, priority=0), message(queue, priority=5)
+        later = message(queue, priority=9, eta=time.time() + 60)
+
+        async def main() -> None:
+            await broker.enqueue_async([low])
+            await broker.enqueue_async([later, high])
+
+        asyncio.run(main())
+        assert ids(broker.fetch([queue], 10, lease=LEASE, wait=0)) == [high.id, low.id]
+        assert status(broker, later.id) == JobStatus.SCHEDULED
+
+    @requires(Capability.UNIQUE)
+    def test_enqueue_unique_async_answers_with_the_holder_of_the_key(
+        self, broker: Broker, queue: str
+    ) -> None:
+        key = UniqueKey(unique("key"))
+        holder = dataclasses.replace(message(queue), unique=key)
+        other = dataclasses.replace(message(queue), unique=key)
+
+        async def main() -> tuple[list[str | None], list[str | None]]:
+            return (
+                await broker.enqueue_unique_async([holder]),
+                await broker.enqueue_unique_async([other, holder]),
+            )
+
+        assert asyncio.run(main()) == ([None], [holder.id, holder.id])
+        assert ids(broker.fetch([queue], 10, lease=LEASE, wait=0)) == [holder.id]
+
+    @requires(Capability.RESULTS)
+    def test_enqueue_async_clears_an_old_record_only_when_it_adds_the_job(
+        self, broker: Broker, results_storage: Storage, queue: str
+    ) -> None:
+        reused = unique("job")
+        results_storage.save({reused: b"earlier run"}, ttl=60)
+        fresh = message(queue, job_id=reused, clear_record=True)
+        assert asyncio.run(broker.enqueue_async([fresh])) == [True]
+        assert results_storage.load(reused) is None
+        results_storage.save({reused: b"kept"}, ttl=60)
+        assert asyncio.run(broker.enqueue_async([fresh])) == [False]
+        assert results_storage.load(reused) == b"kept"
 
     def test_a_blocking_fetch_wakes_up_when_a_job_arrives(self, broker: Broker, queue: str) -> None:
         started = threading.Event()

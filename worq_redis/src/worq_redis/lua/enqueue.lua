@@ -10,8 +10,9 @@
 -- With register 1 (the broker's first enqueue into the queue), a queue that gets a job is added
 -- to the registry, so stats() lists the queues that held a job.
 -- A batch of plain jobs costs a handful of calls, not a handful per job: one HMGET of the index
--- finds the ids already held, one INCRBY numbers the new jobs (in order), and HSET/ZADD write
--- them in chunks. A batch with unique or limited jobs adds them one by one (add_job).
+-- finds the ids already held, one INCRBY numbers the new jobs (in order), and one HSET or ZADD per
+-- structure writes them (up to 2,000 jobs a call). A batch with unique or limited jobs adds them
+-- one by one (add_job).
 local queue, register = ARGV[2], ARGV[3] == "1"
 local n = number_arg(ARGV[4], "count")
 local specs = 0 -- where the unique specs and limits records start, when there are any
@@ -24,21 +25,23 @@ elseif #ARGV ~= 4 + 5 * n then
   error("worq: bad argument count")
 end
 local timed = false
-for i = 0, n - 1 do
-  local b = 5 + i * 5
+for b = 5, 4 + 5 * n, 5 do
   number_arg(ARGV[b + 2], "priority score")
   if ARGV[b + 3] ~= "" then
     number_arg(ARGV[b + 3], "eta")
     timed = true
   end
-  local k = number_arg(ARGV[b + 4], "key index")
-  if k ~= 0 and KEYS[k] == nil then
-    error("worq: missing result key")
+  if ARGV[b + 4] ~= "0" then
+    local k = number_arg(ARGV[b + 4], "key index")
+    if k ~= 0 and KEYS[k] == nil then
+      error("worq: missing result key")
+    end
   end
   if specs > 0 then
-    check_specs(ARGV[specs + width * i], ARGV[specs + width * i + 1])
+    local s = specs + width * (b - 5) / 5
+    check_specs(ARGV[s], ARGV[s + 1])
     if width == 3 then
-      check_wspec(ARGV[specs + 3 * i + 2])
+      check_wspec(ARGV[s + 2])
     end
   end
 end
@@ -69,75 +72,78 @@ if n == 1 or specs > 0 then
   end
   return out
 end
-local CHUNK = 1000
-local function write(command, key, values)
-  for i = 1, #values, CHUNK do
-    redis.call(command, key, unpack(values, i, math.min(i + CHUNK - 1, #values)))
+-- Values per HSET/ZADD/HMGET call: within what unpack() can put on Lua's stack (8,000).
+local CHUNK = 4000
+local function write(command, key, values, count)
+  for i = 1, count, CHUNK do
+    redis.call(command, key, unpack(values, i, math.min(i + CHUNK - 1, count)))
   end
 end
-local out = {}
-local fresh = {}
-local seen = {}
+local out, fresh, seen, nf = {}, {}, {}, 0
 for i = 0, n - 1, CHUNK do
+  local last = math.min(i + CHUNK, n) - 1
   local ids = {}
-  for k = i, math.min(i + CHUNK, n) - 1 do
-    ids[#ids + 1] = ARGV[5 + k * 5]
+  for k = i, last do
+    ids[k - i + 1] = ARGV[5 + k * 5]
   end
   local known = redis.call("HMGET", K_IDS, unpack(ids))
-  for k = 1, #ids do
-    local id = ids[k]
-    if known[k] or seen[id] then
-      out[i + k] = 0
+  for k = i, last do
+    local id = ids[k - i + 1]
+    if known[k - i + 1] or seen[id] then
+      out[k + 1] = 0
     else
       seen[id] = true
-      out[i + k] = 1
-      fresh[#fresh + 1] = i + k - 1
+      out[k + 1] = 1
+      nf = nf + 1
+      fresh[nf] = 5 + k * 5
     end
   end
 end
-if #fresh == 0 then
+if nf == 0 then
   return out
 end
 if register then
   redis.call("SADD", KEYS[12], queue)
 end
-local seq = redis.call("INCRBY", K_SEQ, #fresh) - #fresh
+-- Each new job: its id in the index, its body, its meta, and its place in ready (or delayed).
+-- The tables are filled by counters (a `#t` per append walks the table).
+local seq = redis.call("INCRBY", K_SEQ, nf) - nf
 local index, jobs, meta, ready, delayed, cleared = {}, {}, {}, {}, {}, {}
-for _, i in ipairs(fresh) do
-  local b = 5 + i * 5
+local w, r, d, c = 0, 0, 0, 0
+for f = 1, nf do
+  local b = fresh[f]
   local id, score, eta = ARGV[b], ARGV[b + 2], ARGV[b + 3]
-  seq = seq + 1
-  local sq = string.format("%016d", seq)
-  index[#index + 1] = id
-  index[#index + 1] = queue
-  jobs[#jobs + 1] = id
-  jobs[#jobs + 1] = ARGV[b + 1]
-  meta[#meta + 1] = id
+  local sq = string.format("%016d", seq + f)
+  w = w + 2
+  index[w - 1], index[w] = id, queue
+  jobs[w - 1], jobs[w] = id, ARGV[b + 1]
+  meta[w - 1] = id
   if eta ~= "" and tonumber(eta) > now then
-    meta[#meta + 1] = "s|0|" .. sq .. "|" .. score .. "|"
-    delayed[#delayed + 1] = f6(tonumber(eta))
-    delayed[#delayed + 1] = id
+    meta[w] = "s|0|" .. sq .. "|" .. score .. "|"
+    delayed[d + 1], delayed[d + 2] = f6(tonumber(eta)), id
+    d = d + 2
   else
-    meta[#meta + 1] = "q|0|" .. sq .. "|" .. score .. "|"
-    ready[#ready + 1] = score
-    ready[#ready + 1] = sq .. id
+    meta[w] = "q|0|" .. sq .. "|" .. score .. "|"
+    ready[r + 1], ready[r + 2] = score, sq .. id
+    r = r + 2
   end
   if ARGV[b + 4] ~= "0" then
-    cleared[#cleared + 1] = KEYS[tonumber(ARGV[b + 4])]
+    c = c + 1
+    cleared[c] = KEYS[tonumber(ARGV[b + 4])]
   end
 end
-write("HSET", K_IDS, index)
-write("HSET", K_JOBS, jobs)
-write("HSET", K_META, meta)
-write("ZADD", K_READY, ready)
-write("ZADD", K_DELAYED, delayed)
-for i = 1, #cleared, CHUNK do
-  redis.call("DEL", unpack(cleared, i, math.min(i + CHUNK - 1, #cleared)))
+write("HSET", K_IDS, index, w)
+write("HSET", K_JOBS, jobs, w)
+write("HSET", K_META, meta, w)
+write("ZADD", K_READY, ready, r)
+write("ZADD", K_DELAYED, delayed, d)
+for i = 1, c, CHUNK do
+  redis.call("DEL", unpack(cleared, i, math.min(i + CHUNK - 1, c)))
 end
-if #ready > 0 then
+if r > 0 then
   redis.call("ZADD", K_SIGNAL, 0, "ready")
 end
-if #delayed > 0 then
+if d > 0 then
   redis.call("ZADD", K_SIGNAL, 0, "due")
 end
 return out

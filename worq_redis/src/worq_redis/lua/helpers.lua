@@ -549,6 +549,132 @@ local function check_settlements(first, last, extras)
   return blocks
 end
 
+-- Apply the checked settlement at ARGV[i] (see apply_settlements): 1 if applied, else 0; and
+-- whether it dead-lettered its job.
+local function settle_one(now, i, blocks)
+  local id, outcome = ARGV[i], ARGV[i + 2]
+  local block = nil
+  if blocks then
+    block = blocks[i]
+    outcome = string.lower(outcome)
+  end
+  local j = held(id, ARGV[i + 1], now)
+  if j == nil then
+    return 0, false
+  end
+  local died = false
+  local wf = nil
+  if j.fl ~= "" and has(j, "W") and outcome ~= "r" then
+    wf = redis.call("HGET", qkey("wf"), id)
+  end
+  redis.call("ZREM", K_LEASED, id)
+  leave_lease(id, j)
+  if outcome == "a" then
+    forget(id, j)
+  else
+    drop_progress(id, j)
+    if outcome ~= "r" then
+      -- A retry keeps a cancel request (its next delivery carries it) and its unique key;
+      -- a dead job lets go of its key and keeps only its limits (for requeue_dead).
+      if has(j, "u") then
+        unique_release(id, j)
+      end
+      j.fl = has(j, "L") and "L" or ""
+      if wf then
+        -- counted (and its group released) below, once and for all: a requeued dead job
+        -- changes nothing in a group, so it needs no workflow record any more
+        redis.call("HDEL", qkey("wf"), id)
+      end
+    end
+    redis.call("HSET", K_REASON, id, ARGV[i + 4])
+    if outcome == "r" then
+      j.st = "r"
+      j.ex = ""
+      redis.call("HSET", K_META, id, pack(j))
+      redis.call("ZADD", K_DELAYED, f6(now + tonumber(ARGV[i + 3])), id)
+      redis.call("ZADD", K_SIGNAL, 0, "due")
+    else
+      j.st = "d"
+      j.ex = f6(now)
+      redis.call("HSET", K_META, id, pack(j))
+      redis.call("ZADD", K_DEAD, redis.call("INCR", K_SEQ), id)
+      died = true
+    end
+  end
+  local k = tonumber(ARGV[i + 5])
+  if k ~= 0 then
+    put_result(k, tonumber(ARGV[i + 6]), ARGV[i + 7])
+  end
+  if wf then
+    local output = nil
+    if block and ARGV[block] == "1" then
+      output = ARGV[block + 1]
+    end
+    workflow_end(now, wf, outcome, output)
+  end
+  if block then
+    for q = block + 3, block + 2 + 10 * tonumber(ARGV[block + 2]), 10 do
+      send(now, {unpack(ARGV, q, q + 9)})
+    end
+  end
+  return 1, died
+end
+
+-- Acknowledge plain leased jobs (held, no flags) of one call together: `acks` lists their
+-- settlement positions in ARGV and parsed metas. Each leaves its lease and is forgotten as
+-- forget() forgets a job without flags, one ZREM and one HDEL per structure for them all;
+-- their records are written as put_result writes them, with one EXISTS for all their waiters.
+local function ack_plain(acks, count)
+  local ids, retried, nr = {}, {}, 0
+  for a = 1, count do
+    local id = ARGV[acks[a].i]
+    ids[a] = id
+    if acks[a].j.at > 1 then
+      nr = nr + 1
+      retried[nr] = id -- a job on its first attempt was never retried: it has no reason
+    end
+  end
+  redis.call("ZREM", K_LEASED, unpack(ids, 1, count))
+  redis.call("HDEL", K_JOBS, unpack(ids, 1, count))
+  redis.call("HDEL", K_META, unpack(ids, 1, count))
+  redis.call("HDEL", K_IDS, unpack(ids, 1, count))
+  if nr > 0 then
+    redis.call("HDEL", K_REASON, unpack(retried, 1, nr))
+  end
+  local markers, nm = {}, 0
+  for a = 1, count do
+    local i = acks[a].i
+    local k = tonumber(ARGV[i + 5])
+    if k ~= 0 then
+      local ttl = tonumber(ARGV[i + 6])
+      if ttl <= 0 then
+        redis.call("DEL", KEYS[k])
+      else
+        redis.call("SET", KEYS[k], ARGV[i + 7], "PX", ttl)
+        nm = nm + 1
+        markers[nm] = k
+      end
+    end
+  end
+  if nm == 0 then
+    return
+  end
+  local names = {}
+  for m = 1, nm do
+    names[m] = KEYS[markers[m] + 1]
+  end
+  if redis.call("EXISTS", unpack(names)) > 0 then
+    for m = 1, nm do
+      local k = markers[m]
+      if redis.call("EXISTS", KEYS[k + 1]) == 1 then
+        redis.call("DEL", KEYS[k + 1], KEYS[k + 2])
+        redis.call("RPUSH", KEYS[k + 2], "1")
+        redis.call("PEXPIRE", KEYS[k + 2], NOTIFY_TTL_MS)
+      end
+    end
+  end
+end
+
 -- Apply checked settlements ARGV[first .. last]: 1 per applied one, 0 per refused one.
 --   id, token, outcome (a|r|d), delay, reason, result key index (0: none), ttl ms, record
 -- KEYS[k], KEYS[k+1], KEYS[k+2]: a job's result, waiting marker and wake-up list; the record is
@@ -557,75 +683,75 @@ end
 -- `blocks` (from check_settlements): a settlement's workflow block; when it applies, a member's
 -- ack or dead counts in its group and releases the group it closes, and its `then` messages
 -- are enqueued, all in this step.
+-- Several settlements: the plain acks among them (outcome a, no workflow block, an id's first
+-- settlement)
+-- have their metas and leases read with one HMGET and one ZMSCORE, and those of held jobs
+-- without flags are applied together (ack_plain), in runs between the other settlements, which
+-- are applied one by one in their places (no settlement sees another's writes out of order).
 local function apply_settlements(now, first, last, max_count, max_age, blocks)
   local out = {}
   local died = false
-  for i = first, last, 8 do
-    local id, outcome = ARGV[i], ARGV[i + 2]
-    local block = nil
-    if blocks then
-      block = blocks[i]
-      outcome = string.lower(outcome)
+  if last - first < 8 then
+    -- one settlement: the calls of one job alone, no batch tables
+    if first <= last then
+      out[1], died = settle_one(now, first, blocks)
     end
-    local j = held(id, ARGV[i + 1], now)
-    if j == nil then
-      out[#out + 1] = 0
-    else
-      out[#out + 1] = 1
-      local wf = nil
-      if j.fl ~= "" and has(j, "W") and outcome ~= "r" then
-        wf = redis.call("HGET", qkey("wf"), id)
-      end
-      redis.call("ZREM", K_LEASED, id)
-      leave_lease(id, j)
-      if outcome == "a" then
-        forget(id, j)
-      else
-        drop_progress(id, j)
-        if outcome ~= "r" then
-          -- A retry keeps a cancel request (its next delivery carries it) and its unique key;
-          -- a dead job lets go of its key and keeps only its limits (for requeue_dead).
-          if has(j, "u") then
-            unique_release(id, j)
-          end
-          j.fl = has(j, "L") and "L" or ""
-          if wf then
-            -- counted (and its group released) below, once and for all: a requeued dead job
-            -- changes nothing in a group, so it needs no workflow record any more
-            redis.call("HDEL", qkey("wf"), id)
-          end
+  else
+    local ids, at, seen, n = {}, {}, {}, 0
+    for i = first, last, 8 do
+      local id = ARGV[i]
+      if not seen[id] then
+        seen[id] = true -- a later settlement of the same id sees the earlier one's writes
+        if ARGV[i + 2] == "a" and (blocks == nil or blocks[i] == nil) then
+          n = n + 1
+          ids[n], at[i] = id, n
         end
-        redis.call("HSET", K_REASON, id, ARGV[i + 4])
-        if outcome == "r" then
-          j.st = "r"
-          j.ex = ""
-          redis.call("HSET", K_META, id, pack(j))
-          redis.call("ZADD", K_DELAYED, f6(now + tonumber(ARGV[i + 3])), id)
-          redis.call("ZADD", K_SIGNAL, 0, "due")
+      end
+    end
+    local metas, deadlines = {}, {}
+    for c = 1, n, 1000 do
+      local e = math.min(c + 999, n)
+      local m = redis.call("HMGET", K_META, unpack(ids, c, e))
+      local d = redis.call("ZMSCORE", K_LEASED, unpack(ids, c, e))
+      for x = c, e do
+        metas[x], deadlines[x] = m[x - c + 1], d[x - c + 1]
+      end
+    end
+    local acks, count = {}, 0
+    local o = 0
+    for i = first, last, 8 do
+      o = o + 1
+      local x = at[i]
+      local j = nil
+      if x and metas[x] then
+        j = parse(metas[x])
+      end
+      if x and (j == nil or j.fl == "") then
+        -- a plain ack: refused unless its token holds an unexpired lease (held())
+        if j and j.st == "l" and j.ex == ARGV[i + 1] and deadlines[x]
+          and tonumber(deadlines[x]) > now then
+          count = count + 1
+          acks[count] = {i = i, j = j}
+          out[o] = 1
+          if count == 1000 then
+            ack_plain(acks, count)
+            acks, count = {}, 0
+          end
         else
-          j.st = "d"
-          j.ex = f6(now)
-          redis.call("HSET", K_META, id, pack(j))
-          redis.call("ZADD", K_DEAD, redis.call("INCR", K_SEQ), id)
-          died = true
+          out[o] = 0
         end
-      end
-      local k = tonumber(ARGV[i + 5])
-      if k ~= 0 then
-        put_result(k, tonumber(ARGV[i + 6]), ARGV[i + 7])
-      end
-      if wf then
-        local output = nil
-        if block and ARGV[block] == "1" then
-          output = ARGV[block + 1]
+      else
+        if count > 0 then
+          ack_plain(acks, count)
+          acks, count = {}, 0
         end
-        workflow_end(now, wf, outcome, output)
+        local d
+        out[o], d = settle_one(now, i, blocks)
+        died = died or d
       end
-      if block then
-        for q = block + 3, block + 2 + 10 * tonumber(ARGV[block + 2]), 10 do
-          send(now, {unpack(ARGV, q, q + 9)})
-        end
-      end
+    end
+    if count > 0 then
+      ack_plain(acks, count)
     end
   end
   if died then
