@@ -15,9 +15,10 @@ LPUSH handler against one doing ``await task.enqueue_async()``, alternating. ``-
 runs only these rows (under a minute).
 
 The worker-runtime figures (issue 4) run real ``python -m worq_core worker`` subprocesses on
-``bench/bench_app.py``: a drain with ``--processes 2``; a mixed workload (10% of the jobs sleep
-50 ms) at a steady arrival rate, whose short jobs' pickup latency is compared with an all-short
-run at the same rate; and a worker's resident memory after 10x more no-op jobs.
+``bench/bench_app.py``: a drain by one process and by ``--processes 2``; a mixed workload (10%
+of the jobs sleep 50 ms) at a steady arrival rate, whose short jobs' pickup latency is compared
+with an all-short run at the same rate; and a worker's resident memory after 10x more no-op
+jobs.
 """
 
 from __future__ import annotations
@@ -522,10 +523,9 @@ def main() -> int:
             )
         )
 
-        single: dict[int, float] = {}
         for concurrency in (1, 8):
             elapsed = drain(app, drain_jobs, concurrency)
-            rate = single[concurrency] = drain_jobs / elapsed
+            rate = drain_jobs / elapsed
             rows.append(
                 Row(
                     f"drain no-op jobs with acks, concurrency {concurrency}",
@@ -538,6 +538,20 @@ def main() -> int:
             )
         app.close()
 
+        cli: dict[int, float] = {}
+        for concurrency in (1, 8):
+            elapsed = drain_processes(args.url, prefix, drain_jobs, 1, concurrency)
+            rate = cli[concurrency] = drain_jobs / elapsed
+            rows.append(
+                Row(
+                    f"drain, worq worker --concurrency {concurrency}",
+                    drain_jobs,
+                    rate,
+                    "rpop",
+                    rate / floor["rpop"],
+                    "one process, lease keeper on",
+                )
+            )
         for concurrency in (1, 8):
             elapsed = drain_processes(args.url, prefix, drain_jobs, 2, concurrency)
             rate = drain_jobs / elapsed
@@ -548,7 +562,7 @@ def main() -> int:
                     rate,
                     "rpop",
                     rate / floor["rpop"],
-                    f"{rate / single[concurrency]:.2f}x one process",
+                    f"{rate / cli[concurrency]:.2f}x one process",
                 )
             )
 

@@ -382,6 +382,15 @@ def test_job_shows_the_progress_of_a_running_job(app_module: ModuleType, app: Wo
     assert "progress: 75% (3/4) copying files" in output
 
 
+def test_worker_takes_a_prefetch_bound_and_refuses_a_negative_one(app_module: ModuleType) -> None:
+    jobs = app_module.add.enqueue_many([(n, 1) for n in range(5)])
+    ok("worker", APP, "--burst", "--concurrency", "1", "--prefetch", "0")
+    assert [job.result(timeout=0) for job in jobs] == [1, 2, 3, 4, 5]
+    refused = run("worker", APP, "--burst", "--prefetch", "-1")
+    assert refused.exit_code == 2, refused.output
+    assert "--prefetch" in refused.output
+
+
 @pytest.mark.parametrize("queues", ["", " , ", "a\x01b", "x" * 201])
 def test_worker_refuses_queue_names_it_could_never_use(queues: str) -> None:
     result = run("worker", APP, "--queues", queues, "--burst")

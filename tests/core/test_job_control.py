@@ -154,7 +154,7 @@ def test_a_run_moves_only_along_the_state_machine() -> None:
     run = Run(Delivery("i", "q", b"", "t", 1))
     with pytest.raises(InvalidTransition):
         run.move(RunState.DONE)
-    for state in (RunState.RUNNING, RunState.DECIDED, RunState.PARKED, RunState.SENT):
+    for state in (RunState.RUNNING, RunState.DECIDED, RunState.SENT):
         run.move(state)
     run.move(RunState.DONE)
     with pytest.raises(InvalidTransition):

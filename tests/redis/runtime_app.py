@@ -27,6 +27,11 @@ def chaos(n: int) -> None:
     _report.rpush(f"{LOG}:ledger", n)
 
 
+@app.task(name="tally", queue="tally")
+def tally(n: int) -> None:
+    _report.rpush(f"{LOG}:tally", n)  # nothing else: jobs this short are prefetched
+
+
 @app.task(name="whoami", queue="runtime")
 def whoami(n: int) -> int:
     _report.rpush(f"{LOG}:pids", os.getpid())

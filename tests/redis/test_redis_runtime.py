@@ -16,7 +16,7 @@ import pytest
 import redis
 from redis_support import RedisServer, Runtime, children, stop
 
-from worq_core import JobFailed, JobStatus, Worq
+from worq_core import JobFailed, JobStatus, WorkerSettings, Worq
 
 HERE = Path(__file__).parent
 
@@ -62,7 +62,45 @@ def test_chaos_sigkill_a_worker_every_second_and_lose_nothing(runtime: Runtime) 
     duplicates = len(ledger) - total
     print(f"\nchaos: {total} jobs, {kills} SIGKILLs, {duplicates} duplicate executions")
     assert kills >= 1
-    assert duplicates <= kills * concurrency, "duplicates come only from jobs in flight at a kill"
+    # Only the leases a killed worker held run again: concurrency + prefetch at most.
+    assert duplicates <= kills * (concurrency + WorkerSettings().prefetch)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("prefetch", [0, 4])
+def test_a_sigkill_reruns_at_most_concurrency_plus_prefetch_jobs(
+    runtime: Runtime, prefetch: int
+) -> None:
+    total = 3000
+    app = runtime.app()
+    app.tasks["tally"].enqueue_many([(n,) for n in range(total)])
+    options = ("--queues", "tally", "--concurrency", "1", "--lease", "1")
+    first = runtime.worker(*options, "--prefetch", str(prefetch))
+    deadline = time.monotonic() + 60
+    while len(runtime.ledger("tally")) < total // 4:
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the worker did not get going"
+        time.sleep(0.005)
+    os.kill(first.pid, signal.SIGKILL)
+    first.communicate(timeout=10)
+    [at_kill] = app.broker.stats(["tally"])
+    assert at_kill.running <= 1 + prefetch, "the dead worker held at most 1 + prefetch leases"
+    second = runtime.worker(*options)
+    while True:
+        [stats] = app.broker.stats(["tally"])
+        if stats.ready == stats.delayed == stats.running == 0:
+            break
+        assert time.monotonic() < deadline, f"jobs left behind: {stats}"
+        time.sleep(0.05)
+    log = stop(second)
+    assert second.returncode == 0, log[-3000:]
+    ledger = [int(n) for n in runtime.ledger("tally")]
+    assert set(ledger) == set(range(total)), "every job ran"
+    print(
+        f"\nprefetch {prefetch}: {at_kill.running} leases at the kill, {len(ledger) - total} reruns"
+    )
+    # What ran twice had finished in the first worker without its ack reaching Redis.
+    assert len(ledger) - total <= at_kill.running
 
 
 def test_sigterm_lets_the_running_job_finish_and_the_supervisor_exit_zero(

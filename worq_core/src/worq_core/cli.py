@@ -466,6 +466,16 @@ def worker_logging(level: str, fmt: str) -> Iterator[None]:
     help="Lease (visibility timeout) of a fetched job; the heartbeat renews it.",
 )
 @click.option(
+    "--prefetch",
+    type=click.IntRange(min=0),
+    default=16,
+    show_default=True,
+    metavar="N",
+    help="Jobs fetched beyond the free slots while the queues are deep and jobs short; a "
+    "process holds at most --concurrency + N leases, all a SIGKILL can leave to run again "
+    "(0: fetch only for free slots).",
+)
+@click.option(
     "--max-jobs-per-process",
     type=click.IntRange(min=1),
     metavar="N",
@@ -523,6 +533,7 @@ def worker(
     burst: bool,
     grace: float,
     lease: float,
+    prefetch: int,
     max_jobs_per_process: int | None,
     max_memory_per_process: int | None,
     log_level: str,
@@ -550,6 +561,7 @@ def worker(
         burst,
         grace,
         lease,
+        prefetch,
         max_jobs_per_process,
         max_memory_per_process,
         log_level,
@@ -581,6 +593,7 @@ def worker(
         concurrency=concurrency,
         lease=lease,
         grace=grace,
+        prefetch=prefetch,
         max_jobs=max_jobs_per_process,
         max_memory=None if max_memory_per_process is None else max_memory_per_process << 20,
         isolated_heartbeat=True,
@@ -684,6 +697,7 @@ def _child_command(
     burst: bool,
     grace: float,
     lease: float,
+    prefetch: int,
     max_jobs: int | None,
     max_memory: int | None,
     log_level: str,
@@ -693,6 +707,7 @@ def _child_command(
     """The command line of one supervised worker process with these options."""
     command = [sys.executable, "-m", "worq_core", "worker", app_spec]
     command += ["--concurrency", str(concurrency), "--grace", str(grace), "--lease", str(lease)]
+    command += ["--prefetch", str(prefetch)]
     command += ["--log-level", log_level, "--log-format", log_format]
     if broker:
         command += ["--broker", broker]

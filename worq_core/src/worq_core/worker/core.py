@@ -2,10 +2,15 @@
 
 One worker is one process-level object with:
 
-* the *fetch loop* (the thread that calls :meth:`Worker.run`): fetches at most as many jobs as
-  it has free slots, sending the settlements of finished jobs with the next fetch;
+* fetches, one at a time, each carrying the settlements of the jobs finished since the last:
+  for the free slots and, while the queues are deep and jobs short, a few more that wait in
+  :attr:`Worker.ready` (:mod:`~worq_core.worker.prefetch`);
+* the *fetch loop* (the thread that calls :meth:`Worker.run`), which fetches while slots are
+  idle and otherwise sleeps, but for settlements no fetch carried in time and prefetched runs
+  that waited too long;
 * executors (:mod:`~worq_core.worker.executors`): ``concurrency`` slot threads for sync tasks
-  and one event loop for ``async def`` tasks, all counted against the same slots;
+  and one event loop for ``async def`` tasks, all counted against the same slots; a slot
+  thread takes its next run itself, and makes the next fetch when few are ready;
 * services (:mod:`~worq_core.worker.services`) on one thread: lease renewal, the timeout
   watchdog, registration, resource limits, and any that middleware adds;
 * the settle path (:mod:`~worq_core.worker.settle`), which decides and settles each run.
@@ -17,10 +22,13 @@ transitions; every shared field changes under the worker's one lock.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import enum
 import functools
 import itertools
 import logging
+import math
 import os
 import random
 import socket
@@ -56,6 +64,7 @@ from worq_core.retry import RetryPolicy
 from worq_core.signals import on_stop_signals
 from worq_core.worker.executors import AsyncExecutor, ThreadExecutor
 from worq_core.worker.leases import KeeperRenewer, LeaseService, Renewer, ThreadRenewer
+from worq_core.worker.prefetch import Prefetch
 from worq_core.worker.run import HOLDING, Run, RunState
 from worq_core.worker.scheduler import Scheduler
 from worq_core.worker.services import Service, ServiceRunner
@@ -65,7 +74,7 @@ from worq_core.worker.settings import (
     WorkerSettings,
     resident_memory,
 )
-from worq_core.worker.settle import SettlePath
+from worq_core.worker.settle import SETTLE_DELAY, SettlePath
 from worq_core.worker.watchdog import Limits, Registration, Watchdog
 
 if TYPE_CHECKING:
@@ -80,6 +89,25 @@ DUPLICATE_SIGNAL_WINDOW = 0.5
 #: Extra time an async task gets past its timeout to honour cancellation before the watchdog
 #: gives up on it (it swallowed CancelledError, or blocks the event loop).
 ASYNC_CANCEL_GRACE = 1.0
+
+#: Prefetched runs that no slot has taken for this long go back to their queue, for other
+#: workers: every slot is held by a job far longer than those the prefetch was sized for.
+HANDBACK_AFTER = 0.1
+
+
+class _Duty(enum.Enum):
+    """What wakes the fetch loop."""
+
+    FETCH = enum.auto()
+    """Fetch for idle slots, or send settlements no fetch carried in time."""
+    DISPATCH = enum.auto()
+    """Hand ready runs to idle slots."""
+    HAND_BACK = enum.auto()
+    """Hand back ready runs no slot took in time."""
+    RETIRE = enum.auto()
+    """Retire: the worker fetched ``max_jobs`` jobs and holds none."""
+    STOP = enum.auto()
+    """A stop was asked for."""
 
 
 class Worker:
@@ -103,6 +131,12 @@ class Worker:
         """Every run whose settlement the broker has not answered yet, by lease token."""
         self.busy = 0
         """Slots in use."""
+        self.ready: collections.deque[Run] = collections.deque()
+        """Runs taken on that wait for a slot (prefetched), oldest first."""
+        self.prefetch = Prefetch(settings.prefetch, settings.concurrency)
+        self._fetching = False  # a fetch is on its way (one at a time, from any thread)
+        self._ready_moved = 0.0  # when a run last left ready, or ready last filled up
+        self._loop_wakes_at = -math.inf  # when the fetch loop's wait ends, while it waits
         self.services: ServiceRunner | None = None
         self.settle = SettlePath(self)
         self._stopping = threading.Event()
@@ -254,50 +288,54 @@ class Worker:
         return KeeperRenewer(keeper)
 
     # -- fetching ----------------------------------------------------------------------------
+    #
+    # One fetch is on its way at a time, made by whichever thread needs it: a slot thread whose
+    # job ended when too few prefetched runs are left (it sends every queued settlement along),
+    # or the fetch loop, which blocks waiting for jobs while slots are idle, sends settlements no
+    # fetch carried within SETTLE_DELAY, and hands back prefetched runs that wait too long. While
+    # slot threads keep themselves busy the fetch loop sleeps.
 
     def _fetch_loop(self, burst: bool) -> None:
-        settings, broker, settle = self.settings, self.app.broker, self.settle
+        settings, settle = self.settings, self.settle
         # In burst mode an idle fetch is kept short so the end of the work is noticed promptly.
         idle_wait = min(settings.idle_wait, 0.1) if burst else settings.idle_wait
         backoff = 0.0
         while True:
             with self.lock:
-                while not settle.pending and not self._stopping.is_set():
-                    free = min(settings.concurrency - self.busy, self._budget())
-                    if free > 0 or (self._budget() <= 0 and not self.held):
-                        break
-                    self.lock.wait(settings.idle_wait)
-                if self._stopping.is_set():
+                duty = self._await_duty()
+                if duty is _Duty.STOP:
                     return
-                settlements, settle.pending = settle.pending, []
-                free = max(0, min(settings.concurrency - self.busy, self._budget()))
-                idle = not self.held
-                block = not settlements and free > 0
-                check_drained = burst and block and idle
-                # Set together with taking the queue: a job finishing from now on settles itself.
-                settle.direct = block and not check_drained
-            if not settlements and idle and self._budget() <= 0:
-                self.retire(ExitReason.MAX_JOBS)
-                return
+                if duty is _Duty.RETIRE:
+                    self.retire(ExitReason.MAX_JOBS)
+                    return
+                if duty is _Duty.HAND_BACK:
+                    waiting = self._unready()
+                    self.prefetch.handed_back()
+                elif duty is _Duty.FETCH:
+                    settlements, limit = self._claim_fetch()
+                    block = not settlements and limit > 0 and self.busy < settings.concurrency
+                    check_drained = burst and block and not self.held
+                    # Set with taking the queue: a job finishing from now on settles itself.
+                    settle.direct = block and not check_drained
+            if duty is _Duty.DISPATCH:
+                self._dispatch(None)
+                continue
+            if duty is _Duty.HAND_BACK:
+                log.info("handing back %d prefetched jobs no slot took in time", len(waiting))
+                self._release([r.delivery for r in waiting])
+                continue
             if check_drained:
                 if self._drained():
                     log.info("burst: no jobs left in %s", ",".join(settings.queues))
                     self.exit_reason = ExitReason.DRAINED
+                    with self.lock:
+                        self._fetching = False
                     return
                 with self.lock:
                     settle.direct = True
             try:
-                applied, deliveries = broker.settle_and_fetch(
-                    settlements,
-                    settings.fetch_order(self._rng),
-                    free,
-                    lease=settings.lease,
-                    wait=idle_wait if block else 0.0,
-                )
+                self._fetch(settlements, limit, idle_wait if block else 0.0)
             except Exception as exc:  # a broker bug must not end the worker either
-                with self.lock:
-                    settle.direct = False
-                settle.retry_later(settlements)
                 backoff = min(max(backoff * 2, 0.1), 5.0)
                 log.warning(
                     "broker error, retrying in %.1fs: %s",
@@ -307,21 +345,175 @@ class Worker:
                 )
                 self._stopping.wait(backoff)
                 continue
-            with self.lock:
-                settle.direct = False
             if backoff:
                 log.info("broker reachable again")
                 backoff = 0.0
+            self._dispatch(None)
+
+    def _await_duty(self) -> _Duty:
+        """Sleep until the fetch loop has something to do; called with the lock held.
+
+        Nothing is the loop's to do while a fetch is on its way: whoever makes it wakes the
+        loop afterwards if there is.
+        """
+        settings, settle = self.settings, self.settle
+        try:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                timeout = settings.idle_wait
+                if not self._fetching:
+                    free = settings.concurrency - self.busy
+                    if self.ready and now >= self._ready_moved + HANDBACK_AFTER:
+                        return _Duty.HAND_BACK
+                    if self.ready and free > 0:
+                        return _Duty.DISPATCH
+                    if free > 0 and self._fetch_limit(len(settle.pending)) > 0:
+                        return _Duty.FETCH
+                    if settle.pending and (free > 0 or now >= settle.since + SETTLE_DELAY):
+                        return _Duty.FETCH
+                    if not self.held and self._budget() <= 0:
+                        return _Duty.RETIRE
+                    if settle.pending:
+                        timeout = min(timeout, settle.since + SETTLE_DELAY - now)
+                    if self.ready:
+                        timeout = min(timeout, self._ready_moved + HANDBACK_AFTER - now)
+                self._loop_wakes_at = now + timeout
+                self.lock.wait(timeout)
+            return _Duty.STOP
+        finally:
+            self._loop_wakes_at = -math.inf
+
+    def _claim_fetch(self) -> tuple[list[Settlement], int]:
+        """Become the one fetch on its way: the settlements it carries, and jobs to ask for.
+
+        Called with the lock held.
+        """
+        settle = self.settle
+        settlements, settle.pending = settle.pending, []
+        self._fetching = True
+        return settlements, self._fetch_limit(len(settlements))
+
+    def _fetch_limit(self, sending: int) -> int:
+        """Jobs a fetch carrying ``sending`` settlements may ask for; called with the lock held.
+
+        The worker never holds more than ``concurrency`` plus the prefetch allowance leases, the
+        ones those settlements give up (in the same call) not counted.
+        """
+        room = self.settings.concurrency + self.prefetch.allowance() - len(self.held) + sending
+        return max(0, min(room, self._budget()))
+
+    def _fetch(self, settlements: list[Settlement], limit: int, wait: float) -> None:
+        """Settle and fetch in one broker call; the jobs taken on join :attr:`ready`.
+
+        Ends the fetch claimed by :meth:`_claim_fetch`, also when it raises what the broker
+        raised (its settlements are queued again first). A blocking fetch (``wait``) is the
+        fetch loop's, with :attr:`SettlePath.direct` set.
+        """
+        settings, settle = self.settings, self.settle
+        try:
+            applied, deliveries = self.app.broker.settle_and_fetch(
+                settlements,
+                settings.fetch_order(self._rng),
+                limit,
+                lease=settings.lease,
+                wait=wait,
+            )
+        except BaseException:
+            with self.lock:
+                settle.direct = False
+                self._fetching = False
+            settle.retry_later(settlements)
+            raise
+        runs: list[Run] = []
+        back: list[Run] = []
+        try:
+            if wait:
+                with self.lock:
+                    settle.direct = False
             settle.settled(settlements, applied)
             if deliveries and self._stopping.is_set():
-                # A stop came while the fetch was blocked: these jobs were never started.
+                # A stop came while the fetch was on its way: these jobs were never started.
                 self._release(deliveries)
                 deliveries = []
-            taken = [run for d in deliveries if (run := self.take(d)) is not None]
-            if taken and self._leases is not None and self._leases.by_keeper:
+            runs = self._take_all(deliveries)
+            if runs and self._leases is not None and self._leases.by_keeper:
                 self._leases.renew()  # before they start: one holding the GIL would starve it
-            for run in taken:
-                self._launch(run)
+        finally:
+            with self.lock:
+                self._fetching = False
+                self.prefetch.fetched(limit, len(deliveries))
+                if runs:
+                    if not self.ready:
+                        self._ready_moved = time.monotonic()
+                    self.ready.extend(runs)
+                if self._stopping.is_set():
+                    back = self._unready()  # a stop came meanwhile
+                else:
+                    if self.ready:
+                        self.nudge(self._ready_moved + HANDBACK_AFTER)
+                    if settle.pending:
+                        self.nudge(settle.since + SETTLE_DELAY)
+            if back:
+                self._release([r.delivery for r in back])
+
+    def _dispatch(self, slot_of: Run | None) -> Run | None:
+        """Hand ready runs to ``slot_of``'s slot, then to free slots, in fetch order.
+
+        Returns the run for ``slot_of``'s slot, which the calling slot thread runs itself;
+        without one, that slot is freed. The others are launched on slots of their own.
+        """
+        launch: list[Run] = []
+        following: Run | None = None
+        with self.lock:
+            if not self._stopping.is_set():
+                if slot_of is not None and self.ready:
+                    following = self._pass_slot(slot_of)
+                while self.ready and self.busy < self.settings.concurrency:
+                    run = self.ready.popleft()
+                    run.holds_slot = True
+                    self.busy += 1
+                    launch.append(run)
+                if launch:
+                    self._ready_moved = time.monotonic()
+            if slot_of is not None and following is None:
+                self._free_slot_locked(slot_of)
+            elif self.busy < self.settings.concurrency and not self._fetching:
+                self.lock.notify_all()  # the fetch loop fetches for idle slots
+        for run in launch:
+            self._launch(run)
+        return following
+
+    def _pass_slot(self, run: Run) -> Run:
+        """Give ``run``'s slot to the oldest ready run; called with the lock held."""
+        following = self.ready.popleft()
+        run.holds_slot = False
+        following.holds_slot = True
+        self._ready_moved = time.monotonic()
+        return following
+
+    def nudge(self, at: float) -> None:
+        """Wake the fetch loop if it would sleep past ``at`` (monotonic); lock held."""
+        if self._loop_wakes_at > at or self._stopping.is_set():
+            self.lock.notify_all()
+
+    def _unready(self) -> list[Run]:
+        """Take every ready run out to hand it back; called with the lock held."""
+        runs = list(self.ready)
+        self.ready.clear()
+        self._unhold(runs)
+        return runs
+
+    def _unhold(self, runs: list[Run]) -> None:
+        """Forget unstarted runs that go back to their queue; called with the lock held.
+
+        They no longer count as fetched: the next worker to fetch them takes them on, and the
+        broker does not count the attempt of a job handed back.
+        """
+        for run in runs:
+            run.move(RunState.RELEASED)
+            del self.held[run.delivery.token]
+        self.counters.fetched -= len(runs)
+        self.lock.notify_all()  # a shutdown, or a worker at its job limit, may wait for these
 
     def _release(self, deliveries: list[Delivery]) -> None:
         try:
@@ -344,30 +536,37 @@ class Worker:
 
     # -- taking a job on ---------------------------------------------------------------------
 
-    def take(self, delivery: Delivery, slot_of: Run | None = None) -> Run | None:
-        """Take a fresh delivery on; returns its run if its task is to run.
+    def _take_all(self, deliveries: list[Delivery]) -> list[Run]:
+        """Take fresh deliveries on; returns the runs whose task is to run, in fetch order."""
+        if not deliveries:
+            return []
+        runs = [Run(delivery) for delivery in deliveries]
+        with self.lock:
+            self.counters.fetched += len(runs)
+            for run in runs:
+                self.held[run.delivery.token] = run
+        return [run for run in runs if self._prepare(run)]
+
+    def _prepare(self, run: Run) -> bool:
+        """Decode and check a taken run; ``False`` if its task is not to run.
 
         Undecodable payloads, unknown tasks and jobs out of attempts are dead-lettered here,
-        and a job cancelled while an earlier delivery ran it ends cancelled. The run gets a
-        slot of its own, or ``slot_of``'s (a slot thread pulling its next job).
+        and a job cancelled while an earlier delivery ran it ends cancelled.
         """
-        run = Run(delivery)
-        with self.lock:
-            self.counters.fetched += 1
-            self.held[delivery.token] = run
+        delivery = run.delivery
         try:
             envelope = Envelope.decode(delivery.body, self.app.serializer)
         except Exception as exc:  # noqa: BLE001 - a plugin serializer's own error type too
             run.context = JobContext(delivery.id, "?", delivery.queue, delivery.attempts, 0)
             self.job_log(logging.ERROR, run, "undecodable payload, dead-lettered: %s", exc)
             self.settle.decide(run, dead=ErrorInfo.from_exception(exc))
-            return None
+            return False
         run.envelope = envelope
         if envelope.task == FAILED_MARKER_TASK:
             run.context = JobContext(delivery.id, envelope.task, delivery.queue, 1, 0)
             why = str(envelope.args[0]) if envelope.args else "a step failed"
             self.settle.decide(run, dead=ErrorInfo("worq.WorkflowMemberFailed", why))
-            return None
+            return False
         task = self.app.tasks.get(envelope.task)
         if task is None:
             run.context = JobContext(
@@ -376,7 +575,7 @@ class Worker:
             unknown = UnknownTaskError(envelope.task)
             self.job_log(logging.ERROR, run, "%s; dead-lettered", unknown)
             self.settle.decide(run, dead=ErrorInfo.from_exception(unknown))
-            return None
+            return False
         run.task = task
         if envelope.workflow and "chord" in envelope.workflow:
             if cancelled(self.app, envelope.workflow):
@@ -386,7 +585,7 @@ class Worker:
                 )
                 run.context._cancel()
                 self.settle.decide(run)
-                return None
+                return False
             try:
                 envelope = run.envelope = chord_arguments(self.app, envelope)
             except (BrokerError, StorageError) as exc:
@@ -395,14 +594,14 @@ class Worker:
                 with self.lock:
                     run.move(RunState.DECIDED)  # decided to leave it to its lease
                 self.settle.drop(run)
-                return None
+                return False
             except Exception as exc:  # noqa: BLE001 - a failed member, or the group is gone
                 run.context = JobContext(
                     delivery.id, task.name, delivery.queue, delivery.attempts, 0, envelope.headers
                 )
                 self.job_log(logging.ERROR, run, "chord callback not run: %s; dead-lettered", exc)
                 self.settle.decide(run, dead=ErrorInfo.from_exception(exc))
-                return None
+                return False
         config, overrides = task.config, envelope.options
         run.timeout = overrides.get("timeout", config.timeout) if overrides else config.timeout
         run.max_retries = (
@@ -421,7 +620,7 @@ class Worker:
         )
         if delivery.cancel_requested:
             self.settle.decide(run)  # it was cancelled while an earlier delivery ran it
-            return None
+            return False
         attempts_allowed = run.max_retries + 1
         if delivery.attempts > attempts_allowed:
             # Attempts are counted at fetch: more than allowed means earlier runs never settled
@@ -432,15 +631,8 @@ class Worker:
             )
             self.job_log(logging.ERROR, run, "%s; dead-lettered", reason)
             self.settle.decide(run, dead=ErrorInfo("worq.AttemptsExhausted", reason))
-            return None
-        with self.lock:
-            if slot_of is not None and slot_of.holds_slot:
-                slot_of.holds_slot = False  # the slot passes on; busy stays the same
-            else:
-                self.busy += 1
-            run.holds_slot = True
-        self.job_log(logging.DEBUG, run, "attempt %d started", delivery.attempts)
-        return run
+            return False
+        return True
 
     def _progress_reported(self, context: JobContext) -> None:
         if self._leases is not None:
@@ -456,15 +648,29 @@ class Worker:
             self._threads.submit(lambda: self._run_sync(run))
 
     def _start(self, run: Run, allowance: float) -> bool:
-        """Mark a run started and arm the watchdog; ``False`` if shutdown took it back first."""
+        """Mark a run started and arm the watchdog; ``False`` if it is not to start.
+
+        It is not when shutdown took it back first, or when a stop came before it started:
+        then it is handed back to its queue at once.
+        """
         with self.lock:
             if run.state is not RunState.TAKEN:
                 return False
-            run.move(RunState.RUNNING)
-            if run.timeout is not None:
-                run.deadline = time.monotonic() + run.timeout + allowance
+            if self._stopping.is_set():
+                self._unhold([run])
+                handed_back = True
+            else:
+                handed_back = False
+                now = run.started = time.monotonic()
+                run.move(RunState.RUNNING)
+                if run.timeout is not None:
+                    run.deadline = now + run.timeout + allowance
+        if handed_back:
+            self._release([run.delivery])
+            return False
         if run.deadline is not None:
             self._watchdog.arm(run.deadline)
+        self.job_log(logging.DEBUG, run, "attempt %d started", run.delivery.attempts)
         return True
 
     # -- running -----------------------------------------------------------------------------
@@ -472,9 +678,8 @@ class Worker:
     def _run_sync(self, run: Run) -> bool:
         """Run sync tasks on this slot thread; returns whether the thread must retire.
 
-        In a single-slot worker, after each job the thread settles it and fetches its own next
-        job in one broker call (no hand-over through the fetch loop); a sync next job runs
-        right here, an async one goes to the event loop.
+        After each job the thread takes its slot's next run itself (:meth:`_next_run`): a sync
+        one runs right here, an async one goes to the event loop.
         """
         wraps = self.app.middleware
         while True:
@@ -501,65 +706,60 @@ class Worker:
                 self._finished(run, value=value, pull=True)
             finally:
                 _current_job.reset(token)
-            with self.lock:
-                if run.abandoned:
-                    return True
-            following = self._pull(run)
+            following = self._next_run(run)
             if following is None:
-                return False
+                return run.abandoned  # an abandoned thread's slot went to a fresh one
             assert following.task is not None
             if following.task.is_async:
                 self._launch(following)
                 return False
             run = following
 
-    def _pull(self, run: Run) -> Run | None:
-        """Settle a finished run and fetch the next job for its slot, in one broker call.
+    def _next_run(self, run: Run) -> Run | None:
+        """The next run for the slot of ``run``, which just finished on this thread.
 
-        Whatever happens, the slot is either passed to the next run or freed.
+        The oldest ready (prefetched) run, if any. When fewer ready runs are left than there
+        are slots, this thread also makes the next fetch itself, carrying every queued
+        settlement (``run``'s among them), and hands what comes back to idle slots. ``None``
+        when the slot is freed instead: nothing to run, a stop, or ``run`` was abandoned at a
+        timeout (its slot went to a fresh thread then).
         """
-        with self.lock:  # shutdown may take the settlement over: exactly one side sends it
-            settlement = run.parked
-            run.parked = None
-            if settlement is not None:
-                run.move(RunState.SENT)
-        if settlement is None:
-            self._free_slot(run)
-            return None
-        following: Run | None = None
-        try:
-            following = self._pull_next(run, settlement)
-        except Exception:  # a bug in worq or a plugin must not wedge the slot
-            log.exception("job %s: taking the next job from a slot failed", run.delivery.id)
-        finally:
-            self._free_slot(run)  # unless the slot passed on to the next run
-        return following
-
-    def _pull_next(self, run: Run, settlement: Settlement) -> Run | None:
-        settings = self.settings
-        try:
-            applied, deliveries = self.app.broker.settle_and_fetch(
-                [settlement],
-                settings.fetch_order(self._rng),
-                0 if self._stopping.is_set() else 1,
-                lease=settings.lease,
-                wait=0.0,
+        settle = self.settle
+        with self.lock:
+            if run.abandoned:
+                return None
+            self.prefetch.ran(time.monotonic() - run.started)
+            stopping = self._stopping.is_set()
+            following = self._pass_slot(run) if self.ready and not stopping else None
+            fetch = (
+                not self._fetching
+                and not stopping
+                and len(self.ready) < self.settings.concurrency
+                and (
+                    self._fetch_limit(len(settle.pending)) > 0
+                    or (following is None and bool(settle.pending))
+                )
             )
-        except Exception as exc:  # noqa: BLE001 - the fetch loop retries the settlement
-            log.warning("settling from a slot failed, the fetch loop will retry: %s", exc)
-            self.settle.retry_later([settlement])
-            return None
-        if deliveries and self._stopping.is_set():
-            # A stop came while the call was on its way: this job was never started.
-            self._release(deliveries)
-            deliveries = []
-        # Take the next run on before the finished one leaves: a shutdown counting what is
-        # pending must never see neither.
-        following = self.take(deliveries[0], slot_of=run) if deliveries else None
-        self.settle.settled([settlement], applied)
-        if following is not None and self._leases is not None and self._leases.by_keeper:
-            self._leases.renew()
-        return following
+            if fetch:
+                settlements, limit = self._claim_fetch()
+            else:
+                if settle.pending:
+                    self.nudge(settle.since + SETTLE_DELAY)
+                if following is None:
+                    self._free_slot_locked(run)
+                return following
+        try:
+            self._fetch(settlements, limit, 0.0)
+        except Exception as exc:  # noqa: BLE001 - the fetch loop retries the settlements
+            log.warning("fetching from a slot failed, the fetch loop will retry: %s", exc)
+            if following is None:
+                with self.lock:
+                    self._free_slot_locked(run)
+            return following
+        if following is not None:
+            self._dispatch(None)
+            return following
+        return self._dispatch(run)
 
     async def _run_async(self, run: Run) -> None:
         task, envelope, context = run.task, run.envelope, run.context
@@ -606,8 +806,9 @@ class Worker:
     ) -> None:
         """A job's code returned or raised; runs on the thread that ran it.
 
-        With ``pull`` the settlement may be parked on the run for the thread to send with its
-        next fetch (:meth:`_pull`); the slot stays taken until then.
+        With ``pull`` the calling slot thread goes on to :meth:`_next_run`, which passes the
+        slot on (or frees it) and sends the settlement with its fetch; otherwise the slot is
+        passed on or freed here.
         """
         try:
             if error is None:
@@ -616,15 +817,29 @@ class Worker:
                 info = ErrorInfo.from_exception(error, tb)
                 self.settle.decide(run, error=error, info=info, pull=pull)
         finally:
-            if run.parked is None:
+            if not pull:
                 self._free_slot(run)
 
     def _free_slot(self, run: Run) -> None:
+        """Pass ``run``'s slot to the oldest ready run (launched), or free it."""
         with self.lock:
-            if run.holds_slot:
-                run.holds_slot = False
-                self.busy -= 1
-                self.lock.notify_all()
+            if not run.holds_slot:
+                return
+            if run.started:
+                self.prefetch.ran(time.monotonic() - run.started)
+            if not self.ready or self._stopping.is_set():
+                self._free_slot_locked(run)
+                return
+            following = self._pass_slot(run)
+        self._launch(following)
+
+    def _free_slot_locked(self, run: Run) -> None:
+        """Free ``run``'s slot; called with the lock held."""
+        if run.holds_slot:
+            run.holds_slot = False
+            self.busy -= 1
+            if not self._fetching or self._stopping.is_set():
+                self.lock.notify_all()  # the fetch loop fetches for idle slots
 
     # -- what services and the settle path call ----------------------------------------------
 
@@ -712,17 +927,24 @@ class Worker:
     # -- shutdown ----------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
-        """Wait for in-flight jobs within the grace period and settle them; put the rest back.
+        """Hand back unstarted runs, let running ones finish within the grace period, settle.
 
-        Jobs still running when the grace period ends (or at a second stop) are settled as a
-        retry with no delay: they go back to their queue at once, and the attempt counts.
+        Prefetched runs no slot has started go back to their queue at once, their attempt not
+        counted. Jobs still running when the grace period ends (or at a second stop) are
+        settled as a retry with no delay: they go back to their queue at once, and the attempt
+        counts.
         """
         deadline = time.monotonic() + self.settings.grace
         broker, settle = self.app.broker, self.settle
         while True:
             with self.lock:
+                # A fetch on its way hands back what it brings and what is ready when it ends.
+                back = [] if self._fetching else self._unready()
                 settlements, settle.pending = settle.pending, []
                 pending = sum(1 for r in self.held.values() if r.state in HOLDING)
+                pending += self._fetching
+            if back:
+                self._release([r.delivery for r in back])
             if settlements:
                 try:
                     settle.settled(settlements, broker.settle(settlements))
@@ -740,23 +962,14 @@ class Worker:
                 if not settle.pending and not self._abort.is_set():
                     self.lock.wait(min(1.0, max(0.0, deadline - time.monotonic())))
         with self.lock:
-            # Settlements a slot thread has not sent yet: shutdown sends them itself.
-            parked: list[Settlement] = []
+            back = self._unready()
             unfinished: list[Run] = []
             for run in self.held.values():
-                if run.state is RunState.PARKED:
-                    assert run.parked is not None
-                    parked.append(run.parked)
-                    run.parked = None
-                    run.move(RunState.SENT)
-                elif run.state is RunState.TAKEN or run.state is RunState.RUNNING:
+                if run.state is RunState.TAKEN or run.state is RunState.RUNNING:
                     run.move(RunState.SENT)  # late finishers must not settle
                     unfinished.append(run)
-        if parked:
-            try:
-                settle.settled(parked, broker.settle(parked))
-            except Exception as exc:  # noqa: BLE001 - the leases are the fallback
-                log.error("settling %d finished jobs at shutdown failed: %s", len(parked), exc)
+        if back:
+            self._release([r.delivery for r in back])
         if not unfinished:
             return
         if self.exit_reason is None or self.exit_reason is ExitReason.STOPPED:
@@ -765,11 +978,11 @@ class Worker:
         for run in unfinished:
             if run.future is not None:
                 run.future.cancel()
-        back = [
+        back_as_retry = [
             Settlement(r.delivery, Outcome.RETRY, 0.0, "the worker stopped before it finished")
             for r in unfinished
         ]
         try:
-            settle.settled(back, broker.settle(back))
+            settle.settled(back_as_retry, broker.settle(back_as_retry))
         except Exception as exc:  # noqa: BLE001 - the leases are the fallback
             log.error("putting jobs back failed; their leases will expire instead: %s", exc)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from worq_core.context import JobContext
 from worq_core.job import Envelope
-from worq_core.models import Delivery, Settlement
+from worq_core.models import Delivery
 from worq_core.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -22,33 +22,36 @@ class RunState(enum.IntEnum):
     """
 
     TAKEN = 1
-    """Fetched and leased; being decoded and checked, or waiting for its executor."""
+    """Fetched and leased; being decoded and checked, waiting among the prefetched runs, or
+    handed to its slot and about to start."""
     RUNNING = 2
     """Its task's code has started."""
     DECIDED = 3
     """Its outcome is chosen (by its own thread, the watchdog, or shutdown), not yet sent."""
-    PARKED = 4
-    """Its settlement waits for its slot thread to send it with the next fetch."""
-    SENT = 5
+    SENT = 4
     """Its settlement is queued for, or on its way to, the broker."""
-    DROPPED = 6
+    DROPPED = 5
     """Given up (lease lost, or the record could not be stored): its lease runs out."""
+    RELEASED = 6
+    """Handed back to its queue unstarted (a stop, or prefetched runs that waited too long)."""
     DONE = 7
     """The broker answered its settlement."""
 
 
 NEXT: dict[RunState, frozenset[RunState]] = {
-    RunState.TAKEN: frozenset({RunState.RUNNING, RunState.DECIDED, RunState.SENT}),
+    RunState.TAKEN: frozenset(
+        {RunState.RUNNING, RunState.DECIDED, RunState.SENT, RunState.RELEASED}
+    ),
     RunState.RUNNING: frozenset({RunState.DECIDED, RunState.SENT}),
-    RunState.DECIDED: frozenset({RunState.PARKED, RunState.SENT, RunState.DROPPED}),
-    RunState.PARKED: frozenset({RunState.SENT}),
+    RunState.DECIDED: frozenset({RunState.SENT, RunState.DROPPED}),
     RunState.SENT: frozenset({RunState.DONE}),
     RunState.DROPPED: frozenset(),
+    RunState.RELEASED: frozenset(),
     RunState.DONE: frozenset(),
 }
 
 #: States in which the worker still holds the lease and must renew it.
-HOLDING = frozenset({RunState.TAKEN, RunState.RUNNING, RunState.DECIDED, RunState.PARKED})
+HOLDING = frozenset({RunState.TAKEN, RunState.RUNNING, RunState.DECIDED})
 
 
 _NO_RETRY_POLICY = RetryPolicy()  # until take() sets the task's (shared: a frozen value)
@@ -78,9 +81,9 @@ class Run:
         "holds_slot",
         "lost",
         "max_retries",
-        "parked",
         "progress_sent",
         "retry",
+        "started",
         "state",
         "task",
         "timeout",
@@ -96,12 +99,13 @@ class Run:
         self.timeout: float | None = None
         self.max_retries = 0
         self.retry = _NO_RETRY_POLICY
+        self.started = 0.0
+        """When its code started (monotonic); 0 before."""
         self.deadline: float | None = None
         """When the watchdog fails the run (monotonic); set when its code starts."""
         self.holds_slot = False
         self.lost = False
         self.abandoned = False
-        self.parked: Settlement | None = None
         self.progress_sent: object = None
         self.future: Any = None
 

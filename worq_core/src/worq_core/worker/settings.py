@@ -38,6 +38,12 @@ class WorkerSettings:
     """Relative weights of ``queues``: each fetch orders the queues by a weighted draw, so a
     queue of weight 3 is asked first three times as often as one of weight 1. ``None`` keeps
     the strict order of ``queues``."""
+    prefetch: int = 16
+    """Most jobs fetched beyond the free slots, so that short jobs from a deep queue are fetched
+    (and their settlements sent) several per round trip. The worker holds at most
+    ``concurrency + prefetch`` leases at once, which bounds what a SIGKILL leaves behind (see
+    ``docs/guarantees.md``); how many it actually prefetches adapts to the queues' depth and
+    the recent run times (:mod:`worq_core.worker.prefetch`). ``0`` fetches only for free slots."""
     max_jobs: int | None = None
     """Stop gracefully after this many jobs (``exit_reason`` "max_jobs"), so a supervisor can
     replace the process before leaks in task code grow without bound."""
@@ -79,6 +85,8 @@ class WorkerSettings:
             raise ValueError("max_jobs and max_memory must be positive")
         if self.heartbeat is not None and self.heartbeat <= 0:
             raise ValueError("heartbeat must be positive")
+        if self.prefetch < 0:
+            raise ValueError("prefetch must not be negative")
 
     def fetch_order(self, rng: random.Random) -> tuple[str, ...]:
         """The queues in the order to ask them for jobs this time."""

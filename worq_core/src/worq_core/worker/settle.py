@@ -4,13 +4,15 @@ A job's record (result, final error, or cancellation) is saved before the broker
 so a crash in between means the job runs again, never that a result is lost. A broker that
 stores the app's results itself gets the record inside the settlement instead, and writes both
 in one atomic step. Settlements go to the broker with the next fetch (one round trip for
-both), or at once when the fetch loop is blocked waiting for new jobs.
+both), at once when the fetch loop is blocked waiting for new jobs, and never wait longer
+than :data:`SETTLE_DELAY` for a fetch to carry them: the fetch loop then sends them itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from worq_core.canvas import links
@@ -27,6 +29,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("worq.worker")
 
 _CANCELLED = ErrorInfo("worq.JobCancelled", "the job was cancelled")
+
+#: Longest a finished job's settlement waits for a fetch to carry it before the fetch loop sends
+#: it by itself. With a broker that stores results, its record is invisible until then.
+SETTLE_DELAY = 0.005
 
 
 def verdict(run: Run, value: Any, error: BaseException | None, info: ErrorInfo | None) -> Decision:
@@ -60,22 +66,22 @@ def verdict(run: Run, value: Any, error: BaseException | None, info: ErrorInfo |
 class SettlePath:
     """Decides runs, stores their records and hands their settlements to the broker.
 
-    ``pending`` holds settlements for the fetch loop's next call; ``direct`` is set while the
-    fetch loop is blocked waiting for jobs, so a finishing job settles itself instead. Both
-    are guarded by the worker's lock.
+    ``pending`` holds settlements for the next fetch, whichever thread makes it, queued since
+    ``since``; ``direct`` is set while the fetch loop is blocked waiting for jobs, so a finishing
+    job settles itself instead. All are guarded by the worker's lock.
     """
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         app = worker.app
         self.pending: list[Settlement] = []
+        self.since = 0.0
+        """When ``pending`` last went from empty to not (monotonic)."""
         self.direct = False
         self.broker_stores_results = app.broker_stores_results
         self.checks_cancel = Capability.CANCEL in app.broker.capabilities
         stack = app.middleware
         self.plain = not stack.decides and not stack.after_settles
-        # A single slot sends its own settlement with the fetch of its next job.
-        self.pulls = worker.settings.concurrency == 1 and worker.settings.max_jobs is None
 
     def decide(
         self,
@@ -90,7 +96,9 @@ class SettlePath:
     ) -> bool:
         """Choose the outcome, store the record and settle; at most once per run.
 
-        With ``abandon`` (a timeout) the run is also marked abandoned as it is decided.
+        With ``abandon`` (a timeout) the run is also marked abandoned as it is decided. With
+        ``pull`` the caller is the run's slot thread, which looks for its next run right after
+        and sends the settlement with that fetch (or leaves it to the fetch loop's deadline).
 
         Returns whether this call decided (``False``: the watchdog or shutdown came first).
         Never raises: whatever goes wrong, the job is either settled or dropped so that its
@@ -111,7 +119,11 @@ class SettlePath:
                     dead = ErrorInfo.from_exception(exc)
                 else:
                     worker.count("succeeded")
-                    settlement = Settlement(run.delivery, Outcome.ACK)
+                    if self.broker_stores_results:
+                        ttl = worker.app.result_ttl
+                        settlement = Settlement(run.delivery, Outcome.ACK, record=result, ttl=ttl)
+                    else:
+                        settlement = Settlement(run.delivery, Outcome.ACK)
                     self._send(run, settlement, result, pull, value, succeeded=True)
                     return True
             decision = (
@@ -231,9 +243,9 @@ class SettlePath:
         next steps' messages when it ``succeeded`` with ``value``, and its record as its output
         in its group.
 
-        With ``pull`` (a slot thread that will fetch its own next job) the settlement is
-        parked on the run; otherwise it goes with the fetch loop's next fetch, or right here
-        if the fetch loop is blocked waiting for new jobs.
+        The settlement goes with the next fetch, or right here if the fetch loop is blocked
+        waiting for new jobs. Without ``pull`` the fetch loop is told, so that it sends the
+        settlement itself should no fetch carry it within :data:`SETTLE_DELAY`.
         """
         worker = self.worker
         app = worker.app
@@ -248,7 +260,8 @@ class SettlePath:
             self.drop(run)
             return
         if record is not None and self.broker_stores_results:
-            settlement = dataclasses.replace(settlement, record=record, ttl=app.result_ttl)
+            if settlement.record is not record:  # the fast path of decide built it with it
+                settlement = dataclasses.replace(settlement, record=record, ttl=app.result_ttl)
         elif record is not None:
             try:
                 app.storage.save({job_id: record}, app.result_ttl)
@@ -263,15 +276,14 @@ class SettlePath:
                 self.drop(run)
                 return
         with worker.lock:
-            if pull and self.pulls and not worker.stopping:
-                run.parked = settlement  # shutdown waits for the slot thread to send it
-                run.move(RunState.PARKED)
-                return
             run.move(RunState.SENT)
             direct = self.direct
             if not direct:
+                if not self.pending:
+                    self.since = time.monotonic()
                 self.pending.append(settlement)
-                worker.lock.notify_all()
+                if not pull:
+                    worker.nudge(self.since + SETTLE_DELAY)
         if direct:
             try:
                 applied = app.broker.settle([settlement])
@@ -290,15 +302,16 @@ class SettlePath:
         """Queue settlements again for the fetch loop (settling twice is refused, not doubled)."""
         worker = self.worker
         with worker.lock:
+            if not self.pending:
+                self.since = time.monotonic()
             self.pending[:0] = settlements
-            worker.lock.notify_all()
+            worker.nudge(self.since + SETTLE_DELAY)
 
     def settled(self, settlements: list[Settlement], applied: list[bool]) -> None:
         """The broker answered: forget the runs, and tell middleware of applied verdicts."""
         worker = self.worker
         done: list[Run] = []
         with worker.lock:
-            worker.lock.notify_all()  # a shutdown may be waiting for these
             for settlement, ok in zip(settlements, applied, strict=True):
                 run = worker.held.pop(settlement.delivery.token, None)
                 if run is not None and run.state is RunState.SENT:
@@ -314,6 +327,8 @@ class SettlePath:
                     )
                 elif run is not None:
                     done.append(run)
+            if not worker.held and worker.settings.max_jobs is not None:
+                worker.lock.notify_all()  # a worker at its job limit retires once it holds none
         hooks = worker.app.middleware.after_settles
         if hooks:
             for run in done:
