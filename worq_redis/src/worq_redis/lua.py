@@ -102,6 +102,7 @@ QUEUE_SCRIPTS: Final = (
     "enqueue",
     "fetch",
     "extend",
+    "extend_worker",
     "settle",
     "settle_fetch",
     "release",
