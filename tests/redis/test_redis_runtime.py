@@ -153,11 +153,13 @@ def hold_the_gil(seconds: float) -> None:
 
 @pytest.mark.parametrize("isolated", [True, False], ids=["lease-keeper-process", "thread"])
 def test_a_task_holding_the_gil_keeps_its_lease_only_with_the_lease_keeper_process(
-    runtime: Runtime, isolated: bool
+    runtime: Runtime, isolated: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     from worq_core import Worker, WorkerSettings, current_job
+    from worq_core.testing.support import running
     from worq_redis import RedisBroker, RedisStorage
 
+    caplog.set_level("INFO", logger="worq.worker")
     app = Worq(RedisBroker(runtime.url), storage=RedisStorage(runtime.url))
     runs: list[int] = []
 
@@ -168,7 +170,6 @@ def test_a_task_holding_the_gil_keeps_its_lease_only_with_the_lease_keeper_proce
             hold_the_gil(2.5)  # three leases long, no heartbeat thread can run meanwhile
         return "done"
 
-    job = hog.enqueue()
     settings = WorkerSettings(
         queues=("gil",),
         concurrency=1,
@@ -180,8 +181,18 @@ def test_a_task_holding_the_gil_keeps_its_lease_only_with_the_lease_keeper_proce
         broker_factory=functools.partial(RedisBroker, runtime.url),  # built again in the keeper
     )
     worker = Worker(app, settings)
-    worker.run(burst=True)
-    assert job.result(timeout=10) == "done"
+    with running(worker):
+        # The keeper starts in the background: the job comes once it renews (a job taken
+        # before that is renewed by it too, if it is ready within the lease; this one is short).
+        deadline = time.monotonic() + 30
+        while isolated and not any("separate process" in m for m in caplog.messages):
+            assert time.monotonic() < deadline, "the lease keeper never became ready"
+            time.sleep(0.02)
+        job = hog.enqueue()
+        assert job.result(timeout=10) == "done"
+        deadline = time.monotonic() + 10
+        while not isolated and len(runs) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the stale first run ends after the second one stored its result
     if isolated:
         assert runs == [1], "the lease keeper process renewed the lease: one run"
         assert worker.counters.refused == 0

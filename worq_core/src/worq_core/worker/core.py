@@ -43,7 +43,7 @@ from worq_core.errors import (
     WorqError,
 )
 from worq_core.job import Envelope, ErrorInfo
-from worq_core.lease_keeper import LeaseKeeper
+from worq_core.lease_keeper import START_TIMEOUT, LeaseKeeper
 from worq_core.models import (
     CURRENT_SHOWN,
     Capability,
@@ -55,7 +55,13 @@ from worq_core.models import (
 from worq_core.retry import RetryPolicy
 from worq_core.signals import on_stop_signals
 from worq_core.worker.executors import AsyncExecutor, ThreadExecutor
-from worq_core.worker.leases import KeeperRenewer, LeaseService, Renewer, ThreadRenewer
+from worq_core.worker.leases import (
+    FetchAs,
+    KeeperRenewer,
+    LeaseService,
+    Renewer,
+    ThreadRenewer,
+)
 from worq_core.worker.run import HOLDING, Run, RunState
 from worq_core.worker.scheduler import Scheduler
 from worq_core.worker.services import Service, ServiceRunner
@@ -112,6 +118,9 @@ class Worker:
         self._threads = ThreadExecutor(settings.concurrency)
         self._loop: AsyncExecutor | None = None
         self._leases: LeaseService | None = None
+        self._fetch_as: FetchAs = {}
+        """What fetches pass the broker besides their arguments: the worker id, when the lease
+        keeper renews by worker (``Capability.WORKER_LEASES``)."""
         self._watchdog = Watchdog(self)
         self._parent = os.getppid()
         self._rng = random.Random()
@@ -243,15 +252,27 @@ class Worker:
                 "to build exactly this app's broker"
             )
             return thread
+        # By worker when the broker can: the keeper then needs nothing from us per job.
+        by_worker = Capability.WORKER_LEASES in broker.capabilities
         try:
             keeper = LeaseKeeper(
-                settings.broker_factory, settings.lease, settings.heartbeat_interval
+                settings.broker_factory,
+                settings.lease,
+                settings.heartbeat_interval,
+                worker=self.id if by_worker else None,
+                queues=settings.queues,
             )
         except Exception as exc:  # noqa: BLE001 - the thread still renews leases
             log.warning("leases renewed by a thread: the lease keeper failed to start: %s", exc)
             return thread
-        log.info("leases renewed by a separate process")
-        return KeeperRenewer(keeper)
+        if by_worker:
+            self._fetch_as = {"worker": self.id}
+        else:
+            # It renews only what it is told: a job fetched before it is ready and holding the
+            # GIL from its start would never be handed to it. Wait for it, as it always did.
+            with contextlib.suppress(RuntimeError):  # KeeperRenewer logs it, renews by thread
+                keeper.ready(timeout=START_TIMEOUT)
+        return KeeperRenewer(keeper, thread)  # the thread renews until the keeper is ready
 
     # -- fetching ----------------------------------------------------------------------------
 
@@ -293,6 +314,7 @@ class Worker:
                     free,
                     lease=settings.lease,
                     wait=idle_wait if block else 0.0,
+                    **self._fetch_as,
                 )
             except Exception as exc:  # a broker bug must not end the worker either
                 with self.lock:
@@ -318,7 +340,7 @@ class Worker:
                 self._release(deliveries)
                 deliveries = []
             taken = [run for d in deliveries if (run := self.take(d)) is not None]
-            if taken and self._leases is not None and self._leases.by_keeper:
+            if taken and self._leases is not None and self._leases.hands_off:
                 self._leases.renew()  # before they start: one holding the GIL would starve it
             for run in taken:
                 self._launch(run)
@@ -544,6 +566,7 @@ class Worker:
                 0 if self._stopping.is_set() else 1,
                 lease=settings.lease,
                 wait=0.0,
+                **self._fetch_as,
             )
         except Exception as exc:  # noqa: BLE001 - the fetch loop retries the settlement
             log.warning("settling from a slot failed, the fetch loop will retry: %s", exc)
@@ -557,7 +580,7 @@ class Worker:
         # pending must never see neither.
         following = self.take(deliveries[0], slot_of=run) if deliveries else None
         self.settle.settled([settlement], applied)
-        if following is not None and self._leases is not None and self._leases.by_keeper:
+        if following is not None and self._leases is not None and self._leases.hands_off:
             self._leases.renew()
         return following
 
