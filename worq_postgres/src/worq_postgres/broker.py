@@ -422,7 +422,13 @@ class PostgresBroker(Broker):
 
     @override
     def fetch(
-        self, queues: Sequence[str], limit: int, *, lease: float, wait: float
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        lease: float,
+        wait: float,
+        worker: str | None = None,  # never passed: no Capability.WORKER_LEASES (yet)
     ) -> list[Delivery]:
         if limit <= 0 or not queues:
             return []
@@ -569,6 +575,7 @@ class PostgresBroker(Broker):
         *,
         lease: float,
         wait: float,
+        worker: str | None = None,  # never passed: no Capability.WORKER_LEASES (yet)
     ) -> tuple[list[bool], list[Delivery]]:
         """Settle, then fetch, in one transaction: one commit (one WAL flush) for both.
 
