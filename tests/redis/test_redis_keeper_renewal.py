@@ -17,7 +17,15 @@ import pytest
 from redis_support import Runtime
 from test_redis_runtime import hold_the_gil
 
-from worq_core import Delivery, LeaseState, Worker, WorkerSettings, Worq, current_job
+from worq_core import (
+    Delivery,
+    LeaseState,
+    Settlement,
+    Worker,
+    WorkerSettings,
+    Worq,
+    current_job,
+)
 from worq_core.lease_keeper import LeaseKeeper
 from worq_core.models import Capability
 from worq_core.testing.support import running
@@ -25,9 +33,21 @@ from worq_redis import RedisBroker, RedisStorage
 
 
 class HandOffBroker(RedisBroker):
-    """worq-redis without WORKER_LEASES, as a third-party broker: the keeper is told each lease."""
+    """worq-redis as a third-party broker written before WORKER_LEASES: the keeper is told each
+    lease, and the worker never passes ``worker`` (its fetches do not take it)."""
 
     capabilities = RedisBroker.capabilities - {Capability.WORKER_LEASES}
+
+    def settle_and_fetch(  # type: ignore[override]
+        self,
+        settlements: Sequence[Settlement],
+        queues: Sequence[str],
+        limit: int,
+        *,
+        lease: float,
+        wait: float,
+    ) -> tuple[list[bool], list[Delivery]]:
+        return super().settle_and_fetch(settlements, queues, limit, lease=lease, wait=wait)
 
 
 class IdleExtendBroker(RedisBroker):
