@@ -117,6 +117,7 @@ class Worker:
         self._stop_requested_at = -float("inf")
         self._threads = ThreadExecutor(settings.concurrency)
         self._loop: AsyncExecutor | None = None
+        self._loop_lock = threading.Lock()
         self._leases: LeaseService | None = None
         self._fetch_as: FetchAs = {}
         """What fetches pass the broker besides their arguments: the worker id, when the lease
@@ -144,8 +145,8 @@ class Worker:
         )
         self._parent = os.getppid()
         self._threads.start()
-        self._loop = AsyncExecutor()
-        self._loop.start()
+        if any(task.is_async for task in self.app.tasks.values()):
+            self._async_executor()  # else only once an async task comes (none may ever)
         self._leases = LeaseService(self, self._renewer())
         services: list[Service] = [self._leases, self._watchdog, Registration(self), Limits(self)]
         services += self._scheduler()
@@ -165,7 +166,8 @@ class Worker:
             finally:
                 self._shutdown()
                 self.services.stop()
-                self._loop.stop()
+                if self._loop is not None:
+                    self._loop.stop()
                 self._threads.stop()
                 self._each_middleware("worker_stop")
                 with contextlib.suppress(Exception):
@@ -472,10 +474,17 @@ class Worker:
         """Start a taken run: on the event loop, or on a slot thread."""
         assert run.task is not None
         if run.task.is_async:
-            assert self._loop is not None
-            run.future = self._loop.submit(self._run_async(run))
+            run.future = self._async_executor().submit(self._run_async(run))
         else:
             self._threads.submit(lambda: self._run_sync(run))
+
+    def _async_executor(self) -> AsyncExecutor:
+        """The event loop of ``async def`` tasks, started on first use."""
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = AsyncExecutor()
+                self._loop.start()
+            return self._loop
 
     def _start(self, run: Run, allowance: float) -> bool:
         """Mark a run started and arm the watchdog; ``False`` if shutdown took it back first."""
