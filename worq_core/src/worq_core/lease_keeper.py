@@ -155,7 +155,13 @@ class LeaseKeeper:
         return self._process.is_alive()
 
     def close(self) -> None:
-        """Stop the keeper and wait for it (briefly)."""
+        """Stop the keeper and wait for it (briefly).
+
+        One that never said it was ready is killed: it renews nothing the worker counts on, and
+        a short-lived worker need not wait for it to finish starting.
+        """
+        if not self._ready:
+            self._process.kill()
         with contextlib.suppress(OSError):
             self._conn.send(None)
         self._process.join(5)
