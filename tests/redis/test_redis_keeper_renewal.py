@@ -195,3 +195,34 @@ def test_a_worker_whose_keeper_fails_to_start_renews_from_its_thread(
     assert any("no broker for the keeper" in m for m in caplog.messages)
     assert runs == [1]
     assert worker.counters.refused == 0
+
+
+@pytest.mark.timeout(90)
+def test_progress_and_cancellation_pass_through_a_keeper_renewing_by_worker(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="worq.worker")
+    app = Worq(IdleExtendBroker(runtime.url), storage=RedisStorage(runtime.url))
+    reported, stopped = threading.Event(), threading.Event()
+
+    @app.task(name="long", queue="keeper")
+    def long() -> None:
+        current_job().progress(0.5, "halfway")
+        reported.set()
+        while not current_job().cancelled:  # the keeper's renewal brings the cancellation
+            time.sleep(0.05)
+        stopped.set()
+
+    # The worker's own extend renews and publishes nothing: only the keeper can.
+    worker = Worker(app, _settings(runtime, RedisBroker, lease=3.0, heartbeat=0.3))
+    with running(worker):
+        _logged(caplog, "leases renewed by a separate process (by worker)")
+        job = long.enqueue()
+        assert reported.wait(10)
+        deadline = time.monotonic() + 10
+        while (progress := job.progress()) is None:
+            assert time.monotonic() < deadline, "the progress never reached the broker"
+            time.sleep(0.05)
+        assert (progress.current, progress.message) == (0.5, "halfway")
+        job.cancel()
+        assert stopped.wait(10), "the cancellation never reached the task"

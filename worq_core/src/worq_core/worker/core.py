@@ -147,7 +147,10 @@ class Worker:
         self._threads.start()
         if any(task.is_async for task in self.app.tasks.values()):
             self._async_executor()  # else only once an async task comes (none may ever)
-        self._leases = LeaseService(self, self._renewer())
+        renewer = self._renewer()
+        if isinstance(renewer, KeeperRenewer) and renewer.keeper.by_worker:
+            self._fetch_as = {"worker": self.id}  # the broker records our leases for the keeper
+        self._leases = LeaseService(self, renewer)
         services: list[Service] = [self._leases, self._watchdog, Registration(self), Limits(self)]
         services += self._scheduler()
         for middleware in stack.middlewares:
@@ -267,9 +270,7 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - the thread still renews leases
             log.warning("leases renewed by a thread: the lease keeper failed to start: %s", exc)
             return thread
-        if by_worker:
-            self._fetch_as = {"worker": self.id}
-        else:
+        if not by_worker:
             # It renews only what it is told: a job fetched before it is ready and holding the
             # GIL from its start would never be handed to it. Wait for it, as it always did.
             with contextlib.suppress(RuntimeError):  # KeeperRenewer logs it, renews by thread
