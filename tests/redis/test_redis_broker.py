@@ -14,7 +14,15 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from redis_support import Backend, Clock, counting_client, delete_prefix, keyslot, new_prefix
+from redis_support import (
+    Backend,
+    Clock,
+    counting_client,
+    delete_prefix,
+    keyslot,
+    new_prefix,
+    queue_base,
+)
 
 from worq_core import (
     BrokerConnectionError,
@@ -204,6 +212,34 @@ def test_extend_and_release_span_several_queues(backend: Backend) -> None:
     assert broker.job_state(got[1].id) == JobState("b", JobStatus.RUNNING, 1, b"b's")
     broker.release(got)
     assert [(s.ready, s.running) for s in broker.stats(["a", "b"])] == [(1, 0), (1, 0)]
+
+
+def test_a_worker_id_that_would_break_a_lease_token_is_refused_before_anything_changes(
+    backend: Backend,
+) -> None:
+    broker = backend.broker()
+    broker.enqueue([Message("job", "q", b"x")])
+    for bad in ("", "host|1"):
+        with pytest.raises(ValueError, match="worker id"):
+            broker.fetch(["q"], 1, lease=30, wait=0, worker=bad)
+        with pytest.raises(ValueError, match="worker id"):
+            broker.extend_worker(bad, ["q"], 30)
+    assert [d.id for d in broker.fetch(["q"], 1, lease=30, wait=0, worker="host:1:ab")] == ["job"]
+
+
+def test_a_workers_record_of_leases_is_gone_once_its_leases_are(backend: Backend) -> None:
+    clock = Clock()
+    broker = backend.broker(clock=clock)
+    broker.enqueue([Message(f"job{n}", "q", b"x") for n in range(3)])
+    acked, released, expiring = broker.fetch(["q"], 3, lease=30, wait=0, worker="w1")
+    record = f"{queue_base(backend, 'q')}held:w1"
+    assert backend.client.hlen(record) == 3
+    broker.settle([Settlement(acked, Outcome.ACK)])
+    broker.release([released])
+    assert backend.client.hkeys(record) == [expiring.id.encode()]
+    clock.now += 31  # its lease runs out; the next fetch reaps it
+    assert [d.id for d in broker.fetch(["q"], 3, lease=30, wait=0)] == ["job1", "job2"]
+    assert not backend.client.exists(record)
 
 
 def test_stores_results_only_in_a_storage_on_the_same_server_and_prefix(backend: Backend) -> None:
