@@ -242,6 +242,17 @@ def test_a_workers_record_of_leases_is_gone_once_its_leases_are(backend: Backend
     assert not backend.client.exists(record)
 
 
+def test_a_settlement_with_follow_ups_and_a_fetch_for_a_worker_do_both(backend: Backend) -> None:
+    broker = backend.broker()
+    broker.enqueue([Message("first", "q", b"x")])
+    [first] = broker.fetch(["q"], 1, lease=30, wait=0, worker="w1")
+    following = Message("next", "q", b"y")
+    done = Settlement(first, Outcome.ACK, output=b"out", then=(following,))
+    applied, [nxt] = broker.settle_and_fetch([done], ["q"], 1, lease=30, wait=0, worker="w1")
+    assert (applied, nxt.id) == ([True], "next")
+    assert broker.extend_worker("w1", ["q"], 30) == {nxt.token: LeaseState.HELD}
+
+
 def test_stores_results_only_in_a_storage_on_the_same_server_and_prefix(backend: Backend) -> None:
     broker = backend.broker()
     assert broker.stores_results_in(backend.storage())

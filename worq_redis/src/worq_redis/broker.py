@@ -744,9 +744,11 @@ class RedisBroker(Broker):
         blocks: list[Arg] = []
         all_keys = self._settle_args(mine, first, args, blocks) if mine else keys
         head: tuple[Arg, ...] = (len(all_keys), *all_keys) if mine else self._heads[first]
-        args += (limit, lease_arg, *self._fetch_tail, holder)
+        args += (limit, lease_arg, *self._fetch_tail)
         if blocks:
-            args += blocks
+            args += (holder, *blocks)  # with blocks the worker is always sent, "" for none
+        elif holder:
+            args.append(holder)
         replicas = self._wait if settlements else None
         try:
             if not others and replicas is None:
