@@ -2,7 +2,10 @@
 
 Every heartbeat the service hands the leases the worker holds (with the progress of their jobs)
 to a :class:`Renewer`, and applies what comes back: a lost lease marks its run ``lost`` (its
-result must not overwrite the run that now owns the job), a cancelled one tells the run.
+result must not overwrite the run that now owns the job), a cancelled one tells the run. A
+keeper renewing by worker (:attr:`~worq_core.Capability.WORKER_LEASES`) renews what the broker
+recorded for the worker whatever it is told; others must also be told of each new lease before
+its job starts (:attr:`LeaseService.hands_off`).
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ class KeeperRenewer:
         self.thread = thread
         self._ready = False
         self._failed = False
+        self._checking = threading.Lock()  # the fetch loop and the service thread both ask
 
     @property
     def hands_off(self) -> bool:
@@ -115,18 +119,19 @@ class KeeperRenewer:
         return states
 
     def _is_ready(self) -> bool:
-        if self._ready or self._failed:
+        with self._checking:
+            if self._ready or self._failed:
+                return self._ready
+            try:
+                self._ready = self.keeper.ready()
+            except RuntimeError as exc:
+                log.warning("leases renewed by a thread: %s", exc)
+                self._failed = True
+                return False
+            if self._ready:
+                how = "by worker" if self.keeper.by_worker else "told of each new lease"
+                log.info("leases renewed by a separate process (%s)", how)
             return self._ready
-        try:
-            self._ready = self.keeper.ready()
-        except RuntimeError as exc:
-            log.warning("leases renewed by a thread: %s", exc)
-            self._failed = True
-            return False
-        if self._ready:
-            how = "by worker" if self.keeper.by_worker else "told of each new lease"
-            log.info("leases renewed by a separate process (%s)", how)
-        return self._ready
 
     def close(self) -> None:
         """Stop the keeper process."""
