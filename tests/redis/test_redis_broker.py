@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis_support import (
     Backend,
     Clock,
@@ -225,6 +227,30 @@ def test_a_worker_id_that_would_break_a_lease_token_is_refused_before_anything_c
         with pytest.raises(ValueError, match="worker id"):
             broker.extend_worker(bad, ["q"], 30)
     assert [d.id for d in broker.fetch(["q"], 1, lease=30, wait=0, worker="host:1:ab")] == ["job"]
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(worker=st.text(min_size=1, max_size=40).filter(lambda w: "|" not in w))
+def test_any_worker_id_without_a_bar_names_its_leases_and_nothing_else(
+    real_backend: Backend, worker: str
+) -> None:
+    broker = real_backend.broker()
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    try:
+        broker.enqueue([Message(uuid.uuid4().hex, queue, b"x") for _ in range(2)])
+        [mine] = broker.fetch([queue], 1, lease=30, wait=0, worker=worker)
+        [theirs] = broker.fetch([queue], 1, lease=30, wait=0, worker=worker + "@x")
+        assert broker.extend_worker(worker, [queue], 30) == {mine.token: LeaseState.HELD}
+        acks = [Settlement(mine, Outcome.ACK), Settlement(theirs, Outcome.ACK)]
+        assert broker.settle(acks) == [True, True]
+        assert broker.extend_worker(worker, [queue], 30) == {}
+        base = queue_base(real_backend, queue)
+        left = [name for name in real_backend.keys() if name.startswith(base)]  # noqa: SIM118
+        assert left == [f"{base}seq"], "the worker's record outlived its leases"
+    finally:
+        broker.close()
 
 
 def test_a_workers_record_of_leases_is_gone_once_its_leases_are(backend: Backend) -> None:
