@@ -18,6 +18,7 @@ from redis_support import Runtime
 from test_redis_runtime import hold_the_gil
 
 from worq_core import (
+    BrokerConnectionError,
     Delivery,
     LeaseState,
     Settlement,
@@ -86,11 +87,14 @@ def hand_offs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     hold = LeaseKeeper.hold
 
     def spy(
-        keeper: LeaseKeeper, deliveries: Sequence[Delivery], progress: Mapping[str, bytes]
+        keeper: LeaseKeeper,
+        deliveries: Sequence[Delivery],
+        progress: Mapping[str, bytes],
+        owner: str | None = None,
     ) -> dict[str, LeaseState] | None:
         if threading.current_thread().name != "worq-services":
             told.extend(d.id for d in deliveries)
-        return hold(keeper, deliveries, progress)
+        return hold(keeper, deliveries, progress, owner)
 
     monkeypatch.setattr(LeaseKeeper, "hold", spy)
     return told
@@ -226,3 +230,50 @@ def test_progress_and_cancellation_pass_through_a_keeper_renewing_by_worker(
         assert (progress.current, progress.message) == (0.5, "halfway")
         job.cancel()
         assert stopped.wait(10), "the cancellation never reached the task"
+
+
+class LostReplyBroker(RedisBroker):
+    """Once ``lose_next`` is set, the next fetch that leases jobs loses its answer on the way
+    back (as a connection cut after the script ran): the jobs are leased, the worker never
+    hears of them."""
+
+    lose_next = threading.Event()
+
+    def settle_and_fetch(
+        self,
+        settlements: Sequence[Settlement],
+        queues: Sequence[str],
+        limit: int,
+        *,
+        lease: float,
+        wait: float,
+        worker: str | None = None,
+    ) -> tuple[list[bool], list[Delivery]]:
+        applied, deliveries = super().settle_and_fetch(
+            settlements, queues, limit, lease=lease, wait=wait, worker=worker
+        )
+        if deliveries and self.lose_next.is_set():
+            self.lose_next.clear()
+            raise BrokerConnectionError(self.url, "the answer was lost (simulated)")
+        return applied, deliveries
+
+
+@pytest.mark.timeout(90)
+def test_jobs_leased_by_a_fetch_whose_answer_was_lost_are_not_renewed_for_ever(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="worq.worker")
+    app = Worq(LostReplyBroker(runtime.url), storage=RedisStorage(runtime.url))
+
+    @app.task(name="quick", queue="keeper")
+    def quick() -> int:
+        return current_job().attempt
+
+    worker = Worker(app, _settings(runtime, RedisBroker, lease=2.0, heartbeat=0.3))
+    with running(worker):
+        _logged(caplog, "leases renewed by a separate process (by worker)")
+        LostReplyBroker.lose_next.set()
+        job = quick.enqueue()
+        # Its first lease is under the worker's id, but the worker never took the job: once
+        # that lease runs out (the keeper must not renew it) the job runs, as its second attempt.
+        assert job.result(timeout=30) == 2

@@ -16,8 +16,10 @@ jobs start (the keeper renews them with :meth:`~worq_core.Broker.extend`).
 Either way the worker tells it, at every heartbeat, the leases it holds and the progress of
 their jobs; the keeper answers with the leases the broker no longer grants (lost) or wants
 cancelled, so the worker never writes a stale run's result and learns of cancellations. By
-worker, a lease the worker told of that the latest renewal no longer found is lost: the renewal
-started after the worker's message, so the lease was in the record then unless it had left it.
+worker, the leases it was told of that the record does not hold (fetched under an earlier owner
+id, or lost) are extended one by one, so a lost one is answered as lost. A fetch that fails may
+have leased jobs whose answer never reached the worker: the worker then fetches under a new
+owner id, and those leases, which it never tells of, run out as they would without a keeper.
 Fencing makes the loose coupling safe: renewing a job the worker has meanwhile settled is
 simply refused by the broker. If the worker process dies, even by SIGKILL, the pipe closes,
 the keeper exits at once, and the leases run out as they should. If the worker stops making
@@ -129,20 +131,25 @@ class LeaseKeeper:
         raise RuntimeError(f"the lease keeper process did not start: {self._failure}")
 
     def hold(
-        self, deliveries: Sequence[Delivery], progress: Mapping[str, bytes]
+        self,
+        deliveries: Sequence[Delivery],
+        progress: Mapping[str, bytes],
+        owner: str | None = None,
     ) -> dict[str, LeaseState] | None:
         """Tell the keeper the leases held now; returns what the keeper reported since.
 
-        By worker it renews what the broker recorded whatever it is told; otherwise this
-        replaces the set of leases it renews. The report maps lease tokens to
-        :attr:`LeaseState.LOST` or :attr:`LeaseState.CANCELLING`. ``None`` if the keeper is
-        gone, so the caller renews the leases itself. Only once :meth:`ready`.
+        By worker, ``owner`` is the id the worker fetches under now (it changes when a fetch
+        fails, see :class:`~worq_core.worker.Worker`): the keeper renews what the broker
+        recorded for it, and these leases one by one when they are not in that record (fetched
+        under an earlier id). Otherwise this replaces the set of leases it renews. The report
+        maps lease tokens to :attr:`LeaseState.LOST` or :attr:`LeaseState.CANCELLING`. ``None``
+        if the keeper is gone, so the caller renews the leases itself. Only once :meth:`ready`.
         """
         held: _Held = [(d.id, d.queue, d.token, d.attempts) for d in deliveries]
         states: dict[str, LeaseState] = {}
         try:
             with self._reading:
-                self._conn.send((held, dict(progress)))
+                self._conn.send((held, dict(progress), owner or self.worker))
                 while self._conn.poll(0):
                     report = self._conn.recv()
                     states.update({token: LeaseState(s) for token, s in report.items()})
@@ -254,18 +261,18 @@ def _serve(
         conn.send(f"{type(exc).__name__}: {exc}")
         return
     conn.send("ready")
-    interval, by_worker = renewal.interval, renewal.worker is not None
+    interval, owner = renewal.interval, renewal.worker
     held: list[Delivery] = []
     progress: dict[str, bytes] = {}
     liveness = _Liveness(worker_pid, silence=2 * interval + 1.0)
     # By worker, renew at once: the worker may hold leases already (taken while this started).
-    next_beat = time.monotonic() + (0.0 if by_worker else interval)
+    next_beat = time.monotonic() + (0.0 if owner is not None else interval)
     renewed_at = time.monotonic()
     try:
         while True:
             if conn.poll(max(0.0, next_beat - time.monotonic())):
                 try:
-                    message: tuple[_Held, dict[str, bytes]] | None = conn.recv()
+                    message: tuple[_Held, dict[str, bytes], str | None] | None = conn.recv()
                 except EOFError:
                     return  # the worker is gone: let its leases expire
                 if message is None:
@@ -273,15 +280,16 @@ def _serve(
                 liveness.heard_from()
                 held = [Delivery(i, q, b"", t, a) for i, q, t, a in message[0]]
                 progress.update(message[1])
+                owner = message[2]
                 if not message[1]:
                     continue  # a fresh lease runs a whole lease: the next beat renews it
                 # Progress to publish: renew now rather than at the next beat.
             next_beat = time.monotonic() + interval
-            if (not held and not by_worker) or not liveness.making_progress():
+            if (not held and owner is None) or not liveness.making_progress():
                 renewed_at = time.monotonic()
                 continue
             try:
-                report = _renew(broker, renewal, held, progress)
+                report = _renew(broker, renewal, owner, held, progress)
             except Exception as exc:  # noqa: BLE001 - keep renewing through outages
                 silent = time.monotonic() - renewed_at
                 level = logging.ERROR if silent > renewal.lease else logging.WARNING
@@ -297,24 +305,38 @@ def _serve(
 
 
 def _renew(
-    broker: Broker, renewal: _Renewal, held: list[Delivery], progress: Mapping[str, bytes]
+    broker: Broker,
+    renewal: _Renewal,
+    owner: str | None,
+    held: list[Delivery],
+    progress: Mapping[str, bytes],
 ) -> dict[str, LeaseState]:
     """Renew once; the leases that are not simply held, by token.
 
-    By worker, a lease the worker told of that the renewal did not find is lost: its message
-    came before this renewal started, when the lease was in the broker's record unless it had
-    left it (a lease the worker has settled meanwhile is reported too; the worker ignores it).
+    By worker: every lease the broker recorded for ``owner`` in one call, then the leases the
+    worker told of that were not among them one by one (fetched under an earlier owner id; or
+    settled or lost since the worker spoke, which this answers as lost: the worker ignores the
+    settled ones). A lease recorded for an earlier owner id that the worker did not tell of is
+    not renewed: a fetch whose answer never reached the worker leaves such leases, and they
+    must run out, as they would without the keeper.
     """
-    if renewal.worker is None:
+    if owner is None:
         states = broker.extend(held, renewal.lease, progress)
         return {
             d.token: state
             for d, state in zip(held, states, strict=True)
             if state is not LeaseState.HELD
         }
-    renewed = broker.extend_worker(renewal.worker, renewal.queues, renewal.lease, progress)
+    renewed = broker.extend_worker(owner, renewal.queues, renewal.lease, progress)
     report: dict[str, LeaseState] = {
         token: state for token, state in renewed.items() if state is not LeaseState.HELD
     }
-    report.update((d.token, LeaseState.LOST) for d in held if d.token not in renewed)
+    rest = [d for d in held if d.token not in renewed]
+    if rest:
+        states = broker.extend(rest, renewal.lease, progress)
+        report.update(
+            (d.token, state)
+            for d, state in zip(rest, states, strict=True)
+            if state is not LeaseState.HELD
+        )
     return report

@@ -120,8 +120,9 @@ class Worker:
         self._loop_lock = threading.Lock()
         self._leases: LeaseService | None = None
         self._fetch_as: FetchAs = {}
-        """What fetches pass the broker besides their arguments: the worker id, when the lease
-        keeper renews by worker (``Capability.WORKER_LEASES``)."""
+        """What fetches pass the broker besides their arguments: the id the leases are recorded
+        under, when the lease keeper renews by worker (``Capability.WORKER_LEASES``)."""
+        self._owners = itertools.count(1)
         self._watchdog = Watchdog(self)
         self._parent = os.getppid()
         self._rng = random.Random()
@@ -275,7 +276,8 @@ class Worker:
             # GIL from its start would never be handed to it. Wait for it, as it always did.
             with contextlib.suppress(RuntimeError):  # KeeperRenewer logs it, renews by thread
                 keeper.ready(timeout=START_TIMEOUT)
-        return KeeperRenewer(keeper, thread)  # the thread renews until the keeper is ready
+        # The thread renews until the keeper is ready.
+        return KeeperRenewer(keeper, thread, lambda: self._fetch_as.get("worker"))
 
     # -- fetching ----------------------------------------------------------------------------
 
@@ -320,6 +322,7 @@ class Worker:
                     **self._fetch_as,
                 )
             except Exception as exc:  # a broker bug must not end the worker either
+                self._fetch_failed()
                 with self.lock:
                     settle.direct = False
                 settle.retry_later(settlements)
@@ -347,6 +350,18 @@ class Worker:
                 self._leases.renew()  # before they start: one holding the GIL would starve it
             for run in taken:
                 self._launch(run)
+
+    def _fetch_failed(self) -> None:
+        """A fetch failed, and may have leased jobs whose answer never came.
+
+        By worker, fetch under a new owner id from now on: the keeper renews the new id's
+        record, and of the old one only the leases this worker holds (it tells the keeper at
+        every heartbeat), so those unknown leases run out and their jobs come back.
+        """
+        if self._fetch_as:
+            self._fetch_as = {"worker": f"{self.id}/{next(self._owners)}"}
+            if self._leases is not None:
+                self._leases.owner_changed()
 
     def _release(self, deliveries: list[Delivery]) -> None:
         try:
@@ -579,6 +594,7 @@ class Worker:
                 **self._fetch_as,
             )
         except Exception as exc:  # noqa: BLE001 - the fetch loop retries the settlement
+            self._fetch_failed()
             log.warning("settling from a slot failed, the fetch loop will retry: %s", exc)
             self.settle.retry_later([settlement])
             return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol, TypedDict
 
 from typing_extensions import override
@@ -91,9 +91,13 @@ class KeeperRenewer:
     makes :meth:`renew` answer ``None``, and the service renews by thread from then on.
     """
 
-    def __init__(self, keeper: LeaseKeeper, thread: ThreadRenewer) -> None:
+    def __init__(
+        self, keeper: LeaseKeeper, thread: ThreadRenewer, owner: Callable[[], str | None]
+    ) -> None:
         self.keeper = keeper
         self.thread = thread
+        self.owner = owner
+        """The id the worker fetches under now (by worker), told to the keeper each time."""
         self._ready = False
         self._failed = False
         self._checking = threading.Lock()  # the fetch loop and the service thread both ask
@@ -107,13 +111,18 @@ class KeeperRenewer:
         """
         return not self.keeper.by_worker and self._is_ready()
 
+    @property
+    def ready(self) -> bool:
+        """Whether the keeper renews (and this renewer sends it the leases)."""
+        return self._is_ready()
+
     def renew(
         self, deliveries: Sequence[Delivery], progress: Mapping[str, bytes]
     ) -> dict[str, LeaseState] | None:
         """Send the leases to the keeper (from a thread until it is ready); what it reported."""
         if not self._is_ready():
             return None if self._failed else self.thread.renew(deliveries, progress)
-        states = self.keeper.hold(deliveries, progress)
+        states = self.keeper.hold(deliveries, progress, self.owner())
         if states is None:
             log.error("the lease keeper process is gone; renewing leases from a thread")
         return states
@@ -176,6 +185,16 @@ class LeaseService(Service):
         :meth:`renew` right after each fetch.
         """
         return isinstance(self.renewer, KeeperRenewer) and self.renewer.hands_off
+
+    def owner_changed(self) -> None:
+        """The worker fetches under a new owner id: a keeper renewing by worker hears it now.
+
+        Before the worker fetches again, so that the keeper renews the new id's record even if
+        a job of it holds the GIL from its first instruction.
+        """
+        renewer = self.renewer
+        if isinstance(renewer, KeeperRenewer) and renewer.keeper.by_worker and renewer.ready:
+            self.renew()
 
     def renew(self) -> None:
         """Renew now (also called by the fetch loop before new jobs start, for the keeper)."""
