@@ -22,6 +22,7 @@ from worq_core import (
     Delivery,
     LeaseState,
     Settlement,
+    StorageConnectionError,
     Worker,
     WorkerSettings,
     Worq,
@@ -277,3 +278,36 @@ def test_jobs_leased_by_a_fetch_whose_answer_was_lost_are_not_renewed_for_ever(
         # Its first lease is under the worker's id, but the worker never took the job: once
         # that lease runs out (the keeper must not renew it) the job runs, as its second attempt.
         assert job.result(timeout=30) == 2
+
+
+class FailingOnceStorage(RedisStorage):
+    """A separate storage whose first save fails: the worker gives that run up."""
+
+    failed = threading.Event()
+
+    def save(self, records: Mapping[str, bytes], ttl: float) -> None:
+        if not self.failed.is_set():
+            self.failed.set()
+            raise StorageConnectionError(self.url, "simulated outage")
+        super().save(records, ttl)
+
+
+@pytest.mark.timeout(90)
+def test_a_run_given_up_on_is_left_to_its_lease_by_a_keeper_renewing_by_worker(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="worq.worker")
+    app = Worq(RedisBroker(runtime.url), storage=FailingOnceStorage(f"{runtime.url}:results"))
+
+    @app.task(name="stored", queue="keeper")
+    def stored() -> int:
+        return current_job().attempt
+
+    worker = Worker(app, _settings(runtime, RedisBroker, lease=2.0, heartbeat=0.3))
+    with running(worker):
+        _logged(caplog, "leases renewed by a separate process (by worker)")
+        job = stored.enqueue()
+        # Its first result could not be stored: the run is given up on, and its lease must run
+        # out (the keeper must not renew it) so that the job runs again.
+        assert job.result(timeout=30) == 2
+    assert FailingOnceStorage.failed.is_set()

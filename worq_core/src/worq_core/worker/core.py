@@ -322,7 +322,7 @@ class Worker:
                     **self._fetch_as,
                 )
             except Exception as exc:  # a broker bug must not end the worker either
-                self._fetch_failed()
+                self.let_leases_lapse()
                 with self.lock:
                     settle.direct = False
                 settle.retry_later(settlements)
@@ -351,12 +351,14 @@ class Worker:
             for run in taken:
                 self._launch(run)
 
-    def _fetch_failed(self) -> None:
-        """A fetch failed, and may have leased jobs whose answer never came.
+    def let_leases_lapse(self) -> None:
+        """Stop the lease keeper renewing the leases this worker does not hold (any more).
 
-        By worker, fetch under a new owner id from now on: the keeper renews the new id's
-        record, and of the old one only the leases this worker holds (it tells the keeper at
-        every heartbeat), so those unknown leases run out and their jobs come back.
+        For a keeper renewing by worker, which renews every lease recorded under the worker's
+        owner id: after a fetch that failed (it may have leased jobs whose answer never came)
+        and a run given up on (its lease must run out so that it runs again). The worker
+        fetches under a new owner id from then on and tells the keeper at once; the keeper
+        renews the new id's record and, of the old ones, only the leases the worker holds.
         """
         if self._fetch_as:
             self._fetch_as = {"worker": f"{self.id}/{next(self._owners)}"}
@@ -594,7 +596,7 @@ class Worker:
                 **self._fetch_as,
             )
         except Exception as exc:  # noqa: BLE001 - the fetch loop retries the settlement
-            self._fetch_failed()
+            self.let_leases_lapse()
             log.warning("settling from a slot failed, the fetch loop will retry: %s", exc)
             self.settle.retry_later([settlement])
             return None
