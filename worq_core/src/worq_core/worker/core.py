@@ -370,6 +370,7 @@ class Worker:
             self.app.broker.release(deliveries)
         except Exception as exc:  # noqa: BLE001 - their leases run out instead
             log.warning("handing back %d unstarted jobs failed: %s", len(deliveries), exc)
+            self.let_leases_lapse()
 
     def _budget(self) -> int:
         """Jobs this worker may still fetch (``max_jobs``); called with the lock held."""
