@@ -379,3 +379,28 @@ def test_a_serializer_failing_with_its_own_error_type_dead_letters_the_job(
     app.worker(settings=settings(concurrency=concurrency)).run(burst=True)
     assert (before.result(timeout=5), after.result(timeout=5)) == ("a", "b")
     assert poison.status() is JobStatus.DEAD
+
+
+def test_an_event_loop_runs_only_once_an_async_task_comes() -> None:
+    app = Worq()
+    threads: dict[str, bool] = {}
+
+    def loop_running() -> bool:
+        return any(t.name == "worq-asyncio" for t in threading.enumerate())
+
+    @app.task
+    def sync_job() -> None:
+        threads["sync"] = loop_running()
+
+    async def async_job() -> str:
+        threads["async"] = loop_running()
+        return "awaited"
+
+    sync_job.enqueue()
+    worker = app.worker(settings=settings())
+    with running(worker):
+        eventually(lambda: "sync" in threads, what="the sync job")
+        registered_late = app.task(async_job)  # a worker of sync tasks meets an async one
+        job = registered_late.enqueue()
+        assert job.result(timeout=5) == "awaited"
+    assert threads == {"sync": False, "async": True}

@@ -14,7 +14,17 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from redis_support import Backend, Clock, counting_client, delete_prefix, keyslot, new_prefix
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis_support import (
+    Backend,
+    Clock,
+    counting_client,
+    delete_prefix,
+    keyslot,
+    new_prefix,
+    queue_base,
+)
 
 from worq_core import (
     BrokerConnectionError,
@@ -204,6 +214,69 @@ def test_extend_and_release_span_several_queues(backend: Backend) -> None:
     assert broker.job_state(got[1].id) == JobState("b", JobStatus.RUNNING, 1, b"b's")
     broker.release(got)
     assert [(s.ready, s.running) for s in broker.stats(["a", "b"])] == [(1, 0), (1, 0)]
+
+
+def test_a_worker_id_that_would_break_a_lease_token_is_refused_before_anything_changes(
+    backend: Backend,
+) -> None:
+    broker = backend.broker()
+    broker.enqueue([Message("job", "q", b"x")])
+    for bad in ("", "host|1"):
+        with pytest.raises(ValueError, match="worker id"):
+            broker.fetch(["q"], 1, lease=30, wait=0, worker=bad)
+        with pytest.raises(ValueError, match="worker id"):
+            broker.extend_worker(bad, ["q"], 30)
+    assert [d.id for d in broker.fetch(["q"], 1, lease=30, wait=0, worker="host:1:ab")] == ["job"]
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(worker=st.text(min_size=1, max_size=40).filter(lambda w: "|" not in w))
+def test_any_worker_id_without_a_bar_names_its_leases_and_nothing_else(
+    real_backend: Backend, worker: str
+) -> None:
+    broker = real_backend.broker()
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    try:
+        broker.enqueue([Message(uuid.uuid4().hex, queue, b"x") for _ in range(2)])
+        [mine] = broker.fetch([queue], 1, lease=30, wait=0, worker=worker)
+        [theirs] = broker.fetch([queue], 1, lease=30, wait=0, worker=worker + "@x")
+        assert broker.extend_worker(worker, [queue], 30) == {mine.token: LeaseState.HELD}
+        acks = [Settlement(mine, Outcome.ACK), Settlement(theirs, Outcome.ACK)]
+        assert broker.settle(acks) == [True, True]
+        assert broker.extend_worker(worker, [queue], 30) == {}
+        base = queue_base(real_backend, queue)
+        left = [name for name in real_backend.keys() if name.startswith(base)]  # noqa: SIM118
+        assert left == [f"{base}seq"], "the worker's record outlived its leases"
+    finally:
+        broker.close()
+
+
+def test_a_workers_record_of_leases_is_gone_once_its_leases_are(backend: Backend) -> None:
+    clock = Clock()
+    broker = backend.broker(clock=clock)
+    broker.enqueue([Message(f"job{n}", "q", b"x") for n in range(3)])
+    acked, released, expiring = broker.fetch(["q"], 3, lease=30, wait=0, worker="w1")
+    record = f"{queue_base(backend, 'q')}held:w1"
+    assert backend.client.hlen(record) == 3
+    broker.settle([Settlement(acked, Outcome.ACK)])
+    broker.release([released])
+    assert backend.client.hkeys(record) == [expiring.id.encode()]
+    clock.now += 31  # its lease runs out; the next fetch reaps it
+    assert [d.id for d in broker.fetch(["q"], 3, lease=30, wait=0)] == ["job1", "job2"]
+    assert not backend.client.exists(record)
+
+
+def test_a_settlement_with_follow_ups_and_a_fetch_for_a_worker_do_both(backend: Backend) -> None:
+    broker = backend.broker()
+    broker.enqueue([Message("first", "q", b"x")])
+    [first] = broker.fetch(["q"], 1, lease=30, wait=0, worker="w1")
+    following = Message("next", "q", b"y")
+    done = Settlement(first, Outcome.ACK, output=b"out", then=(following,))
+    applied, [nxt] = broker.settle_and_fetch([done], ["q"], 1, lease=30, wait=0, worker="w1")
+    assert (applied, nxt.id) == ([True], "next")
+    assert broker.extend_worker("w1", ["q"], 30) == {nxt.token: LeaseState.HELD}
 
 
 def test_stores_results_only_in_a_storage_on_the_same_server_and_prefix(backend: Backend) -> None:

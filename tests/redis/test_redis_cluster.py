@@ -36,6 +36,7 @@ from worq_core.models import (
 from worq_core.testing import BrokerContract, StorageContract, WorkerContract
 from worq_core.testing.scheduling_contract import SchedulingBrokerContract
 from worq_core.testing.support import eventually, running
+from worq_core.testing.worker_leases_contract import WorkerLeasesBrokerContract
 from worq_core.testing.workflow_contract import WorkflowBrokerContract
 from worq_core.worker import Worker, WorkerSettings
 from worq_redis import (
@@ -523,6 +524,12 @@ class TestClusterWorkflowsStayInOneSlot(ClusterBackend, WorkflowBrokerContract):
 @pytest.mark.usefixtures("one_slot_scripts")
 class TestClusterSchedulesStayInOneSlot(ClusterBackend, SchedulingBrokerContract):
     """worq-core's schedule cases (and unique jobs, limits), every script call instrumented."""
+
+
+@pytest.mark.usefixtures("one_slot_scripts")
+class TestClusterWorkerLeasesStayInOneSlot(ClusterBackend, WorkerLeasesBrokerContract):
+    """worq-core's cases of leases recorded and renewed by worker, every script call
+    instrumented: a worker's record of leases is kept per queue, in the queue's slot."""
 
 
 # -- workflows across masters ----------------------------------------------------------------------

@@ -84,7 +84,13 @@ class Broker(ABC):
 
     @abstractmethod
     def fetch(
-        self, queues: Sequence[str], limit: int, *, lease: float, wait: float
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        lease: float,
+        wait: float,
+        worker: str | None = None,
     ) -> list[Delivery]:
         """Lease up to ``limit`` jobs that are due, from ``queues`` in the order given.
 
@@ -92,6 +98,10 @@ class Broker(ABC):
         one and it is leased for ``lease`` seconds under a fresh token; expired leases are returned
         to their queue first. When nothing is due, blocks up to ``wait`` seconds for a job to
         become due, without busy polling; ``wait=0`` returns at once.
+
+        ``worker`` is passed only to a broker with :attr:`Capability.WORKER_LEASES` (a broker
+        without it may leave the parameter out): the leases granted are recorded under that
+        worker id for :meth:`extend_worker` until they leave it (settled, released, expired).
         """
 
     @abstractmethod
@@ -127,11 +137,39 @@ class Broker(ABC):
         *,
         lease: float,
         wait: float,
+        worker: str | None = None,
     ) -> tuple[list[bool], list[Delivery]]:
-        """Settle, then fetch; a network broker overrides this to do both in one round trip."""
+        """Settle, then fetch; a network broker overrides this to do both in one round trip.
+
+        ``worker`` as in :meth:`fetch` (passed only with :attr:`Capability.WORKER_LEASES`).
+        """
         applied = self.settle(settlements) if settlements else []
-        deliveries = self.fetch(queues, limit, lease=lease, wait=wait) if limit > 0 else []
-        return applied, deliveries
+        if limit <= 0:
+            return applied, []
+        if worker is None:
+            return applied, self.fetch(queues, limit, lease=lease, wait=wait)
+        return applied, self.fetch(queues, limit, lease=lease, wait=wait, worker=worker)
+
+    def extend_worker(
+        self,
+        worker: str,
+        queues: Sequence[str],
+        lease: float,
+        progress: Mapping[str, bytes] | None = None,
+    ) -> dict[str, LeaseState]:
+        """Renew every lease fetched with ``worker=worker`` from ``queues`` that is still held.
+
+        Only for :attr:`Capability.WORKER_LEASES`. Fenced as :meth:`extend`: a lease whose
+        token no longer holds it (settled, released, expired, leased again) is never renewed.
+        Returns the token of each lease renewed, mapped to :attr:`LeaseState.HELD`, or to
+        :attr:`LeaseState.CANCELLING` when :meth:`cancel` was asked for its job; a lease the
+        worker took that is not in the answer is not held any more. ``progress`` as in
+        :meth:`extend`, applied to renewed leases only. The default raises
+        :class:`~worq_core.errors.UnsupportedError`: worq-core checks the capability first.
+        """
+        raise UnsupportedError(
+            self.name, Capability.WORKER_LEASES.value, "renewing a worker's leases at once"
+        )
 
     @abstractmethod
     def release(self, deliveries: Sequence[Delivery]) -> None:

@@ -30,14 +30,10 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-from rich.tree import Tree
 
 from worq_core import __version__
 from worq_core.app import Worq
@@ -68,6 +64,11 @@ from worq_core.supervisor import REPLACE_ME, Supervisor
 from worq_core.validation import check_queue
 from worq_core.worker import WorkerSettings
 from worq_core.worker.scheduler import iso
+
+if TYPE_CHECKING:  # rich renders the operators' tables: imported by the commands that show one
+    from rich.console import Console
+    from rich.text import Text
+    from rich.tree import Tree
 
 _WEIGHT = re.compile(r":\d+$")
 
@@ -292,6 +293,8 @@ def resolve_app(spec: str | None) -> Worq:
 
 
 def _console(*, markup: bool = False) -> Console:
+    from rich.console import Console
+
     # Built per call so that it writes to whatever sys.stdout is now (click's test runner swaps it).
     # No markup by default: queue names, reasons and errors are user data, not rich markup.
     console = Console(highlight=False, markup=markup)
@@ -809,6 +812,9 @@ def stats(app_spec: str | None, queues: str | None) -> None:
     Without --queues: every queue the broker knows of, plus those the app's tasks declare.
     Without MODULE:ATTR, --broker URL (or WORQ_BROKER) says which broker to read.
     """
+    from rich.table import Table
+    from rich.text import Text
+
     queue_list = _split_queues(queues)
     app = resolve_app(app_spec)
     broker = app.broker
@@ -1021,6 +1027,8 @@ def jobs(
 
 
 def _jobs_table(console: Console, found: list[JobSummary], status: JobStatus, state: str) -> None:
+    from rich.table import Table
+
     table = Table(title=f"{state} jobs", title_justify="left")
     # Ids stay whole so they can be copied into `worq job` or `worq dlq requeue`.
     table.add_column("id", no_wrap=True, min_width=max(len(item.id) for item in found))
@@ -1063,6 +1071,8 @@ def schedule(state: CliState, app_spec: str) -> None:
     when no tick has come since. The next is the trigger's first tick after now, or after the
     last tick if that is later. Times are UTC.
     """
+    from rich.table import Table
+
     app = _app(state, app_spec)
     schedules = list(app.schedules.values())
     console = _console()
@@ -1194,6 +1204,8 @@ SHOWN_MEMBERS = 20
 
 
 def _show_workflow(workflow: Workflow, asked: str) -> None:
+    from rich.tree import Tree
+
     where = workflow.status()
     tree = workflow.tree()
     click.echo(
@@ -1204,6 +1216,8 @@ def _show_workflow(workflow: Workflow, asked: str) -> None:
 
 
 def _label(node: WorkflowNode, asked: str) -> Text:
+    from rich.text import Text
+
     status = "not sent" if node.status is JobStatus.UNKNOWN else node.status.value
     if node.kind == "task":
         label = Text(f"{node.task} {node.id} ")
@@ -1222,6 +1236,8 @@ def _label(node: WorkflowNode, asked: str) -> Text:
 
 
 def _branch(tree: Tree, node: WorkflowNode, asked: str) -> Tree:
+    from rich.text import Text
+
     children = node.children
     hidden = 0
     if node.kind == "group" and len(children) > SHOWN_MEMBERS:
@@ -1282,6 +1298,9 @@ def dlq_list(app_spec: str | None, queue: str, limit: int) -> None:
     Shows each job's id, task, attempts, when it died and why. Without MODULE:ATTR, --broker
     URL (or WORQ_BROKER) says which broker to read.
     """
+    from rich.table import Table
+    from rich.text import Text
+
     app = _dead_letter_app(app_spec)
     dead = app.broker.dead_jobs(queue, limit)
     console = _console()
@@ -1429,6 +1448,9 @@ def plugins() -> None:
     Shows every plugin found through the `worq` entry points: its distribution, version, the
     brokers, storages and serializers it registers (with URL schemes), and load errors.
     """
+    from rich.table import Table
+    from rich.text import Text
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PluginLoadWarning)  # shown in the table instead
         registry = default_registry()

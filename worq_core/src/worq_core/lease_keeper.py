@@ -5,14 +5,29 @@ regex, a tight numeric loop in an extension): the leases of everything the worke
 expire and the jobs run a second time elsewhere. The :class:`LeaseKeeper` process has its own
 interpreter and its own broker connection, so it keeps renewing.
 
-The worker tells it which leases it holds, and the progress of their jobs, with every
-heartbeat; the keeper answers with the leases the broker no longer grants (lost) or wants
-cancelled, so the worker never writes a stale run's result and learns of cancellations.
+With a broker that declares :attr:`~worq_core.Capability.WORKER_LEASES` the keeper renews *by
+worker*: the worker fetches under its id, the broker keeps a record of the worker's leases
+(fetches add to it, settling, releasing and expiry take from it), and the keeper renews the
+whole record with one :meth:`~worq_core.Broker.extend_worker` call, so it needs nothing from the
+worker per job, and a job that holds the GIL from its first instruction is renewed all the
+same. With any other broker the worker hands the keeper every new set of leases before their
+jobs start (the keeper renews them with :meth:`~worq_core.Broker.extend`).
+
+Either way the worker tells it, at every heartbeat, the leases it holds and the progress of
+their jobs; the keeper answers with the leases the broker no longer grants (lost) or wants
+cancelled, so the worker never writes a stale run's result and learns of cancellations. By
+worker, the leases it was told of that the record does not hold (fetched under an earlier owner
+id, or lost) are extended one by one, so a lost one is answered as lost. A fetch that fails may
+have leased jobs whose answer never reached the worker: the worker then fetches under a new
+owner id, and those leases, which it never tells of, run out as they would without a keeper.
 Fencing makes the loose coupling safe: renewing a job the worker has meanwhile settled is
 simply refused by the broker. If the worker process dies, even by SIGKILL, the pipe closes,
 the keeper exits at once, and the leases run out as they should. If the worker stops making
 progress without dying (SIGSTOP, a deadlock: no heartbeat and no CPU time used), the keeper
 stops renewing, so its jobs go to other workers after one lease.
+
+The keeper starts in the background: the worker does not wait for it (its own thread renews
+until the keeper is ready), so starting a worker costs no more than starting the process.
 """
 
 from __future__ import annotations
@@ -23,8 +38,10 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from worq_core.models import Delivery, LeaseState
@@ -37,46 +54,105 @@ log = logging.getLogger("worq.lease_keeper")
 _Held = list[tuple[str, str, str, int]]  # (job id, queue, token, attempts)
 
 
+#: How long the keeper may take to say it is ready before the worker gives up on it.
+START_TIMEOUT = 30.0
+
+
 class LeaseKeeper:
-    """A child process that extends the leases the worker says it holds.
+    """A child process that extends the leases of a worker.
 
     ``broker_factory`` is a picklable callable that builds the app's broker in the child, the
-    same way the app builds it (``worq worker`` passes one that imports the app).
+    same way the app builds it (``worq worker`` passes one that imports the app). With
+    ``worker`` (the id the worker fetches under, for a broker with
+    :attr:`~worq_core.Capability.WORKER_LEASES`) it renews every lease of that worker in
+    ``queues``; without, the leases :meth:`hold` hands it.
+
+    The process starts at once and the constructor does not wait for it: :meth:`ready` tells
+    when it renews.
     """
 
-    def __init__(self, broker_factory: Callable[[], Broker], lease: float, interval: float) -> None:
+    def __init__(
+        self,
+        broker_factory: Callable[[], Broker],
+        lease: float,
+        interval: float,
+        worker: str | None = None,
+        queues: Sequence[str] = (),
+    ) -> None:
         context = multiprocessing.get_context("spawn")  # never fork a threaded worker
+        self.worker = worker
         self._conn, child_end = context.Pipe()
         self._process = context.Process(
             target=_serve,
-            args=(child_end, broker_factory, lease, interval, os.getpid(), log.getEffectiveLevel()),
+            args=(
+                child_end,
+                broker_factory,
+                _Renewal(lease, interval, worker, tuple(queues)),
+                os.getpid(),
+                log.getEffectiveLevel(),
+            ),
             name="worq-lease-keeper",
             daemon=True,
         )
         self._process.start()
         child_end.close()
-        # Wait until it can renew: a job fetched before then could lose its lease unnoticed.
-        reply = self._conn.recv() if self._conn.poll(30) else "no answer within 30s"
-        if reply != "ready":
-            self.close()
-            raise RuntimeError(f"the lease keeper process did not start: {reply}")
+        self._started = time.monotonic()
+        self._ready = False
+        self._failure: str | None = None
+        self._reading = threading.Lock()  # the fetch loop and the service thread both read
+
+    @property
+    def by_worker(self) -> bool:
+        """Whether it renews by worker (it needs not hear of each new lease)."""
+        return self.worker is not None
+
+    def ready(self, timeout: float = 0.0) -> bool:
+        """Whether the keeper renews yet, waiting up to ``timeout`` seconds for it.
+
+        Raises :class:`RuntimeError` if it failed to start (its broker could not be built, it
+        died, or it said nothing for :data:`START_TIMEOUT` seconds).
+        """
+        with self._reading:
+            if self._ready:
+                return True
+            if self._failure is None:
+                try:
+                    reply = self._conn.recv() if self._conn.poll(timeout) else None
+                except (OSError, EOFError):
+                    reply = "it exited"
+                self._ready = reply == "ready"
+                if self._ready:
+                    return True
+                if reply is None and time.monotonic() - self._started > START_TIMEOUT:
+                    reply = f"no answer within {START_TIMEOUT:g}s"
+                self._failure = reply
+        if self._failure is None:
+            return False
+        raise RuntimeError(f"the lease keeper process did not start: {self._failure}")
 
     def hold(
-        self, deliveries: Sequence[Delivery], progress: Mapping[str, bytes]
+        self,
+        deliveries: Sequence[Delivery],
+        progress: Mapping[str, bytes],
+        owner: str | None = None,
     ) -> dict[str, LeaseState] | None:
-        """Replace the set of leases to renew; returns what the keeper reported since.
+        """Tell the keeper the leases held now; returns what the keeper reported since.
 
-        The report maps lease tokens to :attr:`LeaseState.LOST` or
-        :attr:`LeaseState.CANCELLING`. ``None`` if the keeper is gone, so the caller renews
-        the leases itself.
+        By worker, ``owner`` is the id the worker fetches under now (it changes when a fetch
+        fails, see :class:`~worq_core.worker.Worker`): the keeper renews what the broker
+        recorded for it, and these leases one by one when they are not in that record (fetched
+        under an earlier id). Otherwise this replaces the set of leases it renews. The report
+        maps lease tokens to :attr:`LeaseState.LOST` or :attr:`LeaseState.CANCELLING`. ``None``
+        if the keeper is gone, so the caller renews the leases itself. Only once :meth:`ready`.
         """
         held: _Held = [(d.id, d.queue, d.token, d.attempts) for d in deliveries]
+        states: dict[str, LeaseState] = {}
         try:
-            self._conn.send((held, dict(progress)))
-            states: dict[str, LeaseState] = {}
-            while self._conn.poll(0):
-                report = self._conn.recv()
-                states.update({token: LeaseState(s) for token, s in report.items()})
+            with self._reading:
+                self._conn.send((held, dict(progress), owner or self.worker))
+                while self._conn.poll(0):
+                    report = self._conn.recv()
+                    states.update({token: LeaseState(s) for token, s in report.items()})
         except (OSError, EOFError):
             return None
         return states if self._process.is_alive() else None
@@ -86,7 +162,13 @@ class LeaseKeeper:
         return self._process.is_alive()
 
     def close(self) -> None:
-        """Stop the keeper and wait for it (briefly)."""
+        """Stop the keeper and wait for it (briefly).
+
+        One that never said it was ready is killed: it renews nothing the worker counts on, and
+        a short-lived worker need not wait for it to finish starting.
+        """
+        if not self._ready:
+            self._process.kill()
         with contextlib.suppress(OSError):
             self._conn.send(None)
         self._process.join(5)
@@ -94,6 +176,16 @@ class LeaseKeeper:
             self._process.terminate()
             self._process.join(5)
         self._conn.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Renewal:
+    """What the keeper renews, and how: handed to the child process."""
+
+    lease: float
+    interval: float
+    worker: str | None
+    queues: tuple[str, ...]
 
 
 def cpu_time(pid: int) -> tuple[bool, float] | None:
@@ -153,8 +245,7 @@ class _Liveness:
 def _serve(
     conn: multiprocessing.connection.Connection,
     broker_factory: Callable[[], Broker],
-    lease: float,
-    interval: float,
+    renewal: _Renewal,
     worker_pid: int,
     log_level: int,
 ) -> None:
@@ -170,16 +261,18 @@ def _serve(
         conn.send(f"{type(exc).__name__}: {exc}")
         return
     conn.send("ready")
+    interval, owner = renewal.interval, renewal.worker
     held: list[Delivery] = []
     progress: dict[str, bytes] = {}
     liveness = _Liveness(worker_pid, silence=2 * interval + 1.0)
-    next_beat = time.monotonic() + interval
+    # By worker, renew at once: the worker may hold leases already (taken while this started).
+    next_beat = time.monotonic() + (0.0 if owner is not None else interval)
     renewed_at = time.monotonic()
     try:
         while True:
             if conn.poll(max(0.0, next_beat - time.monotonic())):
                 try:
-                    message: tuple[_Held, dict[str, bytes]] | None = conn.recv()
+                    message: tuple[_Held, dict[str, bytes], str | None] | None = conn.recv()
                 except EOFError:
                     return  # the worker is gone: let its leases expire
                 if message is None:
@@ -187,29 +280,63 @@ def _serve(
                 liveness.heard_from()
                 held = [Delivery(i, q, b"", t, a) for i, q, t, a in message[0]]
                 progress.update(message[1])
+                owner = message[2]
                 if not message[1]:
                     continue  # a fresh lease runs a whole lease: the next beat renews it
                 # Progress to publish: renew now rather than at the next beat.
             next_beat = time.monotonic() + interval
-            if not held or not liveness.making_progress():
+            if (not held and owner is None) or not liveness.making_progress():
                 renewed_at = time.monotonic()
                 continue
             try:
-                states = broker.extend(held, lease, progress)
+                report = _renew(broker, renewal, owner, held, progress)
             except Exception as exc:  # noqa: BLE001 - keep renewing through outages
                 silent = time.monotonic() - renewed_at
-                level = logging.ERROR if silent > lease else logging.WARNING
-                log.log(level, "renewing %d leases failed (%.0fs): %s", len(held), silent, exc)
+                level = logging.ERROR if silent > renewal.lease else logging.WARNING
+                log.log(level, "renewing leases failed (%.0fs): %s", silent, exc)
                 continue
             renewed_at = time.monotonic()
             progress.clear()
-            report = {
-                d.token: state.value
-                for d, state in zip(held, states, strict=True)
-                if state is not LeaseState.HELD
-            }
             if report:
-                conn.send(report)
-                held = [d for d in held if report.get(d.token) != LeaseState.LOST.value]
+                conn.send({token: state.value for token, state in report.items()})
+                held = [d for d in held if report.get(d.token) is not LeaseState.LOST]
     finally:
         broker.close()
+
+
+def _renew(
+    broker: Broker,
+    renewal: _Renewal,
+    owner: str | None,
+    held: list[Delivery],
+    progress: Mapping[str, bytes],
+) -> dict[str, LeaseState]:
+    """Renew once; the leases that are not simply held, by token.
+
+    By worker: every lease the broker recorded for ``owner`` in one call, then the leases the
+    worker told of that were not among them one by one (fetched under an earlier owner id; or
+    settled or lost since the worker spoke, which this answers as lost: the worker ignores the
+    settled ones). A lease recorded for an earlier owner id that the worker did not tell of is
+    not renewed: a fetch whose answer never reached the worker leaves such leases, and they
+    must run out, as they would without the keeper.
+    """
+    if owner is None:
+        states = broker.extend(held, renewal.lease, progress)
+        return {
+            d.token: state
+            for d, state in zip(held, states, strict=True)
+            if state is not LeaseState.HELD
+        }
+    renewed = broker.extend_worker(owner, renewal.queues, renewal.lease, progress)
+    report: dict[str, LeaseState] = {
+        token: state for token, state in renewed.items() if state is not LeaseState.HELD
+    }
+    rest = [d for d in held if d.token not in renewed]
+    if rest:
+        states = broker.extend(rest, renewal.lease, progress)
+        report.update(
+            (d.token, state)
+            for d, state in zip(rest, states, strict=True)
+            if state is not LeaseState.HELD
+        )
+    return report

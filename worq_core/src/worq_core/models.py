@@ -78,6 +78,10 @@ class Capability(enum.StrEnum):
     """Enqueues on the application's own database connection (:meth:`Broker.enqueue_on`,
     ``task.options(connection=conn)``), inside its open transaction: the job exists only if
     that transaction commits."""
+    WORKER_LEASES = "worker_leases"
+    """Records the leases a fetch grants under the fetching worker (``worker=`` of
+    :meth:`Broker.fetch`) until they leave it, and renews all of a worker's leases in one call
+    (:meth:`Broker.extend_worker`): the lease keeper then needs nothing from the worker per job."""
 
 
 class LeaseState(enum.StrEnum):

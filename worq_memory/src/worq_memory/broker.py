@@ -105,6 +105,7 @@ class _Job:
     attempts: int = 0
     token: str = ""
     lease_until: float = 0.0
+    holder: str | None = None  # the worker it was fetched for (``fetch(worker=)``), while leased
     due: float = 0.0
     reason: str = ""
     died_at: float = 0.0
@@ -160,6 +161,7 @@ class MemoryBroker(Broker):
             Capability.WORKFLOWS,
             Capability.LISTING,
             Capability.EVENTS,
+            Capability.WORKER_LEASES,
         }
     )
 
@@ -290,7 +292,13 @@ class MemoryBroker(Broker):
 
     @override
     def fetch(
-        self, queues: Sequence[str], limit: int, *, lease: float, wait: float
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        lease: float,
+        wait: float,
+        worker: str | None = None,
     ) -> list[Delivery]:
         deadline = time.monotonic() + wait
         more = False
@@ -323,7 +331,7 @@ class MemoryBroker(Broker):
                         ) and not self._admit(job, now):
                             set_aside += 1  # and on to the jobs behind it
                             continue
-                        deliveries.append(self._lease(job, now, now + lease))
+                        deliveries.append(self._lease(job, now, now + lease, worker))
                 if deliveries or limit <= 0:
                     return deliveries
                 remaining = deadline - time.monotonic()
@@ -357,6 +365,32 @@ class MemoryBroker(Broker):
                 if progress is not None and (latest := progress.get(delivery.id)) is not None:
                     job.progress = bytes(latest)
                 states.append(LeaseState.CANCELLING if job.cancel_requested else LeaseState.HELD)
+            return states
+
+    @override
+    def extend_worker(
+        self,
+        worker: str,
+        queues: Sequence[str],
+        lease: float,
+        progress: Mapping[str, bytes] | None = None,
+    ) -> dict[str, LeaseState]:
+        with self._changed:
+            now = self.clock()
+            states: dict[str, LeaseState] = {}
+            for name in queues:
+                queue = self._queues.get(name)
+                if queue is None:
+                    continue
+                for job in queue.leased.values():
+                    if job.holder != worker or job.lease_until <= now:
+                        continue
+                    job.lease_until = now + lease
+                    latest = None if progress is None else progress.get(job.message.id)
+                    if latest is not None:
+                        job.progress = bytes(latest)
+                    held = LeaseState.CANCELLING if job.cancel_requested else LeaseState.HELD
+                    states[job.token] = held
             return states
 
     @override
@@ -871,10 +905,11 @@ class MemoryBroker(Broker):
             del queue.dead[oldest_id]
             del self._jobs[oldest_id]
 
-    def _lease(self, job: _Job, now: float, until: float) -> Delivery:
+    def _lease(self, job: _Job, now: float, until: float, worker: str | None) -> Delivery:
         job.attempts += 1
         job.token = str(next(self._tokens))
         job.lease_until = until
+        job.holder = worker
         self._set_state(job, JobStatus.RUNNING)
         job.queue.leased[job.message.id] = job
         message = job.message
@@ -893,6 +928,7 @@ class MemoryBroker(Broker):
         """Take a running job off its lease, giving back its permit; the caller sets its state."""
         del job.queue.leased[job.message.id]
         job.token = ""
+        job.holder = None
         job.progress = None
         if job.permit:
             job.permit = False

@@ -97,6 +97,7 @@ class PostgresBroker(Broker):
             Capability.UNIQUE,
             Capability.WORKFLOWS,
             Capability.LIMITS,
+            Capability.WORKER_LEASES,
         }
     )
 
@@ -422,8 +423,15 @@ class PostgresBroker(Broker):
 
     @override
     def fetch(
-        self, queues: Sequence[str], limit: int, *, lease: float, wait: float
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        lease: float,
+        wait: float,
+        worker: str | None = None,
     ) -> list[Delivery]:
+        """With ``worker``, each lease's row names it (``holder``) for :meth:`extend_worker`."""
         if limit <= 0 or not queues:
             return []
         queues = list(queues)
@@ -433,7 +441,7 @@ class PostgresBroker(Broker):
         while True:
             seen = self._listener.version(queues)
             with self._connection("fetch") as conn:
-                _, deliveries, pause = self._look(conn, [], queues, limit, lease, wait > 0)
+                _, deliveries, pause = self._look(conn, [], queues, limit, lease, wait > 0, worker)
             if deliveries:
                 return deliveries
             left = deadline - time.monotonic()
@@ -457,6 +465,7 @@ class PostgresBroker(Broker):
         limit: int,
         lease: float,
         waiting: bool,
+        worker: str | None,
     ) -> tuple[list[bool], list[Delivery], float | None]:
         """Settle (no follow-ups), then lease, in one call of :sql:`worq_settle_fetch`.
 
@@ -472,8 +481,8 @@ class PostgresBroker(Broker):
         else:
             arrays, values = ", ".join(["%s"] * len(columns)), columns
         rows = conn.execute(
-            f"SELECT * FROM {self.target.q('worq_settle_fetch')}(%s, {arrays}, %s, %s, %s, %s)",
-            (channel, *values, queues, limit, float(lease), waiting),
+            f"SELECT * FROM {self.target.q('worq_settle_fetch')}(%s, {arrays}, %s, %s, %s, %s, %s)",
+            (channel, *values, queues, limit, float(lease), waiting, worker),
         ).fetchall()
         jobs = [row[3:] for row in rows if row[0] is None]
         [(applied, next_due, now)] = [row[:3] for row in rows if row[0] is not None]
@@ -501,6 +510,29 @@ class PostgresBroker(Broker):
             ),
         )
         return [_LEASES[s] for s in states]
+
+    @override
+    def extend_worker(
+        self,
+        worker: str,
+        queues: Sequence[str],
+        lease: float,
+        progress: Mapping[str, bytes] | None = None,
+    ) -> dict[str, LeaseState]:
+        """Renew the running jobs whose row names ``worker``, whatever their number.
+
+        One call of :sql:`worq_extend_worker`.
+        """
+        latest = progress or {}
+        rows = self._call(
+            "extend a worker's leases",
+            f"SELECT * FROM {self.target.q('worq_extend_worker')}(%s, %s, %s, %s, %s)",
+            (worker, list(queues), float(lease), list(latest), [bytes(latest[i]) for i in latest]),
+        )
+        return {
+            str(token): LeaseState.CANCELLING if cancel else LeaseState.HELD
+            for token, cancel in rows
+        }
 
     @override
     def settle(self, settlements: Sequence[Settlement]) -> list[bool]:
@@ -569,6 +601,7 @@ class PostgresBroker(Broker):
         *,
         lease: float,
         wait: float,
+        worker: str | None = None,
     ) -> tuple[list[bool], list[Delivery]]:
         """Settle, then fetch, in one transaction: one commit (one WAL flush) for both.
 
@@ -577,7 +610,9 @@ class PostgresBroker(Broker):
         same transaction.
         """
         if not settlements or limit <= 0 or not queues:
-            return super().settle_and_fetch(settlements, queues, limit, lease=lease, wait=wait)
+            return super().settle_and_fetch(
+                settlements, queues, limit, lease=lease, wait=wait, worker=worker
+            )
         queues = list(queues)
         self._count_settle()
         deadline = time.monotonic() + wait
@@ -589,14 +624,14 @@ class PostgresBroker(Broker):
         with self._connection("settle and fetch") as conn:
             if plain:
                 applied, deliveries, pause = self._look(
-                    conn, settlements, queues, limit, lease, wait > 0
+                    conn, settlements, queues, limit, lease, wait > 0, worker
                 )
             else:
                 with conn.transaction():
                     applied = self._settle_on(conn, settlements)
                     rows = conn.execute(
-                        f"SELECT * FROM {self.target.q('worq_fetch')}(%s, %s, %s)",
-                        (queues, limit, float(lease)),
+                        f"SELECT * FROM {self.target.q('worq_fetch')}(%s, %s, %s, %s)",
+                        (queues, limit, float(lease), worker),
                     ).fetchall()
                 deliveries = _deliveries(rows)
         self._note_dead(settlements, applied)
@@ -605,7 +640,7 @@ class PostgresBroker(Broker):
         if plain:  # the look found nothing and when to look again: sleep before the next
             self._sleep(queues, seen, deadline - time.monotonic(), pause)
         left = max(0.0, deadline - time.monotonic())
-        return applied, self.fetch(queues, limit, lease=lease, wait=left)
+        return applied, self.fetch(queues, limit, lease=lease, wait=left, worker=worker)
 
     def _settle_call(self, settlements: Sequence[Settlement]) -> tuple[str, tuple[Any, ...]]:
         params = (

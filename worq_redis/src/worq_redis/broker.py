@@ -100,6 +100,7 @@ _CANCELS = {
 _ENQUEUE, _FETCH, _SETTLE = SCRIPTS["enqueue"], SCRIPTS["fetch"], SCRIPTS["settle"]
 _ENQUEUE_ONE = SCRIPTS["enqueue_one"]
 _SETTLE_FETCH, _EXTEND = SCRIPTS["settle_fetch"], SCRIPTS["extend"]
+_EXTEND_WORKER = SCRIPTS["extend_worker"]
 _JOB_STATE, _CANCEL = SCRIPTS["job_state"], SCRIPTS["cancel"]
 _FIND_JOB = SCRIPTS["find_job"]
 _LISTED = {
@@ -129,6 +130,13 @@ _CLOSING: set[Any] = set()
 _CANCEL_LOOKUPS: Final = 16
 """How often :meth:`RedisBroker.cancel` looks a job's queue up again when the job keeps moving
 to another queue between the lookup and the script (acked and enqueued elsewhere each time)."""
+
+
+def _worker_arg(worker: str) -> str:
+    """``worker`` as the scripts take it; it becomes part of lease tokens kept in ``meta``."""
+    if not worker or "|" in worker:
+        raise ValueError(f"invalid worker id {worker!r}: empty, or contains '|'")
+    return worker
 
 
 def _text(value: bytes | str) -> str:
@@ -339,6 +347,7 @@ class RedisBroker(Broker):
             Capability.WORKFLOWS,
             Capability.LISTING,
             Capability.EVENTS,
+            Capability.WORKER_LEASES,
         }
     )
 
@@ -828,15 +837,23 @@ class RedisBroker(Broker):
 
     @override
     def fetch(
-        self, queues: Sequence[str], limit: int, *, lease: float, wait: float
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        lease: float,
+        wait: float,
+        worker: str | None = None,
     ) -> list[Delivery]:
         """Lease up to ``limit`` due jobs; when none, block on the queues' wake-up keys.
 
         Each fetch first returns a bounded number of expired leases to their queue and moves due
         delayed jobs to ready. Blocking uses ``BZPOPMIN`` on the queues' ``signal`` keys, with a
-        timeout no longer than the time to the next due job or lease deadline.
+        timeout no longer than the time to the next due job or lease deadline. With ``worker``,
+        the leases join that worker's record in their queue (``held:<worker>``), which
+        :meth:`extend_worker` renews.
         """
-        return self.settle_and_fetch([], queues, limit, lease=lease, wait=wait)[1]
+        return self.settle_and_fetch([], queues, limit, lease=lease, wait=wait, worker=worker)[1]
 
     @override
     def settle_and_fetch(
@@ -847,6 +864,7 @@ class RedisBroker(Broker):
         *,
         lease: float,
         wait: float,
+        worker: str | None = None,
     ) -> tuple[list[bool], list[Delivery]]:
         """Settle, then fetch from the first queue: one ``settle_fetch`` script, one round trip.
 
@@ -860,6 +878,7 @@ class RedisBroker(Broker):
         first = queues[0]
         clock = "" if self.clock is None else clock_arg(self.clock)
         lease_arg = repr(float(lease))
+        holder = "" if worker is None else _worker_arg(worker)
         mine: Sequence[Settlement] = settlements
         others: list[tuple[int, Settlement]] = []
         if settlements and any(s.delivery.queue != first for s in settlements):
@@ -874,7 +893,9 @@ class RedisBroker(Broker):
         head: tuple[Arg, ...] = (len(all_keys), *all_keys) if mine else self._heads[first]
         args += (limit, lease_arg, *self._fetch_tail)
         if blocks:
-            args += blocks
+            args += (holder, *blocks)  # with blocks the worker is always sent, "" for none
+        elif holder:
+            args.append(holder)
         replicas = self._wait if settlements else None
         try:
             if not others and replicas is None:
@@ -917,7 +938,7 @@ class RedisBroker(Broker):
                     need = limit - len(deliveries)
                     if need <= 0:
                         break
-                    due_in = self._fetch_one(queue, need, lease_arg, deliveries)
+                    due_in = self._fetch_one(queue, need, lease_arg, holder, deliveries)
                     if due_in is not None:
                         soonest = due_in if soonest is None else min(soonest, due_in)
                 if deliveries:
@@ -938,7 +959,7 @@ class RedisBroker(Broker):
                             timeout = min(timeout, _CLUSTER_POLL)
                     self._lane.command("BZPOPMIN", *signals, f"{timeout:.3f}")
                 # else: more due work than one fetch moves; fetch again now
-                soonest = self._fetch_one(first, limit, lease_arg, deliveries)
+                soonest = self._fetch_one(first, limit, lease_arg, holder, deliveries)
         except RedisError as exc:
             raise self._error(exc) from exc
 
@@ -971,6 +992,36 @@ class RedisBroker(Broker):
         with self._errors():
             results = self._lane.scripts(calls)
         return [_LEASES[int(code)] for code in _scatter(groups, results, len(deliveries))]
+
+    @override
+    def extend_worker(
+        self,
+        worker: str,
+        queues: Sequence[str],
+        lease: float,
+        progress: Mapping[str, bytes] | None = None,
+    ) -> dict[str, LeaseState]:
+        """Renew the leases in ``worker``'s record of each queue, whatever their number.
+
+        One ``extend_worker`` script per queue, all in one round trip (under Cluster, one per
+        node).
+        """
+        holder = _worker_arg(worker)
+        clock, lease_arg = clock_arg(self.clock), repr(float(lease))
+        pairs: list[Arg] = []
+        for job_id, latest in (progress or {}).items():
+            pairs += (job_id, bytes(latest))
+        calls: list[Call] = [
+            (_EXTEND_WORKER, self._queue_keys(queue), [clock, lease_arg, holder, *pairs])
+            for queue in dict.fromkeys(queues)
+        ]
+        with self._errors():
+            results = self._lane.scripts(calls) if calls else []
+        return {
+            _text(reply[i]): _LEASES[int(reply[i + 1])]
+            for reply in results
+            for i in range(0, len(reply), 2)
+        }
 
     @override
     def settle(self, settlements: Sequence[Settlement]) -> list[bool]:
@@ -1372,11 +1423,15 @@ class RedisBroker(Broker):
             f"redis error at {redact(self.url)}: {type(exc).__name__}: {located(exc)}"
         )
 
-    def _fetch_one(self, queue: str, limit: int, lease: str, into: list[Delivery]) -> float | None:
+    def _fetch_one(
+        self, queue: str, limit: int, lease: str, holder: str, into: list[Delivery]
+    ) -> float | None:
         """Run ``fetch`` on one queue into ``into``; seconds until its next due time, if any."""
         self._queue_keys(queue)
         clock = "" if self.clock is None else clock_arg(self.clock)
-        args = (clock, limit, lease, *self._fetch_tail)
+        args: tuple[Arg, ...] = (clock, limit, lease, *self._fetch_tail)
+        if holder:
+            args += (holder,)
         return self._parse_fetch(queue, self._lane.script(_FETCH, self._heads[queue], args), into)
 
     @staticmethod

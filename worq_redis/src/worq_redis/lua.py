@@ -102,6 +102,7 @@ QUEUE_SCRIPTS: Final = (
     "enqueue",
     "fetch",
     "extend",
+    "extend_worker",
     "settle",
     "settle_fetch",
     "release",
@@ -171,6 +172,7 @@ class _Block:
 
 
 _DEFINES = re.compile(r"local function (\w+)\(")
+_CALLS = re.compile(r"\b(\w+)\(")  # the names a text calls, found in one pass
 
 
 @functools.cache
@@ -246,11 +248,11 @@ def _compose(name: str) -> tuple[str, tuple[tuple[int, str, int], ...]]:
         body = f"local function script_body() {body}\nend return cluster_reply(script_body())"
     heads, helpers = _layout(cluster)
     needed: set[str] = set()
-    text = body
+    called = set(_CALLS.findall(body))
     for block in reversed(helpers):  # a helper only calls helpers defined above it
-        if re.search(rf"\b{block.name}\(", text):
+        if block.name in called:
             needed.add(block.name)
-            text += block.text
+            called.update(_CALLS.findall(block.text))
     parts = [*heads, *(block for block in helpers if block.name in needed)]
     parts.append(_Block(base, 1, body, base))
     places: list[tuple[int, str, int]] = []

@@ -40,6 +40,7 @@ from worq_core.testing.support import (
     status,
     unique,
 )
+from worq_core.testing.worker_leases_contract import WorkerLeasesBrokerContract
 from worq_core.testing.workflow_contract import WorkflowBrokerContract
 
 
@@ -68,7 +69,12 @@ def fetch_one(broker: Broker, queue: str, lease: float = LEASE) -> Delivery:
     return delivery
 
 
-class BrokerContract(SchedulingBrokerContract, WorkflowBrokerContract, InspectionBrokerContract):
+class BrokerContract(
+    SchedulingBrokerContract,
+    WorkflowBrokerContract,
+    InspectionBrokerContract,
+    WorkerLeasesBrokerContract,
+):
     """Subclass and provide a ``broker`` fixture yielding a fresh broker.
 
     Every case uses queues (and job ids) of its own, so a broker shared between cases also

@@ -17,6 +17,7 @@ pytest.register_assert_rewrite(
     "worq_core.testing.worker_contract",
     "worq_core.testing.workflow_contract",
     "worq_core.testing.support",
+    "worq_core.testing.worker_leases_contract",
 )
 
 

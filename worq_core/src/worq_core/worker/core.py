@@ -51,7 +51,7 @@ from worq_core.errors import (
     WorqError,
 )
 from worq_core.job import Envelope, ErrorInfo
-from worq_core.lease_keeper import LeaseKeeper
+from worq_core.lease_keeper import START_TIMEOUT, LeaseKeeper
 from worq_core.models import (
     CURRENT_SHOWN,
     Capability,
@@ -63,7 +63,13 @@ from worq_core.models import (
 from worq_core.retry import RetryPolicy
 from worq_core.signals import on_stop_signals
 from worq_core.worker.executors import AsyncExecutor, ThreadExecutor
-from worq_core.worker.leases import KeeperRenewer, LeaseService, Renewer, ThreadRenewer
+from worq_core.worker.leases import (
+    FetchAs,
+    KeeperRenewer,
+    LeaseService,
+    Renewer,
+    ThreadRenewer,
+)
 from worq_core.worker.prefetch import Prefetch
 from worq_core.worker.run import HOLDING, Run, RunState
 from worq_core.worker.scheduler import Scheduler
@@ -145,7 +151,12 @@ class Worker:
         self._stop_requested_at = -float("inf")
         self._threads = ThreadExecutor(settings.concurrency)
         self._loop: AsyncExecutor | None = None
+        self._loop_lock = threading.Lock()
         self._leases: LeaseService | None = None
+        self._fetch_as: FetchAs = {}
+        """What fetches pass the broker besides their arguments: the id the leases are recorded
+        under, when the lease keeper renews by worker (``Capability.WORKER_LEASES``)."""
+        self._owners = itertools.count(1)
         self._watchdog = Watchdog(self)
         self._parent = os.getppid()
         self._rng = random.Random()
@@ -169,9 +180,12 @@ class Worker:
         )
         self._parent = os.getppid()
         self._threads.start()
-        self._loop = AsyncExecutor()
-        self._loop.start()
-        self._leases = LeaseService(self, self._renewer())
+        if any(task.is_async for task in self.app.tasks.values()):
+            self._async_executor()  # else only once an async task comes (none may ever)
+        renewer = self._renewer()
+        if isinstance(renewer, KeeperRenewer) and renewer.keeper.by_worker:
+            self._fetch_as = {"worker": self.id}  # the broker records our leases for the keeper
+        self._leases = LeaseService(self, renewer)
         services: list[Service] = [self._leases, self._watchdog, Registration(self), Limits(self)]
         services += self._scheduler()
         for middleware in stack.middlewares:
@@ -190,7 +204,8 @@ class Worker:
             finally:
                 self._shutdown()
                 self.services.stop()
-                self._loop.stop()
+                if self._loop is not None:
+                    self._loop.stop()
                 self._threads.stop()
                 self._each_middleware("worker_stop")
                 with contextlib.suppress(Exception):
@@ -277,15 +292,26 @@ class Worker:
                 "to build exactly this app's broker"
             )
             return thread
+        # By worker when the broker can: the keeper then needs nothing from us per job.
+        by_worker = Capability.WORKER_LEASES in broker.capabilities
         try:
             keeper = LeaseKeeper(
-                settings.broker_factory, settings.lease, settings.heartbeat_interval
+                settings.broker_factory,
+                settings.lease,
+                settings.heartbeat_interval,
+                worker=self.id if by_worker else None,
+                queues=settings.queues,
             )
         except Exception as exc:  # noqa: BLE001 - the thread still renews leases
             log.warning("leases renewed by a thread: the lease keeper failed to start: %s", exc)
             return thread
-        log.info("leases renewed by a separate process")
-        return KeeperRenewer(keeper)
+        if not by_worker:
+            # It renews only what it is told: a job fetched before it is ready and holding the
+            # GIL from its start would never be handed to it. Wait for it, as it always did.
+            with contextlib.suppress(RuntimeError):  # KeeperRenewer logs it, renews by thread
+                keeper.ready(timeout=START_TIMEOUT)
+        # The thread renews until the keeper is ready.
+        return KeeperRenewer(keeper, thread, lambda: self._fetch_as.get("worker"))
 
     # -- fetching ----------------------------------------------------------------------------
     #
@@ -417,8 +443,10 @@ class Worker:
                 limit,
                 lease=settings.lease,
                 wait=wait,
+                **self._fetch_as,
             )
         except BaseException:
+            self.let_leases_lapse()  # it may have leased jobs whose answer never came
             with self.lock:
                 settle.direct = False
                 self._fetching = False
@@ -436,7 +464,7 @@ class Worker:
                 self._release(deliveries)
                 deliveries = []
             runs = self._take_all(deliveries)
-            if runs and self._leases is not None and self._leases.by_keeper:
+            if runs and self._leases is not None and self._leases.hands_off:
                 self._leases.renew()  # before they start: one holding the GIL would starve it
         finally:
             with self.lock:
@@ -515,11 +543,26 @@ class Worker:
         self.counters.fetched -= len(runs)
         self.lock.notify_all()  # a shutdown, or a worker at its job limit, may wait for these
 
+    def let_leases_lapse(self) -> None:
+        """Stop the lease keeper renewing the leases this worker does not hold (any more).
+
+        For a keeper renewing by worker, which renews every lease recorded under the worker's
+        owner id: after a fetch that failed (it may have leased jobs whose answer never came)
+        and a run given up on (its lease must run out so that it runs again). The worker
+        fetches under a new owner id from then on and tells the keeper at once; the keeper
+        renews the new id's record and, of the old ones, only the leases the worker holds.
+        """
+        if self._fetch_as:
+            self._fetch_as = {"worker": f"{self.id}/{next(self._owners)}"}
+            if self._leases is not None:
+                self._leases.owner_changed()
+
     def _release(self, deliveries: list[Delivery]) -> None:
         try:
             self.app.broker.release(deliveries)
         except Exception as exc:  # noqa: BLE001 - their leases run out instead
             log.warning("handing back %d unstarted jobs failed: %s", len(deliveries), exc)
+            self.let_leases_lapse()
 
     def _budget(self) -> int:
         """Jobs this worker may still fetch (``max_jobs``); called with the lock held."""
@@ -642,10 +685,17 @@ class Worker:
         """Start a taken run: on the event loop, or on a slot thread."""
         assert run.task is not None
         if run.task.is_async:
-            assert self._loop is not None
-            run.future = self._loop.submit(self._run_async(run))
+            run.future = self._async_executor().submit(self._run_async(run))
         else:
             self._threads.submit(lambda: self._run_sync(run))
+
+    def _async_executor(self) -> AsyncExecutor:
+        """The event loop of ``async def`` tasks, started on first use."""
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = AsyncExecutor()
+                self._loop.start()
+            return self._loop
 
     def _start(self, run: Run, allowance: float) -> bool:
         """Mark a run started and arm the watchdog; ``False`` if it is not to start.

@@ -2,7 +2,10 @@
 
 Every heartbeat the service hands the leases the worker holds (with the progress of their jobs)
 to a :class:`Renewer`, and applies what comes back: a lost lease marks its run ``lost`` (its
-result must not overwrite the run that now owns the job), a cancelled one tells the run.
+result must not overwrite the run that now owns the job), a cancelled one tells the run. A
+keeper renewing by worker (:attr:`~worq_core.Capability.WORKER_LEASES`) renews what the broker
+recorded for the worker whatever it is told; others must also be told of each new lease before
+its job starts (:attr:`LeaseService.hands_off`).
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol, TypedDict
 
 from typing_extensions import override
 
@@ -29,6 +32,16 @@ log = logging.getLogger("worq.worker")
 
 #: Shortest time between two renewals brought forward to publish progress.
 PROGRESS_INTERVAL = 1.0
+
+
+class FetchAs(TypedDict, total=False):
+    """Keywords a worker's fetches pass the broker: its id, for a keeper renewing by worker.
+
+    Empty for a broker without :attr:`~worq_core.Capability.WORKER_LEASES` (whose ``fetch``
+    may not take ``worker``).
+    """
+
+    worker: str
 
 
 class Renewer(Protocol):
@@ -71,16 +84,63 @@ class ThreadRenewer:
 
 
 class KeeperRenewer:
-    """Hands the leases to the :class:`LeaseKeeper` process, which renews them on its own."""
+    """Renews through the :class:`LeaseKeeper` process, and from a thread until it is ready.
 
-    def __init__(self, keeper: LeaseKeeper) -> None:
+    The keeper starts in the background; until it says it is ready, ``thread`` renews, so
+    there is no moment when a fetched job is renewed by nobody. A keeper that fails to start
+    makes :meth:`renew` answer ``None``, and the service renews by thread from then on.
+    """
+
+    def __init__(
+        self, keeper: LeaseKeeper, thread: ThreadRenewer, owner: Callable[[], str | None]
+    ) -> None:
         self.keeper = keeper
+        self.thread = thread
+        self.owner = owner
+        """The id the worker fetches under now (by worker), told to the keeper each time."""
+        self._ready = False
+        self._failed = False
+        self._checking = threading.Lock()  # the fetch loop and the service thread both ask
+
+    @property
+    def hands_off(self) -> bool:
+        """Whether each new set of leases must reach the keeper before its jobs start.
+
+        Only a keeper that renews the leases it is told of (a broker without
+        :attr:`~worq_core.Capability.WORKER_LEASES`), once it is ready.
+        """
+        return not self.keeper.by_worker and self._is_ready()
+
+    @property
+    def ready(self) -> bool:
+        """Whether the keeper renews (and this renewer sends it the leases)."""
+        return self._is_ready()
 
     def renew(
         self, deliveries: Sequence[Delivery], progress: Mapping[str, bytes]
     ) -> dict[str, LeaseState] | None:
-        """Send the leases to the keeper; what it reported since the last call."""
-        return self.keeper.hold(deliveries, progress)
+        """Send the leases to the keeper (from a thread until it is ready); what it reported."""
+        if not self._is_ready():
+            return None if self._failed else self.thread.renew(deliveries, progress)
+        states = self.keeper.hold(deliveries, progress, self.owner())
+        if states is None:
+            log.error("the lease keeper process is gone; renewing leases from a thread")
+        return states
+
+    def _is_ready(self) -> bool:
+        with self._checking:
+            if self._ready or self._failed:
+                return self._ready
+            try:
+                self._ready = self.keeper.ready()
+            except RuntimeError as exc:
+                log.warning("leases renewed by a thread: %s", exc)
+                self._failed = True
+                return False
+            if self._ready:
+                how = "by worker" if self.keeper.by_worker else "told of each new lease"
+                log.info("leases renewed by a separate process (%s)", how)
+            return self._ready
 
     def close(self) -> None:
         """Stop the keeper process."""
@@ -118,9 +178,23 @@ class LeaseService(Service):
             runner.wake(self, max(time.monotonic(), self.last_tick + PROGRESS_INTERVAL))
 
     @property
-    def by_keeper(self) -> bool:
-        """Whether the lease-keeper process renews (it must hear of new leases at once)."""
-        return isinstance(self.renewer, KeeperRenewer)
+    def hands_off(self) -> bool:
+        """Whether new leases must reach the lease keeper at once, before their jobs start.
+
+        So for a keeper that renews only the leases it is told of; the fetch loop then calls
+        :meth:`renew` right after each fetch.
+        """
+        return isinstance(self.renewer, KeeperRenewer) and self.renewer.hands_off
+
+    def owner_changed(self) -> None:
+        """The worker fetches under a new owner id: a keeper renewing by worker hears it now.
+
+        Before the worker fetches again, so that the keeper renews the new id's record even if
+        a job of it holds the GIL from its first instruction.
+        """
+        renewer = self.renewer
+        if isinstance(renewer, KeeperRenewer) and renewer.keeper.by_worker and renewer.ready:
+            self.renew()
 
     def renew(self) -> None:
         """Renew now (also called by the fetch loop before new jobs start, for the keeper)."""
@@ -149,8 +223,7 @@ class LeaseService(Service):
             return
         for run, report in reports:
             run.progress_sent = report
-        if states is None:
-            log.error("the lease keeper process is gone; renewing leases from a thread")
+        if states is None:  # the renewer said why
             self.renewer.close()
             self.renewer = ThreadRenewer(worker.app.broker, worker.settings.lease)
             self._renew()

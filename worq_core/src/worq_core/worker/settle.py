@@ -226,6 +226,7 @@ class SettlePath:
             run.move(RunState.DROPPED)
             worker.held.pop(run.delivery.token, None)
             worker.lock.notify_all()
+        worker.let_leases_lapse()  # a keeper renewing by worker must let this one run out
 
     def _send(
         self,

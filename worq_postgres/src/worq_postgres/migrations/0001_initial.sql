@@ -16,7 +16,8 @@ CREATE SEQUENCE worq_token;  -- lease tokens: every fetch takes a fresh one
 -- the key stays taken after that (unique_hold); a workflow member its group and index, and a
 -- chord's callback the group it closes; a limited job its limits, and ``granted``: its rate
 -- slot is counted for this run (set when it is leased or set aside for a slot; cleared by a
--- retry or an expired lease).
+-- retry or an expired lease). A running job's ``holder`` is the worker it was fetched for
+-- (fetch(worker=), for worq_extend_worker); every lease sets it, NULL when fetched for none.
 CREATE TABLE worq_jobs (
     id text PRIMARY KEY,
     queue text NOT NULL,
@@ -43,7 +44,8 @@ CREATE TABLE worq_jobs (
     rate_burst integer,
     conc_key text,
     conc_limit integer,
-    granted boolean NOT NULL DEFAULT false
+    granted boolean NOT NULL DEFAULT false,
+    holder text
 ) WITH (
     fillfactor = 80,  -- room for HOT updates: state changes rewrite the row in place
     -- Every acknowledged job leaves a dead row behind; the default (20% of the table) lets a
@@ -248,8 +250,9 @@ $$;
 -- permit stays queued (parked, keeping its place), a job whose rate slot lies ahead waits
 -- for it as 'scheduled' with the slot counted, and at most 200 are set aside per queue and
 -- call so that a long run of them cannot stall the jobs behind.
-CREATE FUNCTION worq_fetch(p_queues text[], p_limit integer, p_lease float8)
-RETURNS TABLE (
+CREATE FUNCTION worq_fetch(
+    p_queues text[], p_limit integer, p_lease float8, p_worker text DEFAULT NULL
+) RETURNS TABLE (
     r_pos integer, r_id text, r_queue text, r_body bytea, r_token bigint, r_attempts integer,
     r_cancel boolean, r_priority integer, r_seq bigint
 )
@@ -302,7 +305,7 @@ BEGIN
             ), leased AS (
                 UPDATE worq_jobs j
                 SET state = 'running', attempts = j.attempts + 1, token = nextval('worq_token'),
-                    lease_until = v_now + p_lease, progress = NULL
+                    lease_until = v_now + p_lease, progress = NULL, holder = p_worker
                 FROM picked
                 WHERE j.id = picked.id
                 RETURNING j.id, j.queue, j.body, j.token, j.attempts, j.cancel_requested,
@@ -364,7 +367,8 @@ BEGIN
             END IF;
             UPDATE worq_jobs j
             SET state = 'running', attempts = j.attempts + 1, token = nextval('worq_token'),
-                lease_until = v_now + p_lease, progress = NULL, granted = j.rate_key IS NOT NULL
+                lease_until = v_now + p_lease, progress = NULL, granted = j.rate_key IS NOT NULL,
+                holder = p_worker
             WHERE j.id = v_c.id
             RETURNING j.id, j.queue, j.body, j.token, j.attempts, j.cancel_requested,
                       j.priority, j.seq, j.unique_key, j.unique_until, j.unique_hold
@@ -499,6 +503,29 @@ BEGIN
             WHEN NOT FOUND THEN 'lost' WHEN v_cancel THEN 'cancelling' ELSE 'held' END;
     END LOOP;
     RETURN v_states;
+END
+$$;
+
+-- Renew every unexpired lease of p_queues fetched for p_worker (worq_fetch's p_worker): one
+-- call for all of a worker's leases, fenced as worq_extend (a settled, released or re-leased
+-- job is no longer its lease). Answers each renewed lease's token and cancel flag; progress
+-- (p_ids, p_progress) is kept for renewed ones.
+CREATE FUNCTION worq_extend_worker(
+    p_worker text, p_queues text[], p_lease float8, p_ids text[], p_progress bytea[]
+) RETURNS TABLE (r_token bigint, r_cancel boolean)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    v_now float8 := worq_now();
+BEGIN
+    RETURN QUERY
+    UPDATE worq_jobs j
+    SET lease_until = v_now + p_lease,
+        progress = coalesce(
+            (SELECT p.data FROM unnest(p_ids, p_progress) AS p (id, data) WHERE p.id = j.id),
+            j.progress)
+    WHERE j.queue = ANY (p_queues) AND j.state = 'running' AND j.holder = p_worker
+      AND j.lease_until > v_now
+    RETURNING j.token, j.cancel_requested;
 END
 $$;
 
@@ -800,7 +827,8 @@ $$;
 CREATE FUNCTION worq_settle_fetch(
     p_channel text, p_ids text[], p_tokens bigint[], p_outcomes text[], p_delays float8[],
     p_reasons text[], p_records bytea[], p_ttls float8[], p_outputs bytea[],
-    p_queues text[], p_limit integer, p_lease float8, p_wait boolean
+    p_queues text[], p_limit integer, p_lease float8, p_wait boolean,
+    p_worker text DEFAULT NULL
 ) RETURNS TABLE (
     r_applied boolean[], r_next_due float8, r_now float8,
     r_pos integer, r_id text, r_queue text, r_body bytea, r_token bigint, r_attempts integer,
@@ -817,7 +845,7 @@ BEGIN
     END IF;
     RETURN QUERY
     SELECT NULL::boolean[], NULL::float8, NULL::float8, f.*
-    FROM worq_fetch(p_queues, p_limit, p_lease) f;
+    FROM worq_fetch(p_queues, p_limit, p_lease, p_worker) f;
     GET DIAGNOSTICS v_got = ROW_COUNT;
     IF v_got = 0 AND p_wait THEN
         r_next_due := worq_next_due(p_queues);

@@ -247,10 +247,15 @@ local function wake(ck)
   end
 end
 
--- A job with limits (flag L) leaves its lease (settled, released, reaped, cancelled), or a
--- woken job its reservation (cancelled, or set aside for its rate): the permit it holds, if
--- any, comes back and wakes the oldest job parked for its key.
+-- A job leaves its lease (settled, released, reaped, cancelled), or a woken job its
+-- reservation (cancelled, or set aside for its rate). A lease fetched for a worker (its token
+-- `seq@worker`) leaves that worker's record of leases (`held:<worker>`). A job with limits
+-- (flag L) gives the permit it holds, if any, back, which wakes the oldest job parked for its key.
 local function leave_lease(id, j)
+  local at = string.find(j.ex, "@", 1, true)
+  if at then
+    redis.call("HDEL", qkey("held:" .. string.sub(j.ex, at + 1)), id)
+  end
   if has(j, "L") then
     local lim = limits_of(id)
     if lim and lim.cl > 0 and redis.call("SREM", qkey("c:" .. lim.ck), id) == 1 then
@@ -635,6 +640,24 @@ local function ack_plain(acks, count)
     end
   end
   redis.call("ZREM", K_LEASED, unpack(ids, 1, count))
+  -- as leave_lease: a lease fetched for a worker leaves that worker's record
+  local by_worker = {}
+  for a = 1, count do
+    local ex = acks[a].j.ex
+    local at = string.find(ex, "@", 1, true)
+    if at then
+      local w = string.sub(ex, at + 1)
+      local list = by_worker[w]
+      if list == nil then
+        list = {}
+        by_worker[w] = list
+      end
+      list[#list + 1] = ids[a]
+    end
+  end
+  for w, list in pairs(by_worker) do
+    redis.call("HDEL", qkey("held:" .. w), unpack(list))
+  end
   redis.call("HDEL", K_JOBS, unpack(ids, 1, count))
   redis.call("HDEL", K_META, unpack(ids, 1, count))
   redis.call("HDEL", K_IDS, unpack(ids, 1, count))
@@ -849,7 +872,9 @@ end
 -- Returns {now, next due time or "", then per job: id, body, token, attempts, cancel (0|1)}.
 -- The earliest lease deadline and due time are read first: reaping and promoting run only when
 -- one of them has passed, and they give the next due time unless something moved.
-local function fetch(now, limit, lease, reap_limit, promote_limit)
+-- With a `worker` (not ""), each token is `seq@worker` and the lease is recorded in the
+-- worker's record (`held:<worker>`: id -> token) until it leaves (leave_lease), for extend_worker.
+local function fetch(now, limit, lease, reap_limit, promote_limit, worker)
   local l = redis.call("ZRANGE", K_LEASED, 0, 0, "WITHSCORES")
   if #l > 0 and tonumber(l[2]) <= now then
     reap(now, reap_limit)
@@ -865,6 +890,10 @@ local function fetch(now, limit, lease, reap_limit, promote_limit)
   local until_ = f6(now + lease)
   local ready_left = true
   local want, asides, timed, limited = limit, 0, false, false
+  local record, holder = nil, ""
+  if worker ~= nil and worker ~= "" then
+    record, holder = qkey("held:" .. worker), "@" .. worker
+  end
   while want > 0 do
     local popped = redis.call("ZPOPMIN", K_READY, want)
     ready_left = #popped >= 2 * want -- fewer than asked: ready is empty now
@@ -885,7 +914,7 @@ local function fetch(now, limit, lease, reap_limit, promote_limit)
         else
           j.at = j.at + 1
           j.st = "l"
-          j.ex = string.format("%d", redis.call("INCR", K_SEQ))
+          j.ex = string.format("%d", redis.call("INCR", K_SEQ)) .. holder
           if j.fl ~= "" then
             if has(j, "U") then
               unique_release(id, j) -- until started: its first lease lets go of the key
@@ -894,6 +923,9 @@ local function fetch(now, limit, lease, reap_limit, promote_limit)
           end
           redis.call("HSET", K_META, id, pack(j))
           redis.call("ZADD", K_LEASED, until_, id)
+          if record then
+            redis.call("HSET", record, id, j.ex)
+          end
           out[#out + 1] = id
           out[#out + 1] = redis.call("HGET", K_JOBS, id)
           out[#out + 1] = j.ex
