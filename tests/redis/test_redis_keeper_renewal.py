@@ -311,3 +311,52 @@ def test_a_run_given_up_on_is_left_to_its_lease_by_a_keeper_renewing_by_worker(
         # out (the keeper must not renew it) so that the job runs again.
         assert job.result(timeout=30) == 2
     assert FailingOnceStorage.failed.is_set()
+
+
+class ScriptSentTwiceBroker(RedisBroker):
+    """Once ``twice`` is set, the next fetch that leases jobs runs its script a second time and
+    answers only that one (as a client that sends a script again after a connection cut): the
+    jobs the first one leased are recorded under the worker, which never hears of them."""
+
+    twice = threading.Event()
+
+    def settle_and_fetch(
+        self,
+        settlements: Sequence[Settlement],
+        queues: Sequence[str],
+        limit: int,
+        *,
+        lease: float,
+        wait: float,
+        worker: str | None = None,
+    ) -> tuple[list[bool], list[Delivery]]:
+        applied, deliveries = super().settle_and_fetch(
+            settlements, queues, limit, lease=lease, wait=wait, worker=worker
+        )
+        if deliveries and self.twice.is_set():
+            self.twice.clear()
+            _, deliveries = super().settle_and_fetch(
+                [], queues, limit, lease=lease, wait=0.0, worker=worker
+            )
+        return applied, deliveries
+
+
+@pytest.mark.timeout(90)
+def test_jobs_leased_by_a_fetch_the_worker_never_heard_of_are_not_renewed_for_ever(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="worq.worker")
+    app = Worq(ScriptSentTwiceBroker(runtime.url), storage=RedisStorage(runtime.url))
+
+    @app.task(name="quick", queue="keeper")
+    def quick() -> int:
+        return current_job().attempt
+
+    worker = Worker(app, _settings(runtime, RedisBroker, lease=2.0, heartbeat=0.3))
+    with running(worker):
+        _logged(caplog, "leases renewed by a separate process (by worker)")
+        ScriptSentTwiceBroker.twice.set()
+        job = quick.enqueue()
+        # No error told the worker: the keeper finds the lease it does not hold in its record.
+        assert job.result(timeout=30) == 2
+    assert any("left to run out" in m for m in caplog.messages)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -52,6 +53,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("worq.lease_keeper")
 
 _Held = list[tuple[str, str, str, int]]  # (job id, queue, token, attempts)
+
+#: What the keeper reports, in place of a :class:`LeaseState`, for a lease recorded under the
+#: worker's owner id that the worker does not hold: the worker then fetches under a new id.
+UNHELD = "unheld"
 
 
 #: How long the keeper may take to say it is ready before the worker gives up on it.
@@ -99,6 +104,7 @@ class LeaseKeeper:
         self._started = time.monotonic()
         self._ready = False
         self._failure: str | None = None
+        self._unheld = 0
         self._reading = threading.Lock()  # the fetch loop and the service thread both read
 
     @property
@@ -149,13 +155,27 @@ class LeaseKeeper:
         states: dict[str, LeaseState] = {}
         try:
             with self._reading:
-                self._conn.send((held, dict(progress), owner or self.worker))
+                message = (held, dict(progress), owner or self.worker, time.monotonic())
+                self._conn.send(message)
                 while self._conn.poll(0):
                     report = self._conn.recv()
-                    states.update({token: LeaseState(s) for token, s in report.items()})
+                    for token, state in report.items():
+                        if state == UNHELD:
+                            self._unheld += 1
+                        else:
+                            states[token] = LeaseState(state)
         except (OSError, EOFError):
             return None
         return states if self._process.is_alive() else None
+
+    def unheld(self) -> int:
+        """How many unheld leases the keeper reported since the last call (see :data:`UNHELD`).
+
+        Leases recorded under the worker's owner id that the worker does not hold.
+        """
+        with self._reading:
+            found, self._unheld = self._unheld, 0
+        return found
 
     def is_alive(self) -> bool:
         """Whether the keeper process still runs."""
@@ -264,6 +284,8 @@ def _serve(
     interval, owner = renewal.interval, renewal.worker
     held: list[Delivery] = []
     progress: dict[str, bytes] = {}
+    told_at = -math.inf  # when the worker took the snapshot of ``held`` (monotonic)
+    first_seen: dict[str, float] = {}  # when each lease of the owner's record was first renewed
     liveness = _Liveness(worker_pid, silence=2 * interval + 1.0)
     # By worker, renew at once: the worker may hold leases already (taken while this started).
     next_beat = time.monotonic() + (0.0 if owner is not None else interval)
@@ -272,7 +294,7 @@ def _serve(
         while True:
             if conn.poll(max(0.0, next_beat - time.monotonic())):
                 try:
-                    message: tuple[_Held, dict[str, bytes], str | None] | None = conn.recv()
+                    message: tuple[_Held, dict[str, bytes], str | None, float] | None = conn.recv()
                 except EOFError:
                     return  # the worker is gone: let its leases expire
                 if message is None:
@@ -280,7 +302,7 @@ def _serve(
                 liveness.heard_from()
                 held = [Delivery(i, q, b"", t, a) for i, q, t, a in message[0]]
                 progress.update(message[1])
-                owner = message[2]
+                owner, told_at = message[2], message[3]
                 if not message[1]:
                     continue  # a fresh lease runs a whole lease: the next beat renews it
                 # Progress to publish: renew now rather than at the next beat.
@@ -289,7 +311,7 @@ def _serve(
                 renewed_at = time.monotonic()
                 continue
             try:
-                report = _renew(broker, renewal, owner, held, progress)
+                report = _renew(broker, renewal, owner, held, progress, first_seen, told_at)
             except Exception as exc:  # noqa: BLE001 - keep renewing through outages
                 silent = time.monotonic() - renewed_at
                 level = logging.ERROR if silent > renewal.lease else logging.WARNING
@@ -298,8 +320,8 @@ def _serve(
             renewed_at = time.monotonic()
             progress.clear()
             if report:
-                conn.send({token: state.value for token, state in report.items()})
-                held = [d for d in held if report.get(d.token) is not LeaseState.LOST]
+                conn.send(report)
+                held = [d for d in held if report.get(d.token) != LeaseState.LOST.value]
     finally:
         broker.close()
 
@@ -310,32 +332,48 @@ def _renew(
     owner: str | None,
     held: list[Delivery],
     progress: Mapping[str, bytes],
-) -> dict[str, LeaseState]:
-    """Renew once; the leases that are not simply held, by token.
+    first_seen: dict[str, float],
+    told_at: float,
+) -> dict[str, str]:
+    """Renew once; the leases that are not simply held: token to state value, or :data:`UNHELD`.
 
     By worker: every lease the broker recorded for ``owner`` in one call, then the leases the
     worker told of that were not among them one by one (fetched under an earlier owner id; or
     settled or lost since the worker spoke, which this answers as lost: the worker ignores the
-    settled ones). A lease recorded for an earlier owner id that the worker did not tell of is
-    not renewed: a fetch whose answer never reached the worker leaves such leases, and they
-    must run out, as they would without the keeper.
+    settled ones). A recorded lease the worker did not tell of, though it took the snapshot it
+    told at ``told_at`` a beat or more after this keeper first renewed that lease, is one the
+    worker does not hold: a fetch whose answer never reached it (a connection cut after the
+    script ran, a client that sent the script again), a run it gave up on. It is reported
+    :data:`UNHELD`, so that the worker fetches under a new owner id and it runs out, as it would
+    without the keeper. ``first_seen`` keeps, across calls, when each recorded lease was first
+    renewed.
     """
     if owner is None:
         states = broker.extend(held, renewal.lease, progress)
         return {
-            d.token: state
+            d.token: state.value
             for d, state in zip(held, states, strict=True)
             if state is not LeaseState.HELD
         }
     renewed = broker.extend_worker(owner, renewal.queues, renewal.lease, progress)
-    report: dict[str, LeaseState] = {
-        token: state for token, state in renewed.items() if state is not LeaseState.HELD
+    now = time.monotonic()
+    seen = {token: first_seen.get(token, now) for token in renewed}
+    first_seen.clear()
+    first_seen.update(seen)
+    told = {d.token for d in held}
+    report = {
+        token: state.value for token, state in renewed.items() if state is not LeaseState.HELD
     }
+    report.update(
+        (token, UNHELD)
+        for token, seen_at in seen.items()
+        if token not in told and seen_at + renewal.interval <= told_at
+    )
     rest = [d for d in held if d.token not in renewed]
     if rest:
         states = broker.extend(rest, renewal.lease, progress)
         report.update(
-            (d.token, state)
+            (d.token, state.value)
             for d, state in zip(rest, states, strict=True)
             if state is not LeaseState.HELD
         )

@@ -311,7 +311,9 @@ class Worker:
             with contextlib.suppress(RuntimeError):  # KeeperRenewer logs it, renews by thread
                 keeper.ready(timeout=START_TIMEOUT)
         # The thread renews until the keeper is ready.
-        return KeeperRenewer(keeper, thread, lambda: self._fetch_as.get("worker"))
+        return KeeperRenewer(
+            keeper, thread, lambda: self._fetch_as.get("worker"), self._new_lease_owner
+        )
 
     # -- fetching ----------------------------------------------------------------------------
     #
@@ -552,10 +554,16 @@ class Worker:
         fetches under a new owner id from then on and tells the keeper at once; the keeper
         renews the new id's record and, of the old ones, only the leases the worker holds.
         """
-        if self._fetch_as:
-            self._fetch_as = {"worker": f"{self.id}/{next(self._owners)}"}
-            if self._leases is not None:
-                self._leases.owner_changed()
+        if self._new_lease_owner() is not None and self._leases is not None:
+            self._leases.owner_changed()
+
+    def _new_lease_owner(self) -> str | None:
+        """Fetch under a new owner id from now on, when the keeper renews by worker; returns it."""
+        if not self._fetch_as:
+            return None
+        owner = f"{self.id}/{next(self._owners)}"
+        self._fetch_as = {"worker": owner}
+        return owner
 
     def _release(self, deliveries: list[Delivery]) -> None:
         try:

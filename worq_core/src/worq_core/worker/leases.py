@@ -92,12 +92,18 @@ class KeeperRenewer:
     """
 
     def __init__(
-        self, keeper: LeaseKeeper, thread: ThreadRenewer, owner: Callable[[], str | None]
+        self,
+        keeper: LeaseKeeper,
+        thread: ThreadRenewer,
+        owner: Callable[[], str | None],
+        new_owner: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.keeper = keeper
         self.thread = thread
         self.owner = owner
         """The id the worker fetches under now (by worker), told to the keeper each time."""
+        self.new_owner = new_owner
+        """Makes the worker fetch under a new owner id; returns it (by worker)."""
         self._ready = False
         self._failed = False
         self._checking = threading.Lock()  # the fetch loop and the service thread both ask
@@ -123,6 +129,17 @@ class KeeperRenewer:
         if not self._is_ready():
             return None if self._failed else self.thread.renew(deliveries, progress)
         states = self.keeper.hold(deliveries, progress, self.owner())
+        unheld = self.keeper.unheld() if states is not None else 0
+        if states is not None and unheld and (owner := self.new_owner()) is not None:
+            # Leases recorded under our owner id that we do not hold: fetch under a new one and
+            # tell the keeper at once, which then renews only the leases we hold of the old.
+            log.info(
+                "%d leases of this worker's are not its own (a fetch whose answer was lost, a "
+                "run given up on): left to run out",
+                unheld,
+            )
+            more = self.keeper.hold(deliveries, {}, owner)
+            states = None if more is None else states | more
         if states is None:
             log.error("the lease keeper process is gone; renewing leases from a thread")
         return states
