@@ -267,6 +267,25 @@ def test_a_workers_record_of_leases_is_gone_once_its_leases_are(backend: Backend
     assert not backend.client.exists(record)
 
 
+def test_acks_settled_together_leave_their_workers_records(real_backend: Backend) -> None:
+    # Several plain acks in one call take the batched path of the settle script: each lease must
+    # still leave its worker's record, or the keeper renews it for ever.
+    broker = real_backend.broker()
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    try:
+        broker.enqueue([Message(uuid.uuid4().hex, queue, b"x") for _ in range(3)])
+        first = broker.fetch([queue], 2, lease=30, wait=0, worker="w1")
+        other = broker.fetch([queue], 1, lease=30, wait=0, worker="w2")
+        acks = [Settlement(d, Outcome.ACK) for d in first + other]
+        assert broker.settle(acks) == [True, True, True]
+        base = queue_base(real_backend, queue)
+        for worker in ("w1", "w2"):
+            assert not real_backend.client.exists(f"{base}held:{worker}"), worker
+        assert broker.extend_worker("w1", [queue], 30) == {}
+    finally:
+        broker.close()
+
+
 def test_a_settlement_with_follow_ups_and_a_fetch_for_a_worker_do_both(backend: Backend) -> None:
     broker = backend.broker()
     broker.enqueue([Message("first", "q", b"x")])
