@@ -481,7 +481,7 @@ def located(exc: BaseException) -> str:
     """
     text = str(exc)
     found = _SCRIPT_SHA.search(text)
-    name = _SCRIPT_NAMES.get(found[1]) if found else None
+    name = _script_named_by(found[1]) if found else None
     return text if name is None else lua.locate(name, text)
 
 
@@ -593,19 +593,41 @@ def registry_key(prefix: str) -> str:
 # -- scripts -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
 class Script:
-    """A Lua script known by its SHA1, loaded into Redis on first NOSCRIPT."""
+    """A Lua script known by its SHA1, loaded into Redis on first NOSCRIPT.
 
-    name: str
-    source: str
-    sha: str
+    Built by name, its source is composed (and hashed) on first use, not at import: a worker
+    runs a handful of the scripts, and composing all of them cost its start-up ~10 ms.
+    """
+
+    __slots__ = ("_sha", "_source", "name")
+
+    def __init__(self, name: str, source: str | None = None, sha: str | None = None) -> None:
+        self.name = name
+        self._source = source
+        self._sha = sha
 
     @classmethod
     def named(cls, name: str) -> Script:
         """The script ``name`` from :mod:`worq_redis.lua`."""
-        text = lua.source(name)
-        return cls(name, text, hashlib.sha1(text.encode()).hexdigest())
+        return cls(name)
+
+    @property
+    def source(self) -> str:
+        """The whole source Redis runs (helpers included)."""
+        if self._source is None:
+            self._source = lua.source(self.name)
+        return self._source
+
+    @property
+    def sha(self) -> str:
+        """The SHA1 of :attr:`source`, by which ``EVALSHA`` names it."""
+        if self._sha is None:
+            self._sha = hashlib.sha1(self.source.encode()).hexdigest()
+        return self._sha
+
+    def __repr__(self) -> str:
+        return f"Script({self.name!r})"
 
 
 SCRIPTS: Final = {
@@ -621,7 +643,11 @@ SCRIPTS: Final = {
     ]
 }
 
-_SCRIPT_NAMES: Final = {script.sha: name for name, script in SCRIPTS.items()}
+
+def _script_named_by(sha: str) -> str | None:
+    """The name of our script whose SHA1 is ``sha`` (composing every script: errors only)."""
+    return next((name for name, script in SCRIPTS.items() if script.sha == sha), None)
+
 
 Call = tuple[Script, Sequence[KeyArg], Sequence[Arg]]
 
