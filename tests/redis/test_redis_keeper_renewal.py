@@ -1,4 +1,4 @@
-"""How the lease keeper renews on real Redis: by worker, started in the background, or not at all.
+"""How the lease keeper renews on real Redis: by worker, started with the first jobs, or not at all.
 
 Workers run in this process (on a thread) with the keeper as their child process, built from
 ``broker_factory``. A task that holds the GIL starves every thread of the worker, so only the
@@ -9,6 +9,7 @@ thread when a case needs it out of the way without holding the GIL.
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ from worq_core import (
     LeaseState,
     Settlement,
     StorageConnectionError,
+    Task,
     Worker,
     WorkerSettings,
     Worq,
@@ -75,6 +77,22 @@ def _logged(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 30.0) 
     while not any(text in message for message in caplog.messages):
         assert time.monotonic() < deadline, f"{text!r} never logged: {caplog.messages}"
         time.sleep(0.02)
+
+
+def _warm_task(app: Worq) -> Task[None]:
+    """A no-op task on the keeper queue: its job makes a worker start its lease keeper."""
+
+    @app.task(name="warm", queue="keeper")
+    def warm() -> None:
+        return None
+
+    return warm
+
+
+def _keeper_started(warm: Task[None], caplog: pytest.LogCaptureFixture, how: str = "") -> None:
+    """Run one job (the keeper starts with a worker's first jobs) and wait until it renews."""
+    assert warm.enqueue().result(timeout=30) is None
+    _logged(caplog, f"leases renewed by a separate process{how}")
 
 
 @pytest.fixture
@@ -137,9 +155,10 @@ def test_a_job_holding_the_gil_from_its_start_keeps_its_lease_through_the_keeper
         done.set()
         return "done"
 
+    warm = _warm_task(app)
     worker = Worker(app, _settings(runtime, broker))
     with running(worker):
-        _logged(caplog, "leases renewed by a separate process")
+        _keeper_started(warm, caplog)
         job = hog.enqueue()
         assert job.result(timeout=30) == "done"
         assert done.wait(10)
@@ -152,8 +171,28 @@ def test_a_job_holding_the_gil_from_its_start_keeps_its_lease_through_the_keeper
         assert handed_off, "a keeper renewing what it is told must be told before the job runs"
 
 
+def _keepers() -> list[str]:
+    return [p.name for p in multiprocessing.active_children() if p.name == "worq-lease-keeper"]
+
+
 @pytest.mark.timeout(90)
-def test_a_keeper_started_in_the_background_renews_the_jobs_fetched_before_it_was_ready(
+def test_the_keeper_starts_with_the_workers_first_jobs_not_with_the_worker(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="worq.worker")
+    app = Worq(RedisBroker(runtime.url), storage=RedisStorage(runtime.url))
+    warm = _warm_task(app)
+    worker = Worker(app, _settings(runtime, RedisBroker))
+    with running(worker):
+        time.sleep(1.0)  # five heartbeats and ten empty fetches
+        assert not _keepers(), "a worker with no job to renew started a keeper"
+        _keeper_started(warm, caplog, " (by worker)")
+        assert _keepers() == ["worq-lease-keeper"]
+    assert not _keepers(), "the keeper outlived its worker"
+
+
+@pytest.mark.timeout(90)
+def test_a_keeper_started_with_the_first_jobs_renews_them_once_it_is_ready(
     runtime: Runtime, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level("INFO", logger="worq.worker")
@@ -194,8 +233,8 @@ def test_a_worker_whose_keeper_fails_to_start_renews_from_its_thread(
 
     worker = Worker(app, _settings(runtime, RedisBroker, broker_factory=_unbuildable))
     with running(worker):
+        job = sleeper.enqueue()  # the keeper starts (and fails) with it
         _logged(caplog, "leases renewed by a thread")
-        job = sleeper.enqueue()
         assert job.result(timeout=30) == "done"
     assert any("no broker for the keeper" in m for m in caplog.messages)
     assert runs == [1]
@@ -219,9 +258,10 @@ def test_progress_and_cancellation_pass_through_a_keeper_renewing_by_worker(
         stopped.set()
 
     # The worker's own extend renews and publishes nothing: only the keeper can.
+    warm = _warm_task(app)
     worker = Worker(app, _settings(runtime, RedisBroker, lease=3.0, heartbeat=0.3))
     with running(worker):
-        _logged(caplog, "leases renewed by a separate process (by worker)")
+        _keeper_started(warm, caplog, " (by worker)")
         job = long.enqueue()
         assert reported.wait(10)
         deadline = time.monotonic() + 10
@@ -270,9 +310,10 @@ def test_jobs_leased_by_a_fetch_whose_answer_was_lost_are_not_renewed_for_ever(
     def quick() -> int:
         return current_job().attempt
 
+    warm = _warm_task(app)
     worker = Worker(app, _settings(runtime, RedisBroker, lease=2.0, heartbeat=0.3))
     with running(worker):
-        _logged(caplog, "leases renewed by a separate process (by worker)")
+        _keeper_started(warm, caplog, " (by worker)")
         LostReplyBroker.lose_next.set()
         job = quick.enqueue()
         # Its first lease is under the worker's id, but the worker never took the job: once
@@ -281,12 +322,13 @@ def test_jobs_leased_by_a_fetch_whose_answer_was_lost_are_not_renewed_for_ever(
 
 
 class FailingOnceStorage(RedisStorage):
-    """A separate storage whose first save fails: the worker gives that run up."""
+    """A separate storage whose first save once ``armed`` fails: the worker gives that run up."""
 
+    armed = threading.Event()
     failed = threading.Event()
 
     def save(self, records: Mapping[str, bytes], ttl: float) -> None:
-        if not self.failed.is_set():
+        if self.armed.is_set() and not self.failed.is_set():
             self.failed.set()
             raise StorageConnectionError(self.url, "simulated outage")
         super().save(records, ttl)
@@ -303,9 +345,11 @@ def test_a_run_given_up_on_is_left_to_its_lease_by_a_keeper_renewing_by_worker(
     def stored() -> int:
         return current_job().attempt
 
+    warm = _warm_task(app)
     worker = Worker(app, _settings(runtime, RedisBroker, lease=2.0, heartbeat=0.3))
     with running(worker):
-        _logged(caplog, "leases renewed by a separate process (by worker)")
+        _keeper_started(warm, caplog, " (by worker)")
+        FailingOnceStorage.armed.set()
         job = stored.enqueue()
         # Its first result could not be stored: the run is given up on, and its lease must run
         # out (the keeper must not renew it) so that the job runs again.
@@ -352,9 +396,10 @@ def test_jobs_leased_by_a_fetch_the_worker_never_heard_of_are_not_renewed_for_ev
     def quick() -> int:
         return current_job().attempt
 
+    warm = _warm_task(app)
     worker = Worker(app, _settings(runtime, RedisBroker, lease=2.0, heartbeat=0.3))
     with running(worker):
-        _logged(caplog, "leases renewed by a separate process (by worker)")
+        _keeper_started(warm, caplog, " (by worker)")
         ScriptSentTwiceBroker.twice.set()
         job = quick.enqueue()
         # No error told the worker: the keeper finds the lease it does not hold in its record.

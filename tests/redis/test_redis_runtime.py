@@ -224,10 +224,17 @@ def test_a_task_holding_the_gil_keeps_its_lease_only_with_the_lease_keeper_proce
         isolated_heartbeat=isolated,
         broker_factory=functools.partial(RedisBroker, runtime.url),  # built again in the keeper
     )
+
+    @app.task(name="warm", queue="gil")
+    def warm() -> None:
+        return None
+
     worker = Worker(app, settings)
     with running(worker):
-        # The keeper starts in the background: the job comes once it renews (a job taken
-        # before that is renewed by it too, if it is ready within the lease; this one is short).
+        # The keeper starts with the worker's first jobs: the hog comes once it renews (a job
+        # taken before that is renewed by it too, if it is ready within the lease; this one is
+        # short).
+        assert warm.enqueue().result(timeout=30) is None
         deadline = time.monotonic() + 30
         while isolated and not any("separate process" in m for m in caplog.messages):
             assert time.monotonic() < deadline, "the lease keeper never became ready"

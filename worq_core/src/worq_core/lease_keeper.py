@@ -26,8 +26,9 @@ the keeper exits at once, and the leases run out as they should. If the worker s
 progress without dying (SIGSTOP, a deadlock: no heartbeat and no CPU time used), the keeper
 stops renewing, so its jobs go to other workers after one lease.
 
-The keeper starts in the background: the worker does not wait for it (its own thread renews
-until the keeper is ready), so starting a worker costs no more than starting the process.
+Renewing by worker, the keeper starts with the worker's first jobs, before they start, and the
+worker does not wait for it (its own thread renews until the keeper is ready): a worker that
+gets no job never starts one, and starting a worker costs no more than starting the process.
 """
 
 from __future__ import annotations

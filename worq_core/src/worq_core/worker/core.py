@@ -183,7 +183,7 @@ class Worker:
         if any(task.is_async for task in self.app.tasks.values()):
             self._async_executor()  # else only once an async task comes (none may ever)
         renewer = self._renewer()
-        if isinstance(renewer, KeeperRenewer) and renewer.keeper.by_worker:
+        if isinstance(renewer, KeeperRenewer) and renewer.by_worker:
             self._fetch_as = {"worker": self.id}  # the broker records our leases for the keeper
         self._leases = LeaseService(self, renewer)
         services: list[Service] = [self._leases, self._watchdog, Registration(self), Limits(self)]
@@ -294,26 +294,33 @@ class Worker:
             return thread
         # By worker when the broker can: the keeper then needs nothing from us per job.
         by_worker = Capability.WORKER_LEASES in broker.capabilities
-        try:
-            keeper = LeaseKeeper(
-                settings.broker_factory,
+        factory = settings.broker_factory
+
+        def start_keeper() -> LeaseKeeper:
+            return LeaseKeeper(
+                factory,
                 settings.lease,
                 settings.heartbeat_interval,
                 worker=self.id if by_worker else None,
                 queues=settings.queues,
             )
-        except Exception as exc:  # noqa: BLE001 - the thread still renews leases
-            log.warning("leases renewed by a thread: the lease keeper failed to start: %s", exc)
-            return thread
+
+        renewer = KeeperRenewer(
+            start_keeper,
+            thread,
+            lambda: self._fetch_as.get("worker"),
+            self._new_lease_owner,
+            by_worker=by_worker,
+        )
         if not by_worker:
             # It renews only what it is told: a job fetched before it is ready and holding the
-            # GIL from its start would never be handed to it. Wait for it, as it always did.
-            with contextlib.suppress(RuntimeError):  # KeeperRenewer logs it, renews by thread
-                keeper.ready(timeout=START_TIMEOUT)
-        # The thread renews until the keeper is ready.
-        return KeeperRenewer(
-            keeper, thread, lambda: self._fetch_as.get("worker"), self._new_lease_owner
-        )
+            # GIL from its start would never be handed to it. Start it and wait for it, as it
+            # always did. By worker it starts with the first jobs (LeaseService.jobs_fetched).
+            renewer.start()
+            if renewer.keeper is not None:
+                with contextlib.suppress(RuntimeError):  # KeeperRenewer logs it
+                    renewer.keeper.ready(timeout=START_TIMEOUT)
+        return renewer
 
     # -- fetching ----------------------------------------------------------------------------
     #
@@ -466,8 +473,8 @@ class Worker:
                 self._release(deliveries)
                 deliveries = []
             runs = self._take_all(deliveries)
-            if runs and self._leases is not None and self._leases.hands_off:
-                self._leases.renew()  # before they start: one holding the GIL would starve it
+            if runs and self._leases is not None:
+                self._leases.jobs_fetched()
         finally:
             with self.lock:
                 self._fetching = False

@@ -5,7 +5,7 @@ to a :class:`Renewer`, and applies what comes back: a lost lease marks its run `
 result must not overwrite the run that now owns the job), a cancelled one tells the run. A
 keeper renewing by worker (:attr:`~worq_core.Capability.WORKER_LEASES`) renews what the broker
 recorded for the worker whatever it is told; others must also be told of each new lease before
-its job starts (:attr:`LeaseService.hands_off`).
+its job starts (:meth:`LeaseService.jobs_fetched`).
 """
 
 from __future__ import annotations
@@ -86,27 +86,47 @@ class ThreadRenewer:
 class KeeperRenewer:
     """Renews through the :class:`LeaseKeeper` process, and from a thread until it is ready.
 
-    The keeper starts in the background; until it says it is ready, ``thread`` renews, so
-    there is no moment when a fetched job is renewed by nobody. A keeper that fails to start
-    makes :meth:`renew` answer ``None``, and the service renews by thread from then on.
+    The keeper is started by :meth:`start` (a worker calls it when its first jobs are fetched,
+    before they start); until it says it is ready, ``thread`` renews, so there is no moment when
+    a fetched job is renewed by nobody. A keeper that fails to start makes :meth:`renew` answer
+    ``None``, and the service renews by thread from then on.
     """
 
     def __init__(
         self,
-        keeper: LeaseKeeper,
+        start_keeper: Callable[[], LeaseKeeper],
         thread: ThreadRenewer,
         owner: Callable[[], str | None],
         new_owner: Callable[[], str | None] = lambda: None,
+        *,
+        by_worker: bool,
     ) -> None:
-        self.keeper = keeper
+        self._start_keeper = start_keeper
+        self.keeper: LeaseKeeper | None = None
+        """The keeper process, once :meth:`start` started it."""
         self.thread = thread
         self.owner = owner
         """The id the worker fetches under now (by worker), told to the keeper each time."""
         self.new_owner = new_owner
         """Makes the worker fetch under a new owner id; returns it (by worker)."""
+        self.by_worker = by_worker
+        """Whether the keeper renews by worker (it needs not hear of each new lease)."""
+        self.started = False
         self._ready = False
         self._failed = False
         self._checking = threading.Lock()  # the fetch loop and the service thread both ask
+
+    def start(self) -> None:
+        """Start the keeper process, once; it renews from when it is ready (see :meth:`ready`)."""
+        with self._checking:
+            if self.started:
+                return
+            self.started = True
+            try:
+                self.keeper = self._start_keeper()
+            except Exception as exc:  # noqa: BLE001 - the thread still renews leases
+                log.warning("leases renewed by a thread: the lease keeper failed to start: %s", exc)
+                self._failed = True
 
     @property
     def hands_off(self) -> bool:
@@ -115,7 +135,7 @@ class KeeperRenewer:
         Only a keeper that renews the leases it is told of (a broker without
         :attr:`~worq_core.Capability.WORKER_LEASES`), once it is ready.
         """
-        return not self.keeper.by_worker and self._is_ready()
+        return not self.by_worker and self._is_ready()
 
     @property
     def ready(self) -> bool:
@@ -126,10 +146,11 @@ class KeeperRenewer:
         self, deliveries: Sequence[Delivery], progress: Mapping[str, bytes]
     ) -> dict[str, LeaseState] | None:
         """Send the leases to the keeper (from a thread until it is ready); what it reported."""
-        if not self._is_ready():
+        keeper = self.keeper
+        if keeper is None or not self._is_ready():
             return None if self._failed else self.thread.renew(deliveries, progress)
-        states = self.keeper.hold(deliveries, progress, self.owner())
-        unheld = self.keeper.unheld() if states is not None else 0
+        states = keeper.hold(deliveries, progress, self.owner())
+        unheld = keeper.unheld() if states is not None else 0
         if states is not None and unheld and (owner := self.new_owner()) is not None:
             # Leases recorded under our owner id that we do not hold: fetch under a new one and
             # tell the keeper at once, which then renews only the leases we hold of the old.
@@ -138,7 +159,7 @@ class KeeperRenewer:
                 "run given up on): left to run out",
                 unheld,
             )
-            more = self.keeper.hold(deliveries, {}, owner)
+            more = keeper.hold(deliveries, {}, owner)
             states = None if more is None else states | more
         if states is None:
             log.error("the lease keeper process is gone; renewing leases from a thread")
@@ -146,7 +167,7 @@ class KeeperRenewer:
 
     def _is_ready(self) -> bool:
         with self._checking:
-            if self._ready or self._failed:
+            if self._ready or self._failed or self.keeper is None:
                 return self._ready
             try:
                 self._ready = self.keeper.ready()
@@ -155,13 +176,17 @@ class KeeperRenewer:
                 self._failed = True
                 return False
             if self._ready:
-                how = "by worker" if self.keeper.by_worker else "told of each new lease"
+                how = "by worker" if self.by_worker else "told of each new lease"
                 log.info("leases renewed by a separate process (%s)", how)
             return self._ready
 
     def close(self) -> None:
-        """Stop the keeper process."""
-        self.keeper.close()
+        """Stop the keeper process, if it was started."""
+        with self._checking:
+            self.started = True  # none starts after this
+            keeper = self.keeper
+        if keeper is not None:
+            keeper.close()
 
 
 class LeaseService(Service):
@@ -194,14 +219,20 @@ class LeaseService(Service):
         if runner is not None:
             runner.wake(self, max(time.monotonic(), self.last_tick + PROGRESS_INTERVAL))
 
-    @property
-    def hands_off(self) -> bool:
-        """Whether new leases must reach the lease keeper at once, before their jobs start.
+    def jobs_fetched(self) -> None:
+        """New jobs are about to start: called after each fetch that took some, before they run.
 
-        So for a keeper that renews only the leases it is told of; the fetch loop then calls
-        :meth:`renew` right after each fetch.
+        The lease keeper starts with the first ones, so a worker that never gets a job never
+        starts one (nor pays for it at start-up). A keeper that renews only the leases it is
+        told of hears of these now: one holding the GIL from its start would starve the service
+        thread before it passed them on.
         """
-        return isinstance(self.renewer, KeeperRenewer) and self.renewer.hands_off
+        renewer = self.renewer
+        if isinstance(renewer, KeeperRenewer):
+            if not renewer.started:
+                renewer.start()
+            if renewer.hands_off:
+                self.renew()
 
     def owner_changed(self) -> None:
         """The worker fetches under a new owner id: a keeper renewing by worker hears it now.
@@ -210,7 +241,7 @@ class LeaseService(Service):
         a job of it holds the GIL from its first instruction.
         """
         renewer = self.renewer
-        if isinstance(renewer, KeeperRenewer) and renewer.keeper.by_worker and renewer.ready:
+        if isinstance(renewer, KeeperRenewer) and renewer.by_worker and renewer.ready:
             self.renew()
 
     def renew(self) -> None:
