@@ -217,6 +217,89 @@ def test_a_keeper_started_with_the_first_jobs_renews_them_once_it_is_ready(
     assert worker.counters.refused == 0
 
 
+class FailsOnceIdleBroker(RedisBroker):
+    """Once ``fail`` is set, the next fetch fails before it reaches Redis (nothing leased): the
+    worker fetches under a new owner id from then on."""
+
+    fail = threading.Event()
+    failed = threading.Event()
+
+    def settle_and_fetch(
+        self,
+        settlements: Sequence[Settlement],
+        queues: Sequence[str],
+        limit: int,
+        *,
+        lease: float,
+        wait: float,
+        worker: str | None = None,
+    ) -> tuple[list[bool], list[Delivery]]:
+        if self.fail.is_set() and not self.failed.is_set():
+            self.failed.set()
+            raise BrokerConnectionError(self.url, "simulated outage")
+        return super().settle_and_fetch(
+            settlements, queues, limit, lease=lease, wait=min(wait, 0.1), worker=worker
+        )
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("idle_failure", [False, True], ids=["first-fetch", "after-a-failed-fetch"])
+def test_a_first_job_holding_the_gil_keeps_its_lease_through_a_keeper_started_with_it(
+    runtime: Runtime, idle_failure: bool
+) -> None:
+    # No warm-up: the keeper is spawned as the hog is fetched and must renew it, under the owner
+    # id the fetch used (a fetch that failed while the worker idled moved it on), within a lease.
+    FailsOnceIdleBroker.fail.clear()
+    FailsOnceIdleBroker.failed.clear()
+    app = Worq(FailsOnceIdleBroker(runtime.url), storage=RedisStorage(runtime.url))
+    runs: list[int] = []
+
+    @app.task(name="hog", queue="keeper")
+    def hog() -> str:
+        runs.append(current_job().attempt)
+        if current_job().attempt == 1:
+            hold_the_gil(7.0)  # over two leases: only the keeper can renew it
+        return "done"
+
+    worker = Worker(app, _settings(runtime, RedisBroker, lease=3.0, heartbeat=0.5))
+    with running(worker):
+        if idle_failure:
+            FailsOnceIdleBroker.fail.set()
+            assert FailsOnceIdleBroker.failed.wait(10)
+        job = hog.enqueue()
+        assert job.result(timeout=60) == "done"
+    assert runs == [1], "the first job lost its lease: the keeper renewed another owner's record"
+    assert worker.counters.refused == 0
+
+
+def _lambda_factory(url: str) -> object:
+    return lambda: RedisBroker(url)  # spawn cannot pickle it: starting the keeper fails
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_whose_keeper_cannot_be_spawned_renews_from_its_thread(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="worq.worker")
+    app = Worq(RedisBroker(runtime.url), storage=RedisStorage(runtime.url))
+    runs: list[int] = []
+
+    @app.task(name="sleeper", queue="keeper")
+    def sleeper() -> str:
+        runs.append(current_job().attempt)
+        time.sleep(2.0)  # leases long, and the GIL free for the worker's thread
+        return "done"
+
+    settings = _settings(runtime, RedisBroker, broker_factory=_lambda_factory(runtime.url))
+    worker = Worker(app, settings)
+    with running(worker):
+        job = sleeper.enqueue()
+        assert job.result(timeout=30) == "done"
+    assert any("the lease keeper failed to start" in m for m in caplog.messages)
+    assert runs == [1]
+    assert worker.counters.refused == 0
+
+
 @pytest.mark.timeout(90)
 def test_a_worker_whose_keeper_fails_to_start_renews_from_its_thread(
     runtime: Runtime, caplog: pytest.LogCaptureFixture

@@ -297,11 +297,13 @@ class Worker:
         factory = settings.broker_factory
 
         def start_keeper() -> LeaseKeeper:
+            # The owner id fetches go under now: a fetch that failed while the worker idled has
+            # moved it on, and a first job holding the GIL leaves no heartbeat to say so.
             return LeaseKeeper(
                 factory,
                 settings.lease,
                 settings.heartbeat_interval,
-                worker=self.id if by_worker else None,
+                worker=self._fetch_as.get("worker") if by_worker else None,
                 queues=settings.queues,
             )
 

@@ -86,10 +86,11 @@ class ThreadRenewer:
 class KeeperRenewer:
     """Renews through the :class:`LeaseKeeper` process, and from a thread until it is ready.
 
-    The keeper is started by :meth:`start` (a worker calls it when its first jobs are fetched,
-    before they start); until it says it is ready, ``thread`` renews, so there is no moment when
-    a fetched job is renewed by nobody. A keeper that fails to start makes :meth:`renew` answer
-    ``None``, and the service renews by thread from then on.
+    The keeper is started by :meth:`start`: by worker, when the worker's first jobs are fetched,
+    before they start; otherwise at once, and waited for, when the worker starts. Until it says
+    it is ready, ``thread`` renews, so there is no moment when a fetched job is renewed by
+    nobody. A keeper that fails to start makes :meth:`renew` answer ``None``, and the service
+    renews by thread from then on.
     """
 
     def __init__(
@@ -229,7 +230,7 @@ class LeaseService(Service):
         """
         renewer = self.renewer
         if isinstance(renewer, KeeperRenewer):
-            if not renewer.started:
+            if not renewer.started and not self.worker.stopping:  # else they go straight back
                 renewer.start()
             if renewer.hands_off:
                 self.renew()
@@ -312,4 +313,11 @@ class LeaseService(Service):
 
     @override
     def stop(self) -> None:
-        self.renewer.close()
+        # Not while a late renewal (a slot thread's) talks to the keeper, but never waiting long
+        # for one stuck on a keeper that stopped reading.
+        locked = self._lock.acquire(timeout=5.0)
+        try:
+            self.renewer.close()
+        finally:
+            if locked:
+                self._lock.release()
