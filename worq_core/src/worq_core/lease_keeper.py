@@ -279,9 +279,14 @@ def _serve(
     try:
         broker = broker_factory()
     except Exception as exc:  # noqa: BLE001 - reported to the worker, which renews by thread
-        conn.send(f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(OSError):
+            conn.send(f"{type(exc).__name__}: {exc}")
         return
-    conn.send("ready")
+    try:
+        conn.send("ready")
+    except OSError:  # the worker died (SIGKILL) while this started: nothing left to renew
+        broker.close()
+        return
     interval, owner = renewal.interval, renewal.worker
     held: list[Delivery] = []
     progress: dict[str, bytes] = {}
@@ -321,7 +326,10 @@ def _serve(
             renewed_at = time.monotonic()
             progress.clear()
             if report:
-                conn.send(report)
+                try:
+                    conn.send(report)
+                except OSError:
+                    return  # the worker is gone: let its leases expire
                 held = [d for d in held if report.get(d.token) != LeaseState.LOST.value]
     finally:
         broker.close()
