@@ -12,7 +12,7 @@ import functools
 import multiprocessing
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 from redis_support import Runtime
@@ -79,7 +79,7 @@ def _logged(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 30.0) 
         time.sleep(0.02)
 
 
-def _warm_task(app: Worq) -> Task[None]:
+def _warm_task(app: Worq) -> Task[[], None]:
     """A no-op task on the keeper queue: its job makes a worker start its lease keeper."""
 
     @app.task(name="warm", queue="keeper")
@@ -89,7 +89,7 @@ def _warm_task(app: Worq) -> Task[None]:
     return warm
 
 
-def _keeper_started(warm: Task[None], caplog: pytest.LogCaptureFixture, how: str = "") -> None:
+def _keeper_started(warm: Task[[], None], caplog: pytest.LogCaptureFixture, how: str = "") -> None:
     """Run one job (the keeper starts with a worker's first jobs) and wait until it renews."""
     assert warm.enqueue().result(timeout=30) is None
     _logged(caplog, f"leases renewed by a separate process{how}")
@@ -272,37 +272,14 @@ def test_a_first_job_holding_the_gil_keeps_its_lease_through_a_keeper_started_wi
     assert worker.counters.refused == 0
 
 
-def _lambda_factory(url: str) -> object:
-    return lambda: RedisBroker(url)  # spawn cannot pickle it: starting the keeper fails
+def _unpicklable_factory(url: str) -> Callable[[], RedisBroker]:
+    return lambda: RedisBroker(url)  # spawn cannot pickle it: starting the process fails
 
 
 @pytest.mark.timeout(90)
-def test_a_worker_whose_keeper_cannot_be_spawned_renews_from_its_thread(
-    runtime: Runtime, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level("INFO", logger="worq.worker")
-    app = Worq(RedisBroker(runtime.url), storage=RedisStorage(runtime.url))
-    runs: list[int] = []
-
-    @app.task(name="sleeper", queue="keeper")
-    def sleeper() -> str:
-        runs.append(current_job().attempt)
-        time.sleep(2.0)  # leases long, and the GIL free for the worker's thread
-        return "done"
-
-    settings = _settings(runtime, RedisBroker, broker_factory=_lambda_factory(runtime.url))
-    worker = Worker(app, settings)
-    with running(worker):
-        job = sleeper.enqueue()
-        assert job.result(timeout=30) == "done"
-    assert any("the lease keeper failed to start" in m for m in caplog.messages)
-    assert runs == [1]
-    assert worker.counters.refused == 0
-
-
-@pytest.mark.timeout(90)
+@pytest.mark.parametrize("where", ["in-the-keeper", "at-spawn"])
 def test_a_worker_whose_keeper_fails_to_start_renews_from_its_thread(
-    runtime: Runtime, caplog: pytest.LogCaptureFixture
+    runtime: Runtime, caplog: pytest.LogCaptureFixture, where: str
 ) -> None:
     caplog.set_level("INFO", logger="worq.worker")
     app = Worq(RedisBroker(runtime.url), storage=RedisStorage(runtime.url))
@@ -314,12 +291,16 @@ def test_a_worker_whose_keeper_fails_to_start_renews_from_its_thread(
         time.sleep(2.0)  # leases long, and the GIL free for the worker's thread
         return "done"
 
-    worker = Worker(app, _settings(runtime, RedisBroker, broker_factory=_unbuildable))
+    if where == "in-the-keeper":
+        factory, why = _unbuildable, "no broker for the keeper"
+    else:
+        factory, why = _unpicklable_factory(runtime.url), "the lease keeper failed to start"
+    worker = Worker(app, _settings(runtime, RedisBroker, broker_factory=factory))
     with running(worker):
         job = sleeper.enqueue()  # the keeper starts (and fails) with it
         _logged(caplog, "leases renewed by a thread")
         assert job.result(timeout=30) == "done"
-    assert any("no broker for the keeper" in m for m in caplog.messages)
+    assert any(why in m for m in caplog.messages)
     assert runs == [1]
     assert worker.counters.refused == 0
 
