@@ -12,7 +12,7 @@ import time
 
 import redis
 
-from worq_core import Worq
+from worq_core import Worq, current_job
 
 URL = os.environ["WORQ_RUNTIME_URL"]
 LOG = os.environ["WORQ_RUNTIME_LOG"]
@@ -35,7 +35,9 @@ def member(i: int) -> int:
 
 @app.task(name="collect", queue="wf")
 def collect(values: list[int]) -> int:
-    _report.rpush(f"{LOG}:callback", json.dumps(values))
+    job = current_job()
+    run = {"id": job.id, "attempt": job.attempt, "values": values}
+    _report.rpush(f"{LOG}:callback", json.dumps(run))
     return len(values)
 
 
