@@ -596,8 +596,10 @@ def registry_key(prefix: str) -> str:
 class Script:
     """A Lua script known by its SHA1, loaded into Redis on first NOSCRIPT.
 
-    Built by name, its source is composed (and hashed) on first use, not at import: a worker
-    runs a handful of the scripts, and composing all of them cost its start-up ~10 ms.
+    Built by name (``Script("enqueue")``: the script of :mod:`worq_redis.lua`), its source is
+    composed (and hashed) on first use, not at import: a worker runs a handful of the scripts,
+    and composing all of them cost its start-up ~10 ms. Tests pass ``source`` and ``sha`` to
+    run a variant of one.
     """
 
     __slots__ = ("_sha", "_source", "name")
@@ -606,11 +608,6 @@ class Script:
         self.name = name
         self._source = source
         self._sha = sha
-
-    @classmethod
-    def named(cls, name: str) -> Script:
-        """The script ``name`` from :mod:`worq_redis.lua`."""
-        return cls(name)
 
     @property
     def source(self) -> str:
@@ -631,7 +628,7 @@ class Script:
 
 
 SCRIPTS: Final = {
-    name: Script.named(name)
+    name: Script(name)
     for name in [
         *lua.QUEUE_SCRIPTS,
         *lua.ONE_JOB_SCRIPTS,
