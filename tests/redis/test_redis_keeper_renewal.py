@@ -237,6 +237,7 @@ class FailsOnceIdleBroker(RedisBroker):
         if self.fail.is_set() and not self.failed.is_set():
             self.failed.set()
             raise BrokerConnectionError(self.url, "simulated outage")
+        # Short blocking fetches: the idle worker reaches the failing fetch soon after `fail`.
         return super().settle_and_fetch(
             settlements, queues, limit, lease=lease, wait=min(wait, 0.1), worker=worker
         )
