@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pytest
 import redis
 
 from worq_core import Worq
@@ -271,7 +273,12 @@ class Runtime:
         return app
 
     def worker(self, *options: str) -> subprocess.Popen[str]:
-        env = dict(os.environ, WORQ_RUNTIME_URL=self.url, WORQ_RUNTIME_LOG=self.log)
+        env = dict(
+            os.environ,
+            WORQ_RUNTIME_URL=self.url,
+            WORQ_RUNTIME_LOG=self.log,
+            PYTHONFAULTHANDLER="1",  # a process stop() finds stuck shows where (on SIGABRT)
+        )
         proc = subprocess.Popen(
             [sys.executable, "-m", "worq_core", "worker", f"{self.module}:app", *options],
             cwd=Path(__file__).parent,
@@ -304,7 +311,47 @@ class Runtime:
 
 
 def stop(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
-    """SIGTERM a worker (or supervisor) by pid; returns its log once it exited."""
+    """SIGTERM a worker (or supervisor) by pid; returns its log once it exited.
+
+    One that does not exit in time fails the test with what still runs beneath it and where
+    each of those processes' threads stands (faulthandler's dump on SIGABRT: the processes are
+    started with ``PYTHONFAULTHANDLER``), then its log.
+    """
     os.kill(proc.pid, signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=timeout)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stuck = [proc.pid, *descendants(proc.pid)]
+        tree = "\n".join(describe(pid) for pid in stuck)
+        for pid in reversed(stuck):  # each dumps its threads' stacks to its stderr, and dies
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        try:
+            _, stderr = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+        pytest.fail(f"pid {proc.pid} did not exit within {timeout}s of SIGTERM:\n{tree}\n{stderr}")
     return stderr
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process beneath ``pid``, depth first."""
+    found = []
+    for child in children(pid):
+        found += [child, *descendants(child)]
+    return found
+
+
+def describe(pid: int) -> str:
+    """One line on process ``pid``: its parent, state, what it waits in, its command line."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/wchan") as wchan:
+            waits = wchan.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return f"pid {pid}: gone"
+    return f"pid {pid} (parent {fields[1]}): state {fields[0]}, waits in {waits}: {command}"
