@@ -15,7 +15,9 @@ notes and the JSON). The figures:
 1. drain at concurrency 1: N jobs queued before the worker starts, timed from the first job
    starting to the N-th finishing (the jobs stamp both; never from a process's start); and
    worq on no-op jobs (``redis_bench.drain_processes``: worq's own figure);
-2. drain at concurrency 8 (threads), and worq ``--processes 2`` against one process;
+2. drain at concurrency 8 (threads), and worq ``--processes 2`` against one process, beside
+   the same Redis work without a library in one process and in two (``peers/raw_drain.py``):
+   how far two processes can scale on the machine at all;
 3. start-up: from spawning the worker command to the body of the one waiting job running
    (median of several, the libraries in turn); its floor is an interpreter that imports
    redis-py and runs the body;
@@ -72,6 +74,8 @@ SECTIONS = ("drain1", "drain8", "startup", "enqueue", "asgi")
 DRAIN1 = "drain, concurrency 1"
 DRAIN8 = "drain, concurrency 8"
 DRAIN8_P2 = "drain, --processes 2, concurrency 8"
+RAW_P1 = "RPOP and the body, one process"
+RAW_P2 = "RPOP and the body, two processes"
 STARTUP = "start-up to the first job (median)"
 STARTUP_FLOOR = "interpreter + redis-py + the body (median)"
 ENQUEUE = "enqueue one by one"
@@ -325,13 +329,28 @@ def drain(
     return n / (last - first)
 
 
+def raw_drain(settings: Settings, client: redis.Redis, processes: int, attempt: int) -> float:
+    """The raw loop of ``peers.raw_drain`` in ``processes`` processes: jobs/s."""
+    n = settings.drain_jobs
+    label = f"raw-p{processes}"
+    key = f"{settings.prefix}:count:{label}:{attempt}"
+    items = f"{key}:items"
+    pipelined_lpush(client, items, b"x" * 100, n)
+    command = [sys.executable, "-m", "peers.raw_drain", items, key, str(n), str(processes)]
+    with running(settings, label, command) as proc:
+        first, last = wait_stamps(settings, client, key, n, proc, label, timeout=60 + n / 100)
+    check_count(client, key, n, label)
+    return n / (last - first)
+
+
 @dataclass
 class DrainCase:
     section: str
     name: str
-    library: Library | None  # None: worq's no-op drain, redis_bench's
+    library: Library | None  # None: worq's no-op drain, redis_bench's; or the raw loop
     concurrency: int = 1
     processes: int = 1
+    raw: bool = False
 
 
 def drain_rows(
@@ -349,12 +368,16 @@ def drain_rows(
     if "drain8" in sections:
         cases += [DrainCase("drain8", DRAIN8, library, 8) for library in libraries.values()]
         cases.append(DrainCase("drain8", DRAIN8_P2, libraries["worq"], 8, 2))
+        cases.append(DrainCase("drain8", RAW_P1, None, processes=1, raw=True))
+        cases.append(DrainCase("drain8", RAW_P2, None, processes=2, raw=True))
     rates: list[list[float]] = [[] for _ in cases]
     n = settings.drain_jobs
     for attempt in range(settings.rounds):
         floor_runs.append(floors(client, settings))
         for case, values in zip(cases, rates, strict=True):
-            if case.library is None:
+            if case.raw:
+                values.append(raw_drain(settings, client, case.processes, attempt))
+            elif case.library is None:
                 values.append(n / drain_processes(settings.url, settings.prefix, n, 1, 1))
             else:
                 values.append(
@@ -363,9 +386,11 @@ def drain_rows(
     rows = []
     for case, values in zip(cases, rates, strict=True):
         note = runs(values)
-        if case.library is None:
+        if case.raw:
+            note += "; redis-py alone (peers/raw_drain.py): how far two processes can scale here"
+        elif case.library is None:
             note += "; bench_app's noop, timed by polling the queue; issue 13: >= 10k jobs/s"
-        system = case.library.name if case.library else "worq"
+        system = "raw" if case.raw else case.library.name if case.library else "worq"
         rows.append(Row(case.section, system, case.name, max(values), "jobs/s", "rpop", note=note))
     return rows
 
@@ -686,6 +711,9 @@ def finish(rows: list[Row], floor: dict[str, float]) -> list[Row]:
     one, two = find("worq", DRAIN8), find("worq", DRAIN8_P2)
     if one and two:
         two.versus = f"{two.value / one.value:.2f}x one process (target >= 1.7x)"
+        raw_one, raw_two = find("raw", RAW_P1), find("raw", RAW_P2)
+        if raw_one and raw_two:
+            two.versus += f"; the raw loop: {raw_two.value / raw_one.value:.2f}x"
     ours, huey, dramatiq = (find(system, STARTUP) for system in ("worq", "huey", "dramatiq"))
     if ours and huey:
         ours.versus = f"{ours.value / huey.value:.2f}x huey's time (target <= 1x)"
