@@ -16,8 +16,8 @@ notes and the JSON). The figures:
    starting to the N-th finishing (the jobs stamp both; never from a process's start); and
    worq on no-op jobs (``redis_bench.drain_processes``: worq's own figure);
 2. drain at concurrency 8 (threads), and worq ``--processes 2`` against one process, beside
-   the same Redis work without a library in one process and in two (``peers/raw_drain.py``):
-   how far two processes can scale on the machine at all;
+   the same Redis work without a library, 8 threads in one process and in two
+   (``peers/raw_drain.py``): how far two processes can scale on the machine at all;
 3. start-up: from spawning the worker command to the body of the one waiting job running
    (median of several, the libraries in turn); its floor is an interpreter that imports
    redis-py and runs the body;
@@ -74,8 +74,8 @@ SECTIONS = ("drain1", "drain8", "startup", "enqueue", "asgi")
 DRAIN1 = "drain, concurrency 1"
 DRAIN8 = "drain, concurrency 8"
 DRAIN8_P2 = "drain, --processes 2, concurrency 8"
-RAW_P1 = "RPOP and the body, one process"
-RAW_P2 = "RPOP and the body, two processes"
+RAW_P1 = "RPOP and the body, 8 threads, one process"
+RAW_P2 = "RPOP and the body, 8 threads, two processes"
 STARTUP = "start-up to the first job (median)"
 STARTUP_FLOOR = "interpreter + redis-py + the body (median)"
 ENQUEUE = "enqueue one by one"
@@ -329,14 +329,17 @@ def drain(
     return n / (last - first)
 
 
-def raw_drain(settings: Settings, client: redis.Redis, processes: int, attempt: int) -> float:
-    """The raw loop of ``peers.raw_drain`` in ``processes`` processes: jobs/s."""
+def raw_drain(
+    settings: Settings, client: redis.Redis, processes: int, threads: int, attempt: int
+) -> float:
+    """The raw loop of ``peers.raw_drain`` in ``processes`` of ``threads`` threads: jobs/s."""
     n = settings.drain_jobs
     label = f"raw-p{processes}"
     key = f"{settings.prefix}:count:{label}:{attempt}"
     items = f"{key}:items"
     pipelined_lpush(client, items, b"x" * 100, n)
-    command = [sys.executable, "-m", "peers.raw_drain", items, key, str(n), str(processes)]
+    command = [sys.executable, "-m", "peers.raw_drain", items, key]
+    command += [str(n), str(processes), str(threads)]
     with running(settings, label, command) as proc:
         first, last = wait_stamps(settings, client, key, n, proc, label, timeout=60 + n / 100)
     check_count(client, key, n, label)
@@ -368,15 +371,17 @@ def drain_rows(
     if "drain8" in sections:
         cases += [DrainCase("drain8", DRAIN8, library, 8) for library in libraries.values()]
         cases.append(DrainCase("drain8", DRAIN8_P2, libraries["worq"], 8, 2))
-        cases.append(DrainCase("drain8", RAW_P1, None, processes=1, raw=True))
-        cases.append(DrainCase("drain8", RAW_P2, None, processes=2, raw=True))
+        cases.append(DrainCase("drain8", RAW_P1, None, 8, 1, raw=True))
+        cases.append(DrainCase("drain8", RAW_P2, None, 8, 2, raw=True))
     rates: list[list[float]] = [[] for _ in cases]
     n = settings.drain_jobs
     for attempt in range(settings.rounds):
         floor_runs.append(floors(client, settings))
         for case, values in zip(cases, rates, strict=True):
             if case.raw:
-                values.append(raw_drain(settings, client, case.processes, attempt))
+                values.append(
+                    raw_drain(settings, client, case.processes, case.concurrency, attempt)
+                )
             elif case.library is None:
                 values.append(n / drain_processes(settings.url, settings.prefix, n, 1, 1))
             else:
