@@ -158,9 +158,15 @@ class ConcurrencyLimit:
     limit: int
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, unlike the other models: one is built for every job sent, and a frozen
+# dataclass's __init__ (a call per field) took 2.2 µs against 0.5 µs, 8% of what an
+# enqueue_many spends per job in worq-core and Redis together.
+@dataclass(slots=True)
 class Message:
-    """A job on its way into a broker: opaque bytes plus what the broker needs to route them."""
+    """A job on its way into a broker: opaque bytes plus what the broker needs to route them.
+
+    Brokers read it and never change it.
+    """
 
     id: str
     queue: str
