@@ -188,7 +188,9 @@ class SentinelSet:
     def _start(self, port: int, extra: list[str]) -> Server:
         folder = self.directory / str(port)
         folder.mkdir(exist_ok=True)
-        args = [*_data_args(port, folder, self.tls), "--enable-debug-command", "yes", *extra]
+        args = [*_data_args(port, folder, self.tls), "--enable-debug-command", "yes"]
+        # A new replica's sync starts at once, not after the default 5 s wait for more replicas.
+        args += ["--repl-diskless-sync-delay", "0", *extra]
         server = Server(port, args + (self.tls.server_args() if self.tls else []), self.tls)
         self.servers.append(server)
         return server
@@ -199,10 +201,23 @@ class SentinelSet:
         Empty (no persistence), as a replaced machine would be; it syncs from the new master.
         Only once the promoted replica says it is a master: a sentinel may report the switch
         first, and a replica still following the old address would resync from the empty one.
+        It joins with ``replica-priority 0`` until its first sync is done: sentinels promote a
+        replica whose initial sync has not finished, and a second failover soon after the
+        first (the new master missing the sentinels' pings for a second on a loaded machine)
+        once made the empty server master, and the data went with the resync that followed.
         """
         wait_until(self._replica_promoted, 30, "the replica taking the master role")
         wait_until(self._sentinels_follow_replica, 30, "every sentinel naming the new master")
-        self.master = self._start(self.master_port, ["--replicaof", HOST, str(self.replica_port)])
+        self.master = self._start(
+            self.master_port,
+            ["--replicaof", HOST, str(self.replica_port), "--replica-priority", "0"],
+        )
+        wait_until(lambda: self._synced(self.master_port), 30, "the new replica's first sync")
+        client = connect(self.master_port, self.tls)
+        try:
+            client.config_set("replica-priority", 100)
+        finally:
+            client.close()
 
     def _replica_promoted(self) -> bool:
         client = connect(self.replica_port, self.tls)
@@ -240,7 +255,10 @@ class SentinelSet:
         return self.master_seen_by(self.sentinel_ports[0])
 
     def _replica_synced(self) -> bool:
-        client = connect(self.replica_port, self.tls)
+        return self._synced(self.replica_port)
+
+    def _synced(self, port: int) -> bool:
+        client = connect(port, self.tls)
         try:
             return client.info("replication").get("master_link_status") == "up"
         finally:
