@@ -323,7 +323,15 @@ def drain(
     key = f"{settings.prefix}:count:{label}:{attempt}"
     library.enqueue(f"{key}:warm", 0)  # the worker's first job warms it, outside the window
     library.enqueue_bulk(key, n)
-    with running(settings, label, library.worker(concurrency, processes)) as proc:
+    return timed_drain(settings, client, label, key, library.worker(concurrency, processes))
+
+
+def timed_drain(
+    settings: Settings, client: redis.Redis, label: str, key: str, command: list[str]
+) -> float:
+    """Run ``command`` until its jobs counted ``drain_jobs`` on ``key``: their jobs/s."""
+    n = settings.drain_jobs
+    with running(settings, label, command) as proc:
         first, last = wait_stamps(settings, client, key, n, proc, label, timeout=60 + n / 100)
     check_count(client, key, n, label)
     return n / (last - first)
@@ -340,10 +348,7 @@ def raw_drain(
     pipelined_lpush(client, items, b"x" * 100, n)
     command = [sys.executable, "-m", "peers.raw_drain", items, key]
     command += [str(n), str(processes), str(threads)]
-    with running(settings, label, command) as proc:
-        first, last = wait_stamps(settings, client, key, n, proc, label, timeout=60 + n / 100)
-    check_count(client, key, n, label)
-    return n / (last - first)
+    return timed_drain(settings, client, label, key, command)
 
 
 @dataclass
