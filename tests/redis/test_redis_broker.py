@@ -674,6 +674,18 @@ def test_a_script_error_names_the_lua_file_and_line(real_backend: Backend) -> No
     assert "K_META" in source.split("\n")[int(line) - 1], "the line that read the clobbered key"
 
 
+def test_a_cluster_call_redirected_on_every_attempt_says_so() -> None:
+    """redis-py gives up after 16 MOVED, ASK or TRYAGAIN replies with "TTL exhausted."."""
+    from redis.exceptions import ClusterError
+
+    from worq_redis.connection import located
+
+    text = located(ClusterError("TTL exhausted."))
+    assert "MOVED, ASK or TRYAGAIN" in text
+    assert "did not run" in text
+    assert located(ClusterError("other")) == "other"
+
+
 # -- worker registry and the lease keeper's URL ----------------------------------------------------
 
 

@@ -245,9 +245,10 @@ def test_a_queue_whose_slot_migrates_during_a_run_loses_nothing(
     """Producers and a worker keep going through ASK, TRYAGAIN and then MOVED replies.
 
     While the queue's keys are split between two masters, a script naming keys on both is
-    refused (``TRYAGAIN``) until they meet again; redis-py retries it a few times, and a call
-    still refused raises ``BrokerError``, which the loops here ride out as a worker does (and
-    retry the same settlements or batch, which nothing applied).
+    refused (``TRYAGAIN``) until they meet again; redis-py retries it 16 times over about 0.4 s,
+    and a call still refused raises ``BrokerError`` (its text names the refusal, or says every
+    attempt was redirected), which the loops here ride out as a worker does (and retry the same
+    settlements or batch, which nothing applied).
     """
     prefix = new_prefix()
     broker = RedisClusterBroker(f"{cluster.url}?prefix={prefix}")

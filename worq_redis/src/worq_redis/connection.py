@@ -20,6 +20,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
     AskError,
     ClusterDownError,
+    ClusterError,
     MovedError,
     NoScriptError,
     RedisClusterException,
@@ -471,6 +472,10 @@ def translate_errors(
 
 
 _SCRIPT_SHA = re.compile(r"script: ([0-9a-f]{40})")
+_REDIRECTED_TOO_OFTEN: Final = (
+    "TTL exhausted: every attempt was answered MOVED, ASK or TRYAGAIN (a slot is moving or a "
+    "failover is under way), so the call did not run; retry it"
+)
 
 
 def located(exc: BaseException) -> str:
@@ -480,6 +485,9 @@ def located(exc: BaseException) -> str:
     :func:`worq_redis.lua.locate` turns ``user_script:<n>`` into ``<file>.lua:<line>``.
     """
     text = str(exc)
+    if isinstance(exc, ClusterError) and text.startswith("TTL exhausted"):
+        # redis-py's words for "redirected on every attempt", which says nothing to a user.
+        return _REDIRECTED_TOO_OFTEN
     found = _SCRIPT_SHA.search(text)
     name = _script_named_by(found[1]) if found else None
     return text if name is None else lua.locate(name, text)
