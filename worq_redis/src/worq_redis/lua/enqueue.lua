@@ -72,13 +72,6 @@ if n == 1 or specs > 0 then
   end
   return out
 end
--- Values per HSET/ZADD/HMGET call: within what unpack() can put on Lua's stack (8,000).
-local CHUNK = 4000
-local function write(command, key, values, count)
-  for i = 1, count, CHUNK do
-    redis.call(command, key, unpack(values, i, math.min(i + CHUNK - 1, count)))
-  end
-end
 local out, fresh, seen, nf = {}, {}, {}, 0
 for i = 0, n - 1, CHUNK do
   local last = math.min(i + CHUNK, n) - 1

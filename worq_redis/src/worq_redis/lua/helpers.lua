@@ -10,6 +10,9 @@ local K_READY, K_DELAYED, K_LEASED, K_JOBS, K_META = KEYS[1], KEYS[2], KEYS[3], 
 local K_DEAD, K_SIGNAL, K_SEQ, K_REASON, K_PROGRESS = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local K_IDS = KEYS[11]
 local K_REG = false -- the queue registry by name while in_queue() names another queue's keys
+-- Values per call of a command that takes many (HSET, ZADD, HMGET, DEL): within what unpack()
+-- can put on Lua's stack (8,000).
+local CHUNK = 4000
 
 local function f6(x)
   return string.format("%.6f", x)
@@ -58,6 +61,29 @@ end
 
 local function next_seq()
   return string.format("%016d", redis.call("INCR", K_SEQ))
+end
+
+-- `command key values[1..count]`, in as few calls as CHUNK allows.
+local function write(command, key, values, count)
+  for i = 1, count, CHUNK do
+    redis.call(command, key, unpack(values, i, math.min(i + CHUNK - 1, count)))
+  end
+end
+
+-- The values of fields `names[1..count]` of hash `key` (false where none), in as few HMGETs as
+-- CHUNK allows.
+local function hmget_all(key, names, count)
+  if count <= CHUNK then
+    return count > 0 and redis.call("HMGET", key, unpack(names, 1, count)) or {}
+  end
+  local all = {}
+  for i = 1, count, CHUNK do
+    local part = redis.call("HMGET", key, unpack(names, i, math.min(i + CHUNK - 1, count)))
+    for k = 1, #part do
+      all[#all + 1] = part[k]
+    end
+  end
+  return all
 end
 
 -- A job leaves its lease: drop the progress it reported, if any (the caller writes its meta).
@@ -868,6 +894,20 @@ local function admit(id, j, now)
   return nil
 end
 
+-- A ready job's meta `j` becomes leased under `token` (the caller writes it): one more attempt,
+-- and what it held until started let go (its unique key, a granted slot, a reserved permit).
+local function take_lease(id, j, token)
+  j.at = j.at + 1
+  j.st = "l"
+  j.ex = token
+  if j.fl ~= "" then
+    if has(j, "U") then
+      unique_release(id, j) -- until started: its first lease lets go of the key
+    end
+    j.fl = string.gsub(j.fl, "[gk]", "") -- a granted slot, a reserved permit: used up
+  end
+end
+
 -- Reap and promote (bounded), lease up to `limit` ready jobs, re-arm the wake-up signal.
 -- Returns {now, next due time or "", then per job: id, body, token, attempts, cancel (0|1)}.
 -- The earliest lease deadline and due time are read first: reaping and promoting run only when
@@ -898,13 +938,21 @@ local function fetch(now, limit, lease, reap_limit, promote_limit, worker)
     local popped = redis.call("ZPOPMIN", K_READY, want)
     ready_left = #popped >= 2 * want -- fewer than asked: ready is empty now
     local set = 0
+    -- A few calls per batch, not per job: a redis.call costs more than most of them do.
+    local ids, n = {}, 0
     for i = 1, #popped, 2 do
-      local id = string.sub(popped[i], 17)
-      local m = redis.call("HGET", K_META, id)
+      n = n + 1
+      ids[n] = string.sub(popped[i], 17)
+    end
+    local metas = hmget_all(K_META, ids, n)
+    local taken, jobs, written, t, w = {}, {}, {}, 0, 0
+    for k = 1, n do
+      local id, m = ids[k], metas[k]
       if m then
         local j = parse(m)
         local aside = nil
-        if j.fl ~= "" and has(j, "L") then
+        local checked = j.fl ~= "" and has(j, "L")
+        if checked then
           aside = admit(id, j, now)
           limited = true
         end
@@ -912,28 +960,52 @@ local function fetch(now, limit, lease, reap_limit, promote_limit, worker)
           set = set + 1
           timed = timed or aside > 0
         else
-          j.at = j.at + 1
-          j.st = "l"
-          j.ex = string.format("%d", redis.call("INCR", K_SEQ)) .. holder
-          if j.fl ~= "" then
-            if has(j, "U") then
-              unique_release(id, j) -- until started: its first lease lets go of the key
+          t = t + 1
+          taken[t], jobs[t] = id, j
+          if checked then
+            -- Leased at once: the permit check of a job behind it in this batch looks for
+            -- the leases of the permit's holders (permit_free).
+            take_lease(id, j, string.format("%d", redis.call("INCR", K_SEQ)) .. holder)
+            redis.call("HSET", K_META, id, pack(j))
+            redis.call("ZADD", K_LEASED, until_, id)
+            if record then
+              redis.call("HSET", record, id, j.ex)
             end
-            j.fl = string.gsub(j.fl, "[gk]", "") -- a granted slot, a reserved permit: used up
+            written[t] = true
+            w = w + 1
           end
-          redis.call("HSET", K_META, id, pack(j))
-          redis.call("ZADD", K_LEASED, until_, id)
-          if record then
-            redis.call("HSET", record, id, j.ex)
-          end
-          out[#out + 1] = id
-          out[#out + 1] = redis.call("HGET", K_JOBS, id)
-          out[#out + 1] = j.ex
-          out[#out + 1] = j.at
-          out[#out + 1] = has(j, "c") and 1 or 0
-          got = got + 1
         end
       end
+    end
+    if t > 0 then
+      local seq = redis.call("INCRBY", K_SEQ, t - w) - (t - w) -- the others' tokens, in order
+      local meta, leases, held, c = {}, {}, {}, 0
+      for k = 1, t do
+        if not written[k] then
+          local id, j = taken[k], jobs[k]
+          seq = seq + 1
+          take_lease(id, j, string.format("%d", seq) .. holder)
+          meta[c + 1], meta[c + 2] = id, pack(j)
+          leases[c + 1], leases[c + 2] = until_, id
+          held[c + 1], held[c + 2] = id, j.ex
+          c = c + 2
+        end
+      end
+      write("HSET", K_META, meta, c)
+      write("ZADD", K_LEASED, leases, c)
+      if record then
+        write("HSET", record, held, c)
+      end
+      local bodies = hmget_all(K_JOBS, taken, t)
+      for k = 1, t do
+        local j = jobs[k]
+        out[#out + 1] = taken[k]
+        out[#out + 1] = bodies[k]
+        out[#out + 1] = j.ex
+        out[#out + 1] = j.at
+        out[#out + 1] = has(j, "c") and 1 or 0
+      end
+      got = got + t
     end
     -- Jobs set aside leave free slots: pop again (they may also have woken parked jobs), so
     -- the jobs behind them are not held up, up to 100 set-asides per call.
