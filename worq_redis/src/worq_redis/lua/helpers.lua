@@ -978,8 +978,13 @@ local function fetch(now, limit, lease, reap_limit, promote_limit, worker)
       end
     end
     if t > 0 then
-      local seq = redis.call("INCRBY", K_SEQ, t - w) - (t - w) -- the others' tokens, in order
-      local meta, leases, held, c = {}, {}, {}, 0
+      -- The others' tokens, in their order (fresh and unique; fencing compares them for
+      -- equality only, so a limited job's token drawn above may be the lower).
+      local seq = 0
+      if t > w then
+        seq = redis.call("INCRBY", K_SEQ, t - w) - (t - w)
+      end
+      local meta, leases, entries, c = {}, {}, {}, 0
       for k = 1, t do
         if not written[k] then
           local id, j = taken[k], jobs[k]
@@ -987,14 +992,14 @@ local function fetch(now, limit, lease, reap_limit, promote_limit, worker)
           take_lease(id, j, string.format("%d", seq) .. holder)
           meta[c + 1], meta[c + 2] = id, pack(j)
           leases[c + 1], leases[c + 2] = until_, id
-          held[c + 1], held[c + 2] = id, j.ex
+          entries[c + 1], entries[c + 2] = id, j.ex
           c = c + 2
         end
       end
       write("HSET", K_META, meta, c)
       write("ZADD", K_LEASED, leases, c)
       if record then
-        write("HSET", record, held, c)
+        write("HSET", record, entries, c)
       end
       local bodies = hmget_all(K_JOBS, taken, t)
       for k = 1, t do
