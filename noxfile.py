@@ -80,6 +80,11 @@ BENCHES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Benchmarks against the local Redis; figures are ratios to a raw redis-py floor.",
         (),
     ),
+    "bench-redis-server-time": (
+        "bench/redis_server_time.py",
+        "Server time per job in worq-redis' scripts (INFO commandstats): Lua against commands.",
+        (),
+    ),
     "bench-seam": (
         "bench/seam_bench.py",
         "What middleware stacks cost per job; --baseline-python PATH compares an older tree.",

@@ -303,7 +303,14 @@ def test_a_queue_whose_slot_migrates_during_a_run_loses_nothing(
         worker.join(30)
         assert not errors, errors
         print(f"\nslot {source}->{target}: {len(refused)} calls refused (TRYAGAIN) and retried")
-        assert all("TRYAGAIN" in str(exc) or "ASK" in str(exc) for exc in refused), refused[:3]
+        # Each refusal names the server's answer, or says every attempt was redirected and the
+        # call did not run (redis-py's retries ran out while the slot moved).
+        unexplained = [
+            exc
+            for exc in refused
+            if not any(why in str(exc) for why in ("did not run", "TRYAGAIN", "ASK"))
+        ]
+        assert not unexplained, unexplained[:3]
         fresh = redis.RedisCluster(HOST, cluster.ports[0])
         assert fresh.get_node_from_key(f"{prefix}:{{mig}}:ready").port == target
         fresh.close()
