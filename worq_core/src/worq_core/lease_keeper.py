@@ -36,8 +36,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import multiprocessing
-import multiprocessing.connection
 import os
 import signal
 import threading
@@ -49,6 +47,8 @@ from typing import TYPE_CHECKING
 from worq_core.models import Delivery, LeaseState
 
 if TYPE_CHECKING:
+    import multiprocessing.connection
+
     from worq_core.broker import Broker
 
 log = logging.getLogger("worq.lease_keeper")
@@ -85,6 +85,8 @@ class LeaseKeeper:
         worker: str | None = None,
         queues: Sequence[str] = (),
     ) -> None:
+        import multiprocessing  # here: a worker whose broker cannot be shared never needs it
+
         context = multiprocessing.get_context("spawn")  # never fork a threaded worker
         self.worker = worker
         self._conn, child_end = context.Pipe()

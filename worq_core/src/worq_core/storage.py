@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import functools
 import os
@@ -69,6 +68,8 @@ class Storage(ABC):
         within a slice and never holds up the interpreter's exit. Backends that can wait
         natively on the event loop should override it.
         """
+        import asyncio  # here, not at the top: only asyncio code comes here, and it has it
+
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import inspect
@@ -340,6 +339,8 @@ class BoundTask(Generic[P, R]):
 
     async def _send_async(self, message: Message) -> str | None:
         """:meth:`_send` from an event loop, through the broker's asyncio enqueue."""
+        import asyncio  # here, not at the top: only asyncio code comes here, and it has it
+
         if self.send.connection is not None:  # the caller's connection is a blocking one
             return await asyncio.to_thread(self._send, message)
         app = self.task.app

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 
 from typing_extensions import override
 
 from worq_core import Storage
 
-_AsyncWaiter = tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]
+if TYPE_CHECKING:
+    # asyncio is imported by the asyncio code that waits here, not with this module.
+    import asyncio
+
+    _AsyncWaiter = tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]
 
 
 class MemoryStorage(Storage):
@@ -90,6 +93,8 @@ class MemoryStorage(Storage):
     @override
     async def wait_async(self, job_id: str, timeout: float | None) -> bytes | None:
         """:meth:`wait` on the event loop itself: a future that :meth:`save` sets; no thread."""
+        import asyncio
+
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:

@@ -21,7 +21,6 @@ transitions; every shared field changes under the worker's one lock.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import enum
@@ -829,6 +828,8 @@ class Worker:
         return self._dispatch(run)
 
     async def _run_async(self, run: Run) -> None:
+        import asyncio  # here, not at the top: a worker with no async task never imports it
+
         task, envelope, context = run.task, run.envelope, run.context
         assert task is not None
         assert envelope is not None

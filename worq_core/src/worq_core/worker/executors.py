@@ -6,7 +6,6 @@ provides the place to run, while the worker decides what runs and when.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
 import queue
@@ -64,10 +63,16 @@ class ThreadExecutor:
 
 
 class AsyncExecutor:
-    """One event loop on a daemon thread, for ``async def`` tasks."""
+    """One event loop on a daemon thread, for ``async def`` tasks.
+
+    asyncio is imported when the first one is made, not with worq: a worker whose tasks are
+    all sync never loads it.
+    """
 
     def __init__(self, name: str = "worq-asyncio") -> None:
-        self._loop = asyncio.new_event_loop()
+        import asyncio
+
+        self._loop: asyncio.AbstractEventLoop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
 
     def start(self) -> None:
@@ -79,6 +84,8 @@ class AsyncExecutor:
 
     def submit(self, coro: Coroutine[Any, Any, None]) -> concurrent.futures.Future[None]:
         """Schedule ``coro`` as a task of its own; cancelling the future cancels the task."""
+        import asyncio
+
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def stop(self) -> None:
@@ -88,5 +95,7 @@ class AsyncExecutor:
         self._loop.close()
 
     def _serve(self) -> None:
+        import asyncio
+
         asyncio.set_event_loop(self._loop)
         self._loop.run_forever()
