@@ -1,6 +1,6 @@
 """Where the Redis server's time per job goes in worq-redis' scripts, from INFO commandstats.
 
-    python bench/redis_server_time.py              # 16,000 jobs, batches of 16 and 64
+    python bench/redis_server_time.py              # 16,000 jobs, batches of 1, 16 and 64
     python bench/redis_server_time.py --jobs 32000 --batches 8,16,32
 
 A drain's speed at concurrency 1 is the worker's time plus the scripts' time, one after the
@@ -10,8 +10,8 @@ process): ``enqueue_many`` in calls of 1,000, fetches of B jobs under a worker r
 worker whose lease keeper renews by worker fetches), acknowledgements of B jobs with their result
 records, and a worker's steady state (B acknowledgements and a fetch of B in one call). For each
 it reports the scripts' microseconds per job, the part spent in the Redis commands they call, and
-the rest: Lua and the script call itself. Two fixed costs per call come first: an ``EVALSHA``
-of ``return 1``, and ``settle_fetch`` with nothing to settle or fetch.
+the rest: Lua and the script call itself. Two fixed costs come first, per call rather than per
+job: an ``EVALSHA`` of ``return 1``, and ``settle_fetch`` with nothing to settle or fetch.
 
 The figures are differences of ``INFO commandstats`` before and after each step (no
 ``CONFIG RESETSTAT``), so they are only clean on a Redis nobody else uses meanwhile. Keys live
@@ -39,6 +39,9 @@ QUEUE = "timed"
 BY = {"worker": "server-time:1"}
 """Fetches record their leases under a worker, as a worker whose lease keeper renews by worker."""
 Stats = dict[str, tuple[int, int]]  # command -> (calls, microseconds)
+SCRIPTS = ("evalsha", "eval")
+NOT_FROM_SCRIPTS = ("multi", "exec", "script|load", "select", "hello", "client|setinfo", "ping")
+"""Commands the client itself sends around the scripts (connections, loading, transactions)."""
 
 
 def command_stats(client: redis.Redis) -> Stats:
@@ -60,12 +63,12 @@ def measured(client: redis.Redis, step: Callable[[], object]) -> Stats:
 
 
 def row(label: str, spent: Stats, jobs: int) -> str:
-    scripts = sum(usec for name, (_, usec) in spent.items() if name in ("evalsha", "eval"))
-    calls = sum(n for name, (n, _) in spent.items() if name in ("evalsha", "eval"))
+    scripts = sum(usec for name, (_, usec) in spent.items() if name in SCRIPTS)
+    calls = sum(n for name, (n, _) in spent.items() if name in SCRIPTS)
     nested = {
         name: usec
         for name, (_, usec) in spent.items()
-        if name not in ("evalsha", "eval", "multi", "exec")
+        if name not in SCRIPTS and name not in NOT_FROM_SCRIPTS
     }
     inner = sum(nested.values())
     top = ", ".join(
@@ -82,9 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=None, help="default redis://127.0.0.1:6379/DB")
     parser.add_argument("--db", type=int, default=int(os.environ.get("WORQ_BENCH_REDIS_DB", "10")))
-    parser.add_argument("--jobs", type=int, default=16_000, help="jobs per step (default 16,000)")
+    parser.add_argument(
+        "--jobs", type=int, default=16_000, help="jobs per step, in thousands (default 16,000)"
+    )
     parser.add_argument("--batches", default="1,16,64", help="jobs per fetch and settle call")
     args = parser.parse_args(argv)
+    if args.jobs < 1000 or args.jobs % 1000:
+        parser.error("--jobs takes a multiple of 1,000 (jobs are queued 1,000 per call)")
     url = args.url or f"redis://127.0.0.1:6379/{args.db}"
     prefix = f"server-time-{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(url)
@@ -98,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     record = encode_success(app.serializer, None)
     print(f"Redis {client.info('server')['redis_version']} at {url}; {args.jobs:,} jobs a step\n")
+    print("(the first two rows are per call, the others per job)\n")
     print(
         "| step | script calls | script µs/job | commands µs/job | Lua and call µs/job | "
         "top commands µs/job |"
@@ -118,12 +126,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def enqueues(client: redis.Redis, task: Task[None], jobs: int) -> None:
-    """``enqueue_many`` in calls of 1,000, then an eighth as many jobs one by one."""
+    """``enqueue_many`` in calls of 1,000, then an eighth as many jobs one by one; then the
+    queue is emptied, so that every batch size starts from the same depth."""
     spent = measured(client, lambda: [task.enqueue_many([()] * 1000) for _ in range(0, jobs, 1000)])
     print(row("enqueue_many, 1,000 per call", spent, jobs))
     ones = jobs // 8
     spent = measured(client, lambda: [task.enqueue() for _ in range(ones)])
     print(row("enqueue one by one", spent, ones))
+    broker = task.app.broker
+    held: list[Delivery] = []
+    while True:  # unmeasured: fetched and acknowledged 1,000 a call
+        acks = [Settlement(d, Outcome.ACK) for d in held]
+        _, held = broker.settle_and_fetch(acks, [QUEUE], 1000, lease=60.0, wait=0.0)
+        if not held:
+            return
 
 
 def batches(

@@ -302,7 +302,7 @@ def test_a_queue_whose_slot_migrates_during_a_run_loses_nothing(
         stop.set()
         worker.join(30)
         assert not errors, errors
-        print(f"\nslot {source}->{target}: {len(refused)} calls refused (TRYAGAIN) and retried")
+        print(f"\nslot {source}->{target}: {len(refused)} calls refused and retried")
         # Each refusal names the server's answer, or says every attempt was redirected and the
         # call did not run (redis-py's retries ran out while the slot moved).
         unexplained = [
