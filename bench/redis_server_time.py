@@ -104,8 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         """A job that is never run: only the broker's scripts are measured."""
 
     record = encode_success(app.serializer, None)
-    print(f"Redis {client.info('server')['redis_version']} at {url}; {args.jobs:,} jobs a step\n")
-    print("(the first two rows are per call, the others per job)\n")
+    lines = lua.source("settle_fetch").count("\n")
+    print(f"Redis {client.info('server')['redis_version']} at {url}; {args.jobs:,} jobs a step")
+    print(f"(settle_fetch is {lines:,} lines of Lua with its helpers; the first two rows are per")
+    print("call, the others per job)\n")
     print(
         "| step | script calls | script µs/job | commands µs/job | Lua and call µs/job | "
         "top commands µs/job |"
@@ -113,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---|")
     try:
         fixed(client, broker)
-        enqueues(client, noop, args.jobs)
+        enqueues(client, broker, noop, args.jobs)
         for batch in (int(b) for b in args.batches.split(",")):
             batches(client, broker, noop, record, args.jobs, batch)
     finally:
@@ -125,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def enqueues(client: redis.Redis, task: Task[None], jobs: int) -> None:
+def enqueues(client: redis.Redis, broker: RedisBroker, task: Task[None], jobs: int) -> None:
     """``enqueue_many`` in calls of 1,000, then an eighth as many jobs one by one; then the
     queue is emptied, so that every batch size starts from the same depth."""
     spent = measured(client, lambda: [task.enqueue_many([()] * 1000) for _ in range(0, jobs, 1000)])
@@ -133,11 +135,17 @@ def enqueues(client: redis.Redis, task: Task[None], jobs: int) -> None:
     ones = jobs // 8
     spent = measured(client, lambda: [task.enqueue() for _ in range(ones)])
     print(row("enqueue one by one", spent, ones))
-    broker = task.app.broker
+    drain(broker, 1000)  # unmeasured
+
+
+def drain(broker: RedisBroker, batch: int, record: bytes | None = None) -> None:
+    """Empty the queue as a worker does: each call acknowledges the jobs of the last one (with
+    ``record`` as their result) and fetches ``batch`` more."""
+    ttl = 3600.0 if record is not None else 0.0
     held: list[Delivery] = []
-    while True:  # unmeasured: fetched and acknowledged 1,000 a call
-        acks = [Settlement(d, Outcome.ACK) for d in held]
-        _, held = broker.settle_and_fetch(acks, [QUEUE], 1000, lease=60.0, wait=0.0)
+    while True:
+        acks = [Settlement(d, Outcome.ACK, record=record, ttl=ttl) for d in held]
+        _, held = broker.settle_and_fetch(acks, [QUEUE], batch, lease=60.0, wait=0.0, **BY)
         if not held:
             return
 
@@ -151,7 +159,6 @@ def batches(
     taken: list[Delivery] = []
     for _ in range(0, jobs, 1000):
         task.enqueue_many([()] * 1000)
-    queued = broker.stats([QUEUE])[0].ready
 
     def fetch_all() -> None:
         while True:
@@ -160,7 +167,8 @@ def batches(
                 return
             taken.extend(got)
 
-    print(row(f"fetch, {batch} per call", measured(client, fetch_all), queued))
+    spent = measured(client, fetch_all)
+    print(row(f"fetch, {batch} per call", spent, len(taken)))
 
     def ack_all() -> None:
         acks = [Settlement(d, Outcome.ACK, record=record, ttl=3600.0) for d in taken]
@@ -171,15 +179,8 @@ def batches(
     for _ in range(0, jobs, 1000):
         task.enqueue_many([()] * 1000)
 
-    def steady() -> None:
-        held: list[Delivery] = []
-        while True:
-            settle = [Settlement(d, Outcome.ACK, record=record, ttl=3600.0) for d in held]
-            _, held = broker.settle_and_fetch(settle, [QUEUE], batch, lease=60.0, wait=0.0, **BY)
-            if not held:
-                return
-
-    print(row(f"settle and fetch, {batch} per call", measured(client, steady), jobs))
+    spent = measured(client, lambda: drain(broker, batch, record))
+    print(row(f"settle and fetch, {batch} per call", spent, jobs))
 
 
 def fixed(client: redis.Redis, broker: RedisBroker) -> None:
@@ -188,8 +189,6 @@ def fixed(client: redis.Redis, broker: RedisBroker) -> None:
     sha = client.script_load("return 1")
     spent = measured(client, lambda: [client.evalsha(sha, 0) for _ in range(calls)])
     print(row("`return 1`, per call", spent, calls))
-    source = lua.source("settle_fetch")
-    print(f"<!-- settle_fetch is {source.count(chr(10)):,} lines of Lua with its helpers -->")
     spent = measured(
         client,
         lambda: [
