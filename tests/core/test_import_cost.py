@@ -11,9 +11,14 @@ brings redis-py, which imports asyncio itself).
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 APP = """
 import json, sys
@@ -61,3 +66,99 @@ def test_an_async_task_brings_asyncio_in_and_runs() -> None:
     answer = run_app(extra, "twice.enqueue(21)")
     assert answer["results"] == [3, 42]
     assert answer["loaded"] == ["asyncio"]
+
+
+PRODUCER = """
+import json, sys
+before = set(sys.modules)
+from worq_core import Worq
+from worq_core.registry import Registry
+from worq_core.serializers import MsgpackSerializer
+from worq_memory import MemoryBroker, MemoryStorage
+
+app = Worq(MemoryBroker(), storage=MemoryStorage(), serializer=MsgpackSerializer(),
+           registry=Registry())
+
+@app.task
+def add(x: int, y: int) -> int:
+    return x + y
+
+job = add.enqueue(1, 2)
+assert app.broker.stats(["default"])[0].ready == 1
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+WORKER_ONLY = ("worq_core.worker", "worq_core.lease_keeper", "worq_core.supervisor")
+OTHER_COMMANDS = ("worq_core.canvas", "worq_core.inspection", "worq_core.supervisor", "rich")
+
+
+def test_a_producer_loads_neither_the_worker_nor_workflows_nor_click() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", PRODUCER], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = set(json.loads(done.stdout))
+    assert "worq_core.app" in loaded  # the check sees what the producer did load
+    unwanted = (*WORKER_ONLY, *OTHER_COMMANDS, "click", "asyncio")
+    assert sorted(m for m in loaded if m.split(".")[0] in unwanted or m in unwanted) == []
+
+
+CLI_APP = """
+import json, os, sys
+from worq_core import Worq
+
+app = Worq("memory://")
+
+@app.task
+def report() -> None:
+    with open(os.environ["REPORT_TO"], "w") as f:
+        json.dump(sorted(sys.modules), f)
+
+report.enqueue()
+"""
+
+
+def test_worq_worker_loads_no_module_only_other_commands_need(tmp_path: Path) -> None:
+    (tmp_path / "startup_app.py").write_text(CLI_APP)
+    report = tmp_path / "modules.json"
+    env = {**os.environ, "REPORT_TO": str(report), "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "worq_core.cli", "worker", "startup_app:app", "--burst"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = set(json.loads(report.read_text()))
+    assert "worq_core.worker.core" in loaded
+    assert sorted(m for m in OTHER_COMMANDS if m in loaded) == []
+
+
+def test_every_public_name_is_listed_once_and_resolves_to_its_module() -> None:
+    import importlib
+
+    import worq_core
+
+    source = Path(worq_core.__file__).read_text()
+    checked = next(
+        node
+        for node in ast.parse(source).body
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+    )
+    for_type_checkers = {
+        alias.name: node.module
+        for node in checked.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    lazy = worq_core._LAZY
+    assert for_type_checkers == lazy
+    assert sorted(worq_core.__all__) == sorted([*lazy, "__version__"])
+    for name, module in lazy.items():
+        assert getattr(worq_core, name) is getattr(importlib.import_module(module), name)
+    assert set(worq_core.__all__) <= set(dir(worq_core))
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = worq_core.Nope

@@ -38,7 +38,6 @@ from click.core import ParameterSource
 from worq_core import __version__
 from worq_core.app import Worq
 from worq_core.broker import Broker, redact_url
-from worq_core.canvas import Workflow, WorkflowNode
 from worq_core.errors import (
     DeserializationError,
     InvalidNameError,
@@ -48,27 +47,23 @@ from worq_core.errors import (
     UnsupportedError,
     WorqError,
 )
-from worq_core.inspection import (
-    UNDECODABLE,
-    Inspector,
-    JobSummary,
-    show_arguments,
-    show_value,
-    truncate,
-)
 from worq_core.job import Envelope, Job
 from worq_core.models import Capability, JobStatus
 from worq_core.registry import PluginLoadWarning, default_registry
 from worq_core.scheduling import recorded_fires
-from worq_core.supervisor import REPLACE_ME, Supervisor
 from worq_core.validation import check_queue
 from worq_core.worker import WorkerSettings
 from worq_core.worker.scheduler import iso
 
-if TYPE_CHECKING:  # rich renders the operators' tables: imported by the commands that show one
+# Imported by the commands that use them, so that `worq worker` does not load them: rich renders
+# the operators' tables; inspection, workflows and the supervisor serve other commands.
+if TYPE_CHECKING:
     from rich.console import Console
     from rich.text import Text
     from rich.tree import Tree
+
+    from worq_core.canvas import Workflow, WorkflowNode
+    from worq_core.inspection import JobSummary
 
 _WEIGHT = re.compile(r":\d+$")
 
@@ -613,6 +608,8 @@ def worker(
             prometheus.enable(app, broker_metrics=False)
         reason = app.worker(settings=settings).run(burst=burst)
     if supervised and reason.wants_replacement:
+        from worq_core.supervisor import REPLACE_ME
+
         sys.exit(REPLACE_ME)
 
 
@@ -650,6 +647,8 @@ def _supervise(
     app: Worq, child: list[str], processes: int, grace: float, host: str, port: int | None
 ) -> int:
     """Run the supervisor; with a metrics port it serves every child's metrics, summed."""
+    from worq_core.supervisor import Supervisor
+
     if port is None:
         return Supervisor([*child, "--supervised"], processes, grace=grace).run()
     _need_prometheus()
@@ -885,6 +884,8 @@ MAX_JOBS_PAGE = 1000
 
 def _call(args: Sequence[Any], kwargs: dict[str, Any]) -> str:
     """Arguments written as a call's, values as JSON: ``(1, "a", flag=true)``."""
+    from worq_core.inspection import show_arguments
+
     return f"({show_arguments(args, kwargs)})"
 
 
@@ -1001,6 +1002,8 @@ def jobs(
     status = JOB_STATES[state]
     names = _split_queue_options(queues)
     app = resolve_app(app_spec)
+    from worq_core.inspection import Inspector
+
     page = Inspector(app).jobs(
         status,
         queues=names,
@@ -1037,6 +1040,8 @@ def _jobs_table(console: Console, found: list[JobSummary], status: JobStatus, st
     table.add_column("attempts", justify="right", no_wrap=True)
     table.add_column(_WHEN_COLUMN[status], no_wrap=True)
     table.add_column("arguments", overflow="fold", ratio=1)
+    from worq_core.inspection import UNDECODABLE, truncate
+
     dead = status is JobStatus.DEAD
     if dead:
         table.add_column("reason", overflow="fold", ratio=1)
@@ -1159,6 +1164,8 @@ def job(values: tuple[str, ...], cancel: bool) -> None:
 
 
 def _show_job(app: Worq, handle: Job[Any], status: JobStatus) -> None:
+    from worq_core.inspection import UNDECODABLE, Inspector, show_value
+
     job_id = handle.id
     where = app.broker.job_state(job_id)
     click.echo(f"job:    {job_id}")

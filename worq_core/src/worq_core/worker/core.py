@@ -38,7 +38,6 @@ import traceback
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from worq_core.canvas import FAILED_MARKER_TASK, cancelled, chord_arguments
 from worq_core.context import JobContext
 from worq_core.context import _current as _current_job
 from worq_core.errors import (
@@ -621,7 +620,10 @@ class Worker:
             self.settle.decide(run, dead=ErrorInfo.from_exception(exc))
             return False
         run.envelope = envelope
-        if envelope.task == FAILED_MARKER_TASK:
+        if envelope.workflow:
+            # Workflows are imported by the first step a worker runs, not at its start.
+            from worq_core.canvas import FAILED_MARKER_TASK, cancelled, chord_arguments
+        if envelope.workflow and envelope.task == FAILED_MARKER_TASK:
             run.context = JobContext(delivery.id, envelope.task, delivery.queue, 1, 0)
             why = str(envelope.args[0]) if envelope.args else "a step failed"
             self.settle.decide(run, dead=ErrorInfo("worq.WorkflowMemberFailed", why))

@@ -15,7 +15,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from worq_core.canvas import links
 from worq_core.errors import Reject, Retry, SerializationError, WorqError
 from worq_core.job import ErrorInfo, encode_cancelled, encode_failure, encode_success
 from worq_core.middleware import Decision
@@ -252,6 +251,8 @@ class SettlePath:
         app = worker.app
         job_id = settlement.delivery.id
         if run.envelope is not None and run.envelope.workflow:
+            from worq_core.canvas import links  # imported by the first workflow step
+
             settlement = links(app, run.envelope, settlement, record, value, succeeded=succeeded)
         if run.lost:
             # Another run owns the job now: its result, not ours, belongs in the storage.
