@@ -1,12 +1,14 @@
-"""What a worker imports: asyncio and multiprocessing only when it needs them.
+"""What producers and workers import: only what they use (issue 13, "fast start").
 
-asyncio costs a fresh interpreter tens of milliseconds, and so does multiprocessing; a worker
-whose tasks are all sync, on a broker the lease keeper cannot share, needs neither (issue 13,
-"fast start"). Each case runs in a fresh interpreter (this test process has imported both),
-and counts only what was loaded after the interpreter's own start-up, so a site hook that
-imports either does not count. It covers an app built by hand on the memory broker; the
-``worq worker`` command also reads entry points, which load every installed plugin (worq-redis
-brings redis-py, which imports asyncio itself).
+Each case runs in a fresh interpreter (this test process has imported everything), and counts
+only what was loaded after the interpreter's own start-up, so a site hook does not count:
+
+- a worker of sync tasks on a broker the lease keeper cannot share needs neither asyncio nor
+  multiprocessing (tens of milliseconds each);
+- a producer that only enqueues needs neither the worker, nor workflows, nor click;
+- ``worq worker`` needs neither the modules of the CLI's other commands nor, for an app on
+  ``memory://``, the other installed backends (worq-redis brings redis-py);
+- the lazy ``worq_core`` namespace lists each public name the same way three times.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ print(json.dumps(sorted(set(sys.modules) - before)))
 """
 
 WORKER_ONLY = ("worq_core.worker", "worq_core.lease_keeper", "worq_core.supervisor")
+OTHER_BACKENDS = ("worq_redis", "worq_postgres", "redis", "psycopg")
 OTHER_COMMANDS = ("worq_core.canvas", "worq_core.inspection", "worq_core.supervisor", "rich")
 
 
@@ -118,7 +121,9 @@ report.enqueue()
 """
 
 
-def test_worq_worker_loads_no_module_only_other_commands_need(tmp_path: Path) -> None:
+def test_worq_worker_on_memory_loads_no_other_backend_nor_other_commands_modules(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "startup_app.py").write_text(CLI_APP)
     report = tmp_path / "modules.json"
     env = {**os.environ, "REPORT_TO": str(report), "PYTHONPATH": str(tmp_path)}
@@ -135,6 +140,9 @@ def test_worq_worker_loads_no_module_only_other_commands_need(tmp_path: Path) ->
     loaded = set(json.loads(report.read_text()))
     assert "worq_core.worker.core" in loaded
     assert sorted(m for m in OTHER_COMMANDS if m in loaded) == []
+    # An app on memory:// loads worq-memory's plugin only, whatever else is installed.
+    assert "worq_memory.plugin" in loaded
+    assert sorted(m for m in OTHER_BACKENDS if m in loaded) == []
 
 
 def test_every_public_name_is_listed_once_and_resolves_to_its_module() -> None:

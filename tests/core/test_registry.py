@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import importlib.util
 import sys
 import types
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -100,6 +102,93 @@ def test_strict_mode_turns_a_broken_plugin_into_an_error(site: Path) -> None:
     )
     with pytest.raises(PluginError, match="throwaway-broken"):
         Registry.from_entry_points(strict=True)
+
+
+# -- loading plugins when a lookup needs them (default_registry) -------------------------------
+
+THROWAWAY_BROKER = """
+    from worq_core import hookimpl
+    from worq_memory import MemoryBroker
+
+    class ThrowawayBroker(MemoryBroker):
+        name = "throwaway"
+        schemes = SCHEMES
+
+    @hookimpl
+    def worq_register_brokers():
+        return [ThrowawayBroker]
+"""
+
+
+def test_a_lazy_registry_imports_a_plugin_only_when_a_lookup_needs_it(site: Path) -> None:
+    write_distribution(
+        site,
+        "throwaway-rot13",
+        "1.0",
+        {"throwaway_rot13": ROT13_PLUGIN},
+        {"rot13": "throwaway_rot13"},
+    )
+    registry = Registry.from_entry_points(strict=True, lazy=True)
+    assert registry.broker_class("memory://") is MemoryBroker
+    assert registry.serializer_class("msgpack") is MsgpackSerializer
+    assert "throwaway_rot13" not in sys.modules  # worq-core's and worq-memory's were enough
+
+    assert registry.serializer_class("rot13-json").__name__ == "Rot13Serializer"
+    assert "throwaway_rot13" in sys.modules  # a name worq-core lacks: every plugin loaded
+    assert "throwaway-rot13" in {p.distribution for p in registry.plugins}
+
+
+def test_a_lazy_registry_warns_of_a_broken_plugin_when_it_loads_it(site: Path) -> None:
+    write_distribution(
+        site,
+        "throwaway-broken",
+        "0.3",
+        {"throwaway_broken": "raise ImportError('no libfoo')"},
+        {"broken": "throwaway_broken"},
+    )
+    registry = Registry.from_entry_points(lazy=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginLoadWarning)
+        assert registry.broker_class("memory://") is MemoryBroker
+    with pytest.warns(PluginLoadWarning, match=r"throwaway-broken 0\.3.*no libfoo"):
+        records = registry.plugins
+    assert [p.error for p in records if p.distribution == "throwaway-broken"] != [None]
+
+
+def test_a_lazy_registry_loads_every_plugin_for_a_scheme_none_of_ours_serves(site: Path) -> None:
+    write_distribution(
+        site,
+        "throwaway-broker",
+        "2.0",
+        {"throwaway_broker": THROWAWAY_BROKER.replace("SCHEMES", '("throwaway",)')},
+        {"throwaway": "throwaway_broker"},
+    )
+    registry = Registry.from_entry_points(lazy=True)
+    assert registry.broker_class("throwaway://").__name__ == "ThrowawayBroker"
+    with pytest.raises(UnknownPluginError) as error:
+        registry.broker_class("nosuch://x")
+    assert "throwaway://" in error.value.available
+    assert "memory://" in error.value.available
+
+
+def test_a_clash_with_a_plugin_not_loaded_yet_is_found_once_both_load(site: Path) -> None:
+    # It also claims redis://: an eager registry refuses the pair at once; a lazy one finds
+    # the clash when it loads both, here for a scheme only the third party serves.
+    write_distribution(
+        site,
+        "throwaway-broker",
+        "2.0",
+        {"throwaway_broker": THROWAWAY_BROKER.replace("SCHEMES", '("throwaway", "redis")')},
+        {"throwaway": "throwaway_broker"},
+    )
+    if importlib.util.find_spec("worq_redis") is None:
+        pytest.skip("worq-redis is not installed")
+    with pytest.raises(DuplicatePluginError, match="redis"):
+        Registry.from_entry_points()
+    registry = Registry.from_entry_points(lazy=True)
+    assert registry.broker_class("memory://") is MemoryBroker
+    with pytest.raises(DuplicatePluginError, match="redis"):
+        registry.broker_class("throwaway://")
 
 
 def test_two_plugins_registering_one_name_is_an_error_naming_both() -> None:

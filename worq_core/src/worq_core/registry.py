@@ -1,7 +1,8 @@
 """The plugin registry: which brokers, serializers and storages are installed.
 
-Nothing is loaded at import time. :func:`default_registry` builds a registry from the ``worq``
-entry-point group on first use and caches it; tests build a fresh :class:`Registry` and
+Nothing is loaded at import time. :func:`default_registry` reads the ``worq`` entry-point group
+on first use and caches the registry; it loads a plugin when a lookup needs it (see
+:meth:`Registry.from_entry_points`). Tests build a fresh :class:`Registry` and
 :meth:`Registry.register` plugins by hand, without entry points.
 """
 
@@ -11,8 +12,9 @@ import functools
 import importlib.metadata
 import inspect
 import re
+import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -89,12 +91,15 @@ class PluginRecord:
 class Registry:
     """Brokers, serializers and storages by name and URL scheme.
 
-    Thread-safe for lookups once built; registering is meant for start-up and tests.
+    Thread-safe for lookups, which may load plugins still pending; registering by hand is
+    meant for start-up and tests.
     """
 
     def __init__(self, *, strict: bool = False) -> None:
         self.strict = strict
-        self.plugins: list[PluginRecord] = []
+        self._plugins: list[PluginRecord] = []
+        self._pending: list[importlib.metadata.EntryPoint] = []  # found, not loaded yet
+        self._loading = threading.RLock()
         self._manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._manager.add_hookspecs(hookspecs)
         self._by_name: dict[Kind, dict[str, Component]] = {kind: {} for kind in _BASES}
@@ -102,32 +107,75 @@ class Registry:
         self._commands: dict[str, tuple[Any, str]] = {}  # name -> (click command, distribution)
 
     @classmethod
-    def from_entry_points(cls, *, strict: bool = False) -> Registry:
+    def from_entry_points(cls, *, strict: bool = False, lazy: bool = False) -> Registry:
         """Build a registry from every installed ``worq`` entry point.
 
         A plugin that fails to import or register gives a :class:`PluginLoadWarning` naming its
         distribution and the error, and the others still load; with ``strict=True`` it raises
         :class:`~worq_core.errors.PluginError` instead.
+
+        With ``lazy=True`` (what :func:`default_registry` does) the entry points are read now
+        and each plugin is imported when a lookup needs it: a URL whose scheme one of worq's
+        own distributions serves (:data:`KNOWN_SCHEMES`) loads worq-core's plugins and that
+        distribution's; any other lookup, and :attr:`plugins`, :meth:`components` and
+        :meth:`commands`, load them all. An app on ``memory://`` then never imports redis-py
+        because worq-redis is installed. A clash (two plugins claiming one name or scheme) is
+        found when both are loaded, so a third-party plugin claiming ``redis://`` is not
+        consulted while worq-redis serves it; ``worq plugins`` loads every plugin and shows it.
         """
         registry = cls(strict=strict)
         seen: set[tuple[str, str]] = set()
         for entry_point in importlib.metadata.entry_points(group=hookspecs.PROJECT_NAME):
-            dist = entry_point.dist
-            dist_name = dist.name if dist is not None else "<unknown distribution>"
-            version = dist.version if dist is not None else ""
-            if (dist_name, entry_point.name) in seen:  # the same dist found twice on sys.path
-                continue
-            seen.add((dist_name, entry_point.name))
-            try:
-                plugin = entry_point.load()
-                registry.register(
-                    plugin, name=entry_point.name, distribution=dist_name, version=version
-                )
-            except DuplicatePluginError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any plugin bug must not stop the others
-                registry._plugin_failed(entry_point.name, dist_name, version, exc)
+            key = (_distribution(entry_point), entry_point.name)
+            if key not in seen:  # the same dist found twice on sys.path
+                seen.add(key)
+                registry._pending.append(entry_point)
+        if not lazy:
+            registry.load_all()
         return registry
+
+    def load_all(self) -> None:
+        """Load every plugin still pending (entry points a lazy registry has not loaded)."""
+        with self._loading:
+            self._load(lambda distribution: True)
+
+    def _load(self, wanted: Callable[[str], bool]) -> None:
+        """Load the pending entry points of the distributions ``wanted`` accepts, in order.
+
+        Callers hold ``_loading``: a lookup that finds nothing waits for a plugin another
+        thread is still loading, not just for the pending list to be empty.
+        """
+        for entry_point in [e for e in self._pending if wanted(_distribution(e))]:
+            self._pending.remove(entry_point)
+            self._load_entry_point(entry_point)
+
+    def _load_entry_point(self, entry_point: importlib.metadata.EntryPoint) -> None:
+        dist = entry_point.dist
+        dist_name = dist.name if dist is not None else "<unknown distribution>"
+        version = dist.version if dist is not None else ""
+        try:
+            plugin = entry_point.load()
+            self.register(plugin, name=entry_point.name, distribution=dist_name, version=version)
+        except DuplicatePluginError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any plugin bug must not stop the others
+            self._plugin_failed(entry_point.name, dist_name, version, exc)
+
+    def _load_for(self, found: Callable[[], bool], distribution: str | None = None) -> None:
+        """Load plugins until ``found()``: worq-core's and ``distribution``'s first, then all."""
+        if found():
+            return
+        with self._loading:
+            first = {_CORE, _normalize(distribution)} if distribution else {_CORE}
+            self._load(lambda name: name in first)
+            if not found():
+                self._load(lambda name: True)
+
+    @property
+    def plugins(self) -> list[PluginRecord]:
+        """Every plugin, loaded or failed (loads those still pending)."""
+        self.load_all()
+        return self._plugins
 
     def register(
         self,
@@ -162,7 +210,7 @@ class Registry:
         self._commands.update(commands)
         record.components = components
         record.commands = sorted(commands)
-        self.plugins.append(record)
+        self._plugins.append(record)
         return record
 
     def _plugin_failed(self, name: str, distribution: str, version: str, exc: Exception) -> None:
@@ -170,7 +218,7 @@ class Registry:
         if self.strict:
             raise PluginError(message) from exc
         warnings.warn(message, PluginLoadWarning, stacklevel=3)
-        self.plugins.append(PluginRecord(name, distribution, version, error=repr(exc)))
+        self._plugins.append(PluginRecord(name, distribution, version, error=repr(exc)))
 
     def _check(self, kind: Kind, cls: object, distribution: str) -> Component:
         base = _BASES[kind]
@@ -225,6 +273,7 @@ class Registry:
 
     def commands(self) -> dict[str, Any]:
         """The CLI commands plugins added, by name (click commands)."""
+        self.load_all()
         return {name: command for name, (command, _) in sorted(self._commands.items())}
 
     def _add_all(self, components: list[Component]) -> None:
@@ -255,6 +304,7 @@ class Registry:
 
     def components(self, kind: Kind) -> list[Component]:
         """Every registered component of ``kind``, sorted by name."""
+        self.load_all()
         return sorted(self._by_name[kind].values(), key=lambda c: c.name)
 
     def broker_class(self, url: str) -> type[Broker]:
@@ -267,6 +317,7 @@ class Registry:
 
     def serializer_class(self, name: str) -> type[Serializer]:
         """The serializer class registered as ``name``."""
+        self._load_for(lambda: name in self._by_name["serializer"])
         component = self._by_name["serializer"].get(name)
         if component is None:
             raise UnknownPluginError("serializer", name, self._by_name["serializer"])
@@ -274,6 +325,7 @@ class Registry:
 
     def middleware_class(self, name: str) -> type[Middleware]:
         """The middleware class a plugin registered as ``name``."""
+        self._load_for(lambda: name in self._by_name["middleware"])
         component = self._by_name["middleware"].get(name)
         if component is None:
             raise UnknownPluginError("middleware", name, self._by_name["middleware"])
@@ -282,8 +334,11 @@ class Registry:
     def _for_url(self, kind: Kind, url: str) -> type:
         scheme, sep, _ = url.partition("://")
         if not sep:
+            self.load_all()  # the error lists every scheme
             raise UnknownPluginError(f"{kind} URL", url, (f"{s}://" for s in self._by_scheme[kind]))
-        component = self._by_scheme[kind].get(scheme)
+        served = self._by_scheme[kind]
+        self._load_for(lambda: scheme in served, KNOWN_SCHEMES.get(scheme))
+        component = served.get(scheme)
         if component is None:
             raise UnknownPluginError(
                 f"{kind} scheme",
@@ -292,6 +347,19 @@ class Registry:
                 install_hint=KNOWN_SCHEMES.get(scheme),
             )
         return component.cls
+
+
+_CORE = "worq-core"
+
+
+def _normalize(distribution: str) -> str:
+    """A distribution's name as PEP 503 compares them (``Worq_Redis`` is ``worq-redis``)."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def _distribution(entry_point: importlib.metadata.EntryPoint) -> str:
+    dist = entry_point.dist
+    return _normalize(dist.name) if dist is not None else ""
 
 
 def _as_list(returned: Any, distribution: str, hook: str) -> list[object]:
@@ -304,5 +372,9 @@ def _as_list(returned: Any, distribution: str, hook: str) -> list[object]:
 
 @functools.cache
 def default_registry() -> Registry:
-    """The registry of installed plugins, built from entry points on first use and cached."""
-    return Registry.from_entry_points()
+    """The registry of installed plugins, read from entry points on first use and cached.
+
+    Each plugin is imported when a lookup needs it (:meth:`Registry.from_entry_points` with
+    ``lazy=True``).
+    """
+    return Registry.from_entry_points(lazy=True)
