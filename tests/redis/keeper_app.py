@@ -20,6 +20,7 @@ _base, _, _query = URL.partition("?")
 
 app = Worq(RedisBroker(URL), storage=RedisStorage(f"{_base}?prefix={LOG}:results"))
 _report = redis.Redis.from_url(_base)
+_report.rpush(f"{LOG}:imported", os.getpid())  # which processes import the app
 
 
 @app.task(name="handoff", queue="keeper", max_retries=0)

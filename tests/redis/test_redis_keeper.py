@@ -139,3 +139,17 @@ def test_the_keeper_stops_renewing_for_a_frozen_worker(keeper_run: KeeperRun) ->
     assert [d.id for d in got] == [job.id], "the frozen worker's lease never ran out"
     assert got[0].attempts == 2
     broker.close()
+
+
+@pytest.mark.timeout(90)
+def test_the_keeper_builds_its_broker_without_importing_the_app(keeper_run: KeeperRun) -> None:
+    # Importing the app twice costs its time and memory again, and runs its module-level code
+    # (here an RPUSH; in an app, perhaps an enqueue) in a process the user never asked for.
+    app = keeper_run.app()
+    app.tasks["handoff"].enqueue()
+    proc = keeper_run.start_worker()
+    keeper_run.wait_for_log("leases renewed by a separate process")
+    keeper_run.wait_started()
+    imported = {int(pid) for pid in keeper_run.client.lrange(f"{keeper_run.log}:imported", 0, -1)}
+    assert imported == {os.getpid(), proc.pid}, f"the worker's children: {children(proc.pid)}"
+    keeper_run.client.rpush(f"{keeper_run.log}:go", "1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import urllib.parse
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar, Self
 
 from worq_core.errors import BrokerError, UnsupportedError
@@ -405,6 +405,17 @@ class Broker(ABC):
         Otherwise, the default, worq-core saves and deletes records in the storage itself.
         """
         return False
+
+    def recipe(self) -> Callable[[], Broker] | None:
+        """A picklable callable that builds this broker again in another process, or ``None``.
+
+        The lease keeper (a child process of ``worq worker``) builds its broker with it: the
+        broker it builds must reach the same server and keys, with the same settings. Without
+        one (the default, and for a broker built around a client object the user made) the
+        keeper imports the user's app to build it, paying that import's time, memory and
+        side effects once more.
+        """
+        return None
 
     def verify(self) -> None:  # noqa: B027 - optional hook, nothing to check by default
         """Check, before a worker starts, that this broker can ever work; raise if not.

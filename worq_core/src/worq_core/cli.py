@@ -595,7 +595,9 @@ def worker(
         max_jobs=max_jobs_per_process,
         max_memory=None if max_memory_per_process is None else max_memory_per_process << 20,
         isolated_heartbeat=True,
-        broker_factory=functools.partial(app_broker, app_spec, broker),
+        # The lease keeper builds its broker from the broker's own recipe when it has one, and
+        # else imports the app (its time, memory and module-level side effects) to build it.
+        broker_factory=app.broker.recipe() or functools.partial(app_broker, app_spec, broker),
         recycle_when_stuck=supervised,
         stop_when_orphaned=supervised,
         scheduler=scheduler,

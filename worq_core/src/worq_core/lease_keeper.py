@@ -68,7 +68,8 @@ class LeaseKeeper:
     """A child process that extends the leases of a worker.
 
     ``broker_factory`` is a picklable callable that builds the app's broker in the child, the
-    same way the app builds it (``worq worker`` passes one that imports the app). With
+    same way the app builds it (``worq worker`` passes the broker's
+    :meth:`~worq_core.Broker.recipe`, or one that imports the app when it has none). With
     ``worker`` (the id the worker fetches under, for a broker with
     :attr:`~worq_core.Capability.WORKER_LEASES`) it renews every lease of that worker in
     ``queues``; without, the leases :meth:`hold` hands it.

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from typing_extensions import override
@@ -131,6 +132,7 @@ class PostgresBroker(Broker):
                 f"{self.dead_max_count!r} and {self.dead_max_age!r}"
             )
         self._dead_queues: set[str] = set()  # queues dead-lettered into since the last sweep
+        self._pool_size = pool_size
         self._pool = LazyPool(self.target, self.url, pool_size, "worq-broker")
         self._listener = Listener(self.target, self.target.channel)
         self._event_listener = Listener(self.target, self.target.channel + "_events")
@@ -142,6 +144,19 @@ class PostgresBroker(Broker):
     @classmethod
     def from_url(cls, url: str) -> Self:
         return cls(url)
+
+    @override
+    def recipe(self) -> Callable[[], Broker]:
+        """This class with this broker's URL and options, for the lease keeper's process."""
+        return functools.partial(
+            type(self),
+            self.url,
+            pool_size=self._pool_size,
+            events_max=self.events_max,
+            vacuum_after=self.vacuum_after,
+            dead_max_count=self.dead_max_count,
+            dead_max_age=self.dead_max_age,
+        )
 
     def pool(self) -> ConnectionPool:
         """The connection pool, opened (and the schema version checked) on first use."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Self, TypeVar, cast
 
 import redis
@@ -1310,6 +1311,20 @@ class RedisBroker(Broker):
     def purge_dead(self, queue: str) -> int:
         with self._errors():
             return int(self._script("purge_dead", queue, [clock_arg(self.clock), *self._retention]))
+
+    @override
+    def recipe(self) -> Callable[[], Broker] | None:
+        """This class with this broker's URL and settings; ``None`` around a client handed to it.
+
+        A client the user built carries options no URL states (and a test clock is no setting),
+        so the lease keeper then imports the app to build the broker as the app does.
+        """
+        if not self._owned or self.clock is not None:
+            return None
+        s = self.settings  # the URL's prefix and wait_replicas must not override the settings
+        return functools.partial(
+            type(self), self.url, s, prefix=s.prefix, wait_replicas=s.wait_replicas
+        )
 
     @override
     def close(self) -> None:

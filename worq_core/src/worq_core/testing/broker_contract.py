@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import pickle
 import threading
 import time
 import uuid
@@ -582,6 +583,26 @@ class BrokerContract(
             thread.join(30)
         assert len(seen) == total
         assert len(set(seen)) == total
+
+    def test_a_recipe_rebuilds_the_broker_on_the_same_jobs_after_pickling(
+        self, broker: Broker, queue: str
+    ) -> None:
+        recipe = broker.recipe()
+        if recipe is None:
+            pytest.skip(f"{type(broker).__name__} gives no recipe (optional)")
+        # As the lease keeper gets it: pickled to a process that imported none of the app.
+        rebuilt = pickle.loads(pickle.dumps(recipe))()
+        try:
+            assert type(rebuilt) is type(broker)
+            assert rebuilt.url == broker.url
+            msg = message(queue)
+            broker.enqueue([msg])
+            [delivery] = rebuilt.fetch([queue], 1, lease=LEASE, wait=0)
+            assert delivery.id == msg.id
+            assert broker.settle([Settlement(delivery, Outcome.ACK)]) == [True]
+            assert rebuilt.job_state(msg.id) is None
+        finally:
+            rebuilt.close()
 
     # -- job ids and job state -------------------------------------------------------------
 

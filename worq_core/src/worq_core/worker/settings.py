@@ -65,8 +65,8 @@ class WorkerSettings:
     Safe in every worker at once: each tick fires once across all of them."""
     broker_factory: Callable[[], Broker] | None = None
     """How the lease-keeper process builds exactly this app's broker: a picklable callable
-    (``worq worker`` passes one that imports ``MODULE:ATTR``). Without it the keeper is not
-    used and a thread renews leases."""
+    (``worq worker`` passes the broker's :meth:`~worq_core.Broker.recipe`, or else one that
+    imports ``MODULE:ATTR``). Without it the keeper is not used and a thread renews leases."""
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
