@@ -170,3 +170,20 @@ def test_every_public_name_is_listed_once_and_resolves_to_its_module() -> None:
     assert set(worq_core.__all__) <= set(dir(worq_core))
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         _ = worq_core.Nope
+
+
+def test_submodules_are_attributes_of_the_package_as_before() -> None:
+    code = (
+        "import worq_core\n"
+        "assert worq_core.models.JobStatus.QUEUED.value == 'queued'\n"
+        "assert worq_core.worker.Worker.__name__ == 'Worker'\n"
+        "try:\n"
+        "    worq_core.nosuch\n"
+        "except AttributeError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "module 'worq_core' has no attribute 'nosuch'"

@@ -20,7 +20,7 @@ from worq_core import (
     Worq,
     hookimpl,
 )
-from worq_core.registry import PluginLoadWarning
+from worq_core.registry import PluginLoadWarning, default_registry
 from worq_core.serializers import JsonSerializer, MsgpackSerializer
 from worq_memory import MemoryBroker, MemoryStorage
 
@@ -189,6 +189,47 @@ def test_a_clash_with_a_plugin_not_loaded_yet_is_found_once_both_load(site: Path
     assert registry.broker_class("memory://") is MemoryBroker
     with pytest.raises(DuplicatePluginError, match="redis"):
         registry.broker_class("throwaway://")
+    # Not half a registry after that: worq does not guess, however the lookups go on.
+    for lookup in ("throwaway://", "redis://", "memory://"):
+        with pytest.raises(DuplicatePluginError, match="redis"):
+            registry.broker_class(lookup)
+
+
+REENTRANT_PLUGIN = """
+    from worq_core import hookimpl
+    from worq_core.errors import UnknownPluginError
+    from worq_core.registry import default_registry
+
+    # A plugin that looks a name up while it loads: a name nobody serves loads every other
+    # plugin first, inside the load of this one.
+    try:
+        default_registry().serializer_class("nosuch")
+    except UnknownPluginError:
+        pass
+
+    @hookimpl
+    def worq_register_serializers():
+        return []
+"""
+
+
+def test_a_plugin_may_look_up_names_while_the_default_registry_loads_it(site: Path) -> None:
+    # Two such plugins: whichever loads first loads the other from inside its own load.
+    for name in ("a", "b"):
+        write_distribution(
+            site,
+            f"throwaway-{name}",
+            "1.0",
+            {f"throwaway_{name}": REENTRANT_PLUGIN},
+            {name: f"throwaway_{name}"},
+        )
+    default_registry.cache_clear()
+    try:
+        records = {p.distribution: p.error for p in default_registry().plugins}
+        assert records["throwaway-a"] is None
+        assert records["throwaway-b"] is None
+    finally:
+        default_registry.cache_clear()
 
 
 def test_two_plugins_registering_one_name_is_an_error_naming_both() -> None:

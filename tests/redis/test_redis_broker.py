@@ -6,6 +6,7 @@ Job ids across queues, cancel, progress and records written by the scripts are i
 
 from __future__ import annotations
 
+import pickle
 import socket
 import threading
 import time
@@ -62,6 +63,47 @@ def test_building_from_any_supported_url_does_no_io() -> None:
         storage.close()
     assert RedisBroker.from_url("redis://h/0?prefix=app").prefix == "app"
     assert RedisBroker("redis://h/0?prefix=app", prefix="mine").prefix == "mine"
+
+
+@pytest.mark.parametrize(
+    ("url", "options"),
+    [
+        ("redis://user:secret@127.0.0.1:1/3?prefix=url&wait_replicas=1", {}),
+        # The keyword arguments win over the URL's parameters, and must still in the rebuild.
+        ("redis://127.0.0.1:1/3?prefix=url&wait_replicas=1", {"prefix": "kw", "wait_replicas": 0}),
+        ("redis+sentinel://127.0.0.1:1,127.0.0.1:2/main/2?prefix=s", {"prefix": "kw"}),
+        ("unix:///tmp/no-such.sock?db=2", {}),
+    ],
+)
+def test_a_recipe_rebuilds_the_same_broker_after_pickling(
+    url: str, options: dict[str, object]
+) -> None:
+    settings = RedisSettings(socket_timeout=1.5, dead_max_count=7)
+    broker = RedisBroker(url, settings, **options)  # type: ignore[arg-type]
+    recipe = broker.recipe()
+    assert recipe is not None
+    rebuilt = pickle.loads(pickle.dumps(recipe))()
+    assert type(rebuilt) is RedisBroker
+    assert (rebuilt.url, rebuilt.settings) == (broker.url, broker.settings)
+    assert rebuilt.prefix == (options.get("prefix") or broker.prefix)
+    broker.close()
+    rebuilt.close()
+
+
+def test_no_recipe_for_a_client_handed_in_a_test_clock_or_a_subclass_of_another_shape() -> None:
+    class Named(RedisBroker):
+        def __init__(self, name: str) -> None:
+            super().__init__(f"redis://127.0.0.1:1/0?prefix={name}")
+
+    class Plain(RedisBroker):
+        pass
+
+    client = redis.Redis(port=1)
+    assert RedisBroker(client).recipe() is None
+    assert RedisBroker("redis://127.0.0.1:1/0", clock=time.time).recipe() is None
+    assert Named("n").recipe() is None
+    assert Plain("redis://127.0.0.1:1/0").recipe() is not None
+    client.close()
 
 
 def test_the_password_never_appears_in_error_messages() -> None:

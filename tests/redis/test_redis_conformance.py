@@ -1,4 +1,9 @@
-"""worq-redis runs worq-core's conformance suite, on real Redis and on fakeredis, with no skips."""
+"""worq-redis runs worq-core's conformance suite, on real Redis and on fakeredis.
+
+No case skips but the recipe's: these brokers are built around a client, which gives none
+(test_redis_broker.py checks the recipe of brokers built from URLs; the Sentinel and Cluster
+suites run the case).
+"""
 
 from __future__ import annotations
 

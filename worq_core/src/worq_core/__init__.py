@@ -276,15 +276,25 @@ _LAZY: dict[str, str] = {  # name -> the module that defines it
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public name's module on first use, then keep the name here."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'worq_core' has no attribute {name!r}")
+    """Import a public name's module on first use, then keep the name here.
+
+    A submodule is imported too (``worq_core.models`` after a bare ``import worq_core``), as it
+    was when this package imported them all.
+    """
     import importlib
 
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -99,7 +99,8 @@ class Registry:
         self.strict = strict
         self._plugins: list[PluginRecord] = []
         self._pending: list[importlib.metadata.EntryPoint] = []  # found, not loaded yet
-        self._loading = threading.RLock()
+        self._loading = threading.RLock()  # re-entrant: a plugin may look up while it loads
+        self._broken: PluginError | None = None  # raised again by every lookup once raised
         self._manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._manager.add_hookspecs(hookspecs)
         self._by_name: dict[Kind, dict[str, Component]] = {kind: {} for kind in _BASES}
@@ -122,6 +123,8 @@ class Registry:
         because worq-redis is installed. A clash (two plugins claiming one name or scheme) is
         found when both are loaded, so a third-party plugin claiming ``redis://`` is not
         consulted while worq-redis serves it; ``worq plugins`` loads every plugin and shows it.
+        Once loading raised (a clash, or a broken plugin when strict), every later lookup of
+        the registry raises the same error, as an eager registry that never got built would.
         """
         registry = cls(strict=strict)
         seen: set[tuple[str, str]] = set()
@@ -145,9 +148,17 @@ class Registry:
         Callers hold ``_loading``: a lookup that finds nothing waits for a plugin another
         thread is still loading, not just for the pending list to be empty.
         """
+        if self._broken is not None:
+            raise self._broken
         for entry_point in [e for e in self._pending if wanted(_distribution(e))]:
+            if entry_point not in self._pending:  # loaded meanwhile by a lookup it made
+                continue
             self._pending.remove(entry_point)
-            self._load_entry_point(entry_point)
+            try:
+                self._load_entry_point(entry_point)
+            except PluginError as exc:  # a clash, or strict: no lookup may answer from now on
+                self._broken = exc
+                raise
 
     def _load_entry_point(self, entry_point: importlib.metadata.EntryPoint) -> None:
         dist = entry_point.dist
@@ -163,6 +174,8 @@ class Registry:
 
     def _load_for(self, found: Callable[[], bool], distribution: str | None = None) -> None:
         """Load plugins until ``found()``: worq-core's and ``distribution``'s first, then all."""
+        if self._broken is not None:
+            raise self._broken
         if found():
             return
         with self._loading:

@@ -146,8 +146,13 @@ class PostgresBroker(Broker):
         return cls(url)
 
     @override
-    def recipe(self) -> Callable[[], Broker]:
-        """This class with this broker's URL and options, for the lease keeper's process."""
+    def recipe(self) -> Callable[[], Broker] | None:
+        """This class with this broker's URL and options, for the lease keeper's process.
+
+        ``None`` for a subclass with a constructor of its own (unless it gives its own recipe).
+        """
+        if type(self).__init__ is not PostgresBroker.__init__:
+            return None
         return functools.partial(
             type(self),
             self.url,

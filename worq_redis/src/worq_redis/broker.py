@@ -1317,9 +1317,11 @@ class RedisBroker(Broker):
         """This class with this broker's URL and settings; ``None`` around a client handed to it.
 
         A client the user built carries options no URL states (and a test clock is no setting),
-        so the lease keeper then imports the app to build the broker as the app does.
+        so the lease keeper then imports the app to build the broker as the app does. So does
+        a subclass with a constructor of its own, unless it gives its own recipe.
         """
-        if not self._owned or self.clock is not None:
+        own_constructor = type(self).__init__ in (RedisBroker.__init__, RedisClusterBroker.__init__)
+        if not self._owned or self.clock is not None or not own_constructor:
             return None
         s = self.settings  # the URL's prefix and wait_replicas must not override the settings
         return functools.partial(

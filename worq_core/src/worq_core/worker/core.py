@@ -621,13 +621,14 @@ class Worker:
             return False
         run.envelope = envelope
         if envelope.workflow:
-            # Workflows are imported by the first step a worker runs, not at its start.
-            from worq_core.canvas import FAILED_MARKER_TASK, cancelled, chord_arguments
-        if envelope.workflow and envelope.task == FAILED_MARKER_TASK:
-            run.context = JobContext(delivery.id, envelope.task, delivery.queue, 1, 0)
-            why = str(envelope.args[0]) if envelope.args else "a step failed"
-            self.settle.decide(run, dead=ErrorInfo("worq.WorkflowMemberFailed", why))
-            return False
+            # Workflows are imported with the first step a worker runs, not at its start.
+            from worq_core import canvas
+
+            if envelope.task == canvas.FAILED_MARKER_TASK:
+                run.context = JobContext(delivery.id, envelope.task, delivery.queue, 1, 0)
+                why = str(envelope.args[0]) if envelope.args else "a step failed"
+                self.settle.decide(run, dead=ErrorInfo("worq.WorkflowMemberFailed", why))
+                return False
         task = self.app.tasks.get(envelope.task)
         if task is None:
             run.context = JobContext(
@@ -639,7 +640,9 @@ class Worker:
             return False
         run.task = task
         if envelope.workflow and "chord" in envelope.workflow:
-            if cancelled(self.app, envelope.workflow):
+            from worq_core import canvas
+
+            if canvas.cancelled(self.app, envelope.workflow):
                 # Its workflow was cancelled while the members ran: it ends cancelled unrun.
                 run.context = JobContext(
                     delivery.id, task.name, delivery.queue, delivery.attempts, 0, envelope.headers
@@ -648,7 +651,7 @@ class Worker:
                 self.settle.decide(run)
                 return False
             try:
-                envelope = run.envelope = chord_arguments(self.app, envelope)
+                envelope = run.envelope = canvas.chord_arguments(self.app, envelope)
             except (BrokerError, StorageError) as exc:
                 # The inputs are there, the broker is not: the job runs again after its lease.
                 log.warning("job %s: cannot read its chord's results: %s", delivery.id, exc)
