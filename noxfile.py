@@ -85,6 +85,11 @@ BENCHES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Server time per job in worq-redis' scripts (INFO commandstats): Lua against commands.",
         (),
     ),
+    "bench-startup": (
+        "bench/startup_bench.py",
+        "A fresh producer's time to its first enqueue and the lease keeper's to ready, as ratios.",
+        (),
+    ),
     "bench-seam": (
         "bench/seam_bench.py",
         "What middleware stacks cost per job; --baseline-python PATH compares an older tree.",
