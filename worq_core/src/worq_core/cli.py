@@ -1001,11 +1001,11 @@ def jobs(
     command for the next page (on stderr with --json). Without MODULE:ATTR, --broker URL
     (or WORQ_BROKER) says which broker to read.
     """
+    from worq_core.inspection import Inspector
+
     status = JOB_STATES[state]
     names = _split_queue_options(queues)
     app = resolve_app(app_spec)
-    from worq_core.inspection import Inspector
-
     page = Inspector(app).jobs(
         status,
         queues=names,
@@ -1034,6 +1034,8 @@ def jobs(
 def _jobs_table(console: Console, found: list[JobSummary], status: JobStatus, state: str) -> None:
     from rich.table import Table
 
+    from worq_core.inspection import UNDECODABLE, truncate
+
     table = Table(title=f"{state} jobs", title_justify="left")
     # Ids stay whole so they can be copied into `worq job` or `worq dlq requeue`.
     table.add_column("id", no_wrap=True, min_width=max(len(item.id) for item in found))
@@ -1042,8 +1044,6 @@ def _jobs_table(console: Console, found: list[JobSummary], status: JobStatus, st
     table.add_column("attempts", justify="right", no_wrap=True)
     table.add_column(_WHEN_COLUMN[status], no_wrap=True)
     table.add_column("arguments", overflow="fold", ratio=1)
-    from worq_core.inspection import UNDECODABLE, truncate
-
     dead = status is JobStatus.DEAD
     if dead:
         table.add_column("reason", overflow="fold", ratio=1)

@@ -140,7 +140,7 @@ class Registry:
     def load_all(self) -> None:
         """Load every plugin still pending (entry points a lazy registry has not loaded)."""
         with self._loading:
-            self._load(lambda distribution: True)
+            self._load(lambda name: True)
 
     def _load(self, wanted: Callable[[str], bool]) -> None:
         """Load the pending entry points of the distributions ``wanted`` accepts, in order.
