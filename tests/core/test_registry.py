@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import sys
 import types
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -74,6 +76,28 @@ def test_a_third_party_distribution_is_found_through_its_entry_point_and_used_by
     app.worker(concurrency=1).run(burst=True)
     assert job.result(timeout=5) == "HELLO"
     assert type(app.serializer).__name__ == "Rot13Serializer"
+
+
+def test_each_distribution_s_metadata_is_parsed_once(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Distribution.name and .version each parse the whole METADATA file (a README included):
+    # on a worker's start-up path, so the registry reads a distribution's name and version once.
+    install(site, "rot13", ROT13_PLUGIN)
+    parsed: Counter[str] = Counter()
+    metadata = importlib.metadata.Distribution.metadata
+
+    def counted(dist: importlib.metadata.Distribution) -> Any:
+        found = metadata.fget(dist)  # type: ignore[attr-defined]
+        parsed[found["Name"]] += 1
+        return found
+
+    monkeypatch.setattr(importlib.metadata.Distribution, "metadata", property(counted))
+    registry = Registry.from_entry_points(lazy=True)
+    registry.broker_class("memory://")
+    assert {p.distribution: p.version for p in registry.plugins}["throwaway-rot13"] == "1.0"
+    assert parsed["worq-core"] == parsed["throwaway-rot13"] == 1
+    assert set(parsed.values()) == {1}
 
 
 def test_a_plugin_that_fails_to_import_warns_with_its_distribution_and_the_rest_load(

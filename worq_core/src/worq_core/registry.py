@@ -59,6 +59,8 @@ KNOWN_SCHEMES = {
 
 T = TypeVar("T")
 
+_Found = tuple[importlib.metadata.EntryPoint, str, str]  # with its distribution and version
+
 
 class PluginLoadWarning(UserWarning):
     """An installed plugin failed to load; the others were loaded regardless."""
@@ -98,7 +100,7 @@ class Registry:
     def __init__(self, *, strict: bool = False) -> None:
         self.strict = strict
         self._plugins: list[PluginRecord] = []
-        self._pending: list[importlib.metadata.EntryPoint] = []  # found, not loaded yet
+        self._pending: list[_Found] = []  # found, not loaded yet
         self._loading = threading.RLock()  # re-entrant: a plugin may look up while it loads
         self._broken: PluginError | None = None  # raised again by every lookup once raised
         self._manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
@@ -128,11 +130,22 @@ class Registry:
         """
         registry = cls(strict=strict)
         seen: set[tuple[str, str]] = set()
+        # Each Distribution.name or .version parses the whole METADATA file (a long README
+        # included) with the email package: read each distribution's once.
+        about: dict[importlib.metadata.Distribution, tuple[str, str]] = {}
         for entry_point in importlib.metadata.entry_points(group=hookspecs.PROJECT_NAME):
-            key = (_distribution(entry_point), entry_point.name)
+            dist = entry_point.dist
+            if dist is None:
+                name, version = "<unknown distribution>", ""
+            elif dist in about:
+                name, version = about[dist]
+            else:
+                metadata = dist.metadata
+                name, version = about[dist] = (metadata["Name"], metadata["Version"])
+            key = (_normalize(name), entry_point.name)
             if key not in seen:  # the same dist found twice on sys.path
                 seen.add(key)
-                registry._pending.append(entry_point)
+                registry._pending.append((entry_point, name, version))
         if not lazy:
             registry.load_all()
         return registry
@@ -150,20 +163,19 @@ class Registry:
         """
         if self._broken is not None:
             raise self._broken
-        for entry_point in [e for e in self._pending if wanted(_distribution(e))]:
-            if entry_point not in self._pending:  # loaded meanwhile by a lookup it made
+        for found in [f for f in self._pending if wanted(_normalize(f[1]))]:
+            if found not in self._pending:  # loaded meanwhile by a lookup it made
                 continue
-            self._pending.remove(entry_point)
+            self._pending.remove(found)
             try:
-                self._load_entry_point(entry_point)
+                self._load_entry_point(*found)
             except PluginError as exc:  # a clash, or strict: no lookup may answer from now on
                 self._broken = exc
                 raise
 
-    def _load_entry_point(self, entry_point: importlib.metadata.EntryPoint) -> None:
-        dist = entry_point.dist
-        dist_name = dist.name if dist is not None else "<unknown distribution>"
-        version = dist.version if dist is not None else ""
+    def _load_entry_point(
+        self, entry_point: importlib.metadata.EntryPoint, dist_name: str, version: str
+    ) -> None:
         try:
             plugin = entry_point.load()
             self.register(plugin, name=entry_point.name, distribution=dist_name, version=version)
@@ -368,11 +380,6 @@ _CORE = "worq-core"
 def _normalize(distribution: str) -> str:
     """A distribution's name as PEP 503 compares them (``Worq_Redis`` is ``worq-redis``)."""
     return re.sub(r"[-_.]+", "-", distribution).lower()
-
-
-def _distribution(entry_point: importlib.metadata.EntryPoint) -> str:
-    dist = entry_point.dist
-    return _normalize(dist.name) if dist is not None else ""
 
 
 def _as_list(returned: Any, distribution: str, hook: str) -> list[object]:
