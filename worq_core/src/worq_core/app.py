@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
-from zoneinfo import ZoneInfo
 
 from worq_core.broker import Broker
 from worq_core.errors import DeserializationError, TaskError, UnknownTaskError, UnsupportedError
@@ -25,6 +24,8 @@ from worq_core.storage import Storage
 from worq_core.task import AsyncTask, SendOptions, Task, TaskConfig
 
 if TYPE_CHECKING:
+    from zoneinfo import ZoneInfo
+
     from worq_core.canvas import Workflow
     from worq_core.worker import Worker, WorkerSettings
 

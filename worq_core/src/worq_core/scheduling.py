@@ -15,11 +15,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo
 
 from worq_core.limits import argument_hash
 
 if TYPE_CHECKING:
+    from zoneinfo import ZoneInfo
+
     from worq_core.broker import Broker
     from worq_core.middleware import EnqueueRequest
     from worq_core.models import Message
