@@ -90,6 +90,11 @@ BENCHES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "A fresh producer's time to its first enqueue and the lease keeper's to ready, as ratios.",
         (),
     ),
+    "bench-cpu": (
+        "bench/cpu_bench.py",
+        "CPU per job of each worker process, lease keeper and Redis in a steady drain; -p 2 vs 1.",
+        (),
+    ),
     "bench-seam": (
         "bench/seam_bench.py",
         "What middleware stacks cost per job; --baseline-python PATH compares an older tree.",
