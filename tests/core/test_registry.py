@@ -153,9 +153,32 @@ def test_a_lazy_registry_warns_of_a_broken_plugin_when_it_loads_it(site: Path) -
     with warnings.catch_warnings():
         warnings.simplefilter("error", PluginLoadWarning)
         assert registry.broker_class("memory://") is MemoryBroker
-    with pytest.warns(PluginLoadWarning, match=r"throwaway-broken 0\.3.*no libfoo"):
+    with pytest.warns(PluginLoadWarning, match=r"throwaway-broken 0\.3.*no libfoo") as caught:
         records = registry.plugins
     assert [p.error for p in records if p.distribution == "throwaway-broken"] != [None]
+    # It names the line that made the lookup, not a line of worq-core's.
+    assert [w.filename for w in caught] == [__file__]
+
+
+def test_a_broken_plugin_s_warning_names_the_app_code_whose_lookup_loaded_it(site: Path) -> None:
+    install(site, "broken", "raise ImportError('no libfoo')", version="0.3")
+    default_registry.cache_clear()
+    try:
+        app = Worq("throwaway-nosuch://")  # a scheme none of ours serves: every plugin loads
+        with (
+            pytest.warns(PluginLoadWarning, match="no libfoo") as caught,
+            pytest.raises(UnknownPluginError),
+        ):
+            _ = app.broker
+        assert [(w.filename, w.lineno) for w in caught] == [(__file__, _line_of("app.broker"))]
+    finally:
+        default_registry.cache_clear()
+
+
+def _line_of(text: str) -> int:
+    """The number of the line of this file that holds ``text`` after ``_ = ``."""
+    lines = Path(__file__).read_text().splitlines()
+    return next(n for n, line in enumerate(lines, 1) if line.strip() == f"_ = {text}")
 
 
 def test_a_lazy_registry_loads_every_plugin_for_a_scheme_none_of_ours_serves(site: Path) -> None:

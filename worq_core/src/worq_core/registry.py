@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import inspect
+import os
 import re
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable
@@ -60,6 +62,7 @@ KNOWN_SCHEMES = {
 T = TypeVar("T")
 
 _Found = tuple[importlib.metadata.EntryPoint, str, str]  # with its distribution and version
+_INTERNAL = (os.path.dirname(__file__) + os.sep, functools.__file__)
 
 
 class PluginLoadWarning(UserWarning):
@@ -242,7 +245,7 @@ class Registry:
         message = f"worq plugin {name!r} from {distribution} {version} failed to load: {exc!r}"
         if self.strict:
             raise PluginError(message) from exc
-        warnings.warn(message, PluginLoadWarning, stacklevel=3)
+        warnings.warn(message, PluginLoadWarning, stacklevel=_outside_worq())
         self._plugins.append(PluginRecord(name, distribution, version, error=repr(exc)))
 
     def _check(self, kind: Kind, cls: object, distribution: str) -> Component:
@@ -380,6 +383,21 @@ _CORE = "worq-core"
 def _normalize(distribution: str) -> str:
     """A distribution's name as PEP 503 compares them (``Worq_Redis`` is ``worq-redis``)."""
     return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def _outside_worq() -> int:
+    """The ``stacklevel`` that names the nearest caller outside worq-core.
+
+    A lazy registry loads a plugin inside whatever lookup needed it (``app.broker``, a CLI
+    command), so a fixed stacklevel would point into worq-core. Python 3.11 has no
+    ``skip_file_prefixes``. ``functools`` is skipped too: ``app.broker`` is a cached property.
+    """
+    frame = sys._getframe(1)  # the caller of this function: warnings' stacklevel 1
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def _as_list(returned: Any, distribution: str, hook: str) -> list[object]:
