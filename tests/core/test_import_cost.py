@@ -9,12 +9,14 @@ only what was loaded after the interpreter's own start-up, so a site hook does n
 - an app without schedules needs no time zones;
 - ``worq worker`` needs neither the modules of the CLI's other commands nor, for an app on
   ``memory://``, the other installed backends (worq-redis brings redis-py);
+- a process the ``worq`` script spawns (the lease keeper) does not import the CLI again;
 - the lazy ``worq_core`` namespace lists each public name the same way three times.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -134,6 +136,44 @@ def test_worq_worker_on_memory_loads_no_other_backend_nor_other_commands_modules
     # An app on memory:// loads worq-memory's plugin only, whatever else is installed.
     assert "worq_memory.plugin" in loaded
     assert within(loaded, OTHER_BACKENDS) == []
+
+
+SPAWNING_SCRIPT = """
+import json, multiprocessing, sys
+from {module} import {attr}  # what the installed console script does
+
+def report(queue):
+    queue.put(sorted(sys.modules))
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=report, args=(queue,))
+    child.start()
+    print(json.dumps(queue.get(timeout=60)))
+    child.join()
+"""
+
+
+def test_a_process_the_worq_script_spawns_does_not_import_the_cli(tmp_path: Path) -> None:
+    # multiprocessing runs the parent's script again, as __mp_main__, in every process it
+    # spawns: the lease keeper of a `worq worker` would import click and the whole CLI.
+    [script] = importlib.metadata.entry_points(group="console_scripts", name="worq")
+    (tmp_path / "worq_script.py").write_text(
+        SPAWNING_SCRIPT.format(module=script.module, attr=script.attr)
+    )
+    done = subprocess.run(
+        [sys.executable, "worq_script.py"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    in_child = json.loads(done.stdout)
+    assert "multiprocessing.spawn" in in_child  # the report came from a spawned process
+    assert within(in_child, ("click", "worq_core.cli")) == []
 
 
 def test_every_public_name_is_listed_once_and_resolves_to_its_module() -> None:

@@ -1,5 +1,17 @@
-"""``python -m worq_core``: the ``worq`` command line."""
+"""``python -m worq_core`` and the ``worq`` script: the command line."""
 
-from worq_core.cli import main
 
-main()
+def main() -> None:
+    """Run the ``worq`` command line.
+
+    The ``worq`` script imports this module, not :mod:`worq_core.cli`, because multiprocessing
+    runs the script again as ``__mp_main__`` in every process it spawns (the lease keeper): a
+    module this small keeps click and the CLI out of them.
+    """
+    from worq_core.cli import main as cli
+
+    cli()
+
+
+if __name__ == "__main__":
+    main()
