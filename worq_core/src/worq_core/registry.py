@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import inspect
-import os
 import re
 import sys
 import threading
@@ -62,7 +61,6 @@ KNOWN_SCHEMES = {
 T = TypeVar("T")
 
 _Found = tuple[importlib.metadata.EntryPoint, str, str]  # with its distribution and version
-_INTERNAL = (os.path.dirname(__file__) + os.sep, functools.__file__)
 
 
 class PluginLoadWarning(UserWarning):
@@ -135,16 +133,17 @@ class Registry:
         seen: set[tuple[str, str]] = set()
         # Each Distribution.name or .version parses the whole METADATA file (a long README
         # included) with the email package: read each distribution's once.
-        about: dict[importlib.metadata.Distribution, tuple[str, str]] = {}
+        # Keyed by identity: a finder's Distribution may define __eq__ without __hash__.
+        about: dict[int, tuple[str, str]] = {}
         for entry_point in importlib.metadata.entry_points(group=hookspecs.PROJECT_NAME):
             dist = entry_point.dist
             if dist is None:
                 name, version = "<unknown distribution>", ""
-            elif dist in about:
-                name, version = about[dist]
+            elif id(dist) in about:
+                name, version = about[id(dist)]
             else:
                 metadata = dist.metadata
-                name, version = about[dist] = (metadata["Name"], metadata["Version"])
+                name, version = about[id(dist)] = (metadata["Name"], metadata["Version"])
             key = (_normalize(name), entry_point.name)
             if key not in seen:  # the same dist found twice on sys.path
                 seen.add(key)
@@ -386,18 +385,24 @@ def _normalize(distribution: str) -> str:
 
 
 def _outside_worq() -> int:
-    """The ``stacklevel`` that names the nearest caller outside worq-core.
+    """The ``stacklevel`` that names the nearest caller outside worq-core (usually the user's).
 
     A lazy registry loads a plugin inside whatever lookup needed it (``app.broker``, a CLI
     command), so a fixed stacklevel would point into worq-core. Python 3.11 has no
-    ``skip_file_prefixes``. ``functools`` is skipped too: ``app.broker`` is a cached property.
+    ``skip_file_prefixes``; frames are told apart by module name, which holds for frozen and
+    sourceless installs too. ``functools`` is skipped as well: ``app.broker`` is a cached
+    property.
     """
     frame = sys._getframe(1)  # the caller of this function: warnings' stacklevel 1
     level = 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+    while frame.f_back is not None and _is_internal(frame.f_globals.get("__name__", "")):
         frame = frame.f_back
         level += 1
     return level
+
+
+def _is_internal(module: str) -> bool:
+    return module in ("worq_core", "functools") or module.startswith("worq_core.")
 
 
 def _as_list(returned: Any, distribution: str, hook: str) -> list[object]:
