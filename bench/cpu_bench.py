@@ -31,6 +31,12 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from worq_core.lease_keeper import cpu_time
+
+if TYPE_CHECKING:
+    import redis
 
 HERE = Path(__file__).resolve().parent
 TICK = os.sysconf("SC_CLK_TCK")
@@ -38,11 +44,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 def cpu_seconds(pid: int) -> float:
     """User and system CPU time of ``pid`` (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
+    measured = cpu_time(pid)  # what the lease keeper reads to tell a stuck worker
+    return 0.0 if measured is None else measured[1]
 
 
 def busy_seconds() -> float:
@@ -64,7 +67,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def role(pid: int, top: int) -> str:
+def role(pid: int, top: int, supervised: bool) -> str:
     """What a process of the worker command is: worker, lease keeper or supervisor."""
     try:
         command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -72,9 +75,7 @@ def role(pid: int, top: int) -> str:
         return "gone"
     if "multiprocessing" in command:
         return "lease keepers" if "spawn" in command else "multiprocessing helpers"
-    if pid == top and " -p 1 " not in f"{command} ":
-        return "supervisor"
-    return "worker processes"
+    return "supervisor" if pid == top and supervised else "worker processes"
 
 
 @dataclass
@@ -84,8 +85,8 @@ class Sample:
     per_job: dict[str, float]  # role -> µs of CPU a job
 
 
-def redis_cpu(client: object) -> float:
-    info = client.info("cpu")  # type: ignore[attr-defined]
+def redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
@@ -126,7 +127,7 @@ def drain(url: str, prefix: str, processes: int, concurrency: int, jobs: int) ->
             time.sleep(0.005)
         after = {pid: cpu_seconds(pid) for pid in descendants(worker.pid)}
         redis_after, busy_after, t1, n1 = redis_cpu(client), busy_seconds(), time.time(), done()
-        roles = {pid: role(pid, worker.pid) for pid in after}
+        roles = {pid: role(pid, worker.pid, processes > 1) for pid in after}
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=60)

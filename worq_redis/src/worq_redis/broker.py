@@ -1320,8 +1320,8 @@ class RedisBroker(Broker):
         so the lease keeper then imports the app to build the broker as the app does. So does
         a subclass with a constructor of its own, unless it gives its own recipe.
         """
-        own_constructor = type(self).__init__ in (RedisBroker.__init__, RedisClusterBroker.__init__)
-        if not self._owned or self.clock is not None or not own_constructor:
+        our_constructor = type(self).__init__ in (RedisBroker.__init__, RedisClusterBroker.__init__)
+        if not self._owned or self.clock is not None or not our_constructor:
             return None
         s = self.settings  # the URL's prefix and wait_replicas must not override the settings
         return functools.partial(
